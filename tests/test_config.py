@@ -1,0 +1,173 @@
+"""Config files: selection, anchors/merge keys, overrides and every error path."""
+import textwrap
+
+import pytest
+import torch
+
+from util.config import ConfigError, TrainConfig, load_config, run_name
+from util.registry import build, names, register
+
+
+@register("model", "_cfgtest_model")
+class _TinyModel(torch.nn.Module):
+    def __init__(self, cond_dim: int, spatial_dims: int = 3, width: int = 4, depth: int = 1, required_key=None):
+        super().__init__()
+        self.width, self.depth = width, depth
+        self.lin = torch.nn.Linear(spatial_dims + cond_dim, width)
+
+
+@register("dataset", "_cfgtest_data")
+def _tiny_data(path: str, seed: int = 0, scale: float = 1.0):
+    return dict(path=path, seed=seed, scale=scale)
+
+
+def write(tmp_path, text, name="exp.yaml"):
+    p = tmp_path / name
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+BASE = """
+- &base
+  model: {type: _cfgtest_model, width: 8}
+  dataset: {type: _cfgtest_data, path: somewhere}
+  train: {max_steps: 5}
+- <<: *base
+  model: {type: _cfgtest_model, width: 16, depth: 3}
+- <<: *base
+  name: third
+"""
+
+
+def test_select_anchor_and_merge_keys(tmp_path):
+    p = write(tmp_path, BASE)
+    e0 = load_config(p, 0)
+    e1 = load_config(p, 1)
+    e2 = load_config(p, 2)
+    assert e0["model"]["width"] == 8
+    assert e1["model"] == {"type": "_cfgtest_model", "width": 16, "depth": 3}
+    assert e1["dataset"]["path"] == "somewhere" and e1["train"]["max_steps"] == 5  # merged from the anchor
+    assert e2["name"] == "third" and run_name(e2) == "third"
+    assert run_name(e0).endswith("exp_0")
+    # default sections filled
+    assert e0["optim"]["type"] == "adam" and e0["scheduler"]["type"] == "cosine"
+
+
+def test_config_id_out_of_range(tmp_path):
+    p = write(tmp_path, BASE)
+    with pytest.raises(ConfigError, match=r"config_id 3 out of range.*3 config"):
+        load_config(p, 3)
+    with pytest.raises(ConfigError, match="out of range"):
+        load_config(p, -1)
+
+
+def test_unknown_type_lists_registered_names(tmp_path):
+    p = write(tmp_path, """
+    - model: {type: no_such_model}
+      dataset: {type: _cfgtest_data, path: x}
+    """)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, 0)
+    assert "no_such_model" in str(e.value) and "_cfgtest_model" in str(e.value)
+    p = write(tmp_path, """
+    - model: {type: _cfgtest_model}
+      dataset: {type: _cfgtest_data, path: x}
+      optim: {type: sgd_nope}
+    """, "b.yaml")
+    with pytest.raises(ConfigError, match="adam"):
+        load_config(p, 0)
+
+
+def test_unknown_key_names_section_and_key(tmp_path):
+    p = write(tmp_path, """
+    - model: {type: _cfgtest_model, widht: 3}
+      dataset: {type: _cfgtest_data, path: x}
+    """)
+    with pytest.raises(ConfigError, match=r"model\.widht.*accepted keys: .*width"):
+        load_config(p, 0)
+    p = write(tmp_path, """
+    - model: {type: _cfgtest_model}
+      dataset: {type: _cfgtest_data, path: x}
+      train: {max_step: 3}
+    """, "b.yaml")
+    with pytest.raises(ConfigError, match=r"train\.max_step"):
+        load_config(p, 0)
+    p = write(tmp_path, """
+    - model: {type: _cfgtest_model}
+      dataset: {type: _cfgtest_data, path: x}
+      trian: {}
+    """, "c.yaml")
+    with pytest.raises(ConfigError, match="unknown section 'trian'"):
+        load_config(p, 0)
+
+
+def test_missing_key_and_missing_section(tmp_path):
+    p = write(tmp_path, """
+    - model: {type: _cfgtest_model}
+      dataset: {type: _cfgtest_data}
+    """)
+    with pytest.raises(ConfigError, match=r"missing key 'dataset\.path'"):
+        load_config(p, 0)
+    p = write(tmp_path, """
+    - model: {type: _cfgtest_model}
+    """, "b.yaml")
+    with pytest.raises(ConfigError, match="missing section 'dataset'"):
+        load_config(p, 0)
+    p = write(tmp_path, """
+    - model: {width: 3}
+      dataset: {type: _cfgtest_data, path: x}
+    """, "c.yaml")
+    with pytest.raises(ConfigError, match=r"missing key 'model\.type'"):
+        load_config(p, 0)
+
+
+def test_program_supplied_keys_are_refused(tmp_path):
+    p = write(tmp_path, """
+    - model: {type: _cfgtest_model, cond_dim: 3}
+      dataset: {type: _cfgtest_data, path: x}
+    """)
+    with pytest.raises(ConfigError, match=r"model\.cond_dim.*set by the program"):
+        load_config(p, 0)
+
+
+def test_set_overrides_typed_and_validated(tmp_path):
+    p = write(tmp_path, BASE)
+    e = load_config(p, 0, ["train.max_steps=10", "model.width=32", "dataset.scale=0.5",
+                           "train.run_name=abc", "test.dump_members=[1,2]"])
+    assert e["train"]["max_steps"] == 10 and isinstance(e["train"]["max_steps"], int)
+    assert e["model"]["width"] == 32 and e["dataset"]["scale"] == 0.5
+    assert e["test"]["dump_members"] == [1, 2]
+    assert run_name(e) == "abc"
+    with pytest.raises(ConfigError, match=r"model\.nope"):
+        load_config(p, 0, ["model.nope=1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(p, 0, ["train"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(p, 0, ["max_steps=3"])
+
+
+def test_train_section_value_checks(tmp_path):
+    with pytest.raises(ConfigError, match="only one of 'epochs' and 'max_steps'"):
+        TrainConfig(epochs=1, max_steps=3)
+    assert TrainConfig().epochs == 50.0
+    with pytest.raises(ConfigError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp8")
+    p = write(tmp_path, BASE)
+    with pytest.raises(ConfigError, match=r"test\.splits.*'val'"):
+        load_config(p, 0, ["test.splits=[val]"])
+
+
+def test_build_checks_keys_directly():
+    m = build("model", "_cfgtest_model", injected={"cond_dim": 2}, width=5)
+    assert m.width == 5 and m.lin.in_features == 5
+    with pytest.raises(ConfigError, match="missing key 'dataset.path'"):
+        build("dataset", "_cfgtest_data", section="dataset")
+    assert "_cfgtest_model" in names("model")
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(str(tmp_path / "nope.yaml"), 0)
+    p = write(tmp_path, "- model: {type: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(p, 0)

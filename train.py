@@ -1,0 +1,43 @@
+#!/usr/bin/env python
+"""Train a surrogate: ``[accelerate launch] train.py --config FILE --config_id N [--set k=v ...]``.
+
+Writes a run directory ``<train.log_dir>/<run name>`` (see util/runs.py). An existing run directory is never
+deleted unless ``--overwrite`` is given; ``--resume`` continues it from its latest checkpoint.
+"""
+import argparse
+import logging
+import sys
+
+from util.config import ConfigError, load_config
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", required=True, help="YAML file holding a list of experiments")
+    p.add_argument("--config_id", "--config-id", type=int, default=0, help="index of the experiment in the file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config key (value parsed as YAML); repeatable")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="delete an existing run directory of the same name")
+    g.add_argument("--resume", action="store_true", help="continue the existing run from its latest checkpoint")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    try:
+        exp = load_config(args.config, args.config_id, args.overrides)
+    except ConfigError as e:
+        sys.exit(f"config error: {e}")
+    from util.training import train
+
+    try:
+        train(exp, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
+    except (FileExistsError, FileNotFoundError, ConfigError) as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

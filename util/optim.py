@@ -1,0 +1,132 @@
+"""Optimizers and learning-rate schedules, registered under kinds ``optimizer`` and ``scheduler``.
+
+Config::
+
+    optim:
+      type: adam
+      lr: 1.0e-4
+      param_groups:              # optional: per-submodule settings
+        spatial_grids: {lr: 1.0e-3}
+
+``param_groups`` keys are names from the model's ``param_groups()`` (if it has one) or prefixes of
+``model.named_parameters()`` names (e.g. ``encoder.mlp``); each parameter goes to the first group whose
+name matches, the rest use the section's defaults. A key that matches no parameter is an error.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from util.registry import ConfigError, register
+
+__all__ = ["group_parameters", "adam", "adamw", "cosine", "constant"]
+
+
+def group_parameters(model: nn.Module, param_groups: Optional[Dict[str, dict]] = None) -> List[dict]:
+    """Split ``model``'s trainable parameters into optimizer groups.
+
+    Args:
+        model: the model. If it defines ``param_groups() -> {name: [params]}``, those names can be used.
+        param_groups: {group name or parameter-name prefix: {optimizer option: value}}.
+
+    Returns:
+        A list of dicts for a torch optimizer; each carries ``name`` for logging.
+    """
+    param_groups = dict(param_groups or {})
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    by_model_group: Dict[int, str] = {}
+    if hasattr(model, "param_groups"):
+        for gname, params in model.param_groups().items():
+            for p in params:
+                by_model_group.setdefault(id(p), gname)
+    assigned: Dict[str, List[nn.Parameter]] = {g: [] for g in param_groups}
+    rest: List[nn.Parameter] = []
+    for pname, p in named:
+        target = None
+        for g in param_groups:
+            if by_model_group.get(id(p)) == g or pname == g or pname.startswith(g + "."):
+                target = g
+                break
+        (assigned[target] if target else rest).append(p)
+    known = sorted(set(by_model_group.values()))
+    for g, ps in assigned.items():
+        if not ps:
+            raise ConfigError(f"optim.param_groups: '{g}' matches no trainable parameter; model groups: "
+                              f"{', '.join(known) or '(none)'}; or use a parameter-name prefix")
+        if not isinstance(param_groups[g], dict):
+            raise ConfigError(f"optim.param_groups.{g} must be a mapping of optimizer options")
+    groups = [dict(params=ps, name=g, **param_groups[g]) for g, ps in assigned.items()]
+    if rest:
+        groups.append(dict(params=rest, name="default"))
+    return groups
+
+
+@register("optimizer", "adam")
+def adam(model: nn.Module, lr: float = 1e-4, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-15,
+         weight_decay: float = 0.0, param_groups: Optional[Dict[str, dict]] = None) -> torch.optim.Optimizer:
+    """Adam (paper: lr 1e-4, betas (0.9, 0.999), eps 1e-15).
+
+    Args:
+        model: injected by the program.
+        lr: base learning rate.
+        betas: Adam betas.
+        eps: Adam epsilon.
+        weight_decay: L2 penalty.
+        param_groups: per-group overrides, see the module docstring.
+    """
+    return torch.optim.Adam(group_parameters(model, param_groups), lr=float(lr), betas=tuple(betas),
+                            eps=float(eps), weight_decay=float(weight_decay))
+
+
+@register("optimizer", "adamw")
+def adamw(model: nn.Module, lr: float = 1e-4, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-15,
+          weight_decay: float = 1e-2, param_groups: Optional[Dict[str, dict]] = None) -> torch.optim.Optimizer:
+    """AdamW; arguments as :func:`adam`."""
+    return torch.optim.AdamW(group_parameters(model, param_groups), lr=float(lr), betas=tuple(betas),
+                             eps=float(eps), weight_decay=float(weight_decay))
+
+
+def _lambda_scheduler(optimizer, fn):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+
+
+@register("scheduler", "cosine")
+def cosine(optimizer: torch.optim.Optimizer, total_steps: int, eta_min: float = 1e-6, warmup_steps: int = 0):
+    """Cosine annealing from each group's lr to ``eta_min`` over all steps, stepped every iteration (spec 4).
+
+    Args:
+        optimizer, total_steps: injected by the program.
+        eta_min: final learning rate (absolute, the same for every group; paper 1e-6).
+        warmup_steps: linear warm-up from 0 over this many steps before the cosine (0 = paper).
+    """
+    if warmup_steps < 0 or (warmup_steps > 0 and warmup_steps >= total_steps):
+        raise ConfigError(f"scheduler.warmup_steps must be in [0, total steps={total_steps}), got {warmup_steps}")
+    base = [g["lr"] for g in optimizer.param_groups]
+
+    def make(b):
+        floor = min(float(eta_min), b) / b if b > 0 else 0.0
+
+        def f(step):
+            if step < warmup_steps:
+                return (step + 1) / warmup_steps
+            t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+            t = min(t, 1.0)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t))
+
+        return f
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [make(b) for b in base])
+
+
+@register("scheduler", "constant")
+def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0):
+    """Constant learning rate, with optional linear warm-up.
+
+    Args:
+        optimizer, total_steps: injected by the program.
+        warmup_steps: linear warm-up steps.
+    """
+    return _lambda_scheduler(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)

@@ -1,0 +1,250 @@
+"""The training loop (one loop for every model), run under Hugging Face Accelerate.
+
+Works as ``python train.py ...`` (one process, CPU or one GPU) and ``accelerate launch [--num_processes N]
+train.py ...`` (data parallel: every process draws its own batch, ``sample_batch(step, rank)``, so N
+processes see N x the points per step; gradients are averaged).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from util.config import TrainConfig, section_kwargs
+from util.registry import build
+from util.runs import (CKPT_DIR, LATEST, atomic_torch_save, atomic_write_text, build_dataset, build_model,
+                       checkpoint_dirs, latest_checkpoint, prepare_run_dir, read_json, run_dir_of,
+                       save_experiment)
+
+log = logging.getLogger("train")
+
+LOG_FIELDS = ["step", "loss", "psnr", "lr"]
+
+
+def resolve_precision(mode: str, cuda: bool) -> str:
+    """Accelerate mixed_precision value for a TrainConfig.mixed_precision on this device."""
+    if mode == "auto":
+        return "fp16" if cuda else "no"
+    if mode == "fp16" and not cuda:
+        raise ValueError("train.mixed_precision=fp16 needs CUDA (fp16 autocast is GPU-only); use 'no' or 'auto' on CPU")
+    return mode
+
+
+def total_steps_of(tc: TrainConfig, steps_per_epoch: int) -> int:
+    if tc.max_steps is not None:
+        return int(tc.max_steps)
+    return max(1, int(math.ceil(float(tc.epochs) * steps_per_epoch)))
+
+
+def checkpoint_interval(tc: TrainConfig, steps_per_epoch: int) -> int:
+    if tc.checkpoint_every_steps:
+        return max(1, int(tc.checkpoint_every_steps))
+    return max(1, int(round(float(tc.checkpoint_every) * steps_per_epoch)))
+
+
+def _save_checkpoint(accelerator, run_dir: str, step: int, keep: int, extra: Dict[str, Any]) -> None:
+    """Save Accelerate state into checkpoints/step_N via a temporary folder, then repoint ``latest``.
+
+    A save killed midway leaves at most a ``.tmp_*`` folder; ``latest`` keeps naming the previous checkpoint.
+    """
+    root = os.path.join(run_dir, CKPT_DIR)
+    name = f"step_{step:07d}"
+    tmp = os.path.join(root, f".tmp_{name}")
+    final = os.path.join(root, name)
+    if accelerator.is_main_process:
+        os.makedirs(root, exist_ok=True)
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(dict(step=step, **extra)))
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        atomic_write_text(os.path.join(root, LATEST), name)
+        for _, old in checkpoint_dirs(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _truncate_log(path: str, step: int) -> None:
+    """Keep the rows of log.csv with step <= ``step`` (a resumed run rewrites what follows)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [r for r in csv.DictReader(f) if int(r["step"]) <= step]
+    lines = [",".join(LOG_FIELDS)] + [",".join(r[k] for k in LOG_FIELDS) for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, progress: bool = True) -> str:
+    """Train the experiment; returns the run directory.
+
+    Args:
+        exp: validated experiment (util.config.load_config).
+        overwrite: delete an existing run directory of the same name first.
+        resume: continue from the latest checkpoint of the existing run directory.
+        progress: show a tqdm progress bar (main process).
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    tc = TrainConfig(**exp["train"])
+    cuda = torch.cuda.is_available()
+    accelerator = Accelerator(mixed_precision=resolve_precision(tc.mixed_precision, cuda), cpu=not cuda)
+    run_dir = run_dir_of(exp)
+    if accelerator.is_main_process:
+        if resume and latest_checkpoint(run_dir) is None:
+            raise FileNotFoundError(f"--resume: no checkpoint in '{run_dir}'")
+        prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+    accelerator.wait_for_everyone()
+
+    set_seed(tc.seed)
+    dataset = build_dataset(exp)
+    model = build_model(exp, dataset.cond_dim, dataset.spatial_dims)
+    optimizer = build("optimizer", exp["optim"]["type"], section="optim", injected={"model": model},
+                      **section_kwargs(exp, "optim"))
+    steps_per_epoch = int(dataset.steps_per_epoch)
+    total = total_steps_of(tc, steps_per_epoch)
+    scheduler = build("scheduler", exp["scheduler"]["type"], section="scheduler",
+                      injected={"optimizer": optimizer, "total_steps": total}, **section_kwargs(exp, "scheduler"))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
+    ckpt_every = checkpoint_interval(tc, steps_per_epoch)
+
+    start = 0
+    if resume:
+        ck = latest_checkpoint(run_dir)
+        accelerator.load_state(ck)
+        start = int(read_json(os.path.join(ck, "trainer_state.json"))["step"])
+        log.info("resumed from %s at step %d", ck, start)
+    log_path = os.path.join(run_dir, "log.csv")
+    writer = None
+    if accelerator.is_main_process:
+        save_experiment(exp, run_dir)
+        atomic_write_text(os.path.join(run_dir, "meta.json"), json.dumps(dataset.meta(), indent=1))
+        if resume:
+            _truncate_log(log_path, start)
+        elif not os.path.isfile(log_path):
+            atomic_write_text(log_path, ",".join(LOG_FIELDS) + "\n")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start + 1 if resume else None)
+        except Exception as e:  # tensorboard missing or broken: train anyway
+            log.warning("TensorBoard logging off (%s)", e)
+        n_params = sum(p.numel() for p in model.parameters())
+        log.info("run %s: %d steps (%d per epoch), %d processes, %d parameters, device %s, precision %s",
+                 run_dir, total, steps_per_epoch, accelerator.num_processes, n_params, accelerator.device,
+                 accelerator.mixed_precision)
+
+    raw_model = accelerator.unwrap_model(model)
+    model.train()
+    bar = tqdm(total=total, initial=start, disable=not (progress and accelerator.is_main_process),
+               desc=os.path.basename(run_dir), dynamic_ncols=True)
+    step_times: List[float] = []
+    warm = 10
+    log_rows: List[str] = []
+    loss_acc = torch.zeros((), device=accelerator.device)
+    n_acc = 0
+    for step in range(start, total):
+        t0 = time.perf_counter()
+        batch = dataset.sample_batch(step, rank=accelerator.process_index)
+        x = batch["x"].to(accelerator.device, non_blocking=True)
+        c = batch["c"].to(accelerator.device, non_blocking=True)
+        v = batch["v"].to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            pred = model(x, c)
+        loss = F.mse_loss(pred.float(), v)
+        accelerator.backward(loss)
+        if tc.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_acc += loss.detach()
+        n_acc += 1
+        done = step + 1
+        if warm <= step < warm + tc.timing_steps:
+            if cuda:
+                torch.cuda.synchronize()
+            step_times.append(time.perf_counter() - t0)
+            if len(step_times) == tc.timing_steps or done == total:
+                _write_timing(accelerator, run_dir, step_times, total, writer)
+        if done % tc.log_every == 0 or done == total:
+            mean_loss = accelerator.reduce(loss_acc / n_acc, reduction="mean").item()
+            loss_acc.zero_()
+            n_acc = 0
+            if not math.isfinite(mean_loss):
+                raise FloatingPointError(f"loss is {mean_loss} at step {done}; lower the learning rate or check the data")
+            if accelerator.is_main_process:
+                psnr = -10 * math.log10(max(mean_loss, 1e-30))
+                lr = optimizer.param_groups[0]["lr"]
+                log_rows.append(f"{done},{mean_loss:.8g},{psnr:.5f},{lr:.6g}")
+                if writer is not None:
+                    writer.add_scalar("train/loss", mean_loss, done)
+                    writer.add_scalar("train/psnr", psnr, done)
+                    for g in optimizer.param_groups:
+                        writer.add_scalar(f"lr/{g.get('name', 'default')}", g["lr"], done)
+                    for k, val in getattr(raw_model, "training_stats", lambda: {})().items():
+                        writer.add_scalar(k, val, done)
+                bar.set_postfix(loss=f"{mean_loss:.3e}", psnr=f"{psnr:.2f}")
+        bar.update(1)
+        if done % ckpt_every == 0 or done == total:
+            if accelerator.is_main_process and log_rows:
+                with open(log_path, "a") as f:
+                    f.write("\n".join(log_rows) + "\n")
+                log_rows = []
+            _save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints,
+                             dict(total_steps=total, steps_per_epoch=steps_per_epoch))
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if step_times and len(step_times) < tc.timing_steps:
+            _write_timing(accelerator, run_dir, step_times, total, writer)
+        raw_model = accelerator.unwrap_model(model)
+        atomic_torch_save(raw_model.state_dict(), os.path.join(run_dir, "model.pt"))
+        _warn_if_constant(raw_model, dataset, accelerator.device)
+        if writer is not None:
+            writer.close()
+        atomic_write_text(os.path.join(run_dir, "finished.json"), json.dumps(dict(steps=total)))
+        log.info("finished: %s", run_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return run_dir
+
+
+def _write_timing(accelerator, run_dir, step_times, total, writer) -> None:
+    if not accelerator.is_main_process or not step_times:
+        return
+    mean = sum(step_times) / len(step_times)
+    info = dict(mean_step_s=mean, measured_steps=len(step_times), total_steps=total,
+                estimated_train_h=mean * total / 3600.0, device=str(accelerator.device),
+                processes=accelerator.num_processes)
+    atomic_write_text(os.path.join(run_dir, "timing.json"), json.dumps(info, indent=1))
+    if writer is not None:
+        writer.add_scalar("timing/mean_step_s", mean, total)
+
+
+@torch.no_grad()
+def _warn_if_constant(model, dataset, device) -> None:
+    """Warn when the trained model predicts (almost) the same value everywhere (a collapsed model)."""
+    batch = dataset.sample_batch(0)
+    was = model.training
+    model.eval()
+    pred = model(batch["x"].to(device), batch["c"].to(device)).float()
+    model.train(was)
+    if float(pred.std()) < 1e-6:
+        log.warning("the trained model outputs a constant (%.4g) on a training batch: it has collapsed; "
+                    "try a lower learning rate or warm-up (scheduler.warmup_steps)", float(pred.mean()))
