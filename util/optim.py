@@ -84,7 +84,16 @@ def adam(model: nn.Module, lr: float = 1e-4, betas: Sequence[float] = (0.9, 0.99
 @register("optimizer", "adamw")
 def adamw(model: nn.Module, lr: float = 1e-4, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-15,
           weight_decay: float = 1e-2, param_groups: Optional[Dict[str, dict]] = None) -> torch.optim.Optimizer:
-    """AdamW; arguments as :func:`adam`."""
+    """AdamW (decoupled weight decay).
+
+    Args:
+        model: injected by the program.
+        lr: base learning rate.
+        betas: Adam betas.
+        eps: Adam epsilon.
+        weight_decay: decoupled weight decay.
+        param_groups: per-group overrides, see the module docstring.
+    """
     return torch.optim.AdamW(group_parameters(model, param_groups), lr=float(lr), betas=tuple(betas),
                              eps=float(eps), weight_decay=float(weight_decay))
 

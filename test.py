@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""Evaluate a trained run (spec 5): ``python test.py --run runs/NAME`` or ``--config FILE --config_id N``.
+
+Bakes the model (timed), reconstructs every test and train member at full resolution in chunks, scores the
+model and the reference predictors (mean field, nearest member, IDW), prints a table and writes
+``metrics.csv`` (dataset level) and ``members.csv`` (per member) into ``<run>/eval`` (or ``--out_dir``).
+"""
+import argparse
+import logging
+import os
+import sys
+
+from util.config import ConfigError, load_config
+from util.runs import run_dir_of
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory written by train.py")
+    src.add_argument("--config", help="config file; the run directory is derived from it as in train.py")
+    p.add_argument("--config_id", "--config-id", type=int, default=0)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="with --config: the same overrides given to train.py (they can change the run name)")
+    p.add_argument("--checkpoint", help="weights to evaluate: a checkpoint folder or a .pt file "
+                                        "(default: the final model.pt, else the latest checkpoint)")
+    p.add_argument("--out_dir", help="output folder (default: <run>/eval)")
+    p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
+    p.add_argument("--chunk_size", type=int, help="points per forward call (overrides test.chunk_size)")
+    p.add_argument("--splits", nargs="+", choices=["test", "train"], help="members to reconstruct")
+    p.add_argument("--resolutions", nargs="+", choices=["full", "train"],
+                   help="evaluation resolutions (train: the training resolution of the spatio-conditional task)")
+    p.add_argument("--dump_members", type=int, nargs="*", help="cond rows to dump as .npy/.vti/.png")
+    p.add_argument("--no_reference", action="store_true", help="skip the reference predictors")
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--no_progress", action="store_true")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+    from util.evaluation import evaluate, format_table
+
+    try:
+        run = args.run or run_dir_of(load_config(args.config, args.config_id, args.overrides))
+        ov = {k: v for k, v in dict(chunk_size=args.chunk_size, splits=args.splits, resolutions=args.resolutions,
+                                    dump_members=args.dump_members).items() if v is not None}
+        if args.no_reference:
+            ov["reference"] = False
+        rows = evaluate(run, out_dir=args.out_dir, checkpoint=args.checkpoint, overrides=ov,
+                        overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
+    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(format_table(rows))
+    print(f"results written to {os.path.abspath(args.out_dir or os.path.join(run, 'eval'))}")
+
+
+if __name__ == "__main__":
+    main()

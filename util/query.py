@@ -1,0 +1,157 @@
+"""Query a trained surrogate in the simulation's own units (no training data needed).
+
+    >>> s = Surrogate.load("runs/demo_drrnet_0")
+    >>> s.param_names
+    ['front_radius', ...]
+    >>> field = s.predict({"front_radius": 0.4, ...}, resolution=64)   # numpy array (64, 64, 64), data units
+
+The run directory's ``meta.json`` (written by train.py from the dataset) holds the parameter names and raw
+ranges (from the prep CLI's ``cond_meta.json``) and the value normalization, so a query needs only the run.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from util.runs import load_trained_model
+from util.sampling import grid_coords
+
+log = logging.getLogger("predict")
+
+__all__ = ["Surrogate", "denormalize"]
+
+
+def denormalize(v: np.ndarray, meta: dict) -> np.ndarray:
+    """Normalized values in [0, 1] -> data units (inverse of min-max, then of the log transform)."""
+    out = np.asarray(v, dtype=np.float64) * (meta["value_max"] - meta["value_min"]) + meta["value_min"]
+    if meta.get("log_transform"):
+        out = np.exp(out)
+    return out.astype(np.float32)
+
+
+class Surrogate:
+    """A trained, baked surrogate with unit conversions.
+
+    Attributes:
+        model: the model (baked, eval mode).
+        meta: the run's meta.json.
+        param_names: parameter names (None when the data had no cond_meta.json: then pass normalized values).
+    """
+
+    def __init__(self, model, meta: dict, device: Union[str, torch.device] = "cpu", chunk_size: int = 262144):
+        self.model, self.meta = model, meta
+        self.device = torch.device(device)
+        self.chunk_size = int(chunk_size)
+        self.model.to(self.device)
+        if hasattr(self.model, "bake"):
+            self.model.bake()
+        self.param_names = meta.get("param_names")
+        self.spatial_shape = tuple(meta["spatial_shape"])
+
+    @classmethod
+    def load(cls, run_dir: str, checkpoint: Optional[str] = None, device: Optional[str] = None,
+             chunk_size: int = 262144) -> "Surrogate":
+        model, _, meta = load_trained_model(run_dir, checkpoint)
+        return cls(model, meta, device or ("cuda" if torch.cuda.is_available() else "cpu"), chunk_size)
+
+    # -- conditions -------------------------------------------------------------------------------------
+    def normalize_params(self, params: Union[Dict[str, float], Sequence[float]], normalized: bool = False) -> torch.Tensor:
+        """Parameters -> normalized condition (d_c,) in [0, 1] (unchecked extrapolation outside, with a warning).
+
+        Args:
+            params: {name: value} in the simulation's units, or a sequence in the CSV's column order.
+            normalized: the values are already normalized to [0, 1] (the only option without parameter names).
+        """
+        d_c = int(self.meta["cond_dim"])
+        names = self.param_names
+        if isinstance(params, dict):
+            if names is None:
+                raise ValueError("this run's data has no parameter names (no cond_meta.json next to cond.npy); "
+                                 f"pass {d_c} normalized values as a list")
+            unknown = [k for k in params if k not in names]
+            missing = [k for k in names if k not in params]
+            if unknown or missing:
+                raise ValueError(f"parameters: unknown {unknown}, missing {missing}; expected names: {names}")
+            vals = [float(params[k]) for k in names]
+        else:
+            vals = [float(v) for v in params]
+            if len(vals) != d_c:
+                raise ValueError(f"expected {d_c} parameter values"
+                                 f"{' (' + ', '.join(names) + ')' if names else ''}, got {len(vals)}")
+        if normalized or names is None:
+            if not normalized:
+                raise ValueError("this run's data has no parameter ranges (no cond_meta.json): pass normalized=True")
+            c = np.asarray(vals, dtype=np.float64)
+            lo, hi = np.zeros(d_c), np.ones(d_c)
+            labels = [f"c{i}" for i in range(d_c)]
+        else:
+            lo = np.asarray(self.meta["param_min"], dtype=np.float64)
+            hi = np.asarray(self.meta["param_max"], dtype=np.float64)
+            raw = np.asarray(vals, dtype=np.float64)
+            span = np.where(hi > lo, hi - lo, 1.0)
+            c = np.where(hi > lo, (raw - lo) / span, 0.0)
+            labels = names
+        for i, v in enumerate(vals):
+            if not math.isfinite(v):
+                raise ValueError(f"parameter {labels[i]} is {v}")
+            if c[i] < -1e-9 or c[i] > 1 + 1e-9:
+                log.warning("parameter %s = %g is outside the training range [%g, %g]: extrapolating",
+                            labels[i], v, lo[i], hi[i])
+        return torch.as_tensor(c, dtype=torch.float32)
+
+    # -- fields -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, params, resolution: Union[None, int, Sequence[int]] = None, coords: Optional[np.ndarray] = None,
+                index_coords: Optional[np.ndarray] = None, normalized_params: bool = False,
+                normalized_output: bool = False) -> np.ndarray:
+        """Predict a field for one parameter setting.
+
+        Args:
+            params: {name: value} in simulation units (or a list, see :meth:`normalize_params`).
+            resolution: output grid: None = the data's resolution, an int (the same on every axis) or a shape
+                in array order ((D, H, W) or (H, W)). Ignored when coordinates are given.
+            coords: (N, d) points in [-1, 1], column 0 along the last array axis (the model's convention).
+            index_coords: (N, d) points as fractional array indices in array order (i along the first axis),
+                relative to the data's resolution ``spatial_shape``.
+            normalized_params: params are already normalized to [0, 1].
+            normalized_output: return values in [0, 1] instead of data units.
+
+        Returns:
+            float32 array: the grid shape, or (N,) for given coordinates.
+        """
+        from util.evaluation import predict_field
+
+        c = self.normalize_params(params, normalized=normalized_params).to(self.device)
+        d = len(self.spatial_shape)
+        if coords is not None and index_coords is not None:
+            raise ValueError("give coords or index_coords, not both")
+        if index_coords is not None:
+            idx = np.asarray(index_coords, dtype=np.float64)
+            if idx.ndim != 2 or idx.shape[1] != d:
+                raise ValueError(f"index_coords must have shape (N, {d}), got {idx.shape}")
+            n = np.asarray(self.spatial_shape, dtype=np.float64)
+            coords = (2 * idx / np.maximum(n - 1, 1) - 1)[:, ::-1]
+        if coords is not None:
+            x = np.asarray(coords, dtype=np.float32)
+            if x.ndim != 2 or x.shape[1] != d:
+                raise ValueError(f"coords must have shape (N, {d}), got {x.shape}")
+            if np.abs(x).max(initial=0) > 1 + 1e-6:
+                log.warning("some coordinates are outside [-1, 1]: the model extrapolates there")
+            xs = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+            shape = (x.shape[0],)
+        else:
+            if resolution is None:
+                shape = self.spatial_shape
+            elif isinstance(resolution, int):
+                shape = (int(resolution),) * d
+            else:
+                shape = tuple(int(r) for r in resolution)
+            if len(shape) != d or min(shape) < 1:
+                raise ValueError(f"resolution must be an int or {d} positive sizes, got {resolution}")
+            xs = grid_coords(shape).to(self.device)
+        v = predict_field(self.model, xs, c, shape, self.chunk_size).cpu().numpy()
+        return v.astype(np.float32) if normalized_output else denormalize(v, self.meta)
