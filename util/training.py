@@ -111,7 +111,8 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
     accelerator.wait_for_everyone()
 
     set_seed(tc.seed)
-    dataset = build_dataset(exp)
+    with accelerator.main_process_first():  # e.g. the demo ensemble is generated once, by the main process
+        dataset = build_dataset(exp)
     model = build_model(exp, dataset.cond_dim, dataset.spatial_dims)
     optimizer = build("optimizer", exp["optim"]["type"], section="optim", injected={"model": model},
                       **section_kwargs(exp, "optim"))
@@ -154,7 +155,7 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
     bar = tqdm(total=total, initial=start, disable=not (progress and accelerator.is_main_process),
                desc=os.path.basename(run_dir), dynamic_ncols=True)
     step_times: List[float] = []
-    warm = 10
+    warm = min(10, total // 2)  # warm-up steps excluded from the step-time measurement
     log_rows: List[str] = []
     loss_acc = torch.zeros((), device=accelerator.device)
     n_acc = 0

@@ -1,0 +1,241 @@
+"""train.py / test.py / predict.py end to end on a tiny synthetic ensemble (CPU)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from util.config import load_config
+from util.runs import latest_checkpoint, load_trained_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_MODEL = dict(type="drrnet", spatial_resolutions=[4, 6], spatial_channels=2, pe_frequencies=2,
+                  spatial_refiner_layers=1, spatial_hidden_mult=2.0, cond_resolutions=[2, 4], cond_channels=2,
+                  cond_refiner_layers=1, cond_hidden_mult=2.0, hidden_dim=16, decoder_layers=2)
+
+
+def tiny_config(tmp_path, **train):
+    exp = dict(
+        model=TINY_MODEL,
+        dataset=dict(type="demo", root=str(tmp_path / "demo"), n_train=6, n_test=3, resolution=8,
+                     cond_batch=2, spatial_log2batch=6),
+        optim=dict(type="adam", lr=1e-3),
+        scheduler=dict(type="cosine"),
+        train=dict(dict(max_steps=6, log_dir=str(tmp_path / "runs"), checkpoint_every_steps=3, log_every=1,
+                        keep_checkpoints=10, timing_steps=2), **train),
+        test=dict(chunk_size=100, ssim_win_size=3, ref_k=2),
+    )
+    p = tmp_path / "tiny.yaml"
+    p.write_text(yaml.safe_dump([exp]))
+    return str(p)
+
+
+def run_train(cfg, *extra, **kw):
+    from train import main
+
+    main(["--config", cfg, "--config_id", "0", "--no_progress", *extra])
+
+
+def read_log(run_dir):
+    with open(os.path.join(run_dir, "log.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_writes_run_directory_and_refuses_overwrite(tmp_path):
+    cfg = tiny_config(tmp_path)
+    run_train(cfg)
+    exp = load_config(cfg, 0)
+    from util.runs import run_dir_of
+
+    rd = run_dir_of(exp)
+    for name in ("config.yaml", "meta.json", "model.pt", "finished.json", "log.csv", "timing.json"):
+        assert os.path.isfile(os.path.join(rd, name)), name
+    assert os.path.isdir(os.path.join(rd, "tb")) and os.listdir(os.path.join(rd, "tb"))
+    assert latest_checkpoint(rd).endswith("step_0000006")
+    rows = read_log(rd)
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(float(r["loss"])) for r in rows)
+    timing = json.load(open(os.path.join(rd, "timing.json")))
+    assert timing["mean_step_s"] > 0 and timing["total_steps"] == 6
+    # a second run with the same name must not delete the first one
+    marker = os.path.join(rd, "keep.txt")
+    open(marker, "w").write("x")
+    with pytest.raises(SystemExit, match="already exists"):
+        run_train(cfg)
+    assert os.path.isfile(marker)
+    run_train(cfg, "--overwrite")
+    assert not os.path.exists(marker) and os.path.isfile(os.path.join(rd, "finished.json"))
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=8, checkpoint_every_steps=4)
+    run_train(cfg, "--set", "train.run_name=full")
+    run_train(cfg, "--set", "train.run_name=cut")
+    full, cut = str(tmp_path / "runs" / "full"), str(tmp_path / "runs" / "cut")
+    # simulate a run killed after its step-4 checkpoint
+    import shutil
+
+    shutil.rmtree(os.path.join(cut, "checkpoints", "step_0000008"))
+    with open(os.path.join(cut, "checkpoints", "latest"), "w") as f:
+        f.write("step_0000004")
+    for n in ("model.pt", "finished.json"):
+        os.remove(os.path.join(cut, n))
+    run_train(cfg, "--set", "train.run_name=cut", "--resume")
+    lf, lc = read_log(full), read_log(cut)
+    assert [r["step"] for r in lc] == [str(i) for i in range(1, 9)]
+    np.testing.assert_allclose([float(r["loss"]) for r in lc], [float(r["loss"]) for r in lf], rtol=1e-6)
+    np.testing.assert_allclose([float(r["lr"]) for r in lc], [float(r["lr"]) for r in lf], rtol=1e-6)
+    a = torch.load(os.path.join(full, "model.pt"))
+    b = torch.load(os.path.join(cut, "model.pt"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-7)
+
+
+def test_killed_checkpoint_save_keeps_previous_latest(tmp_path):
+    from util.training import _save_checkpoint
+
+    class Acc:
+        is_main_process = True
+
+        def wait_for_everyone(self):
+            pass
+
+        def __init__(self, fail):
+            self.fail = fail
+
+        def save_state(self, path):
+            os.makedirs(path, exist_ok=True)
+            open(os.path.join(path, "model.safetensors"), "w").write("partial")
+            if self.fail:
+                raise KeyboardInterrupt("killed during save")
+
+    rd = str(tmp_path / "run")
+    os.makedirs(rd)
+    _save_checkpoint(Acc(False), rd, 5, keep=3, extra={})
+    assert latest_checkpoint(rd).endswith("step_0000005")
+    with pytest.raises(KeyboardInterrupt):
+        _save_checkpoint(Acc(True), rd, 10, keep=3, extra={})
+    assert latest_checkpoint(rd).endswith("step_0000005")
+    assert not os.path.isdir(os.path.join(rd, "checkpoints", "step_0000010"))
+
+
+def test_test_py_end_to_end_and_predict(tmp_path, capsys):
+    cfg = tiny_config(tmp_path)
+    run_train(cfg)
+    from util.runs import run_dir_of
+
+    rd = run_dir_of(load_config(cfg, 0))
+    from test import main as test_main
+
+    test_main(["--run", rd, "--no_progress", "--dump_members", "7"])
+    out = capsys.readouterr().out
+    assert "model" in out and "idw" in out.lower()
+    with open(os.path.join(rd, "eval", "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    cols = set(rows[0])
+    for c in ("predictor", "split", "resolution", "rel_l2", "psnr_dataset", "psnr_member_mean", "ssim", "md",
+              "bake_s", "infer_s"):
+        assert c in cols, c
+    preds = {(r["predictor"], r["split"]) for r in rows}
+    assert ("model", "test") in preds and ("model", "train") in preds
+    assert sum(1 for p, s in preds if s == "test" and p != "model") == 3  # mean, nearest, idw
+    with open(os.path.join(rd, "eval", "members.csv")) as f:
+        mrows = list(csv.DictReader(f))
+    assert len([r for r in mrows if r["predictor"] == "model"]) == 9  # 6 train + 3 test members
+    dumps = os.listdir(os.path.join(rd, "eval", "dumps"))
+    assert any(d.endswith("_pred.vti") for d in dumps) and any(d.endswith(".png") for d in dumps)
+    # results are not silently replaced
+    with pytest.raises(SystemExit, match="already"):
+        test_main(["--run", rd, "--no_progress"])
+
+    # query in the simulation's own units
+    from util.query import Surrogate
+
+    s = Surrogate.load(rd)
+    assert s.param_names and len(s.param_names) == s.meta["cond_dim"]
+    mid = {n: (lo + hi) / 2 for n, lo, hi in zip(s.param_names, s.meta["param_min"], s.meta["param_max"])}
+    f = s.predict(mid, resolution=5)
+    assert f.shape == (5, 5, 5) and np.isfinite(f).all()
+    lo, hi = s.meta["value_min"], s.meta["value_max"]
+    assert f.min() >= lo - 1e-3 * abs(hi - lo) - 1e-6 and f.max() <= hi + 1e-3 * abs(hi - lo) + 1e-6
+    pts = s.predict(mid, index_coords=np.array([[0, 0, 0], [7, 7, 7]]))
+    grid = s.predict(mid)
+    np.testing.assert_allclose(pts, [grid[0, 0, 0], grid[-1, -1, -1]], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown"):
+        s.predict({"nope": 1.0})
+    with pytest.raises(ValueError, match="expected"):
+        s.predict([0.1])
+    bad = dict(mid)
+    name = s.param_names[0]
+    bad[name] = s.meta["param_max"][0] + 10 * (s.meta["param_max"][0] - s.meta["param_min"][0])
+    with _warns(name):
+        s.predict(bad, resolution=2)
+
+
+class _warns:
+    """Context manager asserting that the 'predict' logger warns and names ``text``."""
+
+    def __init__(self, text):
+        self.text = text
+
+    def __enter__(self):
+        import logging
+
+        self.records = []
+        self.h = logging.Handler()
+        self.h.emit = self.records.append
+        logging.getLogger("predict").addHandler(self.h)
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        logging.getLogger("predict").removeHandler(self.h)
+        msgs = [r.getMessage() for r in self.records if r.levelname == "WARNING"]
+        assert any(self.text in m and "outside the training range" in m for m in msgs), msgs
+        return False
+
+
+def test_predict_cli(tmp_path):
+    cfg = tiny_config(tmp_path)
+    run_train(cfg)
+    from util.runs import run_dir_of
+
+    rd = run_dir_of(load_config(cfg, 0))
+    meta = json.load(open(os.path.join(rd, "meta.json")))
+    args = [sys.executable, "predict.py", "--run", rd, "--resolution", "4", "--out", str(tmp_path / "f.npy"), "--vti"]
+    for n, lo, hi in zip(meta["param_names"], meta["param_min"], meta["param_max"]):
+        args += ["--param", f"{n}={(lo + hi) / 2}"]
+    r = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert np.load(tmp_path / "f.npy").shape == (4, 4, 4)
+    assert os.path.isfile(tmp_path / "f.vti")
+    r = subprocess.run([sys.executable, "predict.py", "--run", rd, "--param", "wrong=1", "--out",
+                        str(tmp_path / "g.npy")], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode != 0 and "unknown" in r.stderr
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test written for linux")
+def test_two_process_data_parallel(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=4, checkpoint_every_steps=2)
+    # Without a visible GPU, --multi_gpu starts the processes through torchrun and Accelerate falls back to
+    # CPU data parallelism over gloo (plain --cpu would start a single process).
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                        "train.py", "--config", cfg, "--no_progress"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    from util.runs import run_dir_of
+
+    rd = run_dir_of(load_config(cfg, 0))
+    assert os.path.isfile(os.path.join(rd, "finished.json"))
+    assert "2 processes" in r.stderr
+    model, _, _ = load_trained_model(rd)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
