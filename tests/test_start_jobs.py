@@ -54,8 +54,12 @@ def test_jobs_run_fail_and_skip(tmp_path):
     assert len(os.listdir(logs)) == 3
     failed_log = [f for f in os.listdir(logs) if "jobs_1" in f][0]
     assert "missing" in open(os.path.join(logs, failed_log)).read()
-    for name in ("jobs_0", "second"):
-        assert os.path.isfile(tmp_path / "runs" / name / "eval" / "metrics.csv")
+    from util.config import load_config
+    from util.runs import run_dir_of
+
+    for i in (0, 2):
+        assert os.path.isfile(os.path.join(run_dir_of(load_config(cfg, i)), "eval", "metrics.csv"))
+    assert os.path.basename(run_dir_of(load_config(cfg, 2))) == "second"
     # finished jobs are skipped the second time
     r = run([f"{cfg}:0,2", "--log_dir", logs, "--gpus", ""])
     assert r.returncode == 0 and r.stdout.count("skipped") == 2
