@@ -1,0 +1,5 @@
+"""Surrogate models, registered under kind ``model``; importing this package registers them all.
+
+One explicit import per model module (no star imports); add a line for each new model.
+"""
+from models import drrnet  # noqa: F401
