@@ -143,6 +143,10 @@ def test_set_overrides_typed_and_validated(tmp_path):
     with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(p, 0, ["train"])
     with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(p, 0, ["train=3"])
+    e = load_config(p, 0, ["dataset={type: _cfgtest_data, path: elsewhere}"])  # replaces the whole section
+    assert e["dataset"] == {"type": "_cfgtest_data", "path": "elsewhere"}
+    with pytest.raises(ConfigError, match="expected section.key=value"):
         load_config(p, 0, ["max_steps=3"])
 
 

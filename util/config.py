@@ -12,7 +12,8 @@ A config file is a YAML list; each entry is one experiment::
 
 YAML anchors (``&base`` / ``*base``) and merge keys (``<<: *base``) work, so experiments can share sections.
 ``--config FILE --config_id N`` selects entry N (0-based); ``--set section.key=value`` (repeatable) overrides a
-key, the value parsed as YAML (``--set train.max_steps=10 --set dataset.tau_x=[0.01,0.01,0.01]``).
+key, the value parsed as YAML (``--set train.max_steps=10 --set dataset.tau_x=[0.01,0.01,0.01]``);
+``--set 'dataset={type: ensemble, data_dir: ...}'`` replaces a whole section.
 Every key is checked when the config is loaded: unknown section, unknown or missing key, unknown type; the
 error names the file, the config id, the section and the key.
 """
@@ -217,20 +218,21 @@ def _parse_override(item: str):
         raise ConfigError(f"--set '{item}': expected section.key=value")
     path, raw = item.split("=", 1)
     parts = path.strip().split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"--set '{item}': expected section.key=value (e.g. train.max_steps=10)")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set '{item}': value is not valid YAML ({e})") from None
+    if not all(parts) or (len(parts) < 2 and not isinstance(value, dict)):
+        raise ConfigError(f"--set '{item}': expected section.key=value (e.g. train.max_steps=10) "
+                          f"or section={{key: value, ...}} to replace a whole section")
     return parts, value
 
 
 def apply_overrides(exp: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
     """Apply ``section.key[.sub]=value`` overrides (values parsed as YAML) to a copy of ``exp``.
 
-    Setting a key that does not exist in the section is allowed only if the section's schema knows it; the
-    full validation runs afterwards in :func:`validate_experiment`.
+    ``section={...}`` (a YAML mapping) replaces a whole section. The full validation runs afterwards in
+    :func:`validate_experiment`, so an unknown key is still an error.
     """
     out = copy.deepcopy(exp)
     for item in overrides or ():
