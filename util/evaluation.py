@@ -155,7 +155,8 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
     for res in tc.resolutions:
         shape = tuple(dataset.spatial_shape if res == "full" else dataset.train_shape)
         get_gt: Callable[[int], torch.Tensor] = dataset.full_field if res == "full" else dataset.train_field
-        coords = grid_coords(shape).to(device)
+        # gridded data: every vertex of the grid; unstructured data supplies its own vertex coordinates
+        coords = (dataset.eval_coords(res) if hasattr(dataset, "eval_coords") else grid_coords(shape)).to(device)
         n_points = int(np.prod(shape))
         refs = []
         if tc.reference and "test" in tc.splits:
