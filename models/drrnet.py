@@ -30,12 +30,14 @@ upsampling), ``ssr_resolution``, ``spatial_refiner_layers: 0``, ``cond_refiner_l
 """
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from models.fast_ops import GridQuery, corner_stencil, gather_interp, resize_stencil, to_rows
 from models.layers import ConditionLines, DenseGrids, FeatureUpsamplingPE, GLURefiner, MLPDecoder
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
@@ -54,6 +56,7 @@ VARIANTS: Dict[str, Dict[str, object]] = {
 }
 
 OUT_ACTIVATIONS = ("sigmoid", "none", "clamp")
+SPARSE_REFINE = ("auto", "always", "never")
 
 
 def _spatial_shape(entry: Resolution, spatial_dims: int, key: str) -> Tuple[int, ...]:
@@ -119,11 +122,30 @@ class DRRNet(nn.Module):
         variant: None (take the switches as given) or an ablation shortcut from :data:`VARIANTS`: "full",
             "embedding_only", "pi_only", "refiner_no_pi", "spatial_refiner_only"; it overrides the keys it lists.
         init_range: grids and lines are initialised U(-init_range, init_range).
+        fast_paths: use the fast paths (see "Fast paths" below) with ``use_pi``; False = the plain path
+            (grid_sample of the D_sp lattice, concatenation, full fusion layer per point, whole-lattice
+            refinement). Both give the same outputs and gradients up to fp32 rounding. Can be flipped on an
+            existing model (attribute ``fast_paths``).
+        sparse_refine: with ``fast_paths`` outside the baked path: "auto" refines only the lattice vertices
+            the batch's interpolation stencils touch when they are at most ``sparse_refine_ratio`` of the
+            lattice, else the whole lattice; "always" / "never" force one of the two.
+        sparse_refine_ratio: threshold of "auto" (touched vertices / lattice vertices).
 
     The defaults are the paper's Cloverleaf configuration, except ``ssr_resolution`` (paper: 128).
 
     Shapes: D_sp = L_sp * d_fs * (2K + pe_include_input) with pi (L_sp * d_fs with K = 0 or without pi);
     D_c = d_c * L_c * d_fc.
+
+    Fast paths (``fast_paths=True``, with ``use_pi``; models/fast_ops.py): the fusion layer is split as
+    ``W_f [z_sp || z_c] + b = W_sp z_sp + (W_c z_c + b)``. The condition part is computed once per condition
+    row; the spatial part is linear, like the interpolation, so it is applied on lattice vertices
+    (``W_sp G'``, hidden_dim channels, channels-last) before a gather-based (tri)linear interpolation
+    (``F.embedding_bag``, exactly ``grid_sample``'s zeros-padding semantics). :meth:`bake` stores the folded
+    lattice ``_baked_fused`` (P, hidden_dim) next to ``_baked_grid``; :meth:`predict_grid` reconstructs a
+    whole member lattice chunk by chunk without materializing coordinates and skips the interpolation
+    where query vertices are lattice vertices. In training (or unbaked eval) pi and R_sp run only on the
+    vertices the batch touches when that is cheaper (``sparse_refine``); the SSR of those vertices is
+    computed by gathers with ``F.interpolate``'s stencil, so outputs and gradients equal the plain path's.
 
     Training stability (spec section 4, "observed collapse"): with the sigmoid output and a data mean far
     from 0.5 (CloverLeaf energy: 0.13), the first Adam steps (eps 1e-15, so every parameter moves by ~lr)
@@ -166,6 +188,10 @@ class DRRNet(nn.Module):
         refine_at_inference: bool = True,
         variant: Optional[str] = None,
         init_range: float = 1e-3,
+        # fast paths (same results as the plain path to fp32 rounding)
+        fast_paths: bool = True,
+        sparse_refine: str = "auto",
+        sparse_refine_ratio: float = 0.5,
     ):
         super().__init__()
         if variant is not None:
@@ -224,6 +250,14 @@ class DRRNet(nn.Module):
         # --- bake cache (never saved) -----------------------------------------------------------------
         self.register_buffer("_baked_grid", None, persistent=False)   # (D_sp, *R) when baked with pi
         self.register_buffer("_baked_lines", None, persistent=False)  # (d_c, H, L_c*d_fc) with a cond refiner
+        self.register_buffer("_baked_fused", None, persistent=False)  # (prod(R), hidden): W_sp G' channels-last
+        self._lowp_cache: Dict[torch.dtype, Tuple[Tensor, ...]] = {}
+        if sparse_refine not in SPARSE_REFINE:
+            raise ConfigError(f"model.sparse_refine: '{sparse_refine}' not in {SPARSE_REFINE}")
+        self.fast_paths = bool(fast_paths)
+        self.sparse_refine = sparse_refine
+        self.sparse_refine_ratio = float(sparse_refine_ratio)
+        self.last_refined_vertices: Optional[int] = None   # vertices refined by the last fast lattice pass
         self._baked = False
         self.register_load_state_dict_pre_hook(DRRNet._drop_cache_on_load)
 
@@ -303,26 +337,213 @@ class DRRNet(nn.Module):
             raise ValueError(f"DRRNet: x must be (B, N, {self.spatial_dims}), got {tuple(x.shape)}")
         if c.dim() != 2 or c.shape != (x.shape[0], self.cond_dim):
             raise ValueError(f"DRRNet: c must be ({x.shape[0]}, {self.cond_dim}), got {tuple(c.shape)}")
+        if self.fast_paths and self.use_pi:
+            if self._baked and self._baked_fused is not None:
+                return self._forward_baked_fast(x, c)
+            if not self._baked:
+                return self._forward_lattice_fast(x, c)
+        return self._forward_plain(x, c)
+
+    def _forward_plain(self, x: Tensor, c: Tensor) -> Tensor:
+        """The plain path: sampled features, concatenation, fusion and decoder per point."""
         B, N, _ = x.shape
         z_sp = self.spatial_features(x)                            # (B, N, D_sp)
         z_c = self.cond_features(c)                                # (B, D_c)
         h = torch.cat([z_sp, z_c[:, None, :].expand(B, N, z_c.shape[-1])], dim=-1)
         out = self.decoder(self.fusion(h))                         # (B, N, out_dim)
+        return self._activate(out)
+
+    def _activate(self, out: Tensor) -> Tensor:
         if self.out_activation == "sigmoid":
             return torch.sigmoid(out)
         if self.out_activation == "clamp":
             return out.clamp(0.0, 1.0)
         return out
 
+
+    # ------------------------------------------------------------------------------------------------
+    # fast paths (models/fast_ops.py)
+    # ------------------------------------------------------------------------------------------------
+    def _fusion_parts(self) -> Tuple[Tensor, Tensor, Tensor]:
+        """W_sp (hidden, D_sp), W_c (hidden, D_c), b (hidden,) of the fusion layer."""
+        lin = self.fusion[0]
+        D = self.spatial_feature_dim
+        return lin.weight[:, :D], lin.weight[:, D:], lin.bias
+
+    def cond_bias(self, c: Tensor) -> Tensor:
+        """The condition part of the fusion pre-activation, ``W_c z_c(c) + b_f``: c (B, d_c) -> (B, hidden)."""
+        _, w_c, b = self._fusion_parts()
+        return torch.nn.functional.linear(self.cond_features(c), w_c, b)
+
+    def _head(self, pre: Tensor) -> Tensor:
+        """Fusion pre-activation (..., hidden) -> ReLU -> decoder -> output activation."""
+        return self._activate(self.decoder(torch.relu(pre)))
+
+    def _ssr_rows(self, rows: Tensor) -> Tensor:
+        """pi's SSR + concatenation at some lattice vertices: rows (U,) flat indices -> (U, L*d_fs)."""
+        parts = []
+        for g, shape in zip(self.spatial_grids.grids, self.spatial_grids.shapes):
+            idx, w = resize_stencil(rows, self.ssr_shape, shape)
+            parts.append(gather_interp(to_rows(g).contiguous(), idx, w))
+        return torch.cat(parts, dim=-1)
+
+    def _touched_rows(self, idx: Tensor) -> Tuple[Optional[Tensor], Tensor, int]:
+        """Decide sparse or dense refinement for stencil rows idx (M, K).
+
+        Returns (rows or None (dense), idx into the refined rows, number of refined vertices).
+        """
+        P = math.prod(self.ssr_shape)
+        if self.sparse_refine == "never":
+            return None, idx, P
+        mask = torch.zeros(P, dtype=torch.bool, device=idx.device)
+        mask[idx.reshape(-1)] = True
+        U = int(mask.sum())
+        if self.sparse_refine == "auto" and U > self.sparse_refine_ratio * P:
+            return None, idx, P
+        rows = mask.nonzero()[:, 0]                                # (U,) sorted
+        pos = torch.cumsum(mask, 0) - 1                            # (P,) row -> position among the touched
+        return rows, pos[idx], U
+
+    def _forward_lattice_fast(self, x: Tensor, c: Tensor) -> Tensor:
+        """Unbaked fast path: pi + R_sp on the touched (or all) vertices, folded fusion, gather interpolation."""
+        B, N, d = x.shape
+        idx, w = corner_stencil(x.reshape(B * N, d), self.ssr_shape)    # (M, 2^d)
+        rows, idx, V = self._touched_rows(idx)
+        self.last_refined_vertices = V
+        if rows is None:
+            u = to_rows(self.spatial_grids.lattice(self.ssr_shape))    # (P, L*d_fs)
+        else:
+            u = self._ssr_rows(rows)                                    # (U, L*d_fs)
+        g = self._refine_points(u, self._refine_now())                 # (V, D_sp)
+        w_sp, _, _ = self._fusion_parts()
+        if V <= B * N:                                                  # fold W_sp into the vertices
+            z = gather_interp(torch.nn.functional.linear(g, w_sp), idx, w)
+        else:                                                           # fewer points than vertices
+            z = torch.nn.functional.linear(gather_interp(g, idx, w), w_sp)
+        pre = z.reshape(B, N, -1) + self.cond_bias(c)[:, None, :]
+        return self._head(pre)
+
+    def _forward_baked_fast(self, x: Tensor, c: Tensor) -> Tensor:
+        """Baked fast path: gather interpolation of the folded lattice + per-row condition bias."""
+        B, N, d = x.shape
+        idx, w = corner_stencil(x.reshape(B * N, d), self.ssr_shape)
+        table = self._baked_fused
+        z = gather_interp(table, idx, w.to(table.dtype))                # (M, hidden)
+        pre = z.reshape(B, N, -1) + self.cond_bias(c)[:, None, :]
+        return self._head(pre)
+
+    def _lowp(self, dtype: torch.dtype) -> Tuple[Tensor, ...]:
+        """The folded table and decoder weights in ``dtype`` (cached until unbake)."""
+        if dtype not in self._lowp_cache:
+            lins = [m for m in self.decoder.net if isinstance(m, nn.Linear)]
+            tensors = [self._baked_fused.to(dtype)]
+            for m in lins:
+                tensors += [m.weight.detach().to(dtype), m.bias.detach().to(dtype)]
+            self._lowp_cache[dtype] = tuple(tensors)
+        return self._lowp_cache[dtype]
+
+    @torch.no_grad()
+    def predict_grid(self, shape: Sequence[int], c: Tensor, chunk_size: int = 1 << 13, fast: bool = True,
+                     dtype: Optional[torch.dtype] = None, out: Optional[Tensor] = None) -> Tensor:
+        """Reconstruct one member on the vertices of a lattice (e.g. its full resolution).
+
+        Same values as ``forward(grid_coords(shape)[None], c)`` (output channel 0), computed in chunks of
+        ``chunk_size`` points; coordinates are generated per chunk, never all at once.
+
+        Args:
+            shape: array shape (D, H, W) / (H, W) of the queried lattice.
+            c: (d_c,) or (1, d_c) condition.
+            chunk_size: points per chunk.
+            fast: True: on a baked model with ``use_pi``, per chunk: rows of the folded lattice (a slice when
+                ``shape`` is the SSR shape, a row gather when every query vertex is a lattice vertex, else
+                the gather interpolation) + the member's condition bias, ReLU and the decoder (addmm). Other
+                models fall back to ``forward`` on chunked coordinates. False: the plain path
+                (grid_sample + per-point fusion) on chunked coordinates.
+            dtype: compute dtype of the fast path (torch.bfloat16 / torch.float16; None = float32); the
+                result is float32.
+            out: optional float32 tensor with prod(shape) elements to write into.
+
+        Returns:
+            float32 tensor of ``shape`` on the model's device.
+        """
+        shape = tuple(int(n) for n in shape)
+        if len(shape) != self.spatial_dims:
+            raise ValueError(f"predict_grid: shape {shape} needs {self.spatial_dims} axes")
+        dev = self.fusion[0].weight.device
+        c = c.reshape(1, -1).to(dev, torch.float32)
+        P = math.prod(shape)
+        res = out.reshape(-1) if out is not None else torch.empty(P, device=dev, dtype=torch.float32)
+        use_fast = fast and self.use_pi and self._baked and self._baked_fused is not None
+        if not use_fast:
+            q = GridQuery(shape, shape, dev)
+            coord_axes = [self._axis_coords(n, dev) for n in shape]
+            for s, e in q.chunks(chunk_size):
+                x = self._chunk_coords(q, coord_axes, s, e)[None]
+                y = self(x, c) if fast else self._forward_plain(x, c)
+                res[s:e] = y[0, :, 0].float()
+            return res.reshape(shape)
+        lins = [m for m in self.decoder.net if isinstance(m, nn.Linear)]
+        cb = self.cond_bias(c)[0]                                       # (hidden,)
+        if dtype is None or dtype == self._baked_fused.dtype:
+            table = self._baked_fused
+            wb = [t for m in lins for t in (m.weight, m.bias)]
+        else:
+            table, *wb = self._lowp(dtype)
+            cb = cb.to(dtype)
+        q = GridQuery(shape, self.ssr_shape, dev)
+        n = min(int(chunk_size), P)
+        H = table.shape[1]
+        bufs = [torch.empty(n, H, device=dev, dtype=table.dtype) for _ in range(2)]  # reused: no per-chunk
+        w_t = [wb[2 * i].t() for i in range(len(lins))]                               # allocation
+        for s, e in q.chunks(chunk_size):
+            m = e - s
+            h = bufs[0][:m]
+            if q.identity:
+                torch.add(table[s:e], cb, out=h)
+            else:
+                idx, w = q.stencil(s, e)
+                h.copy_(gather_interp(table, idx, w)).add_(cb)
+            h.relu_()
+            for i in range(len(lins)):
+                if i < len(lins) - 1 and w_t[i].shape[1] == H:
+                    nxt = bufs[(i + 1) % 2][:m]
+                    torch.addmm(wb[2 * i + 1], h, w_t[i], out=nxt)
+                    h = nxt.relu_()
+                else:
+                    h = torch.addmm(wb[2 * i + 1], h, w_t[i])
+                    if i < len(lins) - 1:
+                        h = h.relu_()
+            res[s:e] = self._activate(h[:, 0].float())
+        return res.reshape(shape)
+
+    @staticmethod
+    def _axis_coords(n: int, dev) -> Tensor:
+        from util.sampling import axis_coords
+        import numpy as np
+        return torch.from_numpy(axis_coords(n).astype(np.float32)).to(dev)
+
+    @staticmethod
+    def _chunk_coords(q: GridQuery, coord_axes: List[Tensor], s: int, e: int) -> Tensor:
+        """Coordinates (e - s, d) of query vertices s..e-1 (column 0 = last array axis), = grid_coords rows."""
+        rem = torch.arange(s, e, device=coord_axes[0].device)
+        cols = []
+        for k, st in enumerate(q.q_strides):
+            j = torch.div(rem, st, rounding_mode="floor")
+            rem = rem - j * st
+            cols.append(coord_axes[k][j])
+        return torch.stack(cols[::-1], dim=-1)
+
     # ------------------------------------------------------------------------------------------------
     # baking
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def bake(self, chunk_size: int = 1 << 16) -> None:
+    def bake(self, chunk_size: int = 1 << 16, fold: bool = True) -> None:
         """Switch to eval mode and cache the refined structures (pi and the refiners run once, no grad).
 
         Args:
             chunk_size: lattice vertices refined at a time (bounds the memory of the bake).
+            fold: with ``use_pi`` also store the folded lattice ``W_sp G'`` channels-last (prod(R), hidden) in
+                ``_baked_fused`` for the fast paths (memory prod(R) * hidden floats).
 
         Caches the lattice (D_sp, *R) (with ``use_pi``) and the condition lines (d_c, H, L_c * d_fc) (with a
         condition refiner) as non-persistent buffers; later calls of ``forward`` sample them and run only
@@ -335,13 +556,27 @@ class DRRNet(nn.Module):
         refine = self.refine_at_inference
         if self.use_pi:
             self._baked_grid = self.spatial_lattice(refine, chunk_size).contiguous()
+            if fold:
+                self._baked_fused = self._fold_lattice(self._baked_grid, chunk_size)
         if self.cond_refiner is not None:
             self._baked_lines = self.cond_line_set(refine).contiguous()
         self._baked = True
 
+    @torch.no_grad()
+    def _fold_lattice(self, grid: Tensor, chunk_size: int) -> Tensor:
+        """(D_sp, *R) -> W_sp G' as a contiguous channels-last table (prod(R), hidden)."""
+        rows = to_rows(grid)                                          # (P, D_sp) view
+        w_sp, _, _ = self._fusion_parts()
+        out = rows.new_empty(rows.shape[0], w_sp.shape[0])
+        for i in range(0, rows.shape[0], chunk_size):
+            torch.mm(rows[i:i + chunk_size], w_sp.t(), out=out[i:i + chunk_size])
+        return out
+
     def unbake(self) -> None:
         """Drop the cache; ``forward`` recomputes pi and the refiners again."""
         self._baked_grid = None
+        self._baked_fused = None
+        self._lowp_cache = {}
         self._baked_lines = None
         self._baked = False
 

@@ -156,7 +156,12 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
         shape = tuple(dataset.spatial_shape if res == "full" else dataset.train_shape)
         get_gt: Callable[[int], torch.Tensor] = dataset.full_field if res == "full" else dataset.train_field
         # gridded data: every vertex of the grid; unstructured data supplies its own vertex coordinates
-        coords = (dataset.eval_coords(res) if hasattr(dataset, "eval_coords") else grid_coords(shape)).to(device)
+        use_grid_path = (not hasattr(dataset, "eval_coords") and hasattr(model, "predict_grid")
+                         and getattr(model, "is_baked", False))
+        grid_chunk = tc.chunk_size if device.type == "cuda" else min(tc.chunk_size, 8192)
+        coords = None
+        if not use_grid_path:
+            coords = (dataset.eval_coords(res) if hasattr(dataset, "eval_coords") else grid_coords(shape)).to(device)
         n_points = int(np.prod(shape))
         refs = []
         if tc.reference and "test" in tc.splits:
@@ -173,7 +178,11 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
                 c = dataset.conds([int(row)])[0]
                 _sync(device)
                 t = time.perf_counter()
-                pred = predict_field(model, coords, c.to(device), shape, tc.chunk_size, autocast)
+                if use_grid_path:  # baked DRR-Net: folded grid, per-member condition term, chunked lattice
+                    pred = model.predict_grid(shape, c.to(device), grid_chunk,
+                                              dtype=torch.float16 if autocast else None)
+                else:
+                    pred = predict_field(model, coords, c.to(device), shape, tc.chunk_size, autocast)
                 _sync(device)
                 dt = time.perf_counter() - t
                 gt = get_gt(int(row)).to(device)

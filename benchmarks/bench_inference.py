@@ -1,0 +1,143 @@
+"""Full-field inference benchmark of a baked DRR-Net: plain path vs fast paths, side by side.
+
+Usage (no data needed: random weights, grids and lines U(-1, 1)):
+
+    python benchmarks/bench_inference.py --config configs/demo/drrnet.yaml --config_id 0 [--members K] [--resolution R]
+    python benchmarks/bench_inference.py --paper clover --members 2 --resolution 128
+
+Measures (medians over ``--repeats`` interleaved repetitions, one warm-up excluded; CUDA timings are
+synchronized):
+
+* bake time: ``bake(fold=False)`` (the plain cache) and ``bake()`` (plus the folded lattice), medians of
+  ``--bake_repeats``;
+* full-field reconstruction of K members on an R^d lattice (default: the model's SSR shape), in points/s:
+  - ``plain``:      ``util.evaluation.predict_field`` with ``fast_paths=False`` (grid_sample of the D_sp
+                    lattice + concatenation + full fusion layer per point): what test.py does today;
+  - ``fast_forward``: the same ``predict_field`` loop with the fast forward (gather interpolation of the
+                    folded lattice + per-member condition bias);
+  - ``fast_grid``:  ``model.predict_grid`` (no coordinates; on the SSR shape a slice of the folded lattice,
+                    on a subsampling lattice a row gather, else the gather interpolation; addmm decoder);
+  - ``fast_grid_bf16`` (and ``fast_grid_fp16`` on CUDA): the same in reduced precision, with its error;
+* peak memory of each path (CUDA: max_memory_allocated; CPU: sampled RSS delta);
+* achieved GFLOP/s of each path (its own matmul FLOPs: plain = full fusion + decoder per point, fast =
+  decoder per point; 1 multiply-add = 2 FLOP) next to the measured matmul peak, and the matmul-bound floor
+  points/s = peak / (decoder FLOPs per point) with the fraction of it reached.
+
+Output: one line per path ``path=<name> points_per_s=<float> bake_s=<float>`` followed by more key=value
+fields (ratio_vs_plain, gflops, peak_gflops, floor_frac, peak_mem_mb, max_abs_err, rel_l2_err vs plain).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+import torch
+
+from common import (PeakMemory, add_model_args, build_from_args, device_of, matmul_peak, median, model_flops,
+                    setup_threads, timed)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--members", type=int, default=2, help="members reconstructed per repetition (K)")
+    p.add_argument("--resolution", type=int, nargs="+", default=None,
+                   help="query lattice: one int (cube/square) or one per axis in array order (default: SSR shape)")
+    p.add_argument("--chunk_size", type=int, default=None, help="points per chunk (default: 2^13 CPU, 2^18 CUDA)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--bake_repeats", type=int, default=3)
+    p.add_argument("--paths", default="plain,fast_forward,fast_grid,fast_grid_bf16,fast_grid_fp16")
+    args = p.parse_args(argv)
+    setup_threads(args)
+    from util.evaluation import predict_field
+    from util.sampling import grid_coords
+
+    model, _, desc = build_from_args(args)
+    dev = device_of(args)
+    if not getattr(model, "use_pi", False):
+        raise SystemExit("bench_inference: the model has no spatial lattice (use_pi false)")
+    d = model.spatial_dims
+    if args.resolution is None:
+        shape = tuple(model.ssr_shape)
+    elif len(args.resolution) == 1:
+        shape = (args.resolution[0],) * d
+    else:
+        shape = tuple(args.resolution)
+    chunk = args.chunk_size or (1 << 18 if dev.type == "cuda" else 1 << 13)
+    P = math.prod(shape)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    conds = torch.rand(args.members, model.cond_dim, generator=g).to(dev)
+    model.eval()
+
+    # --- bake ---------------------------------------------------------------------------------------
+    bake = {}
+    for name, fold in (("plain", False), ("fast", True)):
+        model.bake(fold=fold)                                                     # warm-up
+        bake[name] = median([timed(lambda: model.bake(fold=fold), dev) for _ in range(args.bake_repeats)])
+    model.bake()
+
+    # --- paths ----------------------------------------------------------------------------------------
+    coords = None
+
+    def run_predict_field(fast):
+        nonlocal coords
+        if coords is None:
+            coords = grid_coords(shape).to(dev)
+        model.fast_paths = fast
+        try:
+            return [predict_field(model, coords, c, shape, chunk) for c in conds]
+        finally:
+            model.fast_paths = True
+
+    paths = {
+        "plain": lambda: run_predict_field(False),
+        "fast_forward": lambda: run_predict_field(True),
+        "fast_grid": lambda: [model.predict_grid(shape, c, chunk) for c in conds],
+        "fast_grid_bf16": lambda: [model.predict_grid(shape, c, chunk, dtype=torch.bfloat16) for c in conds],
+        "fast_grid_fp16": lambda: [model.predict_grid(shape, c, chunk, dtype=torch.float16) for c in conds],
+    }
+    wanted = [n for n in args.paths.split(",") if n in paths]
+    if dev.type != "cuda":
+        wanted = [n for n in wanted if n != "fast_grid_fp16"]                   # CPU fp16 matmul: no kernels
+    flops = model_flops(model)
+    fpp = {n: 2.0 * (flops["fusion_full"] + flops["decoder"]) if n == "plain" else 2.0 * flops["decoder"]
+           for n in wanted}
+    peaks = matmul_peak(dev, (torch.float32, torch.bfloat16) if dev.type == "cpu" else
+                        (torch.float32, torch.bfloat16, torch.float16))
+
+    ref = None
+    outs, mem, times = {}, {}, {n: [] for n in wanted}
+    for n in wanted:                                                              # warm-up + outputs + memory
+        with PeakMemory(dev) as pm:
+            outs[n] = torch.stack(paths[n]())
+        mem[n] = pm.peak_mb
+    ref = outs.get("plain", outs[wanted[0]])
+    for _ in range(args.repeats):
+        for n in wanted:
+            times[n].append(timed(paths[n], dev))
+
+    print(f"# model={desc} device={dev} threads={torch.get_num_threads()} shape={list(shape)} members={args.members} "
+          f"chunk={chunk} D_sp={model.spatial_feature_dim} D_c={model.cond_feature_dim} "
+          f"hidden={model.fusion[0].out_features} ssr={list(model.ssr_shape)}")
+    print("# matmul peak GFLOP/s: " + " ".join(f"{k}={v:.1f}" for k, v in peaks.items())
+          + f"; decoder matmul-bound floor (fp32): {peaks['float32'] * 1e9 / fpp.get('fast_grid', 2.0 * flops['decoder']):.4g} points/s"
+          + f"; plain-path FLOPs floor: {peaks['float32'] * 1e9 / (2.0 * (flops['fusion_full'] + flops['decoder'])):.4g} points/s")
+    base = None
+    for n in wanted:
+        t = median(times[n])
+        pps = args.members * P / t
+        if n == "plain":
+            base = pps
+        peak = peaks["bfloat16" if "bf16" in n else "float16" if "fp16" in n else "float32"]
+        floor = peak * 1e9 / (2.0 * flops["decoder"])
+        err = (outs[n] - ref).abs().max().item()
+        rel = ((outs[n] - ref).norm() / ref.norm()).item()
+        print(f"path={n} points_per_s={pps:.6g} bake_s={bake['plain' if n == 'plain' else 'fast']:.4g} "
+              f"ratio_vs_plain={(pps / base) if base else float('nan'):.3f} "
+              f"gflops={fpp[n] * pps / 1e9:.2f} peak_gflops={peak:.1f} floor_frac={pps / floor:.3f} "
+              f"peak_mem_mb={mem[n]:.1f} max_abs_err={err:.3g} rel_l2_err={rel:.3g} median_s={t:.4g}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()

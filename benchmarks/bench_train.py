@@ -1,0 +1,139 @@
+"""Training-step benchmark of DRR-Net: plain path vs fast paths, side by side, on synthetic batches.
+
+Usage (no data needed: random weights, grids and lines U(-1, 1), batches of random voxels):
+
+    python benchmarks/bench_train.py --config configs/demo/drrnet.yaml --config_id 0 [--steps S]
+    python benchmarks/bench_train.py --paper clover --model_set ssr_resolution=64 --steps 3
+
+A step = forward, MSE loss, backward and an Adam step (lr 1e-4, eps 1e-15), on a batch shaped like the
+dataset's: ``x (N_c, N_x, d)`` random voxels of a ``--data_resolution`` lattice (default: the SSR shape),
+N_c / N_x from the config's ``dataset.cond_batch`` / ``2^dataset.spatial_log2batch`` (else 8 / 2048;
+``--conds`` / ``--points`` override). Paths (each its own copy of the same initial model and optimizer,
+same batches, interleaved step by step, warm-up steps excluded, medians; CUDA timings synchronized):
+
+* ``plain``:       ``fast_paths=False``: pi + R_sp over the whole lattice, grid_sample, full fusion per point;
+* ``fast``:        ``fast_paths=True, sparse_refine="auto"`` (sparse when the batch's stencils touch at most
+                   ``sparse_refine_ratio`` of the lattice);
+* ``fast_dense``:  ``sparse_refine="never"`` (fold + gather interpolation, whole-lattice refinement);
+* ``fast_sparse``: ``sparse_refine="always"``.
+
+Output: one line per path ``path=<name> steps_per_s=<float> points_per_s=<float> peak_mem_mb=<float>``
+followed by ratio_vs_plain, touched (refined vertices / lattice vertices), gflops (matmul FLOPs of forward
+and backward, 3x the forward's, per second) next to the measured matmul peak, and on the first batch
+loss_rel_err / grad_rel_err (max over parameters of ||g - g_plain|| / ||g_plain||) vs the plain path.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+
+import torch
+
+from common import (PeakMemory, add_model_args, build_from_args, device_of, matmul_peak, median, model_flops,
+                    setup_threads, timed)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(p)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per path (after --warmup)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--conds", type=int, default=None, help="N_c conditions per batch")
+    p.add_argument("--points", type=int, default=None, help="N_x points per condition")
+    p.add_argument("--data_resolution", type=int, nargs="+", default=None,
+                   help="lattice the batch voxels come from (int or per axis; default: the SSR shape)")
+    p.add_argument("--paths", default="plain,fast,fast_dense,fast_sparse")
+    args = p.parse_args(argv)
+    setup_threads(args)
+    model, exp, desc = build_from_args(args)
+    dev = device_of(args)
+    d = model.spatial_dims
+    ds = (exp or {}).get("dataset", {})
+    n_c = args.conds or int(ds.get("cond_batch", 8))
+    n_x = args.points or (2 ** int(ds["spatial_log2batch"]) if "spatial_log2batch" in ds else 2048)
+    if args.data_resolution is None:
+        data_shape = tuple(model.ssr_shape) if model.use_pi else (32,) * d
+    elif len(args.data_resolution) == 1:
+        data_shape = (args.data_resolution[0],) * d
+    else:
+        data_shape = tuple(args.data_resolution)
+
+    g = torch.Generator().manual_seed(args.seed + 1)
+
+    def batch():
+        idx = torch.stack([torch.randint(0, n, (n_c, n_x), generator=g) for n in data_shape], dim=-1)
+        x = (2.0 * idx.float() / (torch.tensor(data_shape, dtype=torch.float32) - 1) - 1.0).flip(-1)
+        return x.to(dev), torch.rand(n_c, model.cond_dim, generator=g).to(dev), torch.rand(n_c, n_x, 1, generator=g).to(dev)
+
+    batches = [batch() for _ in range(args.warmup + args.steps)]
+    settings = {"plain": (False, "auto"), "fast": (True, "auto"), "fast_dense": (True, "never"),
+                "fast_sparse": (True, "always")}
+    wanted = [n for n in args.paths.split(",") if n in settings]
+    models, opts = {}, {}
+    for n in wanted:
+        m = copy.deepcopy(model)
+        m.fast_paths, m.sparse_refine = settings[n]
+        m.train()
+        models[n] = m
+        opts[n] = torch.optim.Adam(m.parameters(), lr=1e-4, eps=1e-15)
+
+    # equivalence on the first batch (no optimizer step)
+    grads, losses, touched = {}, {}, {}
+    for n in wanted:
+        m = models[n]
+        m.zero_grad()
+        x, c, v = batches[0]
+        loss = (m(x, c) - v).pow(2).mean()
+        loss.backward()
+        losses[n] = loss.item()
+        grads[n] = [q.grad.detach().clone() for q in m.parameters()]
+        touched[n] = m.last_refined_vertices if m.fast_paths else math.prod(m.ssr_shape)
+        m.zero_grad()
+    ref = wanted[0] if "plain" not in wanted else "plain"
+
+    def step(n, b):
+        m, opt = models[n], opts[n]
+        x, c, v = b
+        loss = (m(x, c) - v).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    times, mem = {n: [] for n in wanted}, {n: 0.0 for n in wanted}
+    for i, b in enumerate(batches):
+        for n in wanted:
+            with PeakMemory(dev) as pm:
+                t = timed(lambda: step(n, b), dev)
+            mem[n] = max(mem[n], pm.peak_mb)
+            if i >= args.warmup:
+                times[n].append(t)
+
+    peaks = matmul_peak(dev)
+    fl = model_flops(model)
+    P = math.prod(model.ssr_shape) if model.use_pi else 0
+    print(f"# model={desc} device={dev} threads={torch.get_num_threads()} batch={n_c}x{n_x} data_shape={list(data_shape)} "
+          f"ssr={list(model.ssr_shape)} lattice_vertices={P} D_sp={model.spatial_feature_dim} steps={args.steps}")
+    print("# matmul peak GFLOP/s: " + " ".join(f"{k}={v:.1f}" for k, v in peaks.items()))
+    base = None
+    for n in wanted:
+        t = median(times[n])
+        sps = 1.0 / t
+        if n == ref:
+            base = sps
+        V = touched[n] or P
+        pts = n_c * n_x
+        if n == "plain":
+            fwd = V * fl["spatial_refiner"] + pts * (fl["fusion_full"] + fl["decoder"])
+        else:
+            fwd = V * (fl["spatial_refiner"] + fl["fold"]) + pts * fl["decoder"] + n_c * fl["fusion_cond"]
+        gflops = 3 * 2 * fwd * sps / 1e9
+        lerr = abs(losses[n] - losses[ref]) / abs(losses[ref])
+        gerr = max(float((a - b_).norm() / b_.norm().clamp_min(1e-30)) for a, b_ in zip(grads[n], grads[ref]))
+        print(f"path={n} steps_per_s={sps:.4g} points_per_s={sps * pts:.6g} peak_mem_mb={mem[n]:.1f} "
+              f"ratio_vs_plain={sps / base:.3f} touched={V}/{P} gflops={gflops:.2f} peak_gflops={peaks['float32']:.1f} "
+              f"loss_rel_err={lerr:.3g} grad_rel_err={gerr:.3g} median_s={t:.4g}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

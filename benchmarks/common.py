@@ -1,0 +1,199 @@
+"""Shared helpers of the benchmarks (benchmarks/bench_inference.py, benchmarks/bench_train.py).
+
+* model construction without data: ``--config F --config_id N`` (the ``model`` section, cond_dim /
+  spatial_dims from ``--cond_dim`` / ``--spatial_dims``) or ``--paper clover|nyx|mpas``
+  (``models.drrnet.PAPER_CONFIGS``), plus ``--model_set key=value`` overrides of model keys (YAML values);
+  random weights, the grids and lines re-initialised U(-1, 1) so that every path sees non-trivial features;
+* timing with device synchronization (CUDA) and medians over interleaved repetitions, so that load from
+  other processes on a shared machine hits every path alike;
+* peak memory: CUDA ``torch.cuda.max_memory_allocated`` (minus what was allocated before); CPU the peak of
+  the resident set size sampled every 2 ms by a thread, minus the RSS before (``tracemalloc`` does not see
+  PyTorch's allocations and ``ru_maxrss`` is a process-lifetime maximum);
+* the measured matmul peak of the machine (median GFLOP/s of fp32 (and bf16) ``torch.mm`` at a few sizes;
+  one multiply-add = 2 FLOP).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default=None, help="experiment YAML (its model section is used)")
+    p.add_argument("--config_id", type=int, default=0)
+    p.add_argument("--paper", default=None, choices=["clover", "nyx", "mpas"],
+                   help="use models.drrnet.PAPER_CONFIGS[name] instead of a config file")
+    p.add_argument("--model_set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model key (YAML value), e.g. ssr_resolution=64; repeatable")
+    p.add_argument("--cond_dim", type=int, default=None, help="d_c (default: the paper config's, else 4)")
+    p.add_argument("--spatial_dims", type=int, default=3)
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads on CPU (default: all)")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def build_from_args(args):
+    """(model, exp-or-None, description) from the model arguments; the model is on ``args.device``."""
+    import yaml
+
+    import models  # noqa: F401  (registers the model classes)
+    from models.drrnet import PAPER_CONFIGS, DRRNet
+
+    torch.manual_seed(args.seed)
+    overrides = {}
+    for kv in args.model_set:
+        k, _, v = kv.partition("=")
+        overrides[k.strip()] = yaml.safe_load(v)
+    if args.paper:
+        cfg = dict(PAPER_CONFIGS[args.paper])
+        cond_dim = args.cond_dim or int(cfg.pop("cond_dim"))
+        cfg.pop("cond_dim", None)
+        model = DRRNet(cond_dim=cond_dim, spatial_dims=args.spatial_dims, **{**cfg, **overrides})
+        exp, desc = None, f"paper:{args.paper}"
+    elif args.config:
+        import datasets  # noqa: F401
+        from util.config import load_config
+        from util.runs import build_model
+
+        exp = load_config(args.config, args.config_id)
+        exp["model"].update(overrides)
+        model = build_model(exp, args.cond_dim or 4, args.spatial_dims)
+        desc = f"{args.config}#{args.config_id}"
+    else:
+        raise SystemExit("give --config F [--config_id N] or --paper NAME")
+    if overrides:
+        desc += " " + " ".join(args.model_set)
+    scramble(model)
+    return model.to(device_of(args)), exp, desc
+
+
+def device_of(args) -> torch.device:
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def setup_threads(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+@torch.no_grad()
+def scramble(model, a: float = 1.0, seed: int = 2) -> None:
+    """Grids and condition lines U(-a, a) (the default 1e-3 init makes every feature nearly constant)."""
+    g = torch.Generator().manual_seed(seed)
+    for name in ("spatial_grids", "cond_lines"):
+        mod = getattr(model, name, None)
+        if mod is None:
+            continue
+        for p in mod.parameters():
+            p.copy_((torch.rand(p.shape, generator=g) * 2 * a - a).to(p.device, p.dtype))
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable[[], object], device) -> float:
+    """Wall seconds of ``fn()`` (synchronized on CUDA)."""
+    sync(device)
+    t = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t
+
+
+def median(xs: List[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: ru_maxrss (a lifetime maximum) is the best available
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as pm: ...``; then ``pm.peak_mb``: peak extra memory inside the block."""
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak_mb = float("nan")
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        else:
+            self.base = _rss_bytes()
+            self.peak = self.base
+            self.stop = threading.Event()
+
+            def poll():
+                while not self.stop.is_set():
+                    self.peak = max(self.peak, _rss_bytes())
+                    time.sleep(0.002)
+
+            self.thread = threading.Thread(target=poll, daemon=True)
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - self.base) / 2 ** 20
+        else:
+            self.stop.set()
+            self.thread.join()
+            self.peak = max(self.peak, _rss_bytes())
+            self.peak_mb = (self.peak - self.base) / 2 ** 20
+        return False
+
+
+def matmul_peak(device, dtypes=(torch.float32,), sizes=((32768, 128, 128), (4096, 1024, 1024)),
+                repeats: int = 7) -> Dict[str, float]:
+    """Measured matmul GFLOP/s (2 FLOP per multiply-add): the best size's median, per dtype."""
+    device = torch.device(device)
+    out = {}
+    for dt in dtypes:
+        best = 0.0
+        for m, k, n in sizes:
+            a = torch.randn(m, k, device=device).to(dt)
+            b = torch.randn(k, n, device=device).to(dt)
+            torch.mm(a, b)
+            reps = max(1, int(repeats))
+            ts = [timed(lambda: torch.mm(a, b), device) for _ in range(reps)]
+            best = max(best, 2.0 * m * k * n / median(ts) / 1e9)
+        out[str(dt).replace("torch.", "")] = best
+    return out
+
+
+def model_flops(model) -> Dict[str, float]:
+    """Multiply-adds per point / per vertex of a DRRNet's parts (1 MAC counted as 2 FLOP by the callers).
+
+    Keys: fusion_full (the plain fusion layer, (D_sp + D_c) x hidden), fusion_cond (D_c x hidden, once per
+    condition), fold (D_sp x hidden), decoder, spatial_refiner (per lattice vertex).
+    """
+    H = model.fusion[0].out_features
+    D_sp, D_c = model.spatial_feature_dim, model.cond_feature_dim
+    dec = sum(m.in_features * m.out_features for m in model.decoder.modules() if isinstance(m, torch.nn.Linear))
+    ref = 0
+    if model.spatial_refiner is not None:
+        for blk in model.spatial_refiner.blocks:
+            ref += 3 * blk.hidden * D_sp
+    return dict(fusion_full=(D_sp + D_c) * H, fusion_cond=D_c * H, fold=D_sp * H, decoder=dec,
+                spatial_refiner=ref)

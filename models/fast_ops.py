@@ -1,0 +1,221 @@
+"""Gather-based (multi)linear interpolation kernels for the DRR-Net fast paths (models/drrnet.py).
+
+All kernels work on a **channels-last flat table** ``(P, C)`` of a lattice of array shape ``S`` (row r =
+the vertex with C-order flat index r) and use the project conventions (``docs/design.md``): coordinate
+column 0 runs along the LAST array axis, vertex j of an n-point axis sits at ``2 j / (n - 1) - 1``.
+
+* :func:`corner_stencil` gives, for coordinates x, the 2^d corner rows and weights of the interpolation with
+  **exactly** the semantics of ``grid_sample(mode="bilinear", align_corners=True, padding_mode="zeros")``:
+  a corner outside the lattice gets weight 0 (its row index is clamped so the gather stays in range); so
+  ``x = +-1`` gives the boundary vertex and points outside [-1, 1] fade to 0 as with ``grid_sample``.
+* :func:`gather_interp` sums ``w * table[idx]`` over the corners with ONE ``F.embedding_bag`` call (a fused
+  gather + weighted sum on CPU and CUDA, differentiable w.r.t. the table and the weights).
+* :func:`resize_stencil` is the stencil of ``F.interpolate(mode="(bi/tri)linear", align_corners=True)`` from
+  a lattice ``src`` to the vertices of a lattice ``dst``; used to compute the structural super-resolution
+  (SSR) of DRR-Net at a subset of its vertices only.
+* :class:`GridQuery` enumerates the vertices of a query lattice chunk by chunk (no (P, d) coordinate tensor
+  is ever materialized) and gives their stencil on a model lattice from per-axis tables; when every query
+  vertex is a lattice vertex the stencil has a single corner (a row gather), and when the query lattice IS
+  the model lattice it is a plain slice (:meth:`GridQuery.identity`).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["strides_of", "corner_stencil", "gather_interp", "resize_stencil", "GridQuery", "to_rows"]
+
+
+def strides_of(shape: Sequence[int]) -> List[int]:
+    """C-order strides (in elements) of an array shape."""
+    out, s = [], 1
+    for n in reversed(list(shape)):
+        out.append(s)
+        s *= int(n)
+    return out[::-1]
+
+
+def to_rows(grid: Tensor) -> Tensor:
+    """(C, *S) -> channels-last flat table (prod(S), C) (a view when possible; differentiable)."""
+    return grid.reshape(grid.shape[0], -1).t()
+
+
+def _combine(per_axis_idx: List[Tensor], per_axis_w: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Per-axis (M, k_a) flat-index contributions and weights -> (M, prod k_a) corner rows and weights.
+
+    Corners are enumerated with the FIRST array axis slowest (C order over the corner bits).
+    """
+    idx, w = per_axis_idx[0], per_axis_w[0]
+    for ia, wa in zip(per_axis_idx[1:], per_axis_w[1:]):
+        idx = (idx[:, :, None] + ia[:, None, :]).flatten(1)
+        w = (w[:, :, None] * wa[:, None, :]).flatten(1)
+    return idx, w
+
+
+def _axis_sample(f: Tensor, n: int, stride: int) -> Tuple[Tensor, Tensor]:
+    """One axis of the zeros-padding stencil: fractional index f (M,) on an n-vertex axis.
+
+    Returns (M, 2) flat-index contributions (clamped) and (M, 2) weights (0 for corners outside).
+    """
+    f = f.clamp(-2.0, n + 1.0)                  # far outside: every corner invalid anyway; avoids overflow
+    fl = torch.floor(f)
+    t = f - fl
+    i0 = fl.long()
+    i1 = i0 + 1
+    w0 = (1.0 - t) * ((i0 >= 0) & (i0 <= n - 1)).to(t.dtype)
+    w1 = t * ((i1 >= 0) & (i1 <= n - 1)).to(t.dtype)
+    idx = torch.stack([i0.clamp(0, n - 1), i1.clamp(0, n - 1)], dim=-1) * stride
+    return idx, torch.stack([w0, w1], dim=-1)
+
+
+def corner_stencil(x: Tensor, shape: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """Corner rows and weights of ``grid_sample(bilinear, align_corners=True, zeros)`` at coordinates x.
+
+    Args:
+        x: (M, d) coordinates, column 0 = last array axis (float; the weights get its dtype).
+        shape: lattice array shape (d axes, each >= 2).
+
+    Returns:
+        (idx int64 (M, 2^d), w (M, 2^d)): C-order flat vertex indices (clamped into the lattice) and
+        weights; ``sum_c w[:, c] * table[idx[:, c]]`` equals ``grid_sample`` of the lattice at x.
+    """
+    shape = [int(n) for n in shape]
+    d = len(shape)
+    if x.dim() != 2 or x.shape[1] != d:
+        raise ValueError(f"corner_stencil: x must be (M, {d}), got {tuple(x.shape)}")
+    strides = strides_of(shape)
+    idxs, ws = [], []
+    for k in range(d):                               # array axis k <- coordinate column d - 1 - k
+        n = shape[k]
+        f = ((x[:, d - 1 - k] + 1) / 2) * (n - 1)    # grid_sample's unnormalization (align_corners)
+        i, w = _axis_sample(f, n, strides[k])
+        idxs.append(i)
+        ws.append(w)
+    return _combine(idxs, ws)
+
+
+def gather_interp(table: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+    """``out[m] = sum_c w[m, c] * table[idx[m, c]]``: table (P, C), idx (M, K), w (M, K) -> (M, C).
+
+    One fused ``embedding_bag`` (mode "sum" with per-sample weights); differentiable w.r.t. table and w.
+    The weights are cast to the table's dtype.
+    """
+    if idx.shape[1] == 1:                             # single corner: a plain row gather (weights are 1)
+        return table.index_select(0, idx[:, 0]) * w.to(table.dtype)
+    return F.embedding_bag(idx, table, per_sample_weights=w.to(table.dtype), mode="sum")
+
+
+def _resize_axis(src_n: int, dst_n: int, device) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-axis tables of ``F.interpolate(..., align_corners=True)`` from src_n to dst_n vertices.
+
+    Mirrors PyTorch's float32 arithmetic: scale = float32(src_n - 1) / (dst_n - 1), real = scale * j,
+    i0 = min(floor(real), src_n - 1), lambda = clamp(real - i0, 0, 1), i1 = i0 + (i0 < src_n - 1).
+
+    Returns:
+        i0 (dst_n,), i1 (dst_n,) int64 and lambda (dst_n,) float32.
+    """
+    j = torch.arange(dst_n, device=device, dtype=torch.float32)
+    if src_n == dst_n:
+        i0 = torch.arange(dst_n, device=device)
+        return i0, i0, torch.zeros(dst_n, device=device)
+    scale = torch.tensor(float(src_n - 1), dtype=torch.float32, device=device) / (dst_n - 1) if dst_n > 1 \
+        else torch.zeros((), device=device)
+    real = scale * j
+    i0 = torch.floor(real).long().clamp(max=src_n - 1)
+    lam = (real - i0.float()).clamp(0.0, 1.0)
+    i1 = torch.where(i0 < src_n - 1, i0 + 1, i0)
+    return i0, i1, lam
+
+
+def resize_stencil(rows: Tensor, dst_shape: Sequence[int], src_shape: Sequence[int]) -> Tuple[Tensor, Tensor]:
+    """Stencil of the (multi)linear ``align_corners`` resize from ``src_shape`` to ``dst_shape`` at some vertices.
+
+    Args:
+        rows: (M,) int64 C-order flat vertex indices of the ``dst_shape`` lattice.
+        dst_shape, src_shape: array shapes (same number of axes).
+
+    Returns:
+        (idx (M, 2^d) rows of the src lattice, w (M, 2^d) float32); ``gather_interp(to_rows(src), idx, w)``
+        equals ``F.interpolate(src[None], dst_shape, align_corners=True)`` at those vertices (up to rounding).
+        Axes of equal size contribute one corner (weight 1).
+    """
+    dst_shape = [int(n) for n in dst_shape]
+    src_shape = [int(n) for n in src_shape]
+    strides = strides_of(src_shape)
+    dst_strides = strides_of(dst_shape)
+    idxs, ws = [], []
+    rem = rows
+    for k, (sn, dn) in enumerate(zip(src_shape, dst_shape)):
+        j = torch.div(rem, dst_strides[k], rounding_mode="floor")
+        rem = rem - j * dst_strides[k]
+        i0, i1, lam = _resize_axis(sn, dn, rows.device)
+        if sn == dn:
+            idxs.append((j * strides[k])[:, None])
+            ws.append(torch.ones(rows.shape[0], 1, device=rows.device))
+        else:
+            idxs.append(torch.stack([i0[j], i1[j]], dim=-1) * strides[k])
+            l1 = lam[j]
+            ws.append(torch.stack([1.0 - l1, l1], dim=-1))
+    return _combine(idxs, ws)
+
+
+class GridQuery:
+    """The vertices of a query lattice ``query_shape`` (array order) as stencils on a model lattice.
+
+    Query vertex coordinates are the float32 values of ``util.sampling.grid_coords`` (so results match a
+    forward pass on ``grid_coords(query_shape)``); they are never materialized: per-axis tables give each
+    chunk's stencil. Axes whose query vertices all fall on model vertices use one corner.
+
+    Args:
+        query_shape: array shape of the queried lattice (e.g. a member's full resolution).
+        lattice_shape: array shape of the model lattice the table belongs to.
+        device: device of the index tensors.
+    """
+
+    def __init__(self, query_shape: Sequence[int], lattice_shape: Sequence[int], device=None):
+        from util.sampling import axis_coords
+
+        self.query_shape = tuple(int(n) for n in query_shape)
+        self.lattice_shape = tuple(int(n) for n in lattice_shape)
+        if len(self.query_shape) != len(self.lattice_shape):
+            raise ValueError(f"GridQuery: query shape {self.query_shape} and lattice {self.lattice_shape} differ in axes")
+        self.num_points = int(math.prod(self.query_shape))
+        self.q_strides = strides_of(self.query_shape)
+        strides = strides_of(self.lattice_shape)
+        self.axis_idx: List[Tensor] = []
+        self.axis_w: List[Tensor] = []
+        for k, (qn, n) in enumerate(zip(self.query_shape, self.lattice_shape)):
+            if qn > 1 and (n - 1) % (qn - 1) == 0:         # every query vertex is a lattice vertex (exact
+                step = (n - 1) // (qn - 1)                 # arithmetic; float32 coordinates would put it
+                i = (torch.arange(qn, device=device) * (step * strides[k]))[:, None]  # 1e-7 off)
+                w = torch.ones(qn, 1, device=device)
+            else:
+                x = torch.from_numpy(axis_coords(qn).astype(np.float32)).to(device)
+                f = ((x + 1) / 2) * (n - 1)
+                i, w = _axis_sample(f, n, strides[k])      # (qn, 2)
+            self.axis_idx.append(i.contiguous())
+            self.axis_w.append(w.contiguous())
+        self.identity = self.query_shape == self.lattice_shape and all(i.shape[1] == 1 for i in self.axis_idx)
+        self.corners = int(math.prod(i.shape[1] for i in self.axis_idx))
+
+    def stencil(self, start: int, stop: int) -> Tuple[Tensor, Tensor]:
+        """Stencil of query vertices ``start .. stop - 1`` (flat C order): idx (M, K), w (M, K)."""
+        dev = self.axis_idx[0].device
+        rem = torch.arange(start, stop, device=dev)
+        idxs, ws = [], []
+        for k in range(len(self.query_shape)):
+            j = torch.div(rem, self.q_strides[k], rounding_mode="floor")
+            rem = rem - j * self.q_strides[k]
+            idxs.append(self.axis_idx[k][j])
+            ws.append(self.axis_w[k][j])
+        return _combine(idxs, ws)
+
+    def chunks(self, chunk_size: int):
+        """Yield (start, stop) ranges covering the query lattice."""
+        for s in range(0, self.num_points, int(chunk_size)):
+            yield s, min(s + int(chunk_size), self.num_points)

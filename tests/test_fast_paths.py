@@ -1,0 +1,219 @@
+"""DRR-Net fast paths (models/fast_ops.py, DRRNet.fast_paths / sparse_refine / predict_grid) equal the plain
+path: outputs within 1e-5 relative (fp32), and for training the same loss and parameter gradients, on small
+random models with non-trivial grids (U(-1, 1)), 2D and 3D, odd shapes, on- and off-vertex coordinates and
+the boundary +-1."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.drrnet import DRRNet
+from models.fast_ops import GridQuery, corner_stencil, gather_interp, resize_stencil, to_rows
+from models.layers import upsample_grid
+from util.sampling import grid_coords, sample_grid
+
+RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def small(spatial_dims=3, **kw):
+    torch.manual_seed(0)
+    cfg = dict(spatial_resolutions=[3, [4, 5, 6][-spatial_dims:] if spatial_dims == 3 else [5, 4]],
+               spatial_channels=2, ssr_resolution=[5, 7, 6][-spatial_dims:], pe_frequencies=2,
+               spatial_refiner_layers=2, spatial_hidden_mult=1.5, cond_resolutions=[2, 3, [3, 5, 4]],
+               cond_channels=2, cond_refiner_layers=1, cond_hidden_mult=2.0, hidden_dim=12, decoder_layers=3)
+    cfg.update(kw)
+    m = DRRNet(cond_dim=3, spatial_dims=spatial_dims, **cfg)
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in list(m.spatial_grids.parameters()) + list(m.cond_lines.parameters()):
+            p.copy_(torch.rand(p.shape, generator=g) * 2 - 1)
+    return m
+
+
+def points(m, B=3, N=40, seed=1, mode="mixed"):
+    """Off-vertex random points, lattice vertices, and boundary coordinates +-1 mixed in."""
+    g = torch.Generator().manual_seed(seed)
+    d = m.spatial_dims
+    x = torch.rand(B, N, d, generator=g) * 2 - 1
+    verts = grid_coords(m.ssr_shape)
+    pick = verts[torch.randint(0, verts.shape[0], (B, N), generator=g)]
+    if mode == "vertices":
+        x = pick
+    elif mode == "mixed":
+        x[:, : N // 3] = pick[:, : N // 3]
+        x[:, N // 3: N // 3 + 4] = torch.tensor([1.0, -1.0, 1.0])[:d]
+        x[:, -3:, 0] = 1.0
+        x[:, -2:, -1] = -1.0
+    c = torch.rand(B, m.cond_dim, generator=g)
+    c[0, 0], c[-1, -1] = 0.0, 1.0
+    return x, c
+
+
+def rel(a, b):
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def close(a, b, rtol=RTOL):
+    assert a.shape == b.shape
+    assert rel(a, b) <= rtol, rel(a, b)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(5, 7), (4, 5, 3), (2, 9, 6)])
+def test_gather_interp_equals_grid_sample(shape):
+    g = torch.Generator().manual_seed(0)
+    grid = torch.randn(4, *shape, generator=g)
+    d = len(shape)
+    x = torch.rand(1, 300, d, generator=g) * 2.4 - 1.2              # also outside [-1, 1]: zeros padding
+    x[0, :20] = grid_coords(shape)[:20]
+    x[0, 20:30] = 1.0
+    x[0, 30:40] = -1.0
+    idx, w = corner_stencil(x[0], shape)
+    got = gather_interp(to_rows(grid).contiguous(), idx, w)
+    want = sample_grid(grid, x)[0]
+    assert torch.allclose(got, want, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("src,dst", [((3, 4), (7, 6)), ((3, 5, 4), (5, 7, 6)), ((4, 4, 4), (4, 9, 4))])
+def test_resize_stencil_equals_interpolate(src, dst):
+    g = torch.Generator().manual_seed(0)
+    grid = torch.randn(3, *src, generator=g)
+    full = to_rows(upsample_grid(grid, dst))
+    P = full.shape[0]
+    rows = torch.randperm(P, generator=g)[: P // 2].sort().values
+    idx, w = resize_stencil(rows, dst, src)
+    got = gather_interp(to_rows(grid).contiguous(), idx, w)
+    assert torch.allclose(got, full[rows], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("q,lat", [((5, 7, 6), (5, 7, 6)), ((3, 4, 6), (5, 7, 6)), ((5, 7, 6), (9, 13, 11)),
+                                   ((4, 7), (6, 5))])
+def test_grid_query_matches_coordinates(q, lat):
+    gq = GridQuery(q, lat)
+    coords = grid_coords(q)
+    idx, w = gq.stencil(0, gq.num_points)
+    want_idx, want_w = corner_stencil(coords, lat)
+    table = torch.randn(int(torch.tensor(lat).prod()), 3)
+    close(gather_interp(table, idx, w), gather_interp(table, want_idx, want_w), 1e-6)
+    assert gq.identity == (q == lat)
+    if lat == (9, 13, 11):
+        assert gq.corners == 1                                      # every query vertex is a lattice vertex
+
+
+# ---------------------------------------------------------------------------------------------------------
+# inference
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("mode", ["mixed", "vertices"])
+def test_baked_fast_forward_equals_plain(spatial_dims, mode):
+    m = small(spatial_dims)
+    x, c = points(m, mode=mode)
+    m.bake()
+    with torch.no_grad():
+        m.fast_paths = False
+        want = m(x, c)
+        m.fast_paths = True
+        got = m(x, c)
+    close(got, want)
+    assert want.std() > 1e-3
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_predict_grid_equals_plain(spatial_dims):
+    m = small(spatial_dims)
+    m.bake()
+    c = torch.rand(m.cond_dim)
+    shapes = [m.ssr_shape, tuple(2 * n - 1 for n in m.ssr_shape), (3, 8, 5)[-spatial_dims:]]
+    for shape in shapes:
+        want = m.predict_grid(shape, c, chunk_size=37, fast=False)
+        m.fast_paths = False
+        ref = m(grid_coords(shape)[None], c[None])[0, :, 0].reshape(shape)
+        m.fast_paths = True
+        close(want, ref, 1e-7)
+        got = m.predict_grid(shape, c, chunk_size=37)
+        close(got, want)
+        lp = m.predict_grid(shape, c, chunk_size=37, dtype=torch.bfloat16)
+        assert lp.dtype == torch.float32 and rel(lp, want) < 5e-2
+
+
+def test_predict_grid_unbaked_falls_back():
+    m = small(3)
+    m.eval()
+    c = torch.rand(3)
+    shape = (4, 5, 6)
+    got = m.predict_grid(shape, c, chunk_size=50)
+    m.fast_paths = False
+    want = m(grid_coords(shape)[None], c[None])[0, :, 0].reshape(shape)
+    close(got, want)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------
+def loss_and_grads(m, x, c, v):
+    m.zero_grad()
+    m.train()
+    loss = (m(x, c) - v).pow(2).mean()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("sparse", ["always", "never", "auto"])
+@pytest.mark.parametrize("N", [5, 60])
+def test_training_step_equals_plain(spatial_dims, sparse, N):
+    m = small(spatial_dims)
+    m.sparse_refine = sparse
+    x, c = points(m, N=N)
+    v = torch.rand(x.shape[0], N, 1)
+    m.fast_paths = False
+    loss0, g0 = loss_and_grads(m, x, c, v)
+    m.fast_paths = True
+    loss1, g1 = loss_and_grads(m, x, c, v)
+    assert abs(float(loss1 - loss0)) <= RTOL * float(loss0)
+    for n in g0:
+        close(g1[n], g0[n])
+    P = int(torch.tensor(m.ssr_shape).prod())
+    if sparse == "always":
+        assert m.last_refined_vertices < P or N == 60
+    if sparse == "never":
+        assert m.last_refined_vertices == P
+
+
+def test_sparse_refine_touches_few_vertices():
+    m = small(3, ssr_resolution=[9, 11, 10])
+    m.sparse_refine = "auto"
+    x, c = points(m, B=1, N=6, mode="vertices")
+    v = torch.rand(1, 6, 1)
+    m.fast_paths = False
+    loss0, g0 = loss_and_grads(m, x, c, v)
+    m.fast_paths = True
+    loss1, g1 = loss_and_grads(m, x, c, v)
+    assert m.last_refined_vertices <= 6 * 8 < 0.5 * 990
+    assert abs(float(loss1 - loss0)) <= RTOL * float(loss0)
+    for n in g0:
+        close(g1[n], g0[n])
+
+
+@pytest.mark.parametrize("variant", ["pi_only", "spatial_refiner_only", "embedding_only"])
+def test_variants_fast_equals_plain(variant):
+    m = small(3, variant=variant)
+    x, c = points(m)
+    v = torch.rand(x.shape[0], x.shape[1], 1)
+    m.fast_paths = False
+    loss0, g0 = loss_and_grads(m, x, c, v)
+    m.fast_paths = True
+    loss1, g1 = loss_and_grads(m, x, c, v)
+    assert abs(float(loss1 - loss0)) <= RTOL * float(loss0)
+    for n in g0:
+        close(g1[n], g0[n])
