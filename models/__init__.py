@@ -3,3 +3,6 @@
 One explicit import per model module (no star imports); add a line for each new model.
 """
 from models import drrnet  # noqa: F401
+from models import explorable_inr  # noqa: F401
+from models import fainr  # noqa: F401
+from models import kplanes  # noqa: F401
