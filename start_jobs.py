@@ -228,6 +228,11 @@ def main(argv=None):
                 print(tag + _shell_line(c))
         return 0
     os.makedirs(args.log_dir, exist_ok=True)
+
+    def _term(signum, frame):  # treat SIGTERM like Ctrl-C: stop the children, print the summary
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
     return run(jobs, args)
 
 
