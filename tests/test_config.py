@@ -175,3 +175,15 @@ def test_bad_yaml_and_missing_file(tmp_path):
     p = write(tmp_path, "- model: {type: [\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(p, 0)
+
+
+def test_param_group_numbers_from_yaml_strings():
+    from util.optim import adam
+
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    opt = adam(m, lr="1e-3", param_groups={"0": {"lr": "3e-4"}})  # YAML reads 3e-4 as a string
+    assert opt.param_groups[0]["lr"] == 3e-4 and opt.param_groups[1]["lr"] == 1e-3
+    with pytest.raises(ConfigError, match=r"optim\.param_groups\.0\.lr"):
+        adam(m, param_groups={"0": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match="matches no trainable parameter"):
+        adam(m, param_groups={"nope": {"lr": 1.0}})

@@ -58,7 +58,17 @@ def group_parameters(model: nn.Module, param_groups: Optional[Dict[str, dict]] =
                               f"{', '.join(known) or '(none)'}; or use a parameter-name prefix")
         if not isinstance(param_groups[g], dict):
             raise ConfigError(f"optim.param_groups.{g} must be a mapping of optimizer options")
-    groups = [dict(params=ps, name=g, **param_groups[g]) for g, ps in assigned.items()]
+    numeric = ("lr", "eps", "weight_decay")  # YAML reads 1e-4 (no dot) as a string
+    groups = []
+    for g, ps in assigned.items():
+        opts = dict(param_groups[g])
+        for k in numeric:
+            if k in opts:
+                try:
+                    opts[k] = float(opts[k])
+                except (TypeError, ValueError):
+                    raise ConfigError(f"optim.param_groups.{g}.{k} must be a number, got {opts[k]!r}") from None
+        groups.append(dict(params=ps, name=g, **opts))
     if rest:
         groups.append(dict(params=rest, name="default"))
     return groups
