@@ -381,7 +381,7 @@ def _load_model(run: RunResult):
         first = e
     try:
         meta = _read_json(os.path.join(run.path, "meta.json"))
-        model = runs_mod.build_model(run.config, meta["cond_dim"], len(meta["spatial_shape"]))
+        model = runs_mod.build_model(run.config, meta["cond_dim"], int(meta.get("spatial_dims", len(meta["spatial_shape"]))))
         log.warning("run '%s': trained model not loadable (%s); counting on the architecture built from "
                     "config.yaml and meta.json", run.name, first)
         return model, meta
@@ -404,7 +404,7 @@ def add_model_stats(runs: Sequence[RunResult], flops: bool = False, n_cond: int 
             from util.flops import count_flops
 
             try:
-                res = count_flops(model, int(meta["cond_dim"]), len(meta["spatial_shape"]), n_cond=n_cond,
+                res = count_flops(model, int(meta["cond_dim"]), int(meta.get("spatial_dims", len(meta["spatial_shape"]))), n_cond=n_cond,
                                   n_points=n_points)
                 r.tflops = float(res["tflops_per_1e9_points"])
                 r.flops_uncounted = list(res.get("uncounted", []))

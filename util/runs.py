@@ -161,7 +161,7 @@ def load_trained_model(run_dir: str, checkpoint: Optional[str] = None, map_locat
     if not os.path.isfile(meta_p):
         raise FileNotFoundError(f"{meta_p} not found: was '{run_dir}' written by train.py?")
     meta = read_json(meta_p)
-    model = build_model(exp, meta["cond_dim"], len(meta["spatial_shape"]))
+    model = build_model(exp, meta["cond_dim"], int(meta.get("spatial_dims", len(meta["spatial_shape"]))))
     if checkpoint is None:
         final = os.path.join(run_dir, "model.pt")
         checkpoint = final if os.path.isfile(final) else latest_checkpoint(run_dir)

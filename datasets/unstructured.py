@@ -1,0 +1,273 @@
+"""Ensembles on unstructured meshes (MPAS-Ocean style, spec 3.5): one value per mesh vertex.
+
+On-disk layout: ``data_dir`` with one file per member holding the N vertex values (``.npy`` of shape (N,), raw
+float32 ``.raw/.bin/.dat`` of 4 N bytes, or ``.h5/.nc`` with dataset ``h5_key``), sorted lexicographically as
+for the gridded ensembles; ``coords_path``: one ``.npy`` (N, 3) with the coordinates of vertex j in row j (the
+same for every member); ``cond.npy`` and ``split.npy`` exactly as in ``datasets.ensemble``.
+
+Coordinates (exactly what the model sees, float32 (N, 3) in [-1, 1]):
+
+1. The stored columns (s0, s1, s2) are read as float64.
+2. ``coords_spherical: true``: the columns are (depth or radius, lon, lat) with lon/lat in degrees. The triple
+   is treated as a 3D Cartesian box (spec 3.5; no conversion to x, y, z, so no grid cells are wasted on the
+   empty inside of a shell). The only spherical handling is longitude: lon is taken modulo 360 and rotated so
+   that the widest empty longitude gap lies at the box edge, i.e. a mesh that crosses the 180/-180 (or 0/360)
+   seam gets one contiguous lon interval. Latitudes outside [-90, 90] are an error.
+3. Every column is min-max normalized to [-1, 1] on its own: ``2 (s - min) / (max - min) - 1`` (a constant
+   column maps to 0, with a warning).
+4. Column order: the stored columns are taken as ARRAY order (like the (D, H, W) index tuple of a grid) and
+   reversed to the project convention (column 0 of x = last array axis, docs/design.md), as the reference
+   implementation does: ``x = (s2, s1, s0)`` with ``reverse_columns: true`` (default); ``x = (s0, s1, s2)``
+   with false. For the spherical layout this gives x = (lat, lon, depth): a model grid of array shape
+   (D, H, W) then spans depth along D, lon along H and lat along W.
+
+Values, normalization, conditions, batches (N_c members x N_x vertices drawn by the same (seed, step, rank)
+rule), importance sampling (same weights, ``datasets.importance``) and storage ("memory" / "mmap") are those of
+``HDFieldDataset``; the vertex index plays the role of the flat voxel index. Differences: ``spatial_shape`` =
+``train_shape`` = (N,), ``spatial_dims`` = 3, ``has_grid`` = False (no SSIM, no grid coordinates; evaluation
+asks ``eval_coords``), ``downsample`` must be 1, and augmentation is limited to "none", "vc" and "vp_c" (VP-S
+and VP-SC interpolate values at perturbed positions, which a mesh does not define). Importance files written
+by ``python -m datasets.importance`` for gridded data do not apply; weights are computed on the fly unless
+reference-format files (one per cond row, N weights or clusters) are given.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from datasets.augment import apply_augmentation, make_augmentation
+from datasets.ensemble import HDFieldDataset, _as_float, _importance, _is_int
+from util.registry import ConfigError, register
+
+__all__ = ["UnstructuredDataset", "UNSTRUCTURED_AUGMENT_MODES", "normalize_vertex_coords"]
+
+log = logging.getLogger(__name__)
+
+UNSTRUCTURED_AUGMENT_MODES = ("none", "vc", "vp_c")
+
+
+def _unwrap_longitude(lon: np.ndarray) -> np.ndarray:
+    """Longitudes (degrees) -> a contiguous interval: modulo 360, then shifted so that the widest gap between
+    consecutive distinct longitudes (around the circle) lies at the interval's ends."""
+    lon = np.mod(lon, 360.0)
+    u = np.unique(lon)
+    if u.size < 2:
+        return lon
+    gaps = np.diff(np.concatenate([u, u[:1] + 360.0]))  # gap after u[i], the last one wraps around
+    start = u[(int(np.argmax(gaps)) + 1) % u.size]  # first longitude after the widest gap
+    return np.mod(lon - start, 360.0) + start
+
+
+def normalize_vertex_coords(coords: np.ndarray, spherical: bool = False, reverse_columns: bool = True,
+                            name: str = "coords") -> np.ndarray:
+    """Stored vertex coordinates (N, 3) -> float32 (N, 3) model coordinates in [-1, 1] (module docstring).
+
+    Args:
+        coords: (N, 3) stored coordinates.
+        spherical: columns are (depth or radius, lon, lat) in degrees; lon is unwrapped (see module docstring).
+        reverse_columns: reverse the column order (stored columns = array order -> x order).
+        name: file name used in error messages.
+    """
+    c = np.asarray(coords, dtype=np.float64)
+    if c.ndim != 2 or c.shape[1] != 3 or c.shape[0] < 1:
+        raise ValueError(f"{name}: vertex coordinates must have shape (N, 3), got {list(c.shape)}")
+    if not np.isfinite(c).all():
+        raise ValueError(f"{name}: vertex coordinates hold NaN/Inf")
+    c = c.copy()
+    if spherical:
+        lat = c[:, 2]
+        if np.abs(lat).max() > 90.0:
+            raise ValueError(f"{name}: coords_spherical expects columns (depth/radius, lon, lat) in degrees; "
+                             f"column 2 (lat) reaches {np.abs(lat).max():g}")
+        if np.abs(lat).max() <= np.pi / 2 and np.abs(c[:, 1]).max() <= 2 * np.pi and c.shape[0] > 100:
+            log.warning("%s: lon/lat all lie within radian ranges; coords_spherical expects degrees", name)
+        c[:, 1] = _unwrap_longitude(c[:, 1])
+    lo, hi = c.min(axis=0), c.max(axis=0)
+    span = hi - lo
+    flat = span <= 0
+    if flat.any():
+        log.warning("%s: coordinate column(s) %s are constant; they map to 0", name, np.flatnonzero(flat).tolist())
+    x = np.where(flat, 0.0, 2.0 * (c - lo) / np.where(flat, 1.0, span) - 1.0)
+    x = np.clip(x, -1.0, 1.0)
+    if reverse_columns:
+        x = x[:, ::-1]
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+@register("dataset", "unstructured")
+class UnstructuredDataset(HDFieldDataset):
+    """An ensemble of scalar fields given per vertex of one unstructured mesh (spec 3.5, MPAS-Ocean).
+
+    Args:
+        data_dir: folder with one file per member holding its N vertex values (.npy (N,), raw float32
+            .raw/.bin/.dat, .h5/.hdf5, .nc), sorted lexicographically.
+        coords_path: .npy (N, 3): the coordinates of vertex j in row j, shared by all members.
+        cond_path: cond.npy, (M, 1 + d_c): column 0 = index of the member's file in the sorted listing of
+            data_dir, columns 1.. = the parameters normalized to [0, 1].
+        cond_split_path: split.npy, a pickled dict {'cond_idx': training rows, 'cond_idx_unseen': test rows}.
+        coords_spherical: the coordinate columns are (depth or radius, lon, lat), lon/lat in degrees; they are
+            treated as a box (no conversion to x, y, z) and the longitudes are unwrapped across the seam.
+        reverse_columns: reverse the stored column order to the project's x order (column 0 = last array
+            axis), as the reference does: x = (s2, s1, s0); false keeps x = (s0, s1, s2).
+        h5_key: dataset (variable) name inside .h5/.hdf5/.nc member files.
+        file_ext: only the files of data_dir ending in this extension are members.
+        log_transform: natural log of the values before min-max normalization; values must be > 0.
+        value_min: normalization minimum (in log units with log_transform); default: over the training members.
+            Give both value_min and value_max or neither.
+        value_max: normalization maximum; default: over the training members.
+        cond_batch: N_c, members per training batch.
+        spatial_log2batch: log2 of N_x, vertices per member per batch.
+        importance: "none", "coord" (vertices by value-histogram weights), "member" or "both" (spec 3.3).
+        impsmp_cond_path: .npy of member weights (reference format); default: computed when needed.
+        impsmp_coord_path: folder of per-member vertex-weight files (reference format, one per cond row);
+            default: computed when needed.
+        impsmp_bins: histogram bins over [0, 1] for weights computed on the fly.
+        impsmp_cluster_size: vertices per cluster for weights computed on the fly (default: 1 up to 2^24).
+        augment: "none", "vc" (perturb x, keep v) or "vp_c" (perturb c, IDW of the nearest training members at
+            the same vertices). "vp_s" / "vp_sc" are refused: no value interpolation on a mesh.
+        sigma_x: std of the coordinate noise in [-1, 1] units (number or 3 values in x column order);
+            default 0.6 * tau_x.
+        tau_x: clip bound of the coordinate noise; required by vc.
+        sigma_c: std of the condition noise in [0, 1] units; default 0.6 * tau_c.
+        tau_c: clip bound of the condition noise; required by vp_c.
+        vp_k: nearest training conditions combined by IDW in vp_c.
+        vp_power: IDW power (weights 1 / d^power).
+        storage: "memory" (normalized training fields in RAM) or "mmap" (only the sampled values read).
+        downsample: must be 1 (no resampling on a mesh; the spatio-conditional task needs gridded data).
+        seed: batch seed: batch = f(seed, step, rank).
+    """
+
+    def __init__(self, data_dir: str, coords_path: str, cond_path: str, cond_split_path: str,
+                 coords_spherical: bool = False, reverse_columns: bool = True, h5_key: str = "data",
+                 file_ext: Optional[str] = None, log_transform: bool = False, value_min: Optional[float] = None,
+                 value_max: Optional[float] = None, cond_batch: int = 16, spatial_log2batch: int = 12,
+                 importance: str = "none", impsmp_cond_path: Optional[str] = None,
+                 impsmp_coord_path: Optional[str] = None, impsmp_bins: int = 64,
+                 impsmp_cluster_size: Optional[int] = None, augment: str = "none",
+                 sigma_x: Union[None, float, Sequence[float]] = None, tau_x: Union[None, float, Sequence[float]] = None,
+                 sigma_c: Union[None, float, Sequence[float]] = None, tau_c: Union[None, float, Sequence[float]] = None,
+                 vp_k: int = 8, vp_power: float = 2.0, storage: str = "memory", downsample: int = 1, seed: int = 0):
+        if augment in ("vp_s", "vp_sc"):
+            raise ConfigError(f"dataset.augment='{augment}' interpolates values at perturbed positions, which an "
+                              f"unstructured mesh does not define; use one of {', '.join(UNSTRUCTURED_AUGMENT_MODES)}")
+        if not (_is_int(downsample) and downsample == 1):
+            raise ConfigError(f"dataset.downsample must be 1 for unstructured data (no resampling on a mesh), got "
+                              f"{downsample!r}")
+        self._check_options(importance, storage, augment, 1, cond_batch, spatial_log2batch, impsmp_bins,
+                            impsmp_cluster_size, seed, value_min, value_max, None)
+        self.data_dir, self.cond_path, self.cond_split_path = data_dir, cond_path, cond_split_path
+        self.coords_path, self.coords_spherical = coords_path, bool(coords_spherical)
+        self.h5_key, self.log_transform = str(h5_key), bool(log_transform)
+        self.cond_batch, self.spatial_log2batch = int(cond_batch), int(spatial_log2batch)
+        self.importance, self.storage, self.downsample, self.seed = importance, storage, 1, int(seed)
+        self.impsmp_bins = int(impsmp_bins)
+        self.impsmp_cluster_size = None if impsmp_cluster_size is None else int(impsmp_cluster_size)
+        for key, path in (("data_dir", data_dir), ("coords_path", coords_path), ("cond_path", cond_path),
+                          ("cond_split_path", cond_split_path)):
+            if not (os.path.isdir(path) if key == "data_dir" else os.path.isfile(path)):
+                raise FileNotFoundError(f"dataset.{key} '{path}' not found (expected "
+                                        f"{'a folder of member files' if key == 'data_dir' else 'a .npy file'})")
+        from datasets.prepare import list_member_files
+
+        self.files: List[str] = [os.path.join(data_dir, n) for n in list_member_files(data_dir, file_ext)]
+        self._load_cond()
+        self._load_split()
+        try:
+            raw = np.load(coords_path, mmap_mode="r", allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"dataset.coords_path '{coords_path}': cannot read it as a numeric .npy "
+                             f"({type(e).__name__}: {e})") from e
+        self._coords = normalize_vertex_coords(raw, self.coords_spherical, bool(reverse_columns),
+                                               os.path.basename(coords_path))
+        n = int(self._coords.shape[0])
+        self.dims = [n]  # every member file must hold exactly N values (raw files: 4 N bytes)
+        self.spatial_shape = self.train_shape = (n,)
+
+        self._aug = make_augmentation(augment, self.spatial_dims, self.cond_dim, sigma_x, tau_x, sigma_c, tau_c,
+                                      vp_k, vp_power, key_prefix="dataset.")
+        if value_min is None:
+            value_min, value_max = self._scan_value_range()
+        self.value_min, self.value_max = _as_float(value_min, "value_min"), _as_float(value_max, "value_max")
+        if not self.value_max > self.value_min:
+            raise ValueError(f"the training members have a constant value {self.value_min:g}: min-max "
+                             f"normalization needs value_max > value_min")
+        self._span = self.value_max - self.value_min
+        self._handles: Optional[List[np.ndarray]] = None
+        self._store: Optional[np.ndarray] = None
+        if storage == "mmap":
+            self._handles = [self._open_row(int(r)) for r in self.train_idx]
+            for r, h in zip(self.train_idx, self._handles):
+                self._check_shape(int(r), h)
+        else:
+            self._store = np.stack([self._resampled_values(int(r)) for r in self.train_idx])
+        self._train_conds = self._params[self.train_idx].astype(np.float64)
+        self._setup_importance(impsmp_cond_path, impsmp_coord_path)
+        log.info("unstructured ensemble %s: %d train + %d test members, %d vertices, %d parameters, values "
+                 "[%g, %g]%s, storage %s, importance %s, augment %s", data_dir, len(self.train_idx),
+                 len(self.test_idx), n, self.cond_dim, self.value_min, self.value_max,
+                 " (log)" if self.log_transform else "", storage, importance, augment)
+
+    # ------------------------------------------------------------------------------------------ mesh facts
+    @property
+    def spatial_dims(self) -> int:
+        """d = 3: vertices carry 3 coordinates although fields are 1-D arrays (N,)."""
+        return 3
+
+    @property
+    def has_grid(self) -> bool:
+        """False: no regular grid (no SSIM; evaluation uses ``eval_coords``)."""
+        return False
+
+    @property
+    def n_vertices(self) -> int:
+        """N, vertices of the mesh."""
+        return int(self._coords.shape[0])
+
+    def eval_coords(self, resolution: str = "full") -> torch.Tensor:
+        """float32 (N, 3) coordinates of every vertex in x order, [-1, 1]; the same for "full" and "train"."""
+        if resolution not in ("full", "train"):
+            raise ValueError(f"resolution must be 'full' or 'train', got {resolution!r}")
+        return torch.from_numpy(self._coords)
+
+    def meta(self) -> dict:
+        """``HDFieldDataset.meta()`` plus spatial_dims (3: spatial_shape is (N,)), has_grid False and the
+        coordinate settings."""
+        out = super().meta()
+        out.update(spatial_dims=3, has_grid=False, coords_path=os.path.abspath(self.coords_path),
+                   coords_spherical=self.coords_spherical)
+        return out
+
+    # -------------------------------------------------------------------------------------------- batches
+    def sample_batch(self, step: int, rank: int = 0) -> Dict[str, torch.Tensor]:
+        """The training batch of (seed, step, rank): the ``HDFieldDataset`` draw with vertex indices in place of
+        flat voxel indices and the mesh coordinates of the drawn vertices as ``x`` (N_c, N_x, 3)."""
+        if not (_is_int(step) and step >= 0 and _is_int(rank) and rank >= 0):
+            raise ValueError(f"step and rank must be integers >= 0, got step={step!r}, rank={rank!r}")
+        rng = np.random.default_rng([self.seed, int(step), int(rank)])
+        n_c, n_x = self.cond_batch, self.spatial_batch
+        if self._member_cdf is not None:
+            pos = _importance().sample_categorical(rng, self._member_cdf, n_c)
+        else:
+            pos = rng.integers(0, len(self.train_idx), size=n_c, dtype=np.int64)
+        if self._coord_samplers is not None:
+            flat = np.stack([self._coord_samplers[p].sample(rng, n_x) for p in pos])
+        else:
+            flat = rng.integers(0, self.n_train_voxels, size=(n_c, n_x), dtype=np.int64)
+        x = self._coords[flat]
+        v = np.stack([self._member_values(int(p), flat[b]) for b, p in enumerate(pos)])
+        c = self._train_conds[pos]
+        x, c, v = apply_augmentation(self._aug, rng, x, c, v, flat, pos, self._member_values, self.train_shape,
+                                     self._train_conds)
+        return {"x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
+                "c": torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)),
+                "v": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)[..., None]),
+                "member": torch.from_numpy(self.train_idx[pos].astype(np.int64))}
+
+    def __repr__(self) -> str:
+        return (f"UnstructuredDataset({self.data_dir!r}, train={len(self.train_idx)}, test={len(self.test_idx)}, "
+                f"vertices={self.n_vertices}, cond_dim={self.cond_dim}, storage={self.storage!r}, "
+                f"importance={self.importance!r}, augment={self._aug.mode!r})")
