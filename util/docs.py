@@ -52,6 +52,13 @@ def doc_entries(obj) -> Dict[str, str]:
     return out
 
 
+def component_docs(obj) -> Dict[str, str]:
+    """Documented keys of a registered component, including those of the class it forwards to."""
+    docs = doc_entries(obj)
+    fwd = getattr(obj, "__config_forwards__", None)
+    return {**doc_entries(fwd), **docs} if fwd is not None else docs
+
+
 def _fmt_default(v) -> str:
     if v is inspect.Parameter.empty:
         return "**required**"
@@ -70,10 +77,7 @@ def render() -> str:
             if name.startswith("_"):
                 continue
             obj = get(kind, name)
-            docs = doc_entries(obj)
-            fwd = getattr(obj, "__config_forwards__", None)
-            if fwd is not None:
-                docs = {**doc_entries(fwd), **docs}
+            docs = component_docs(obj)
             summary = (inspect.getdoc(obj) or "").split("\n\n")[0].replace("\n", " ")
             out += [f"### `{section}.type: {name}`", "", summary, "", "| key | default | meaning |", "|---|---|---|"]
             for key, default in accepted_keys(kind, name, INJECTED.get(kind, ())).items():
@@ -100,10 +104,7 @@ def undocumented() -> List[str]:
             if name.startswith("_"):
                 continue
             obj = get(kind, name)
-            docs = doc_entries(obj)
-            fwd = getattr(obj, "__config_forwards__", None)
-            if fwd is not None:
-                docs = {**doc_entries(fwd), **docs}
+            docs = component_docs(obj)
             for key in accepted_keys(kind, name, INJECTED.get(kind, ())):
                 if not docs.get(key):
                     missing.append(f"{section}.{name}.{key}")
