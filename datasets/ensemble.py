@@ -666,7 +666,7 @@ class HDFieldDataset:
             flat = np.stack([self._coord_samplers[p].sample(rng, n_x) for p in pos])
         else:
             flat = rng.integers(0, self.n_train_voxels, size=(n_c, n_x), dtype=np.int64)
-        x = index_to_coords(np.stack(np.unravel_index(flat, self.train_shape), axis=-1), self.train_shape)
+        x = self._coords_of(flat)
         v = np.stack([self._member_values(int(p), flat[b]) for b, p in enumerate(pos)])
         c = self._train_conds[pos]
         x, c, v = apply_augmentation(self._aug, rng, x, c, v, flat, pos, self._member_values, self.train_shape,
@@ -675,6 +675,10 @@ class HDFieldDataset:
                 "c": torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)),
                 "v": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)[..., None]),
                 "member": torch.from_numpy(self.train_idx[pos].astype(np.int64))}
+
+    def _coords_of(self, flat: np.ndarray) -> np.ndarray:
+        """Coordinates (..., d) of flat voxel indices (...) of the training grid."""
+        return index_to_coords(np.stack(np.unravel_index(flat, self.train_shape), axis=-1), self.train_shape)
 
     def __repr__(self) -> str:
         return (f"HDFieldDataset({self.data_dir!r}, train={len(self.train_idx)}, test={len(self.test_idx)}, "

@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from datasets.augment import apply_augmentation, make_augmentation
-from datasets.ensemble import HDFieldDataset, _as_float, _importance, _is_int
+from datasets.augment import make_augmentation
+from datasets.ensemble import HDFieldDataset, _as_float, _is_int
 from util.registry import ConfigError, register
 
 __all__ = ["UnstructuredDataset", "UNSTRUCTURED_AUGMENT_MODES", "normalize_vertex_coords"]
@@ -242,30 +242,10 @@ class UnstructuredDataset(HDFieldDataset):
         return out
 
     # -------------------------------------------------------------------------------------------- batches
-    def sample_batch(self, step: int, rank: int = 0) -> Dict[str, torch.Tensor]:
-        """The training batch of (seed, step, rank): the ``HDFieldDataset`` draw with vertex indices in place of
-        flat voxel indices and the mesh coordinates of the drawn vertices as ``x`` (N_c, N_x, 3)."""
-        if not (_is_int(step) and step >= 0 and _is_int(rank) and rank >= 0):
-            raise ValueError(f"step and rank must be integers >= 0, got step={step!r}, rank={rank!r}")
-        rng = np.random.default_rng([self.seed, int(step), int(rank)])
-        n_c, n_x = self.cond_batch, self.spatial_batch
-        if self._member_cdf is not None:
-            pos = _importance().sample_categorical(rng, self._member_cdf, n_c)
-        else:
-            pos = rng.integers(0, len(self.train_idx), size=n_c, dtype=np.int64)
-        if self._coord_samplers is not None:
-            flat = np.stack([self._coord_samplers[p].sample(rng, n_x) for p in pos])
-        else:
-            flat = rng.integers(0, self.n_train_voxels, size=(n_c, n_x), dtype=np.int64)
-        x = self._coords[flat]
-        v = np.stack([self._member_values(int(p), flat[b]) for b, p in enumerate(pos)])
-        c = self._train_conds[pos]
-        x, c, v = apply_augmentation(self._aug, rng, x, c, v, flat, pos, self._member_values, self.train_shape,
-                                     self._train_conds)
-        return {"x": torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)),
-                "c": torch.from_numpy(np.ascontiguousarray(c, dtype=np.float32)),
-                "v": torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)[..., None]),
-                "member": torch.from_numpy(self.train_idx[pos].astype(np.int64))}
+    def _coords_of(self, flat: np.ndarray) -> np.ndarray:
+        """Mesh coordinates (..., 3) of vertex indices (...): ``sample_batch`` of ``HDFieldDataset`` then draws
+        vertex indices in place of flat voxel indices."""
+        return self._coords[flat]
 
     def __repr__(self) -> str:
         return (f"UnstructuredDataset({self.data_dir!r}, train={len(self.train_idx)}, test={len(self.test_idx)}, "
