@@ -15,7 +15,9 @@ same batches, interleaved step by step, warm-up steps excluded, medians; CUDA ti
 * ``fast``:        ``fast_paths=True, sparse_refine="auto"`` (sparse when the batch's stencils touch at most
                    ``sparse_refine_ratio`` of the lattice);
 * ``fast_dense``:  ``sparse_refine="never"`` (fold + gather interpolation, whole-lattice refinement);
-* ``fast_sparse``: ``sparse_refine="always"``.
+* ``fast_sparse``: ``sparse_refine="always"``;
+* ``fast_unfused``: ``fused_refiner="never"`` (PE, refiner and fold through autograd instead of the chunked
+                   vertex pipeline).
 
 Output: one line per path ``path=<name> steps_per_s=<float> points_per_s=<float> peak_mem_mb=<float>``
 followed by ratio_vs_plain, touched (refined vertices / lattice vertices), gflops (matmul FLOPs of forward
@@ -43,7 +45,7 @@ def main(argv=None):
     p.add_argument("--points", type=int, default=None, help="N_x points per condition")
     p.add_argument("--data_resolution", type=int, nargs="+", default=None,
                    help="lattice the batch voxels come from (int or per axis; default: the SSR shape)")
-    p.add_argument("--paths", default="plain,fast,fast_dense,fast_sparse")
+    p.add_argument("--paths", default="plain,fast,fast_dense,fast_sparse,fast_unfused")
     args = p.parse_args(argv)
     setup_threads(args)
     model, exp, desc = build_from_args(args)
@@ -67,13 +69,14 @@ def main(argv=None):
         return x.to(dev), torch.rand(n_c, model.cond_dim, generator=g).to(dev), torch.rand(n_c, n_x, 1, generator=g).to(dev)
 
     batches = [batch() for _ in range(args.warmup + args.steps)]
-    settings = {"plain": (False, "auto"), "fast": (True, "auto"), "fast_dense": (True, "never"),
-                "fast_sparse": (True, "always")}
+    settings = {"plain": (False, "auto", "auto"), "fast": (True, "auto", "auto"),
+                "fast_dense": (True, "never", "auto"), "fast_sparse": (True, "always", "auto"),
+                "fast_unfused": (True, "auto", "never")}
     wanted = [n for n in args.paths.split(",") if n in settings]
     models, opts = {}, {}
     for n in wanted:
         m = copy.deepcopy(model)
-        m.fast_paths, m.sparse_refine = settings[n]
+        m.fast_paths, m.sparse_refine, m.fused_refiner = settings[n]
         m.train()
         models[n] = m
         opts[n] = torch.optim.Adam(m.parameters(), lr=1e-4, eps=1e-15)

@@ -37,7 +37,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from models.fast_ops import GridQuery, corner_stencil, gather_interp, resize_stencil, to_rows
+from models.fast_ops import GridQuery, corner_stencil, gather_interp, resize_stencil, to_rows, vertex_pipeline
 from models.layers import ConditionLines, DenseGrids, FeatureUpsamplingPE, GLURefiner, MLPDecoder
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
@@ -130,6 +130,10 @@ class DRRNet(nn.Module):
             the batch's interpolation stencils touch when they are at most ``sparse_refine_ratio`` of the
             lattice, else the whole lattice; "always" / "never" force one of the two.
         sparse_refine_ratio: threshold of "auto" (touched vertices / lattice vertices).
+        fused_refiner: with ``fast_paths`` in training: compute PE, spatial refiner and the folded fusion
+            weight of the refined vertices with one chunked autograd function whose backward is written out
+            (models/fast_ops.vertex_pipeline; same values and gradients to fp32 rounding). "auto": on CPU
+            in float32 (there the autograd composition is limited by memory traffic); "always" / "never".
 
     The defaults are the paper's Cloverleaf configuration, except ``ssr_resolution`` (paper: 128).
 
@@ -192,6 +196,7 @@ class DRRNet(nn.Module):
         fast_paths: bool = True,
         sparse_refine: str = "auto",
         sparse_refine_ratio: float = 0.5,
+        fused_refiner: str = "auto",
     ):
         super().__init__()
         if variant is not None:
@@ -257,6 +262,9 @@ class DRRNet(nn.Module):
         self.fast_paths = bool(fast_paths)
         self.sparse_refine = sparse_refine
         self.sparse_refine_ratio = float(sparse_refine_ratio)
+        if fused_refiner not in SPARSE_REFINE:
+            raise ConfigError(f"model.fused_refiner: '{fused_refiner}' not in {SPARSE_REFINE}")
+        self.fused_refiner = fused_refiner
         self.last_refined_vertices: Optional[int] = None   # vertices refined by the last fast lattice pass
         self._baked = False
         self.register_load_state_dict_pre_hook(DRRNet._drop_cache_on_load)
@@ -404,6 +412,17 @@ class DRRNet(nn.Module):
         pos = torch.cumsum(mask, 0) - 1                            # (P,) row -> position among the touched
         return rows, pos[idx], U
 
+    def _use_fused(self, u: Tensor) -> bool:
+        """Use the chunked vertex pipeline (models/fast_ops.vertex_pipeline) for rows u?
+
+        "auto": on CPU in float32 without autocast (where the per-row intermediates of the autograd
+        composition are memory-bound); GPUs keep the autograd composition.
+        """
+        if self.fused_refiner == "never":
+            return False
+        ok = u.dtype == torch.float32 and not torch.is_autocast_enabled(u.device.type)
+        return ok and (self.fused_refiner == "always" or u.device.type == "cpu")
+
     def _forward_lattice_fast(self, x: Tensor, c: Tensor) -> Tensor:
         """Unbaked fast path: pi + R_sp on the touched (or all) vertices, folded fusion, gather interpolation."""
         B, N, d = x.shape
@@ -414,10 +433,17 @@ class DRRNet(nn.Module):
             u = to_rows(self.spatial_grids.lattice(self.ssr_shape))    # (P, L*d_fs)
         else:
             u = self._ssr_rows(rows)                                    # (U, L*d_fs)
-        g = self._refine_points(u, self._refine_now())                 # (V, D_sp)
+        refiner = self.spatial_refiner if self._refine_now() else None
         w_sp, _, _ = self._fusion_parts()
-        if V <= B * N:                                                  # fold W_sp into the vertices
-            z = gather_interp(torch.nn.functional.linear(g, w_sp), idx, w)
+        fold = V <= B * N                                               # fold W_sp into the vertices
+        if self._use_fused(u):
+            g = vertex_pipeline(u, self.pe, refiner, w_sp if fold else None)
+        else:
+            g = self._refine_points(u, refiner is not None)            # (V, D_sp)
+            if fold:
+                g = torch.nn.functional.linear(g, w_sp)
+        if fold:
+            z = gather_interp(g, idx, w)
         else:                                                           # fewer points than vertices
             z = torch.nn.functional.linear(gather_interp(g, idx, w), w_sp)
         pre = z.reshape(B, N, -1) + self.cond_bias(c)[:, None, :]

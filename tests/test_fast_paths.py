@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from models.drrnet import DRRNet
-from models.fast_ops import GridQuery, corner_stencil, gather_interp, resize_stencil, to_rows
+from models.fast_ops import GridQuery, corner_stencil, gather_interp, resize_stencil, to_rows, vertex_pipeline
+from models.layers import FeatureUpsamplingPE, GLURefiner
 from models.layers import upsample_grid
 from util.sampling import grid_coords, sample_grid
 
@@ -171,9 +172,11 @@ def loss_and_grads(m, x, c, v):
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("sparse", ["always", "never", "auto"])
 @pytest.mark.parametrize("N", [5, 60])
-def test_training_step_equals_plain(spatial_dims, sparse, N):
+@pytest.mark.parametrize("fused", ["always", "never"])
+def test_training_step_equals_plain(spatial_dims, sparse, N, fused):
     m = small(spatial_dims)
     m.sparse_refine = sparse
+    m.fused_refiner = fused
     x, c = points(m, N=N)
     v = torch.rand(x.shape[0], N, 1)
     m.fast_paths = False
@@ -217,3 +220,60 @@ def test_variants_fast_equals_plain(variant):
     assert abs(float(loss1 - loss0)) <= RTOL * float(loss0)
     for n in g0:
         close(g1[n], g0[n])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# fused vertex pipeline and the CPU gather backward
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pe_kw", [None, dict(num_freqs=3), dict(num_freqs=2, scale=0.7, include_input=True)])
+@pytest.mark.parametrize("layers", [0, 1, 3])
+@pytest.mark.parametrize("fold", [True, False])
+@pytest.mark.parametrize("keep_bytes", [2 ** 30, 0])          # keep intermediates / recompute per chunk
+def test_vertex_pipeline_equals_autograd(pe_kw, layers, fold, keep_bytes):
+    torch.manual_seed(3)
+    C, V = 3, 23
+    pe = FeatureUpsamplingPE(C, **pe_kw) if pe_kw else None
+    D = pe.out_dim if pe else C
+    ref = GLURefiner(D, layers, 1.5) if layers else None
+    if ref is not None:
+        with torch.no_grad():
+            for blk in ref.blocks:
+                blk.norm.weight.uniform_(0.5, 1.5)
+    w_fold = torch.randn(5, D, requires_grad=True) if fold else None
+    u = (torch.rand(V, C) * 2 - 1).requires_grad_()
+    go = torch.randn(V, 5 if fold else D)
+    params = ([] if ref is None else list(ref.parameters())) + ([w_fold] if fold else [])
+
+    def run(fn):
+        for q in params + [u]:
+            q.grad = None
+        out = fn()
+        out.backward(go)
+        return out.detach(), [q.grad.clone() for q in params + [u]]
+
+    def plain():
+        x = pe(u) if pe else u
+        g = x + ref(x) if ref is not None else x
+        return g @ w_fold.t() if fold else g
+
+    out0, g0 = run(plain)
+    out1, g1 = run(lambda: vertex_pipeline(u, pe, ref, w_fold, chunk=7, keep_bytes=keep_bytes))
+    close(out1, out0)
+    for a, b in zip(g1, g0):
+        close(a, b)
+
+
+def test_gather_interp_backward_equals_embedding_bag():
+    g = torch.Generator().manual_seed(4)
+    table = torch.randn(30, 6, generator=g).requires_grad_()
+    idx = torch.randint(0, 30, (50, 8), generator=g)
+    idx[:5] = 3                                                  # repeated rows accumulate
+    w = torch.rand(50, 8, generator=g).requires_grad_()
+    go = torch.randn(50, 6, generator=g)
+    out1 = gather_interp(table, idx, w)
+    gt1, gw1 = torch.autograd.grad(out1, (table, w), go)
+    out0 = F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+    gt0, gw0 = torch.autograd.grad(out0, (table, w), go)
+    close(out1, out0)
+    close(gt1, gt0)
+    close(gw1, gw0)
