@@ -37,7 +37,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from models.fast_ops import GridQuery, corner_stencil, gather_interp, resize_stencil, to_rows, vertex_pipeline
+from models.fast_ops import (GridQuery, corner_stencil, fused_head, gather_interp, resize_stencil, to_rows,
+                             vertex_pipeline)
 from models.layers import ConditionLines, DenseGrids, FeatureUpsamplingPE, GLURefiner, MLPDecoder
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
@@ -436,7 +437,8 @@ class DRRNet(nn.Module):
         refiner = self.spatial_refiner if self._refine_now() else None
         w_sp, _, _ = self._fusion_parts()
         fold = V <= B * N                                               # fold W_sp into the vertices
-        if self._use_fused(u):
+        fused = self._use_fused(u)
+        if fused:
             g = vertex_pipeline(u, self.pe, refiner, w_sp if fold else None)
         else:
             g = self._refine_points(u, refiner is not None)            # (V, D_sp)
@@ -446,6 +448,9 @@ class DRRNet(nn.Module):
             z = gather_interp(g, idx, w)
         else:                                                           # fewer points than vertices
             z = torch.nn.functional.linear(gather_interp(g, idx, w), w_sp)
+        if fused and torch.is_grad_enabled():
+            lins = [m for m in self.decoder.net if isinstance(m, nn.Linear)]
+            return fused_head(z, self.cond_bias(c), lins, self.out_activation).reshape(B, N, -1)
         pre = z.reshape(B, N, -1) + self.cond_bias(c)[:, None, :]
         return self._head(pre)
 

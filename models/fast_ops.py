@@ -130,8 +130,9 @@ class _GatherInterpCPU(torch.autograd.Function):
         g_table = g_w = None
         if ctx.needs_input_grad[0]:
             g_table = torch.zeros_like(table)
+            w_t, idx_t = w.t().contiguous(), idx.t().contiguous()      # per-corner contiguous columns
             for k in range(idx.shape[1]):
-                g_table.index_add_(0, idx[:, k], go * w[:, k:k + 1])
+                g_table.index_add_(0, idx_t[k], go * w_t[k, :, None])
         if ctx.needs_input_grad[2]:
             g_w = torch.stack([(table.index_select(0, idx[:, k]) * go).sum(-1) for k in range(idx.shape[1])], -1)
         return g_table, None, g_w
@@ -426,3 +427,99 @@ def vertex_pipeline(u: Tensor, pe, refiner, w_fold, chunk: int = 2048, keep_byte
     keep = u.shape[0] * per_row * u.element_size() <= keep_bytes
     return VertexPipeline.apply(u.contiguous(), coeff, include_input, eps, int(chunk), len(blocks), w_fold is not None, keep,
                                 *weights)
+
+
+class FusedHead(torch.autograd.Function):
+    """``act(MLP(relu(z + cb[row's condition])))`` with a hand-written backward, in row chunks (CPU).
+
+    The DRR-Net fast path's per-point part in training: ``z`` (B*N, H) is the interpolated folded spatial
+    term, ``cb`` (B, H) the per-condition term of the fusion layer; then ReLU, the decoder's linear layers
+    with ReLU between, and the output activation. Same values and gradients as the autograd composition to
+    fp32 rounding (``tests/test_fast_paths.py``); it saves the autograd bookkeeping and several elementwise
+    passes over (B*N, H) tensors. Call through :func:`fused_head`.
+    """
+
+    @staticmethod
+    def forward(ctx, z, cb, n_per, chunk, activation, *wb):
+        outs, kept = [], []
+        H = z.shape[1]
+        for b0, b1, s, e in _head_segments(cb.shape[0], n_per, chunk):
+            h = torch.relu((z[s:e].view(b1 - b0, -1, H) + cb[b0:b1, None, :]).view(-1, H))
+            hs = [h]
+            for i in range(0, len(wb), 2):
+                a = torch.addmm(wb[i + 1], h, wb[i].t())
+                if i + 2 < len(wb):
+                    h = torch.relu_(a)
+                    hs.append(h)
+            out = _activate(a, activation)
+            outs.append(out)
+            kept.append((hs, out if activation == "sigmoid" else a))
+        ctx.kept, ctx.cfg = kept, (n_per, chunk, activation, cb.shape[0])
+        ctx.save_for_backward(*wb)
+        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, go):
+        wb = ctx.saved_tensors
+        n_per, chunk, activation, B = ctx.cfg
+        kept, ctx.kept = ctx.kept, []
+        go = go.contiguous()
+        H = wb[0].shape[1]
+        gz = torch.empty(B * n_per, H, dtype=go.dtype, device=go.device)
+        gcb = torch.zeros(B, H, dtype=go.dtype, device=go.device)
+        gwb = [torch.zeros_like(t) for t in wb]
+        for j, (b0, b1, s, e) in enumerate(_head_segments(B, n_per, chunk)):
+            (hs, last), kept[j] = kept[j], None
+            g = go[s:e]
+            if activation == "sigmoid":
+                g = g * last * (1.0 - last)
+            elif activation == "clamp":
+                g = g * ((last >= 0.0) & (last <= 1.0)).to(g.dtype)
+            for i in reversed(range(0, len(wb), 2)):
+                h = hs[i // 2]
+                gwb[i].addmm_(g.t(), h)
+                gwb[i + 1].add_(g.sum(0))
+                g = torch.ops.aten.threshold_backward(g @ wb[i], h, 0.0)
+            gz[s:e] = g
+            gcb[b0:b1].add_(g.view(b1 - b0, -1, H).sum(1))
+        return (gz, gcb, None, None, None, *gwb)
+
+
+def _head_segments(B: int, n_per: int, chunk: int):
+    """Row ranges of :class:`FusedHead`: (b0, b1, start, stop), whole conditions b0..b1-1 together when
+    ``n_per <= chunk``, else parts of one condition."""
+    if n_per <= chunk:
+        k = max(1, chunk // n_per)
+        for b0 in range(0, B, k):
+            b1 = min(B, b0 + k)
+            yield b0, b1, b0 * n_per, b1 * n_per
+    else:
+        for b in range(B):
+            for s in range(b * n_per, (b + 1) * n_per, chunk):
+                yield b, b + 1, s, min(s + chunk, (b + 1) * n_per)
+
+
+def _activate(a: Tensor, activation: str) -> Tensor:
+    if activation == "sigmoid":
+        return torch.sigmoid(a)
+    if activation == "clamp":
+        return a.clamp(0.0, 1.0)
+    return a
+
+
+def fused_head(z: Tensor, cb: Tensor, linears, activation: str, chunk: int = 4096) -> Tensor:
+    """Fused ``act(MLP(relu(z + cb)))`` (:class:`FusedHead`).
+
+    Args:
+        z: (B*N, H) rows, N consecutive rows per condition.
+        cb: (B, H) per-condition term.
+        linears: the decoder's ``nn.Linear`` layers in order (ReLU between them).
+        activation: "sigmoid", "clamp" or "none".
+        chunk: rows per chunk.
+
+    Returns:
+        (B*N, out_dim).
+    """
+    wb = [t for m in linears for t in (m.weight, m.bias)]
+    return FusedHead.apply(z.contiguous(), cb, z.shape[0] // cb.shape[0], int(chunk), activation, *wb)

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from models.drrnet import DRRNet
-from models.fast_ops import GridQuery, corner_stencil, gather_interp, resize_stencil, to_rows, vertex_pipeline
-from models.layers import FeatureUpsamplingPE, GLURefiner
+from models.fast_ops import (GridQuery, corner_stencil, fused_head, gather_interp, resize_stencil, to_rows,
+                             vertex_pipeline)
+from models.layers import FeatureUpsamplingPE, GLURefiner, MLPDecoder
 from models.layers import upsample_grid
 from util.sampling import grid_coords, sample_grid
 
@@ -277,3 +278,29 @@ def test_gather_interp_backward_equals_embedding_bag():
     close(out1, out0)
     close(gt1, gt0)
     close(gw1, gw0)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "clamp", "none"])
+@pytest.mark.parametrize("chunk", [4, 7, 64])      # parts of a condition / one condition / several conditions
+@pytest.mark.parametrize("layers", [1, 3])
+def test_fused_head_equals_autograd(activation, chunk, layers):
+    torch.manual_seed(5)
+    B, N, H = 3, 7, 6
+    dec = MLPDecoder(H, 5, layers, 2)
+    z = torch.randn(B * N, H, requires_grad=True)
+    cb = torch.randn(B, H, requires_grad=True)
+    go = torch.randn(B * N, 2)
+    lins = [m for m in dec.net if isinstance(m, torch.nn.Linear)]
+    params = [z, cb] + list(dec.parameters())
+
+    def plain():
+        out = dec(torch.relu(z.reshape(B, N, H) + cb[:, None, :])).reshape(B * N, 2)
+        return {"sigmoid": torch.sigmoid, "clamp": lambda t: t.clamp(0.0, 1.0), "none": lambda t: t}[activation](out)
+
+    out0 = plain()
+    g0 = torch.autograd.grad(out0, params, go)
+    out1 = fused_head(z, cb, lins, activation, chunk=chunk)
+    g1 = torch.autograd.grad(out1, params, go)
+    close(out1, out0)
+    for a, b in zip(g1, g0):
+        close(a, b)
