@@ -290,8 +290,8 @@ class VertexPipeline(torch.autograd.Function):
         include_input, eps, chunk, n_blocks, has_fold = ctx.cfg
         packed = _pack(weights, n_blocks)
         need_u = ctx.needs_input_grad[0]
-        # gradient accumulators: per block (norm weight, [W1; W2], W3), then the fold weight
-        acc = [torch.zeros_like(t) for blk in packed["blocks"] for t in (blk[0], blk[1], blk[2])]
+        # gradient accumulators: per block ([W1; W2] diag(wn), W3), then the fold weight
+        acc = [torch.zeros_like(t) for blk in packed["blocks"] for t in (blk[1], blk[2])]
         if has_fold:
             acc.append(torch.zeros_like(packed["fold"]))
         gu = torch.empty_like(u) if need_u else None
@@ -306,22 +306,21 @@ class VertexPipeline(torch.autograd.Function):
                                            acc, need_u)
             if need_u:
                 gu[s:s + chunk] = g_u
-        grads = []
-        for k, blk in enumerate(packed["blocks"]):
-            H = blk[2].shape[1]
-            g12 = acc[3 * k + 1]
-            grads += [acc[3 * k], g12[:H], g12[H:], acc[3 * k + 2]]
-        if has_fold:
-            grads.append(acc[-1])
+        grads = _unpack_grads(acc, packed, has_fold)
         return (gu, None, None, None, None, None, None, None, *grads)
 
 
 def _pack(weights, n_blocks):
-    """Per block (norm weight, [W1; W2] (2H, D), W3 (D, H)) and the fold weight (or None)."""
+    """Per block (norm weight wn (D,), [W1; W2] (2H, D), W3 (D, H), [W1; W2] diag(wn)) and the fold weight.
+
+    The RMSNorm weight is folded into the projections (``(xh * wn) W^T = xh (W diag(wn))^T``), which saves an
+    elementwise pass per block; the backward maps the gradient of the folded matrix back to W and wn.
+    """
     blocks = []
     for k in range(n_blocks):
         wn, w1, w2, w3 = weights[4 * k:4 * k + 4]
-        blocks.append((wn, torch.cat([w1, w2], 0), w3))
+        w12 = torch.cat([w1, w2], 0)
+        blocks.append((wn, w12, w3, w12 * wn))
     return {"blocks": blocks, "fold": weights[4 * n_blocks] if len(weights) > 4 * n_blocks else None}
 
 
@@ -338,15 +337,16 @@ def _pipeline_chunk(u, coeff, include_input, eps, packed, has_fold, keep):
     else:
         x0 = u
     x = x0
-    for wn, w12, w3 in packed["blocks"]:
-        H = w3.shape[1]
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)       # (n, 1)
+    for wn, w12, w3, w12s in packed["blocks"]:
+        H, D = w3.shape[1], w3.shape[0]
+        ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True)       # (n, 1)
+        r = torch.rsqrt(ss.square_().div_(D).add_(eps))              # 1 / rms
         xh = x * r
-        ab = (xh * wn) @ w12.t()                                     # (n, 2H): [a | b]
-        a = ab[:, :H]
-        h = torch.relu(a).mul_(ab[:, H:])
+        ab = xh @ w12s.t()                                           # (n, 2H): [a | b]
+        ra = torch.relu(ab[:, :H])
+        h = ra * ab[:, H:]
         if keep:
-            saved["blocks"].append((x, r, xh, ab, h))
+            saved["blocks"].append((r, xh, ab, ra, h))
         x = torch.addmm(x, h, w3.t())
     g = x0 + x if packed["blocks"] else x0
     if keep:
@@ -356,7 +356,8 @@ def _pipeline_chunk(u, coeff, include_input, eps, packed, has_fold, keep):
 
 
 def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, has_fold, acc, need_u):
-    """Backward of one chunk: accumulates the weight gradients into ``acc``; returns the rows' gradient."""
+    """Backward of one chunk: accumulates into ``acc`` (per block: the folded [W1; W2] diag(wn), W3; then
+    the fold weight; see :func:`_unpack_grads`); returns the rows' gradient."""
     if has_fold:
         acc[-1].addmm_(go.t(), saved["g"])
         gg = go @ packed["fold"]                                     # (n, D)
@@ -364,21 +365,18 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, has_fold, 
         gg = go
     gx = gg
     for k in reversed(range(len(packed["blocks"]))):
-        wn, w12, w3 = packed["blocks"][k]
-        x, r, xh, ab, h = saved["blocks"][k]
-        H = w3.shape[1]
-        a, b = ab[:, :H], ab[:, H:]
-        acc[3 * k + 2].addmm_(gx.t(), h)                             # dW3 (D, H)
+        wn, w12, w3, w12s = packed["blocks"][k]
+        r, xh, ab, ra, h = saved["blocks"][k]
+        H, D = w3.shape[1], w3.shape[0]
+        acc[2 * k + 1].addmm_(gx.t(), h)                             # dW3 (D, H)
         gh = gx @ w3                                                 # (n, H)
         gab = torch.empty_like(ab)
-        torch.ops.aten.threshold_backward.grad_input(gh * b, a, 0.0, grad_input=gab[:, :H])  # d/da
-        torch.mul(gh, torch.relu(a), out=gab[:, H:])                                         # d/db
-        n = xh * wn
-        acc[3 * k + 1].addmm_(gab.t(), n)                            # d[W1; W2]
-        gn = gab @ w12                                               # (n, D)
-        acc[3 * k].add_((gn * xh).sum(0))                            # d norm weight
-        gxh = gn.mul_(wn)
-        gx = gx + r * (gxh - xh * (gxh * xh).mean(-1, keepdim=True))  # RMSNorm backward + residual
+        torch.ops.aten.threshold_backward.grad_input(gh * ab[:, H:], ab[:, :H], 0.0, grad_input=gab[:, :H])
+        torch.mul(gh, ra, out=gab[:, H:])                            # d/da, d/db
+        acc[2 * k].addmm_(gab.t(), xh)                               # d([W1; W2] diag(wn))
+        gxh = gab @ w12s                                             # (n, D)
+        m = (gxh * xh).sum(-1, keepdim=True).div_(D).mul_(r)         # (n, 1)
+        gx = torch.addcmul(gx, r, gxh).addcmul_(m, xh, value=-1.0)   # RMSNorm backward + residual
     if not need_u:
         return None
     gx0 = gx + gg if packed["blocks"] else gx
@@ -391,6 +389,19 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, has_fold, 
     if include_input:
         gu = gu + g3[:, :, 0]
     return gu
+
+
+def _unpack_grads(acc, packed, has_fold):
+    """Accumulated gradients -> per block (wn, W1, W2, W3) [+ fold], in the order of the Function's inputs."""
+    grads = []
+    for k, (wn, w12, w3, _) in enumerate(packed["blocks"]):
+        H = w3.shape[1]
+        g12s = acc[2 * k]                                            # d/d(W12 diag(wn))
+        g12 = g12s * wn
+        grads += [(g12s * w12).sum(0), g12[:H], g12[H:], acc[2 * k + 1]]
+    if has_fold:
+        grads.append(acc[-1])
+    return grads
 
 
 def vertex_pipeline(u: Tensor, pe, refiner, w_fold, chunk: int = 2048, keep_bytes: float = 2 ** 30) -> Tensor:
