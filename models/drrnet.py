@@ -396,22 +396,28 @@ class DRRNet(nn.Module):
             parts.append(gather_interp(to_rows(g).contiguous(), idx, w))
         return torch.cat(parts, dim=-1)
 
-    def _touched_rows(self, idx: Tensor) -> Tuple[Optional[Tensor], Tensor, int]:
-        """Decide sparse or dense refinement for stencil rows idx (M, K).
+    def _touched_rows(self, idx: Tensor, w: Tensor) -> Tuple[Optional[Tensor], Tensor, int]:
+        """Decide sparse or dense refinement for stencil rows idx (M, K) with weights w (M, K).
+
+        A vertex counts as touched only through a corner of non-zero weight: a point on a lattice vertex
+        (training voxels when the SSR shape is the data's, as in the paper's Cloverleaf config) touches one
+        to a few vertices, not 2^d. Zero-weight corners are pointed at touched row 0; they add exactly
+        0 to values and gradients, as in ``grid_sample``.
 
         Returns (rows or None (dense), idx into the refined rows, number of refined vertices).
         """
         P = math.prod(self.ssr_shape)
         if self.sparse_refine == "never":
             return None, idx, P
+        live = w != 0
         mask = torch.zeros(P, dtype=torch.bool, device=idx.device)
-        mask[idx.reshape(-1)] = True
+        mask[idx[live]] = True
         U = int(mask.sum())
-        if self.sparse_refine == "auto" and U > self.sparse_refine_ratio * P:
+        if U == 0 or (self.sparse_refine == "auto" and U > self.sparse_refine_ratio * P):
             return None, idx, P
         rows = mask.nonzero()[:, 0]                                # (U,) sorted
         pos = torch.cumsum(mask, 0) - 1                            # (P,) row -> position among the touched
-        return rows, pos[idx], U
+        return rows, torch.where(live, pos[idx], 0), U
 
     def _use_fused(self, u: Tensor) -> bool:
         """Use the chunked vertex pipeline (models/fast_ops.vertex_pipeline) for rows u?
@@ -428,7 +434,7 @@ class DRRNet(nn.Module):
         """Unbaked fast path: pi + R_sp on the touched (or all) vertices, folded fusion, gather interpolation."""
         B, N, d = x.shape
         idx, w = corner_stencil(x.reshape(B * N, d), self.ssr_shape)    # (M, 2^d)
-        rows, idx, V = self._touched_rows(idx)
+        rows, idx, V = self._touched_rows(idx, w)
         self.last_refined_vertices = V
         if rows is None:
             u = to_rows(self.spatial_grids.lattice(self.ssr_shape))    # (P, L*d_fs)

@@ -209,6 +209,26 @@ def test_sparse_refine_touches_few_vertices():
         close(g1[n], g0[n])
 
 
+def test_points_on_vertices_touch_one_vertex_each():
+    """Zero-weight corners do not count as touched: 27 points exactly on vertices refine 27 vertices, not 27*8,
+    and values and gradients still equal the plain path's."""
+    m = small(3, ssr_resolution=[5, 7, 9])
+    m.sparse_refine = "always"
+    axis = torch.tensor([-1.0, 0.0, 1.0])
+    x = torch.cartesian_prod(axis, axis, axis)[None]               # (1, 27, 3), exact vertex coordinates
+    x = torch.cat([x, x[:, :5]], dim=1)                           # repeated points
+    c = torch.rand(1, m.cond_dim, generator=torch.Generator().manual_seed(3))
+    v = torch.rand(1, x.shape[1], 1)
+    m.fast_paths = False
+    loss0, g0 = loss_and_grads(m, x, c, v)
+    m.fast_paths = True
+    loss1, g1 = loss_and_grads(m, x, c, v)
+    assert m.last_refined_vertices == 27
+    assert abs(float(loss1 - loss0)) <= RTOL * float(loss0)
+    for n in g0:
+        close(g1[n], g0[n])
+
+
 @pytest.mark.parametrize("variant", ["pi_only", "spatial_refiner_only", "embedding_only"])
 def test_variants_fast_equals_plain(variant):
     m = small(3, variant=variant)
