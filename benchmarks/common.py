@@ -7,14 +7,17 @@
 * timing with device synchronization (CUDA) and medians over interleaved repetitions, so that load from
   other processes on a shared machine hits every path alike;
 * peak memory: CUDA ``torch.cuda.max_memory_allocated`` (minus what was allocated before); CPU the peak of
-  the resident set size sampled every 2 ms by a thread, minus the RSS before (``tracemalloc`` does not see
-  PyTorch's allocations and ``ru_maxrss`` is a process-lifetime maximum);
+  the bytes in use by malloc (glibc ``mallinfo2``: heap + mmapped blocks, where PyTorch's CPU tensors live)
+  sampled every 1 ms by a thread, minus the bytes before; without glibc >= 2.33 the resident set size is
+  sampled instead, which misses memory the allocator reuses (``tracemalloc`` does not see PyTorch's
+  allocations and ``ru_maxrss`` is a process-lifetime maximum);
 * the measured matmul peak of the machine (median GFLOP/s of fp32 (and bf16) ``torch.mm`` at a few sizes;
   one multiply-add = 2 FLOP).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -117,6 +120,29 @@ def median(xs: List[float]) -> float:
     return float(statistics.median(xs)) if xs else float("nan")
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_reader() -> Optional[Callable[[], int]]:
+    """Bytes in use by glibc malloc (heap in use + mmapped blocks), or None where mallinfo2 is missing."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+
+    def read() -> int:
+        m = fn()
+        return int(m.uordblks + m.hblkhd)
+    return read
+
+
+_MALLOC_BYTES = _malloc_reader()
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -139,14 +165,15 @@ class PeakMemory:
             self.base = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         else:
-            self.base = _rss_bytes()
+            self.read = _MALLOC_BYTES or _rss_bytes
+            self.base = self.read()
             self.peak = self.base
             self.stop = threading.Event()
 
             def poll():
                 while not self.stop.is_set():
-                    self.peak = max(self.peak, _rss_bytes())
-                    time.sleep(0.002)
+                    self.peak = max(self.peak, self.read())
+                    time.sleep(0.001)
 
             self.thread = threading.Thread(target=poll, daemon=True)
             self.thread.start()
@@ -159,7 +186,7 @@ class PeakMemory:
         else:
             self.stop.set()
             self.thread.join()
-            self.peak = max(self.peak, _rss_bytes())
+            self.peak = max(self.peak, self.read())
             self.peak_mb = (self.peak - self.base) / 2 ** 20
         return False
 
