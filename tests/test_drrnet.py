@@ -17,15 +17,6 @@ TINY = dict(spatial_resolutions=[4, 6], spatial_channels=2, pe_frequencies=2, sp
             cond_hidden_mult=2.0, hidden_dim=16, decoder_layers=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a small shared CPU two threads can be 20x slower under contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny(cond_dim=3, spatial_dims=3, **kw):
     torch.manual_seed(0)
     return DRRNet(cond_dim=cond_dim, spatial_dims=spatial_dims, **{**TINY, **kw})

@@ -16,14 +16,6 @@ from util.sampling import grid_coords, sample_grid
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def small(spatial_dims=3, **kw):
     torch.manual_seed(0)
     cfg = dict(spatial_resolutions=[3, [4, 5, 6][-spatial_dims:] if spatial_dims == 3 else [5, 4]],
@@ -170,6 +162,17 @@ def loss_and_grads(m, x, c, v):
     return loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
+def assert_step_equals_plain(m, x, c, v):
+    """One training step's loss and every parameter gradient: fast path == plain path (1e-5 relative)."""
+    m.fast_paths = False
+    loss0, g0 = loss_and_grads(m, x, c, v)
+    m.fast_paths = True
+    loss1, g1 = loss_and_grads(m, x, c, v)
+    assert abs(float(loss1 - loss0)) <= RTOL * float(loss0)
+    for n in g0:
+        close(g1[n], g0[n])
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("sparse", ["always", "never", "auto"])
 @pytest.mark.parametrize("N", [5, 60])
@@ -180,13 +183,7 @@ def test_training_step_equals_plain(spatial_dims, sparse, N, fused):
     m.fused_refiner = fused
     x, c = points(m, N=N)
     v = torch.rand(x.shape[0], N, 1)
-    m.fast_paths = False
-    loss0, g0 = loss_and_grads(m, x, c, v)
-    m.fast_paths = True
-    loss1, g1 = loss_and_grads(m, x, c, v)
-    assert abs(float(loss1 - loss0)) <= RTOL * float(loss0)
-    for n in g0:
-        close(g1[n], g0[n])
+    assert_step_equals_plain(m, x, c, v)
     P = int(torch.tensor(m.ssr_shape).prod())
     if sparse == "always":
         assert m.last_refined_vertices < P or N == 60
@@ -199,14 +196,8 @@ def test_sparse_refine_touches_few_vertices():
     m.sparse_refine = "auto"
     x, c = points(m, B=1, N=6, mode="vertices")
     v = torch.rand(1, 6, 1)
-    m.fast_paths = False
-    loss0, g0 = loss_and_grads(m, x, c, v)
-    m.fast_paths = True
-    loss1, g1 = loss_and_grads(m, x, c, v)
+    assert_step_equals_plain(m, x, c, v)
     assert m.last_refined_vertices <= 6 * 8 < 0.5 * 990
-    assert abs(float(loss1 - loss0)) <= RTOL * float(loss0)
-    for n in g0:
-        close(g1[n], g0[n])
 
 
 def test_points_on_vertices_touch_one_vertex_each():
@@ -219,14 +210,8 @@ def test_points_on_vertices_touch_one_vertex_each():
     x = torch.cat([x, x[:, :5]], dim=1)                           # repeated points
     c = torch.rand(1, m.cond_dim, generator=torch.Generator().manual_seed(3))
     v = torch.rand(1, x.shape[1], 1)
-    m.fast_paths = False
-    loss0, g0 = loss_and_grads(m, x, c, v)
-    m.fast_paths = True
-    loss1, g1 = loss_and_grads(m, x, c, v)
+    assert_step_equals_plain(m, x, c, v)
     assert m.last_refined_vertices == 27
-    assert abs(float(loss1 - loss0)) <= RTOL * float(loss0)
-    for n in g0:
-        close(g1[n], g0[n])
 
 
 @pytest.mark.parametrize("variant", ["pi_only", "spatial_refiner_only", "embedding_only"])
@@ -234,13 +219,7 @@ def test_variants_fast_equals_plain(variant):
     m = small(3, variant=variant)
     x, c = points(m)
     v = torch.rand(x.shape[0], x.shape[1], 1)
-    m.fast_paths = False
-    loss0, g0 = loss_and_grads(m, x, c, v)
-    m.fast_paths = True
-    loss1, g1 = loss_and_grads(m, x, c, v)
-    assert abs(float(loss1 - loss0)) <= RTOL * float(loss0)
-    for n in g0:
-        close(g1[n], g0[n])
+    assert_step_equals_plain(m, x, c, v)
 
 
 # ---------------------------------------------------------------------------------------------------------
