@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,7 +59,7 @@ def parse_ids(text: str, where: str) -> List[int]:
 
 
 def collect_jobs(args) -> List[Job]:
-    from util.config import read_config_file
+    from util.config import read_config_file, yaml_load
 
     jobs: List[Job] = []
     specs = []
@@ -69,7 +68,7 @@ def collect_jobs(args) -> List[Job]:
         specs.append((cfg, parse_ids(ids, item) if ids else None, []))
     if args.jobs_file:
         with open(args.jobs_file) as f:
-            entries = yaml.safe_load(f) or []
+            entries = yaml_load(f) or []
         if not isinstance(entries, list):
             raise SystemExit(f"error: {args.jobs_file} must hold a list of {{config, ids, set}}")
         for e in entries:

@@ -48,7 +48,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def build_from_args(args):
     """(model, exp-or-None, description) from the model arguments; the model is on ``args.device``."""
-    import yaml
+    from util.config import yaml_load
 
     import models  # noqa: F401  (registers the model classes)
     from models.drrnet import PAPER_CONFIGS, DRRNet
@@ -57,7 +57,7 @@ def build_from_args(args):
     overrides = {}
     for kv in args.model_set:
         k, _, v = kv.partition("=")
-        overrides[k.strip()] = yaml.safe_load(v)
+        overrides[k.strip()] = yaml_load(v)
     if args.paper:
         cfg = dict(PAPER_CONFIGS[args.paper])
         cond_dim = args.cond_dim or int(cfg.pop("cond_dim"))

@@ -4,7 +4,7 @@ import textwrap
 import pytest
 import torch
 
-from util.config import ConfigError, TrainConfig, load_config, run_name
+from util.config import ConfigError, TrainConfig, load_config, run_name, yaml_load
 from util.registry import build, names, register
 
 
@@ -187,3 +187,18 @@ def test_param_group_numbers_from_yaml_strings():
         adam(m, param_groups={"0": {"lr": "fast"}})
     with pytest.raises(ConfigError, match="matches no trainable parameter"):
         adam(m, param_groups={"nope": {"lr": 1.0}})
+
+
+def test_exponent_floats_without_dot_are_numbers(tmp_path):
+    """YAML 1.1 (PyYAML) reads 1e-3 as a string; configs and --set read it as the float 0.001."""
+    p = write(tmp_path, """
+    - model: {type: _cfgtest_model, width: 4}
+      dataset: {type: _cfgtest_data, path: x, scale: 5e-1}
+      optim: {type: adam, lr: 1e-3}
+    """)
+    e = load_config(p, 0, ["optim.weight_decay=2E-4"])
+    assert e["optim"]["lr"] == 0.001 and isinstance(e["optim"]["lr"], float)
+    assert e["dataset"]["scale"] == 0.5
+    assert e["optim"]["weight_decay"] == 2e-4
+    assert yaml_load("a: 1e3\nb: 12\nc: 1.5\nd: e5\ne: '1e-3'") == {"a": 1000.0, "b": 12, "c": 1.5, "d": "e5",
+                                                                     "e": "1e-3"}

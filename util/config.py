@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -30,7 +31,25 @@ import yaml
 from util.registry import ConfigError, accepted_keys, get, names
 
 __all__ = ["TrainConfig", "TestConfig", "load_config", "apply_overrides", "validate_experiment", "ConfigError",
-           "COMPONENT_SECTIONS", "INJECTED", "DEFAULT_SECTIONS"]
+           "COMPONENT_SECTIONS", "INJECTED", "DEFAULT_SECTIONS", "yaml_load"]
+
+
+class _Loader(yaml.SafeLoader):
+    """Safe YAML loader that also reads ``1e-3`` / ``5E+4`` (no dot) as floats, as YAML 1.2 does.
+
+    PyYAML follows YAML 1.1, where a float needs a dot (``1.0e-3``) and ``1e-3`` is the string "1e-3".
+    """
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"""),
+    list("-+0123456789"))
+
+
+def yaml_load(stream: Any) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 exponent floats (``1e-3`` -> 0.001); used for every config and run file."""
+    return yaml.load(stream, Loader=_Loader)
 
 
 @dataclass
@@ -219,7 +238,7 @@ def _parse_override(item: str):
     path, raw = item.split("=", 1)
     parts = path.strip().split(".")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml_load(raw) if raw.strip() else None
     except yaml.YAMLError as e:
         raise ConfigError(f"--set '{item}': value is not valid YAML ({e})") from None
     if not all(parts) or (len(parts) < 2 and not isinstance(value, dict)):
@@ -254,7 +273,7 @@ def read_config_file(path: str) -> List[Dict[str, Any]]:
         raise ConfigError(f"config file '{path}' not found")
     with open(path) as f:
         try:
-            data = yaml.safe_load(f)
+            data = yaml_load(f)
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
     if isinstance(data, dict):

@@ -44,6 +44,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import yaml
 
+from util.config import yaml_load
+
 log = logging.getLogger("results")
 
 __all__ = ["RunResult", "Table", "find_run_dirs", "collect_runs", "dataset_label", "read_metrics",
@@ -322,7 +324,7 @@ def load_run(path: str, metrics_rel: str = METRICS_REL) -> Tuple[Optional[RunRes
         return None, f"not evaluated (no {metrics_rel}; run: python test.py --run {path})"
     try:
         with open(os.path.join(path, "config.yaml")) as f:
-            cfg = yaml.safe_load(f) or {}
+            cfg = yaml_load(f) or {}
         metrics = read_metrics(mpath)
     except (OSError, yaml.YAMLError, csv.Error, ValueError) as e:
         return None, f"unreadable ({e})"
@@ -678,7 +680,7 @@ def group_report(group: str, runs: Sequence[RunResult], title: Optional[str] = N
 def _group_of_dir(path: str, group_by: str) -> Optional[str]:
     try:
         with open(os.path.join(path, "config.yaml")) as f:
-            return dataset_label(yaml.safe_load(f) or {}, group_by)
+            return dataset_label(yaml_load(f) or {}, group_by)
     except (OSError, yaml.YAMLError, AttributeError):
         return None
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Dict, Optional
 import torch
 import yaml
 
-from util.config import ConfigError, run_name, section_kwargs, validate_experiment
+from util.config import ConfigError, run_name, section_kwargs, validate_experiment, yaml_load
 from util.registry import build
 
 CKPT_DIR = "checkpoints"
@@ -89,7 +89,7 @@ def load_experiment(run_dir: str) -> Dict[str, Any]:
     if not os.path.isfile(p):
         raise FileNotFoundError(f"'{run_dir}' is not a run directory: {p} not found")
     with open(p) as f:
-        exp = yaml.safe_load(f)
+        exp = yaml_load(f)
     src = exp.pop("_source", {})
     exp = validate_experiment(exp, where=p)
     exp["_source"] = src
