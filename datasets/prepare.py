@@ -88,41 +88,30 @@ def list_member_files(data_dir: str, file_ext: Optional[str] = None) -> List[str
 
 def read_member(path: str, dims: Optional[Sequence[int]] = None, h5_key: str = "data",
                 mmap: bool = True) -> np.ndarray:
-    """One member's array.
+    """One member's array: :func:`datasets.ensemble.open_member` (the reader training uses), with errors as
+    ``PrepareError`` naming this command's flags.
 
     Args:
         path: ``.npy`` (memory-mapped when ``mmap``), raw float32 ``.raw/.bin/.dat`` (needs ``dims``),
-            ``.h5/.hdf5`` or NetCDF-4 ``.nc`` (dataset ``h5_key``).
-        dims: array shape of a raw file in array order, e.g. ``(D, H, W)`` (C order, W fastest).
-        h5_key: dataset name in HDF5 / NetCDF-4 files.
+            ``.h5/.hdf5`` or ``.nc`` (dataset ``h5_key``).
+        dims: array shape in array order, e.g. ``(D, H, W)`` (C order, W fastest); required for raw files,
+            checked against the stored shape of the other formats.
+        h5_key: dataset name in HDF5 / NetCDF files.
     """
-    ext = os.path.splitext(path)[1].lower()
-    name = os.path.basename(path)
-    try:
-        if ext == ".npy":
-            return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-        if ext in RAW_EXTS:
-            if not dims:
-                raise PrepareError(f"{name}: raw files need --dims (the array shape, e.g. --dims 64 64 64)")
-            n = int(np.prod(dims))
-            size = os.path.getsize(path)
-            if size != 4 * n:
-                raise PrepareError(f"{name}: {size} bytes, but --dims {tuple(dims)} of float32 needs {4 * n}")
-            arr = np.memmap(path, dtype=np.float32, mode="r") if mmap else np.fromfile(path, dtype=np.float32)
-            return arr.reshape(tuple(int(d) for d in dims))
-        if ext in H5_EXTS:
-            import h5py
+    from datasets.ensemble import open_member
 
-            with h5py.File(path, "r") as f:
-                if h5_key not in f:
-                    raise PrepareError(f"{name}: no dataset '{h5_key}' (it has: {', '.join(f.keys())}); "
-                                       f"pass --h5_key")
-                return np.asarray(f[h5_key][()])
-    except PrepareError:
-        raise
-    except Exception as e:  # unreadable file: name it
-        raise PrepareError(f"{name}: cannot read member file ({type(e).__name__}: {e})") from e
-    raise PrepareError(f"{name}: unknown member file type '{ext}' (known: {', '.join(MEMBER_EXTS)})")
+    name = os.path.basename(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext in RAW_EXTS and not dims:
+        raise PrepareError(f"{name}: raw files need --dims (the array shape, e.g. --dims 64 64 64)")
+    try:
+        return open_member(path, dims, h5_key, mmap)
+    except (ValueError, FileNotFoundError) as e:
+        msg = str(e)
+        for key, flag in (("dataset.dims", "--dims"), ("dataset.h5_key", "--h5_key"),
+                          ("dataset.file_ext", "--file_ext")):
+            msg = msg.replace(key, flag)
+        raise PrepareError(msg) from e
 
 
 def _check_members(data_dir: str, files: List[str], dims, h5_key: str, train_set: set, log_transform: bool,

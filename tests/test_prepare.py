@@ -99,7 +99,7 @@ def test_raw_and_h5_members(tmp_path):
     with pytest.raises(PrepareError, match="m0.raw.*--dims"):
         prepare(str(tmp_path / "raw" / "data"), str(tmp_path / "raw" / "p.csv"), str(tmp_path / "o"), n_train=1,
                 progress=False)
-    with pytest.raises(PrepareError, match=r"m0.raw: 96 bytes.*\(2, 3, 5\)"):
+    with pytest.raises(PrepareError, match=r"m0.raw: 96 bytes.*--dims \[2, 3, 5\]"):
         prepare(str(tmp_path / "raw" / "data"), str(tmp_path / "raw" / "p.csv"), str(tmp_path / "o"), n_train=1,
                 dims=[2, 3, 5], progress=False)
 
