@@ -3,6 +3,12 @@
 Importing the package registers every dataset type (explicit imports, see docs/design.md).
 """
 import importlib.util
+import warnings
+
+# ``python -m datasets.demo`` imports this package first, which already imports datasets.demo to register its
+# type; runpy then warns that the module is in sys.modules. Harmless here (the module defines, its __main__
+# block runs once), so that one warning is silenced.
+warnings.filterwarnings("ignore", message=r"'datasets\.demo' found in sys\.modules", category=RuntimeWarning)
 
 import datasets.ensemble  # noqa: F401  (registers the "ensemble" type)
 
