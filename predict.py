@@ -20,7 +20,9 @@ def parse_args(argv=None):
     g.add_argument("--param", action="append", metavar="NAME=VALUE", help="a parameter by name (repeat for each)")
     g.add_argument("--values", type=float, nargs="+", help="all parameter values in the CSV's column order")
     p.add_argument("--normalized", action="store_true", help="values are normalized to [0, 1]")
-    p.add_argument("--resolution", type=int, nargs="+", help="output grid: one size or one per axis in array order")
+    p.add_argument("--resolution", type=int, nargs="+",
+                   help="output grid: one size or one per axis in array order (default: the data's grid; for a "
+                        "mesh ensemble its own vertices)")
     p.add_argument("--coords", help=".npy of (N, d) points in [-1, 1] (column 0 along the last array axis)")
     p.add_argument("--index_coords", help=".npy of (N, d) fractional array indices in array order")
     p.add_argument("--out", required=True, help="output .npy")
@@ -55,8 +57,8 @@ def main(argv=None):
     np.save(args.out, out)
     print(f"wrote {args.out}: shape {out.shape}, range [{out.min():.4g}, {out.max():.4g}]")
     if args.vti:
-        if args.coords or args.index_coords:
-            sys.exit("error: --vti needs grid output (no --coords)")
+        if out.ndim < 2:
+            sys.exit("error: --vti needs grid output (no --coords; for a mesh ensemble give --resolution)")
         from util.volume_io import write_vti
 
         path = args.out[:-4] + ".vti" if args.out.endswith(".npy") else args.out + ".vti"

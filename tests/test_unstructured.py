@@ -1,7 +1,6 @@
 """The unstructured (mesh) dataset: coordinate normalization, the batch API, options, and train.py / test.py end to
 end on a demo-sized synthetic MPAS-like ensemble (random columns on a spherical shell x a few depth levels)."""
 import csv
-import inspect
 import math
 import os
 
@@ -10,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-import datasets.unstructured  # noqa: F401  registers "unstructured" until datasets/__init__.py imports it
+import datasets  # noqa: F401  registers the dataset types
 from datasets import importance as imp
 from datasets.unstructured import UnstructuredDataset, normalize_vertex_coords
 from util.registry import ConfigError
@@ -178,15 +177,7 @@ def test_bad_inputs(tmp_path, mesh):
 
 
 # ------------------------------------------------------------------------------------------ end to end
-def test_train_and_test_scripts_on_a_mesh(tmp_path, monkeypatch):
-    import util.runs
-
-    if "spatial_dims" not in inspect.getsource(util.runs.load_trained_model):
-        # Temporary, until util/runs.py rebuilds models with meta.get("spatial_dims", len(spatial_shape)):
-        # a mesh's spatial_shape is (N,) but its coordinates are 3D (meta.json records spatial_dims 3).
-        orig = util.runs.build_model
-        monkeypatch.setattr(util.runs, "build_model", lambda exp, cond_dim, spatial_dims: orig(
-            exp, cond_dim, 3 if exp["dataset"]["type"] == "unstructured" else spatial_dims))
+def test_train_and_test_scripts_on_a_mesh(tmp_path):
     paths = make_mesh_ensemble(str(tmp_path / "mesh"))
     exp = dict(model=TINY_MODEL,
                dataset=dict(type="unstructured", cond_batch=2, spatial_log2batch=6, importance="coord", **paths),
@@ -215,3 +206,24 @@ def test_train_and_test_scripts_on_a_mesh(tmp_path, monkeypatch):
     with open(os.path.join(rd, "eval", "members.csv")) as f:
         mrows = [r for r in csv.DictReader(f) if r["predictor"] == "model"]
     assert len(mrows) == N_TRAIN + N_TEST
+
+    # queries: by default the mesh's own vertices, equal to the model at the dataset's coordinates
+    from predict import main as predict_main
+    from util.query import Surrogate
+
+    sur = Surrogate.load(rd, device="cpu")
+    ds = build(paths)
+    c = ds.conds([N_TRAIN])[0]
+    v = sur.predict(c.tolist(), normalized_params=True, normalized_output=True)
+    assert v.shape == (ds.n_vertices,)
+    with torch.no_grad():
+        ref = sur.model(ds.eval_coords()[None], c[None])[0, :, 0].numpy()
+    np.testing.assert_allclose(v, ref, rtol=1e-5, atol=1e-6)
+    assert sur.predict(c.tolist(), resolution=4, normalized_params=True).shape == (4, 4, 4)
+    with pytest.raises(ValueError, match="mesh"):
+        sur.predict(c.tolist(), index_coords=np.zeros((2, 3)), normalized_params=True)
+    out = str(tmp_path / "p.npy")
+    predict_main(["--run", rd, "--values", *map(str, c.tolist()), "--normalized", "--out", out])
+    assert np.load(out).shape == (ds.n_vertices,)
+    with pytest.raises(SystemExit, match="vti"):
+        predict_main(["--run", rd, "--values", *map(str, c.tolist()), "--normalized", "--out", out, "--vti"])

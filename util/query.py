@@ -51,6 +51,8 @@ class Surrogate:
             self.model.bake()
         self.param_names = meta.get("param_names")
         self.spatial_shape = tuple(meta["spatial_shape"])
+        self.spatial_dims = int(meta.get("spatial_dims", len(self.spatial_shape)))
+        self.has_grid = bool(meta.get("has_grid", True))     # False: an unstructured (mesh) ensemble
 
     @classmethod
     def load(cls, run_dir: str, checkpoint: Optional[str] = None, device: Optional[str] = None,
@@ -103,6 +105,25 @@ class Surrogate:
                             labels[i], v, lo[i], hi[i])
         return torch.as_tensor(c, dtype=torch.float32)
 
+    def mesh_coords(self) -> np.ndarray:
+        """A mesh ensemble's vertex coordinates (N, 3) in model coordinates, normalized as in training.
+
+        Read from the run's ``meta.json`` ``coords_path`` (the dataset's coordinate file) with the same
+        normalization (``datasets.unstructured.normalize_vertex_coords``).
+        """
+        import os
+
+        from datasets.unstructured import normalize_vertex_coords
+
+        path = self.meta.get("coords_path")
+        if self.has_grid or not path:
+            raise ValueError("this run's data is gridded; mesh coordinates exist only for unstructured ensembles")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"the run's mesh coordinate file '{path}' (meta.json coords_path) is missing; "
+                                    "pass coords in [-1, 1] instead")
+        return normalize_vertex_coords(np.load(path, allow_pickle=False), bool(self.meta.get("coords_spherical")),
+                                       name=os.path.basename(path))
+
     # -- fields -----------------------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, params, resolution: Union[None, int, Sequence[int]] = None, coords: Optional[np.ndarray] = None,
@@ -112,23 +133,30 @@ class Surrogate:
 
         Args:
             params: {name: value} in simulation units (or a list, see :meth:`normalize_params`).
-            resolution: output grid: None = the data's resolution, an int (the same on every axis) or a shape
-                in array order ((D, H, W) or (H, W)). Ignored when coordinates are given.
+            resolution: output grid: None = the data's resolution (for a mesh ensemble: its own vertices), an
+                int (the same on every axis) or a shape in array order ((D, H, W) or (H, W)); for a mesh
+                ensemble a grid over the box of its normalized vertex coordinates. Ignored when coordinates are
+                given.
             coords: (N, d) points in [-1, 1], column 0 along the last array axis (the model's convention).
             index_coords: (N, d) points as fractional array indices in array order (i along the first axis),
-                relative to the data's resolution ``spatial_shape``.
+                relative to the data's resolution ``spatial_shape`` (gridded ensembles only).
             normalized_params: params are already normalized to [0, 1].
             normalized_output: return values in [0, 1] instead of data units.
 
         Returns:
-            float32 array: the grid shape, or (N,) for given coordinates.
+            float32 array: the grid shape, or (N,) for given coordinates and for a mesh's own vertices.
         """
         from util.evaluation import predict_field
 
         c = self.normalize_params(params, normalized=normalized_params).to(self.device)
-        d = len(self.spatial_shape)
+        d = self.spatial_dims
         if coords is not None and index_coords is not None:
             raise ValueError("give coords or index_coords, not both")
+        if index_coords is not None and not self.has_grid:
+            raise ValueError("index_coords need a gridded ensemble; this run's data is a mesh: pass coords in "
+                             "[-1, 1] or nothing (the mesh's own vertices)")
+        if coords is None and index_coords is None and resolution is None and not self.has_grid:
+            coords = self.mesh_coords()
         if index_coords is not None:
             idx = np.asarray(index_coords, dtype=np.float64)
             if idx.ndim != 2 or idx.shape[1] != d:
