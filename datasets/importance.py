@@ -231,7 +231,7 @@ def write_importance(data_dir: str, cond_path: str, cond_split_path: str, out_di
                      file_ext: Optional[str] = None, dims: Optional[Sequence[int]] = None, h5_key: str = "data",
                      log_transform: bool = False, bins: int = DEFAULT_BINS, cluster_size: Optional[int] = None,
                      value_min: Optional[float] = None, value_max: Optional[float] = None, downsample: int = 1,
-                     progress: bool = True) -> Dict[str, str]:
+                     progress: bool = True, coords_path: Optional[str] = None) -> Dict[str, str]:
     """Compute and write both importance files for an ensemble in the on-disk layout.
 
     Values are normalized exactly as ``HDFieldDataset`` does (train-member min/max unless given); the files
@@ -244,6 +244,9 @@ def write_importance(data_dir: str, cond_path: str, cond_split_path: str, out_di
         bins: histogram bins over [0, 1].
         cluster_size: voxels per cluster (None: 1 up to 2^24 voxels, more above).
         progress: tqdm progress bar over members.
+        coords_path: the vertex coordinate file of an unstructured (mesh) ensemble (dataset type
+            ``unstructured``): members are (N,) vertex values and the weights are per vertex; ``dims`` and
+            ``downsample`` do not apply.
 
     Returns:
         {"impsmp_cond_path": file, "impsmp_coord_path": folder}.
@@ -252,10 +255,17 @@ def write_importance(data_dir: str, cond_path: str, cond_split_path: str, out_di
 
     from datasets.ensemble import HDFieldDataset  # lazy: ensemble imports this module
 
-    ds = HDFieldDataset(data_dir=data_dir, cond_path=cond_path, cond_split_path=cond_split_path, dims=dims,
-                        h5_key=h5_key, file_ext=file_ext, log_transform=log_transform, value_min=value_min,
-                        value_max=value_max, storage="mmap", downsample=downsample, impsmp_bins=bins,
-                        impsmp_cluster_size=cluster_size)
+    common = dict(data_dir=data_dir, cond_path=cond_path, cond_split_path=cond_split_path, h5_key=h5_key,
+                  file_ext=file_ext, log_transform=log_transform, value_min=value_min, value_max=value_max,
+                  storage="mmap", downsample=downsample, impsmp_bins=bins, impsmp_cluster_size=cluster_size)
+    if coords_path is not None:
+        from datasets.unstructured import UnstructuredDataset
+
+        if dims:
+            raise ValueError("--dims does not apply to a mesh ensemble (members are (N,) vertex values)")
+        ds = UnstructuredDataset(coords_path=coords_path, **common)
+    else:
+        ds = HDFieldDataset(dims=dims, **common)
     os.makedirs(out_dir, exist_ok=True)
     coord_dir = os.path.join(out_dir, COORD_DIR)
     os.makedirs(coord_dir, exist_ok=True)
@@ -297,6 +307,8 @@ def main(argv=None) -> int:
                    help="voxels per cluster (default 1 up to 2^24 voxels, ceil(voxels / 2^24) above)")
     p.add_argument("--downsample", type=int, default=1,
                    help="weights of the x-downsampled training fields (dataset key downsample; default 1 = off)")
+    p.add_argument("--coords_path", help="vertex coordinates (N, 3) .npy of a mesh ensemble (dataset type "
+                                          "unstructured): weights per vertex")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -304,7 +316,7 @@ def main(argv=None) -> int:
         out = write_importance(a.data_dir, a.cond_path, a.cond_split_path, a.out_dir, file_ext=a.file_ext,
                                dims=a.dims, h5_key=a.h5_key, log_transform=a.log_transform, bins=a.bins,
                                cluster_size=a.cluster_size, value_min=a.value_min, value_max=a.value_max,
-                               downsample=a.downsample, progress=not a.no_progress)
+                               downsample=a.downsample, progress=not a.no_progress, coords_path=a.coords_path)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     for k, v in out.items():

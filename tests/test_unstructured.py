@@ -148,6 +148,32 @@ def test_importance_uses_the_shared_weights(mesh):
     assert b["x"].shape == (3, 64, 3) and float(b["v"].max()) <= 1
 
 
+def test_importance_cli_on_a_mesh(tmp_path, mesh):
+    """python -m datasets.importance --coords_path writes per-vertex files that give the same batches as the
+    weights computed on the fly."""
+    out = str(tmp_path / "imp")
+    assert imp.main(["--data_dir", mesh["data_dir"], "--cond_path", mesh["cond_path"], "--cond_split_path",
+                     mesh["cond_split_path"], "--coords_path", mesh["coords_path"], "--out_dir", out,
+                     "--no_progress"]) == 0
+    files = build(mesh, importance="both", impsmp_cond_path=os.path.join(out, imp.COND_FILE),
+                  impsmp_coord_path=os.path.join(out, imp.COORD_DIR))
+    fly = build(mesh, importance="both")
+    for step in (0, 5):
+        a, b = files.sample_batch(step), fly.sample_batch(step)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k])
+    w = np.zeros(len(fly.train_idx))
+    w[1] = 1.0                                     # the member file is what the dataset reads
+    np.save(os.path.join(out, imp.COND_FILE), w)
+    one = build(mesh, importance="both", impsmp_cond_path=os.path.join(out, imp.COND_FILE),
+                impsmp_coord_path=os.path.join(out, imp.COORD_DIR))
+    assert set(one.sample_batch(0)["member"].tolist()) == {int(fly.train_idx[1])}
+    with pytest.raises(SystemExit, match="dims"):
+        imp.main(["--data_dir", mesh["data_dir"], "--cond_path", mesh["cond_path"], "--cond_split_path",
+                  mesh["cond_split_path"], "--coords_path", mesh["coords_path"], "--out_dir", out, "--dims", "4",
+                  "--no_progress"])
+
+
 def test_augmentation_modes_and_refusals(mesh):
     base = build(mesh).sample_batch(2)
     vc = build(mesh, augment="vc", tau_x=0.01).sample_batch(2)
