@@ -453,35 +453,30 @@ class FusedHead(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, cb, n_per, chunk, activation, *wb):
         outs, kept = [], []
-        H = z.shape[1]
         for b0, b1, s, e in _head_segments(cb.shape[0], n_per, chunk):
-            h = torch.relu((z[s:e].view(b1 - b0, -1, H) + cb[b0:b1, None, :]).view(-1, H))
-            hs = [h]
-            for i in range(0, len(wb), 2):
-                a = torch.addmm(wb[i + 1], h, wb[i].t())
-                if i + 2 < len(wb):
-                    h = torch.relu_(a)
-                    hs.append(h)
-            out = _activate(a, activation)
+            hs, last, out = _head_chunk(z, cb, b0, b1, s, e, activation, wb)
             outs.append(out)
-            kept.append((hs, out if activation == "sigmoid" else a))
+            kept.append((hs, last))
         ctx.kept, ctx.cfg = kept, (n_per, chunk, activation, cb.shape[0])
-        ctx.save_for_backward(*wb)
+        ctx.save_for_backward(z, cb, *wb)
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, go):
-        wb = ctx.saved_tensors
+        z, cb, *wb = ctx.saved_tensors
         n_per, chunk, activation, B = ctx.cfg
-        kept, ctx.kept = ctx.kept, []
+        kept, ctx.kept = ctx.kept, []              # freed as used; a second backward (retain_graph) recomputes
         go = go.contiguous()
         H = wb[0].shape[1]
         gz = torch.empty(B * n_per, H, dtype=go.dtype, device=go.device)
         gcb = torch.zeros(B, H, dtype=go.dtype, device=go.device)
         gwb = [torch.zeros_like(t) for t in wb]
         for j, (b0, b1, s, e) in enumerate(_head_segments(B, n_per, chunk)):
-            (hs, last), kept[j] = kept[j], None
+            if kept:
+                (hs, last), kept[j] = kept[j], None
+            else:
+                hs, last, _ = _head_chunk(z, cb, b0, b1, s, e, activation, wb)
             g = go[s:e]
             if activation == "sigmoid":
                 g = g * last * (1.0 - last)
@@ -495,6 +490,21 @@ class FusedHead(torch.autograd.Function):
             gz[s:e] = g
             gcb[b0:b1].add_(g.view(b1 - b0, -1, H).sum(1))
         return (gz, gcb, None, None, None, *gwb)
+
+
+def _head_chunk(z, cb, b0, b1, s, e, activation, wb):
+    """Forward of rows s..e-1 (conditions b0..b1-1): (inputs of every linear layer, what the output
+    activation's derivative needs, output)."""
+    H = z.shape[1]
+    h = torch.relu((z[s:e].view(b1 - b0, -1, H) + cb[b0:b1, None, :]).view(-1, H))
+    hs = [h]
+    for i in range(0, len(wb), 2):
+        a = torch.addmm(wb[i + 1], h, wb[i].t())
+        if i + 2 < len(wb):
+            h = torch.relu_(a)
+            hs.append(h)
+    out = _activate(a, activation)
+    return hs, (out if activation == "sigmoid" else a), out
 
 
 def _head_segments(B: int, n_per: int, chunk: int):

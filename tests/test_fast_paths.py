@@ -303,3 +303,18 @@ def test_fused_head_equals_autograd(activation, chunk, layers):
     close(out1, out0)
     for a, b in zip(g1, g0):
         close(a, b)
+
+
+def test_fused_functions_support_a_second_backward():
+    """retain_graph=True: the fused functions free their kept intermediates in the first backward and
+    recompute them in a second one; both give the same gradients."""
+    m = small(3)
+    m.fused_refiner = "always"
+    m.sparse_refine = "never"
+    m.train()
+    x, c = points(m)
+    loss = (m(x, c) - 0.5).pow(2).mean()
+    first = torch.autograd.grad(loss, list(m.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(m.parameters()))
+    for a, b in zip(first, second):
+        close(b, a)
