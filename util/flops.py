@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Dict
 
 import torch
@@ -23,7 +24,9 @@ def count_flops(model: torch.nn.Module, cond_dim: int, spatial_dims: int, n_cond
         dict(flops (the whole batch), tflops_per_1e9_points, params (trainable parameter count before baking),
         uncounted (operator names fvcore skipped)).
     """
-    from fvcore.nn import FlopCountAnalysis
+    with warnings.catch_warnings():  # fvcore uses torch.jit, which newer PyTorch marks deprecated
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
+        from fvcore.nn import FlopCountAnalysis
 
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.eval()
@@ -36,7 +39,9 @@ def count_flops(model: torch.nn.Module, cond_dim: int, spatial_dims: int, n_cond
     c = torch.rand(n_cond, cond_dim, generator=g)
     fca = FlopCountAnalysis(model, (x, c))
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    total = float(fca.total())
+    with warnings.catch_warnings():  # fvcore traces with torch.jit, which newer PyTorch marks deprecated
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
+        total = float(fca.total())
     per_point = total / (n_cond * n_points)
     return dict(flops=total, tflops_per_1e9_points=per_point * 1e9 / 1e12, params=params,
                 uncounted=sorted(fca.unsupported_ops().keys()))
