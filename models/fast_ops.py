@@ -1,4 +1,5 @@
-"""Gather-based (multi)linear interpolation kernels for the DRR-Net fast paths (models/drrnet.py).
+"""Kernels of the DRR-Net fast paths (models/drrnet.py): gather-based (multi)linear interpolation and, for CPU
+training, two fused autograd functions.
 
 All kernels work on a **channels-last flat table** ``(P, C)`` of a lattice of array shape ``S`` (row r =
 the vertex with C-order flat index r) and use the project conventions (``docs/design.md``): coordinate
@@ -9,7 +10,8 @@ column 0 runs along the LAST array axis, vertex j of an n-point axis sits at ``2
   a corner outside the lattice gets weight 0 (its row index is clamped so the gather stays in range); so
   ``x = +-1`` gives the boundary vertex and points outside [-1, 1] fade to 0 as with ``grid_sample``.
 * :func:`gather_interp` sums ``w * table[idx]`` over the corners with ONE ``F.embedding_bag`` call (a fused
-  gather + weighted sum on CPU and CUDA, differentiable w.r.t. the table and the weights).
+  gather + weighted sum on CPU and CUDA, differentiable w.r.t. the table and the weights; on CPU its table
+  gradient is one ``index_add_`` per corner instead of embedding_bag's sort).
 * :func:`resize_stencil` is the stencil of ``F.interpolate(mode="(bi/tri)linear", align_corners=True)`` from
   a lattice ``src`` to the vertices of a lattice ``dst``; used to compute the structural super-resolution
   (SSR) of DRR-Net at a subset of its vertices only.
@@ -17,6 +19,9 @@ column 0 runs along the LAST array axis, vertex j of an n-point axis sits at ``2
   is ever materialized) and gives their stencil on a model lattice from per-axis tables; when every query
   vertex is a lattice vertex the stencil has a single corner (a row gather), and when the query lattice IS
   the model lattice it is a plain slice (:meth:`GridQuery.identity`).
+* :func:`vertex_pipeline` (PE + GLU refiner + folded fusion weight over lattice rows) and :func:`fused_head`
+  (ReLU + decoder + output activation over points): the training-time compositions with hand-written
+  backward passes, in row chunks; equal to the autograd compositions to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -28,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["strides_of", "corner_stencil", "gather_interp", "resize_stencil", "GridQuery", "to_rows", "vertex_pipeline"]
+__all__ = ["strides_of", "corner_stencil", "gather_interp", "resize_stencil", "GridQuery", "to_rows", "vertex_pipeline",
+           "fused_head"]
 
 
 def strides_of(shape: Sequence[int]) -> List[int]:
