@@ -149,8 +149,11 @@ class DRRNet(nn.Module):
     lattice ``_baked_fused`` (P, hidden_dim) next to ``_baked_grid``; :meth:`predict_grid` reconstructs a
     whole member lattice chunk by chunk without materializing coordinates and skips the interpolation
     where query vertices are lattice vertices. In training (or unbaked eval) pi and R_sp run only on the
-    vertices the batch touches when that is cheaper (``sparse_refine``); the SSR of those vertices is
-    computed by gathers with ``F.interpolate``'s stencil, so outputs and gradients equal the plain path's.
+    vertices the batch touches when that is cheaper (``sparse_refine``; only corners of non-zero weight
+    count, so a point on a lattice vertex touches one vertex); the SSR of those vertices is computed by
+    gathers with ``F.interpolate``'s stencil, so outputs and gradients equal the plain path's. On CPU,
+    PE + R_sp + fold and the per-point head run as chunked autograd functions with hand-written backward
+    passes (``fused_refiner``).
 
     Training stability (spec section 4, "observed collapse"): with the sigmoid output and a data mean far
     from 0.5 (CloverLeaf energy: 0.13), the first Adam steps (eps 1e-15, so every parameter moves by ~lr)
