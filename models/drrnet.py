@@ -131,10 +131,11 @@ class DRRNet(nn.Module):
             the batch's interpolation stencils touch when they are at most ``sparse_refine_ratio`` of the
             lattice, else the whole lattice; "always" / "never" force one of the two.
         sparse_refine_ratio: threshold of "auto" (touched vertices / lattice vertices).
-        fused_refiner: with ``fast_paths`` in training: compute PE, spatial refiner and the folded fusion
-            weight of the refined vertices with one chunked autograd function whose backward is written out
-            (models/fast_ops.vertex_pipeline; same values and gradients to fp32 rounding). "auto": on CPU
-            in float32 (there the autograd composition is limited by memory traffic); "always" / "never".
+        fused_refiner: with ``fast_paths`` outside the baked path: compute PE, spatial refiner and the folded
+            fusion weight of the refined vertices, and (with gradients) the per-point ReLU, decoder and
+            output activation, with chunked autograd functions whose backward passes are written out
+            (models/fast_ops.vertex_pipeline / fused_head; same values and gradients to fp32 rounding, less
+            memory). "auto": on CPU in float32 without autocast; "always" / "never".
 
     The defaults are the paper's Cloverleaf configuration, except ``ssr_resolution`` (paper: 128).
 
