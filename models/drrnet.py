@@ -130,7 +130,8 @@ class DRRNet(nn.Module):
         sparse_refine: with ``fast_paths`` outside the baked path: "auto" refines only the lattice vertices
             the batch's interpolation stencils touch when they are at most ``sparse_refine_ratio`` of the
             lattice, else the whole lattice; "always" / "never" force one of the two.
-        sparse_refine_ratio: threshold of "auto" (touched vertices / lattice vertices).
+        sparse_refine_ratio: threshold of "auto" (touched vertices / lattice vertices). 0.75: on the 2-core
+            CPU, demo model, sparse refinement was 17% faster than dense at 63% touched and 5% slower at 83%.
         fused_refiner: with ``fast_paths`` outside the baked path: compute PE, spatial refiner and the folded
             fusion weight of the refined vertices, and (with gradients) the per-point ReLU, decoder and
             output activation, with chunked autograd functions whose backward passes are written out
@@ -200,7 +201,7 @@ class DRRNet(nn.Module):
         # fast paths (same results as the plain path to fp32 rounding)
         fast_paths: bool = True,
         sparse_refine: str = "auto",
-        sparse_refine_ratio: float = 0.5,
+        sparse_refine_ratio: float = 0.75,
         fused_refiner: str = "auto",
     ):
         super().__init__()

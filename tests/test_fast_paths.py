@@ -200,6 +200,21 @@ def test_sparse_refine_touches_few_vertices():
     assert m.last_refined_vertices <= 6 * 8 < 0.5 * 990
 
 
+@pytest.mark.parametrize("touched", [100, 700, 750, 800, 990])
+def test_auto_refines_sparsely_up_to_the_ratio(touched):
+    m = small(3, ssr_resolution=[9, 11, 10])                    # P = 990 vertices
+    m.sparse_refine = "auto"
+    idx = torch.arange(touched).repeat(2)[:, None].expand(-1, 8).contiguous()
+    w = torch.full(idx.shape, 1.0 / 8)
+    w[:, 1:] = torch.where(torch.arange(idx.shape[0])[:, None] % 2 == 0, 0.0, w[:, 1:])  # some zero corners
+    rows, pos, V = m._touched_rows(idx, w)
+    if touched <= m.sparse_refine_ratio * 990:
+        assert V == touched and torch.equal(rows, torch.arange(touched))
+        assert torch.equal(rows[pos[w != 0]], idx[w != 0])       # every live corner maps to its own row
+    else:
+        assert rows is None and V == 990
+
+
 def test_points_on_vertices_touch_one_vertex_each():
     """Zero-weight corners do not count as touched: 27 points exactly on vertices refine 27 vertices, not 27*8,
     and values and gradients still equal the plain path's."""
