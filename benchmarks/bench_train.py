@@ -6,7 +6,9 @@ Usage (no data needed: random weights, grids and lines U(-1, 1), batches of rand
     python benchmarks/bench_train.py --paper clover --model_set ssr_resolution=64 --steps 3
 
 A step = forward, MSE loss, backward and an Adam step (lr 1e-4, eps 1e-15), on a batch shaped like the
-dataset's: ``x (N_c, N_x, d)`` random voxels of a ``--data_resolution`` lattice (default: the SSR shape),
+dataset's: ``x (N_c, N_x, d)`` random voxels of a ``--data_resolution`` lattice (default: the SSR shape;
+voxels on lattice vertices touch about 2 vertices each instead of 8, so pass the data's resolution to time
+a real config, e.g. ``--data_resolution 32`` for the demo),
 N_c / N_x from the config's ``dataset.cond_batch`` / ``2^dataset.spatial_log2batch`` (else 8 / 2048;
 ``--conds`` / ``--points`` override). Paths (each its own copy of the same initial model and optimizer,
 same batches, interleaved step by step, warm-up steps excluded, medians; CUDA timings synchronized):
