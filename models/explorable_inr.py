@@ -14,7 +14,7 @@ from typing import List, Sequence, Union
 import torch
 from torch import nn
 
-from models.kplanes import _as_list, flat_input
+from models.kplanes import FlatInputModel, _as_list
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
 
@@ -71,7 +71,7 @@ def xavier_mlp(mlp: nn.Module, bias_std: float = 1e-3) -> None:
 
 
 @register("model", "explorable_inr")
-class ExplorableINR(nn.Module):
+class ExplorableINR(FlatInputModel):
     """Explorable-INR: decomposed grid encoder + condition lines + ReLU MLP with sigmoid.
 
     The defaults reproduce the reference and the paper's Explorable-INR numbers; the only option that changes
@@ -161,8 +161,3 @@ class ExplorableINR(nn.Module):
         """u: (n, spatial_dims + cond_dim) -> (n, 1)."""
         out = self.decoder(self.encode(u))
         return torch.sigmoid(out) if self.out_sigmoid else out
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, d) in [-1, 1] (column 0 = W axis); c: (B, d_c) in [0, 1] -> (B, N, 1)."""
-        B, N, _ = x.shape
-        return self.forward_flat(flat_input(x, c)).reshape(B, N, 1)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from models.explorable_inr import lerp_lines, xavier_mlp
-from models.kplanes import flat_input
+from models.kplanes import FlatInputModel
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
 
@@ -148,7 +148,7 @@ class MemoryExpert(nn.Module):
 
 
 @register("model", "fainr")
-class FAINR(nn.Module):
+class FAINR(FlatInputModel):
     """FA-INR: top-2 routed mixture of SIREN + key-value-memory experts, as in the DRR-Net reference baseline.
 
     Defaults (Nyx paper config) reproduce the reference, including its quirks (spec 5.3-5.4, 5.7): the
@@ -270,11 +270,6 @@ class FAINR(nn.Module):
         if z is None:  # no points
             z = u.new_zeros(u.shape[0], self.query_norm.normalized_shape[0])
         return torch.sigmoid(self.decoder(z))
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, d) in [-1, 1] (column 0 = W axis); c: (B, d_c) in [0, 1] -> (B, N, 1)."""
-        B, N, _ = x.shape
-        return self.forward_flat(flat_input(x, c)).reshape(B, N, 1)
 
     def training_stats(self) -> Dict[str, float]:
         """Routing fractions of the last training-mode forward (sum = gate_top_k); {} before the first one."""

@@ -4,7 +4,8 @@ Every axis of the flat input u = [x, c] (spatial_dims + cond_dim axes) is a grid
 unordered axis pair, at several spatial scales; planes are multiplied within a scale and the scales are
 concatenated, then a ReLU MLP decodes one value. Facts: spec/baselines.md section 1; quirks: section 5 items 1-2.
 
-Also holds :func:`flat_input`, the reference forward wrapper shared by the three baselines.
+Also holds :func:`flat_input` and :class:`FlatInputModel`, the reference forward wrapper shared by the three
+baselines.
 Grid lookups go through ``util.sampling.sample_grid`` (bilinear/trilinear, align_corners=True).
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from torch import nn
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
 
-__all__ = ["KPlanes", "PAPER_CONFIGS", "flat_input", "mlp_decoder"]
+__all__ = ["KPlanes", "PAPER_CONFIGS", "flat_input", "FlatInputModel", "mlp_decoder"]
 
 # Paper configurations (configs/*/baselines.yaml, config_id 0): constructor kwargs plus the data's cond_dim.
 # Trainable parameters: nyx 12,101,505, mpas 13,493,505, clover 6,794,625 (spec 1.5).
@@ -43,6 +44,16 @@ def flat_input(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, c[:, None, :].expand(B, N, c.shape[-1]).to(x.dtype)], dim=-1).reshape(B * N, -1)
 
 
+class FlatInputModel(nn.Module):
+    """Base of the baselines, which (as the reference wrapper) work on flat per-point inputs ``u = [x, c]``:
+    a subclass defines ``forward_flat(u) -> (n, 1)``."""
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (B, N, d) in [-1, 1] (column 0 = W axis); c: (B, d_c) in [0, 1] -> (B, N, 1)."""
+        B, N, _ = x.shape
+        return self.forward_flat(flat_input(x, c)).reshape(B, N, 1)
+
+
 def _as_list(v: Union[int, Sequence[int]], n: int, name: str) -> List[int]:
     if isinstance(v, int):
         return [v] * n
@@ -64,7 +75,7 @@ def mlp_decoder(in_dim: int, width: int, hidden_layers: int, out_dim: int = 1) -
 
 
 @register("model", "kplanes")
-class KPlanes(nn.Module):
+class KPlanes(FlatInputModel):
     """K-Planes over the joint (space, condition) domain, as in the DRR-Net reference baseline.
 
     The defaults reproduce the reference (and the paper's K-Planes numbers) including its quirks
@@ -160,8 +171,3 @@ class KPlanes(nn.Module):
         """u: (n, spatial_dims + cond_dim) -> (n, 1)."""
         out = self.decoder(self.features(u))
         return torch.sigmoid(out) if self.output_sigmoid else out
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, d) in [-1, 1] (column 0 = W axis); c: (B, d_c) in [0, 1] -> (B, N, 1)."""
-        B, N, _ = x.shape
-        return self.forward_flat(flat_input(x, c)).reshape(B, N, 1)
