@@ -460,8 +460,7 @@ class DRRNet(nn.Module):
         else:                                                           # fewer points than vertices
             z = torch.nn.functional.linear(gather_interp(g, idx, w), w_sp)
         if fused and torch.is_grad_enabled():
-            lins = [m for m in self.decoder.net if isinstance(m, nn.Linear)]
-            return fused_head(z, self.cond_bias(c), lins, self.out_activation).reshape(B, N, -1)
+            return fused_head(z, self.cond_bias(c), self.decoder.linears, self.out_activation).reshape(B, N, -1)
         pre = z.reshape(B, N, -1) + self.cond_bias(c)[:, None, :]
         return self._head(pre)
 
@@ -477,9 +476,8 @@ class DRRNet(nn.Module):
     def _lowp(self, dtype: torch.dtype) -> Tuple[Tensor, ...]:
         """The folded table and decoder weights in ``dtype`` (cached until unbake)."""
         if dtype not in self._lowp_cache:
-            lins = [m for m in self.decoder.net if isinstance(m, nn.Linear)]
             tensors = [self._baked_fused.to(dtype)]
-            for m in lins:
+            for m in self.decoder.linears:
                 tensors += [m.weight.detach().to(dtype), m.bias.detach().to(dtype)]
             self._lowp_cache[dtype] = tuple(tensors)
         return self._lowp_cache[dtype]
@@ -524,7 +522,7 @@ class DRRNet(nn.Module):
                 y = self(x, c) if fast else self._forward_plain(x, c)
                 res[s:e] = y[0, :, 0].float()
             return res.reshape(shape)
-        lins = [m for m in self.decoder.net if isinstance(m, nn.Linear)]
+        lins = self.decoder.linears
         cb = self.cond_bias(c)[0]                                       # (hidden,)
         if dtype is None or dtype == self._baked_fused.dtype:
             table = self._baked_fused

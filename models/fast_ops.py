@@ -270,20 +270,20 @@ class VertexPipeline(torch.autograd.Function):
     ``tests/test_fast_paths.py`` checks values and gradients against the autograd composition.
 
     Call through :func:`vertex_pipeline`. Arguments after ``u``: the PE coefficients (K,) or None,
-    include_input, RMSNorm eps, rows per chunk, number of GLU blocks, whether a fold weight is last, whether
-    to keep intermediates, then per block (norm weight (D,), W1 (H, D), W2 (H, D), W3 (D, H)) and the fold
+    include_input, RMSNorm eps, rows per chunk, number of GLU blocks, whether to keep intermediates, then per
+    block (norm weight (D,), W1 (H, D), W2 (H, D), W3 (D, H)) and, when there is one more weight, the fold
     weight (hidden, D).
     """
 
     @staticmethod
-    def forward(ctx, u, coeff, include_input, eps, chunk, n_blocks, has_fold, keep, *weights):
+    def forward(ctx, u, coeff, include_input, eps, chunk, n_blocks, keep, *weights):
         ctx.save_for_backward(u, coeff, *weights)
-        ctx.cfg = (include_input, eps, chunk, n_blocks, has_fold)
+        ctx.cfg = (include_input, eps, chunk, n_blocks)
         packed = _pack(weights, n_blocks)
         keep = keep and any(ctx.needs_input_grad)
         outs, ctx.kept = [], []
         for s in range(0, u.shape[0], chunk):
-            out, saved = _pipeline_chunk(u[s:s + chunk], coeff, include_input, eps, packed, has_fold, keep)
+            out, saved = _pipeline_chunk(u[s:s + chunk], coeff, include_input, eps, packed, keep)
             outs.append(out)
             if keep:
                 ctx.kept.append(saved)
@@ -293,12 +293,12 @@ class VertexPipeline(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         u, coeff, *weights = ctx.saved_tensors
-        include_input, eps, chunk, n_blocks, has_fold = ctx.cfg
+        include_input, eps, chunk, n_blocks = ctx.cfg
         packed = _pack(weights, n_blocks)
         need_u = ctx.needs_input_grad[0]
         # gradient accumulators: per block ([W1; W2] diag(wn), W3), then the fold weight
         acc = [torch.zeros_like(t) for blk in packed["blocks"] for t in (blk[1], blk[2])]
-        if has_fold:
+        if packed["fold"] is not None:
             acc.append(torch.zeros_like(packed["fold"]))
         gu = torch.empty_like(u) if need_u else None
         grad_out = grad_out.contiguous()
@@ -307,13 +307,11 @@ class VertexPipeline(torch.autograd.Function):
             if kept:
                 saved, kept[i] = kept[i], None                       # free as we go
             else:                                                    # recompute the chunk (in cache)
-                saved = _pipeline_chunk(u[s:s + chunk], coeff, include_input, eps, packed, has_fold, True)[1]
-            g_u = _pipeline_chunk_backward(grad_out[s:s + chunk], saved, coeff, include_input, packed, has_fold,
-                                           acc, need_u)
+                saved = _pipeline_chunk(u[s:s + chunk], coeff, include_input, eps, packed, True)[1]
+            g_u = _pipeline_chunk_backward(grad_out[s:s + chunk], saved, coeff, include_input, packed, acc, need_u)
             if need_u:
                 gu[s:s + chunk] = g_u
-        grads = _unpack_grads(acc, packed, has_fold)
-        return (gu, None, None, None, None, None, None, None, *grads)
+        return (gu, None, None, None, None, None, None, *_unpack_grads(acc, packed))
 
 
 def _pack(weights, n_blocks):
@@ -330,7 +328,7 @@ def _pack(weights, n_blocks):
     return {"blocks": blocks, "fold": weights[4 * n_blocks] if len(weights) > 4 * n_blocks else None}
 
 
-def _pipeline_chunk(u, coeff, include_input, eps, packed, has_fold, keep):
+def _pipeline_chunk(u, coeff, include_input, eps, packed, keep):
     """Forward of one chunk of rows; with ``keep`` also what the backward needs."""
     saved = {"blocks": []}
     if coeff is not None:
@@ -357,21 +355,21 @@ def _pipeline_chunk(u, coeff, include_input, eps, packed, has_fold, keep):
     g = x0 + x if packed["blocks"] else x0
     if keep:
         saved["g"] = g
-    out = g @ packed["fold"].t() if has_fold else g
+    out = g @ packed["fold"].t() if packed["fold"] is not None else g
     return out, saved
 
 
-def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, has_fold, acc, need_u):
+def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_u):
     """Backward of one chunk: accumulates into ``acc`` (per block: the folded [W1; W2] diag(wn), W3; then
     the fold weight; see :func:`_unpack_grads`); returns the rows' gradient."""
-    if has_fold:
+    if packed["fold"] is not None:
         acc[-1].addmm_(go.t(), saved["g"])
         gg = go @ packed["fold"]                                     # (n, D)
     else:
         gg = go
     gx = gg
     for k in reversed(range(len(packed["blocks"]))):
-        wn, w12, w3, w12s = packed["blocks"][k]
+        _, _, w3, w12s = packed["blocks"][k]
         r, xh, ab, ra, h = saved["blocks"][k]
         H, D = w3.shape[1], w3.shape[0]
         acc[2 * k + 1].addmm_(gx.t(), h)                             # dW3 (D, H)
@@ -397,7 +395,7 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, has_fold, 
     return gu
 
 
-def _unpack_grads(acc, packed, has_fold):
+def _unpack_grads(acc, packed):
     """Accumulated gradients -> per block (wn, W1, W2, W3) [+ fold], in the order of the Function's inputs."""
     grads = []
     for k, (wn, w12, w3, _) in enumerate(packed["blocks"]):
@@ -405,7 +403,7 @@ def _unpack_grads(acc, packed, has_fold):
         g12s = acc[2 * k]                                            # d/d(W12 diag(wn))
         g12 = g12s * wn
         grads += [(g12s * w12).sum(0), g12[:H], g12[H:], acc[2 * k + 1]]
-    if has_fold:
+    if packed["fold"] is not None:
         grads.append(acc[-1])
     return grads
 
@@ -438,12 +436,12 @@ def vertex_pipeline(u: Tensor, pe, refiner, w_fold, chunk: int = 2048, keep_byte
         eps = blk.norm.eps
     if w_fold is not None:
         weights.append(w_fold)
-    D = blocks[0].w1.in_features if blocks else u.shape[1] * (2 * (coeff.numel() if pe else 0) + 1)
-    per_row = u.shape[1] + (2 * coeff.numel() * u.shape[1] if pe is not None else 0) + D \
-        + sum(3 * blk.w1.in_features + 1 + 3 * blk.hidden for blk in blocks)
+    # floats kept per row (see _pipeline_chunk): sin and cos, g, and per block r, xh, [a | b], relu(a), h
+    D = pe.out_dim if pe is not None else u.shape[1]
+    per_row = (2 * coeff.numel() * u.shape[1] if pe is not None else 0) + D \
+        + sum(D + 1 + 4 * blk.hidden for blk in blocks)
     keep = u.shape[0] * per_row * u.element_size() <= keep_bytes
-    return VertexPipeline.apply(u.contiguous(), coeff, include_input, eps, int(chunk), len(blocks), w_fold is not None, keep,
-                                *weights)
+    return VertexPipeline.apply(u.contiguous(), coeff, include_input, eps, int(chunk), len(blocks), keep, *weights)
 
 
 class FusedHead(torch.autograd.Function):

@@ -207,6 +207,11 @@ class MLPDecoder(nn.Module):
         self.net = nn.Sequential(*layers)
         self.out_dim = out_dim
 
+    @property
+    def linears(self) -> List[nn.Linear]:
+        """The linear layers in order (ReLU between them)."""
+        return [m for m in self.net if isinstance(m, nn.Linear)]
+
     def forward(self, h: Tensor) -> Tensor:
         """h: (..., in_dim) -> (..., out_dim)."""
         return self.net(h)

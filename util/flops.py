@@ -1,6 +1,7 @@
 """FLOPs per point with fvcore (spec 6): one multiply-add counts as one flop."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from typing import Dict
@@ -8,6 +9,14 @@ from typing import Dict
 import torch
 
 log = logging.getLogger("flops")
+
+
+@contextlib.contextmanager
+def _quiet_fvcore():
+    """fvcore uses torch.jit (at import and when tracing), which newer PyTorch marks deprecated: hide that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
+        yield
 
 
 @torch.no_grad()
@@ -24,8 +33,7 @@ def count_flops(model: torch.nn.Module, cond_dim: int, spatial_dims: int, n_cond
         dict(flops (the whole batch), tflops_per_1e9_points, params (trainable parameter count before baking),
         uncounted (operator names fvcore skipped)).
     """
-    with warnings.catch_warnings():  # fvcore uses torch.jit, which newer PyTorch marks deprecated
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
+    with _quiet_fvcore():
         from fvcore.nn import FlopCountAnalysis
 
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -39,8 +47,7 @@ def count_flops(model: torch.nn.Module, cond_dim: int, spatial_dims: int, n_cond
     c = torch.rand(n_cond, cond_dim, generator=g)
     fca = FlopCountAnalysis(model, (x, c))
     fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-    with warnings.catch_warnings():  # fvcore traces with torch.jit, which newer PyTorch marks deprecated
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=DeprecationWarning)
+    with _quiet_fvcore():
         total = float(fca.total())
     per_point = total / (n_cond * n_points)
     return dict(flops=total, tflops_per_1e9_points=per_point * 1e9 / 1e12, params=params,

@@ -58,7 +58,7 @@ def group_parameters(model: nn.Module, param_groups: Optional[Dict[str, dict]] =
                               f"{', '.join(known) or '(none)'}; or use a parameter-name prefix")
         if not isinstance(param_groups[g], dict):
             raise ConfigError(f"optim.param_groups.{g} must be a mapping of optimizer options")
-    numeric = ("lr", "eps", "weight_decay")  # YAML reads 1e-4 (no dot) as a string
+    numeric = ("lr", "eps", "weight_decay")  # configs built in Python (or read by plain PyYAML) may hold "1e-4"
     groups = []
     for g, ps in assigned.items():
         opts = dict(param_groups[g])

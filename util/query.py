@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
@@ -111,8 +112,6 @@ class Surrogate:
         Read from the run's ``meta.json`` ``coords_path`` (the dataset's coordinate file) with the same
         normalization (``datasets.unstructured.normalize_vertex_coords``).
         """
-        import os
-
         from datasets.unstructured import normalize_vertex_coords
 
         path = self.meta.get("coords_path")
