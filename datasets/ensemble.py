@@ -179,7 +179,8 @@ def _is_int(v) -> bool:
 
 
 def _as_float(val, key: str) -> float:
-    """A finite float from a number or a numeric string (configs built in Python or read by plain PyYAML may hold "1e-3")."""
+    """A finite float from a number or a numeric string (configs built in Python, or read by plain PyYAML, may
+    hold "1e-3")."""
     try:
         out = math.nan if isinstance(val, bool) else float(val)
     except (TypeError, ValueError):
