@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from models import cpu_kernels
+
 __all__ = ["strides_of", "corner_stencil", "gather_interp", "resize_stencil", "GridQuery", "to_rows", "vertex_pipeline",
            "fused_head"]
 
@@ -108,16 +110,20 @@ def corner_stencil(x: Tensor, shape: Sequence[int]) -> Tuple[Tensor, Tensor]:
 def gather_interp(table: Tensor, idx: Tensor, w: Tensor) -> Tensor:
     """``out[m] = sum_c w[m, c] * table[idx[m, c]]``: table (P, C), idx (M, K), w (M, K) -> (M, C).
 
-    One fused ``embedding_bag`` (mode "sum" with per-sample weights); differentiable w.r.t. table and w.
+    One fused ``embedding_bag`` (mode "sum" with per-sample weights; on CPU in float32 the compiled
+    ``gather_corners`` kernel of models/cpu_kernels when available); differentiable w.r.t. table and w.
     The weights are cast to the table's dtype. On CPU, when the table needs a gradient, the backward is
-    :class:`_GatherInterpCPU` (one ``index_add_`` per corner instead of ``embedding_bag``'s sort of all
-    M*K indices; about twice as fast at training sizes).
+    :class:`_GatherInterpCPU` (a scatter of the corners: the compiled kernel, else one ``index_add_`` per
+    corner instead of ``embedding_bag``'s sort of all M*K indices).
     """
     if idx.shape[1] == 1:                             # single corner: a plain row gather (weights are 1)
         return table.index_select(0, idx[:, 0]) * w.to(table.dtype)
     w = w.to(table.dtype)
-    if table.device.type == "cpu" and table.requires_grad and torch.is_grad_enabled():
+    grad = torch.is_grad_enabled() and (table.requires_grad or w.requires_grad)
+    if table.device.type == "cpu" and grad and table.requires_grad:
         return _GatherInterpCPU.apply(table, idx, w)
+    if not grad:
+        return _prims(table).gather_corners(table.contiguous(), idx.contiguous(), w.contiguous())
     return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
 
 
@@ -126,8 +132,9 @@ class _GatherInterpCPU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table, idx, w):
+        table, idx, w = table.contiguous(), idx.contiguous(), w.contiguous()
         ctx.save_for_backward(table, idx, w)
-        return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+        return _prims(table).gather_corners(table, idx, w)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -135,13 +142,14 @@ class _GatherInterpCPU(torch.autograd.Function):
         table, idx, w = ctx.saved_tensors
         g_table = g_w = None
         if ctx.needs_input_grad[0]:
-            g_table = torch.zeros_like(table)
-            w_t, idx_t = w.t().contiguous(), idx.t().contiguous()      # per-corner contiguous columns
-            for k in range(idx.shape[1]):
-                g_table.index_add_(0, idx_t[k], go * w_t[k, :, None])
+            g_table = _prims(table).scatter_corners_(torch.zeros_like(table), idx, w, go.contiguous())
         if ctx.needs_input_grad[2]:
-            g_w = torch.stack([(table.index_select(0, idx[:, k]) * go).sum(-1) for k in range(idx.shape[1])], -1)
+            g_w = _gather_weight_grad(table, idx, go)
         return g_table, None, g_w
+
+
+def _gather_weight_grad(table: Tensor, idx: Tensor, go: Tensor) -> Tensor:
+    return torch.stack([(table.index_select(0, idx[:, k]) * go).sum(-1) for k in range(idx.shape[1])], -1)
 
 
 def _resize_axis(src_n: int, dst_n: int, device) -> Tuple[Tensor, Tensor, Tensor]:
@@ -314,6 +322,71 @@ class VertexPipeline(torch.autograd.Function):
         return (gu, None, None, None, None, None, None, *_unpack_grads(acc, packed))
 
 
+class _TorchPrims:
+    """Elementwise / gather passes of the fast paths as PyTorch operators (any device, any float dtype): the
+    twins of the compiled kernels in models/cpu_kernels (same arguments and results)."""
+
+    @staticmethod
+    def rms_norm_fwd(x: Tensor, eps: float):
+        ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True)       # (n, 1)
+        r = torch.rsqrt(ss.square_().div_(x.shape[1]).add_(eps))     # 1 / rms
+        return x * r, r
+
+    @staticmethod
+    def rms_norm_bwd_(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor) -> Tensor:
+        m = (gxh * xh).sum(-1, keepdim=True).div_(xh.shape[1]).mul_(r)
+        return gx.addcmul_(r, gxh).addcmul_(m, xh, value=-1.0)
+
+    @staticmethod
+    def gather_corners(table: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+        return F.embedding_bag(idx, table, per_sample_weights=w, mode="sum")
+
+    @staticmethod
+    def scatter_corners_(out: Tensor, idx: Tensor, w: Tensor, go: Tensor) -> Tensor:
+        w_t, idx_t = w.t().contiguous(), idx.t().contiguous()          # per-corner contiguous columns
+        for k in range(idx.shape[1]):
+            out.index_add_(0, idx_t[k], go * w_t[k, :, None])
+        return out
+
+    @staticmethod
+    def bias_relu(x: Tensor, bias: Tensor, out=None) -> Tensor:
+        nb, H = bias.shape
+        r = torch.relu((x.view(nb, -1, H) + bias[:, None, :]).view(-1, H))
+        return r if out is None else out.copy_(r)
+
+    @staticmethod
+    def linear_relu(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return torch.addmm(bias, h, weight.t()).relu_()
+
+    @staticmethod
+    def relu_bwd_segsum(g: Tensor, h: Tensor, segsum: Tensor, out=None) -> Tensor:
+        r = torch.ops.aten.threshold_backward(g, h, 0.0)
+        segsum.add_(r.view(segsum.shape[0], -1, segsum.shape[1]).sum(1))
+        return r if out is None else out.copy_(r)
+
+    @staticmethod
+    def glu_fwd(ab: Tensor) -> Tensor:
+        H = ab.shape[1] // 2
+        return torch.relu(ab[:, :H]) * ab[:, H:]
+
+    @staticmethod
+    def glu_bwd(gh: Tensor, ab: Tensor):
+        H = gh.shape[1]
+        gab = torch.empty_like(ab)
+        ra = torch.relu(ab[:, :H])
+        torch.ops.aten.threshold_backward.grad_input(gh * ab[:, H:], ab[:, :H], 0.0, grad_input=gab[:, :H])
+        torch.mul(gh, ra, out=gab[:, H:])
+        return gab, ra.mul_(ab[:, H:])
+
+
+def _prims(t: Tensor):
+    """Elementwise primitives for ``t``: the compiled kernels (models/cpu_kernels) for float32 CPU tensors
+    when available, else :class:`_TorchPrims`."""
+    if t.device.type == "cpu" and t.dtype == torch.float32 and cpu_kernels.library() is not None:
+        return cpu_kernels
+    return _TorchPrims
+
+
 def _pack(weights, n_blocks):
     """Per block (norm weight wn (D,), [W1; W2] (2H, D), W3 (D, H), [W1; W2] diag(wn)) and the fold weight.
 
@@ -341,16 +414,13 @@ def _pipeline_chunk(u, coeff, include_input, eps, packed, keep):
     else:
         x0 = u
     x = x0
+    ops = _prims(x0)
     for wn, w12, w3, w12s in packed["blocks"]:
-        H, D = w3.shape[1], w3.shape[0]
-        ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True)       # (n, 1)
-        r = torch.rsqrt(ss.square_().div_(D).add_(eps))              # 1 / rms
-        xh = x * r
+        xh, r = ops.rms_norm_fwd(x.contiguous(), eps)
         ab = xh @ w12s.t()                                           # (n, 2H): [a | b]
-        ra = torch.relu(ab[:, :H])
-        h = ra * ab[:, H:]
+        h = ops.glu_fwd(ab)                                          # relu(a) * b
         if keep:
-            saved["blocks"].append((r, xh, ab, ra, h))
+            saved["blocks"].append((r, xh, ab))                     # h is recomputed from [a | b]
         x = torch.addmm(x, h, w3.t())
     g = x0 + x if packed["blocks"] else x0
     if keep:
@@ -367,20 +437,15 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_
         gg = go @ packed["fold"]                                     # (n, D)
     else:
         gg = go
-    gx = gg
+    gx = gg.clone() if packed["blocks"] else gg
+    ops = _prims(gx)
     for k in reversed(range(len(packed["blocks"]))):
         _, _, w3, w12s = packed["blocks"][k]
-        r, xh, ab, ra, h = saved["blocks"][k]
-        H, D = w3.shape[1], w3.shape[0]
+        r, xh, ab = saved["blocks"][k]
+        gab, h = ops.glu_bwd(gx @ w3, ab)                            # d/da, d/db; h = relu(a) * b again
         acc[2 * k + 1].addmm_(gx.t(), h)                             # dW3 (D, H)
-        gh = gx @ w3                                                 # (n, H)
-        gab = torch.empty_like(ab)
-        torch.ops.aten.threshold_backward.grad_input(gh * ab[:, H:], ab[:, :H], 0.0, grad_input=gab[:, :H])
-        torch.mul(gh, ra, out=gab[:, H:])                            # d/da, d/db
         acc[2 * k].addmm_(gab.t(), xh)                               # d([W1; W2] diag(wn))
-        gxh = gab @ w12s                                             # (n, D)
-        m = (gxh * xh).sum(-1, keepdim=True).div_(D).mul_(r)         # (n, 1)
-        gx = torch.addcmul(gx, r, gxh).addcmul_(m, xh, value=-1.0)   # RMSNorm backward + residual
+        ops.rms_norm_bwd_(gx, gab @ w12s, xh, r)                     # RMSNorm backward + residual
     if not need_u:
         return None
     gx0 = gx + gg if packed["blocks"] else gx
@@ -436,10 +501,10 @@ def vertex_pipeline(u: Tensor, pe, refiner, w_fold, chunk: int = 2048, keep_byte
         eps = blk.norm.eps
     if w_fold is not None:
         weights.append(w_fold)
-    # floats kept per row (see _pipeline_chunk): sin and cos, g, and per block r, xh, [a | b], relu(a), h
+    # floats kept per row (see _pipeline_chunk): sin and cos, g, and per block r, xh, [a | b]
     D = pe.out_dim if pe is not None else u.shape[1]
     per_row = (2 * coeff.numel() * u.shape[1] if pe is not None else 0) + D \
-        + sum(D + 1 + 4 * blk.hidden for blk in blocks)
+        + sum(D + 1 + 2 * blk.hidden for blk in blocks)
     keep = u.shape[0] * per_row * u.element_size() <= keep_bytes
     return VertexPipeline.apply(u.contiguous(), coeff, include_input, eps, int(chunk), len(blocks), keep, *weights)
 
@@ -472,6 +537,7 @@ class FusedHead(torch.autograd.Function):
         n_per, chunk, activation, B = ctx.cfg
         kept, ctx.kept = ctx.kept, []              # freed as used; a second backward (retain_graph) recomputes
         go = go.contiguous()
+        ops = _prims(z)
         H = wb[0].shape[1]
         gz = torch.empty(B * n_per, H, dtype=go.dtype, device=go.device)
         gcb = torch.zeros(B, H, dtype=go.dtype, device=go.device)
@@ -486,27 +552,30 @@ class FusedHead(torch.autograd.Function):
                 g = g * last * (1.0 - last)
             elif activation == "clamp":
                 g = g * ((last >= 0.0) & (last <= 1.0)).to(g.dtype)
+            n_last = len(wb) - 2
+            gwb[n_last + 1].add_(g.sum(0))                           # output layer's bias
             for i in reversed(range(0, len(wb), 2)):
-                h = hs[i // 2]
-                gwb[i].addmm_(g.t(), h)
-                gwb[i + 1].add_(g.sum(0))
-                g = torch.ops.aten.threshold_backward(g @ wb[i], h, 0.0)
-            gz[s:e] = g
-            gcb[b0:b1].add_(g.view(b1 - b0, -1, H).sum(1))
+                gwb[i].addmm_(g.t(), hs[i // 2])
+                g = g @ wb[i]                                        # d/d(layer input), before its ReLU
+                if i:                                                # ReLU backward + previous layer's bias
+                    g = ops.relu_bwd_segsum(g, hs[i // 2], gwb[i - 1].view(1, -1), out=g)
+                else:                                                # ... + the per-condition term
+                    ops.relu_bwd_segsum(g, hs[0], gcb[b0:b1], out=gz[s:e])
         return (gz, gcb, None, None, None, *gwb)
 
 
 def _head_chunk(z, cb, b0, b1, s, e, activation, wb):
     """Forward of rows s..e-1 (conditions b0..b1-1): (inputs of every linear layer, what the output
     activation's derivative needs, output)."""
-    H = z.shape[1]
-    h = torch.relu((z[s:e].view(b1 - b0, -1, H) + cb[b0:b1, None, :]).view(-1, H))
+    ops = _prims(z)
+    h = ops.bias_relu(z[s:e], cb[b0:b1])
     hs = [h]
     for i in range(0, len(wb), 2):
-        a = torch.addmm(wb[i + 1], h, wb[i].t())
-        if i + 2 < len(wb):
-            h = torch.relu_(a)
+        if i + 2 < len(wb):                                          # hidden layer: relu(h W^T + b)
+            h = ops.linear_relu(h, wb[i], wb[i + 1])
             hs.append(h)
+        else:
+            a = torch.addmm(wb[i + 1], h, wb[i].t())
     out = _activate(a, activation)
     return hs, (out if activation == "sigmoid" else a), out
 
@@ -547,4 +616,4 @@ def fused_head(z: Tensor, cb: Tensor, linears, activation: str, chunk: int = 409
         (B*N, out_dim).
     """
     wb = [t for m in linears for t in (m.weight, m.bias)]
-    return FusedHead.apply(z.contiguous(), cb, z.shape[0] // cb.shape[0], int(chunk), activation, *wb)
+    return FusedHead.apply(z.contiguous(), cb.contiguous(), z.shape[0] // cb.shape[0], int(chunk), activation, *wb)

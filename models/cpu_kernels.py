@@ -1,0 +1,256 @@
+"""Optional compiled CPU kernels of the training fast paths (source: ``models/csrc/fused_cpu.c``).
+
+The fused CPU training paths of DRR-Net (``models/fast_ops.vertex_pipeline`` and the table gradient of
+``gather_interp``) spend much of their non-matmul time in elementwise passes that PyTorch runs as several
+operators each (RMSNorm, the ReLU-gated GLU and their derivatives, the per-corner scatter of the
+interpolation gradient). The C file does each of them in one pass over the rows. It is compiled with the
+system C compiler the first time it is needed and cached; the matrix products stay PyTorch's.
+
+Nothing is required: without a C compiler with OpenMP, or when the build or the load fails, a warning says
+why once and the same functions run as PyTorch operators (same values to fp32 rounding;
+``tests/test_fast_paths.py`` checks both against each other and against autograd).
+
+Environment:
+
+* ``DRR_CPU_KERNELS``: ``auto`` (default: build / load on first use, fall back with a warning) or ``off``
+  (``0``, ``never``: always the PyTorch operators).
+* ``DRR_KERNEL_CACHE``: folder of the compiled libraries (default ``$XDG_CACHE_HOME/drrnet_kernels``, i.e.
+  ``~/.cache/drrnet_kernels``). A library is named by a hash of the source, the compiler, its flags and the
+  CPU's feature flags (it is built with ``-march=native``), so machines sharing a home folder do not mix.
+* ``CC``: the compiler (default ``cc``).
+
+The library links the OpenMP runtime by its soname ``libgomp.so.1``, which resolves to the one PyTorch has
+already loaded, so the kernels and PyTorch's operators share one thread pool and thread count
+(``torch.set_num_threads``).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "fused_cpu.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
+_OFF = {"0", "off", "never", "false", "no"}
+
+_lock = threading.Lock()
+_state = {"lib": None, "tried": False, "error": None}
+
+_I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_SIGNATURES = {
+    "rms_norm_fwd": [_I64, _I64, _PTR, _F32, _PTR, _PTR],
+    "rms_norm_bwd": [_I64, _I64, _PTR, _PTR, _PTR, _PTR],
+    "glu_fwd": [_I64, _I64, _PTR, _PTR],
+    "glu_bwd": [_I64, _I64, _PTR, _PTR, _PTR, _PTR],
+    "scatter_corners": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
+    "gather_corners": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
+    "bias_relu": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
+    "relu_bwd_segsum": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
+}
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("DRR_CPU_KERNELS", "auto").strip().lower() not in _OFF
+
+
+def cache_dir() -> str:
+    d = os.environ.get("DRR_KERNEL_CACHE")
+    if d:
+        return d
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "drrnet_kernels")
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _build(cc: str) -> str:
+    """Compile SOURCE into the cache (atomically: build to a temporary name, then rename); return the path."""
+    with open(SOURCE, "rb") as f:
+        src = f.read()
+    ver = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(b"\0".join([src, ver.encode(), " ".join(FLAGS).encode(), _cpu_flags().encode(),
+                                     platform.machine().encode()])).hexdigest()[:16]
+    out_dir = cache_dir()
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=out_dir, delete=True)
+        probe.close()
+    except OSError:                                   # cache not writable: a private temporary folder
+        out_dir = tempfile.mkdtemp(prefix="drrnet_kernels_")
+    path = os.path.join(out_dir, f"fused_cpu-{key}.so")
+    if os.path.exists(path):
+        return path
+    fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE, "-lm"], capture_output=True, text=True, timeout=300)
+        if res.returncode != 0:
+            raise RuntimeError(f"'{cc} {' '.join(FLAGS)} {SOURCE}' failed:\n{res.stderr.strip()[-2000:]}")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def library() -> Optional[ctypes.CDLL]:
+    """The loaded kernel library, building it on first use; None when disabled or unavailable (warned once)."""
+    if not enabled_by_env():
+        return None
+    if _state["tried"]:
+        return _state["lib"]
+    with _lock:
+        if not _state["tried"]:
+            try:
+                cc = os.environ.get("CC", "cc")
+                if shutil.which(cc) is None:
+                    raise RuntimeError(f"no C compiler '{cc}' on PATH (set CC)")
+                lib = ctypes.CDLL(_build(cc))
+                for name, args in _SIGNATURES.items():
+                    fn = getattr(lib, name)
+                    fn.argtypes, fn.restype = args, None
+                _state["lib"] = lib
+            except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch operators
+                _state["error"] = str(e)
+                warnings.warn(f"models.cpu_kernels: compiled CPU kernels unavailable, using PyTorch operators "
+                              f"(same results, slower CPU training; DRR_CPU_KERNELS=off silences this): {e}",
+                              RuntimeWarning, stacklevel=2)
+            _state["tried"] = True
+    return _state["lib"]
+
+
+def reset() -> None:
+    """Forget the loaded library (tests: re-read the environment on the next :func:`library` call)."""
+    with _lock:
+        _state.update(lib=None, tried=False, error=None)
+
+
+def available() -> bool:
+    return library() is not None
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensor wrappers (CPU float32, contiguous; shapes checked). Each has a PyTorch twin in models/fast_ops.py.
+# ----------------------------------------------------------------------------------------------------
+def _check(name: str, *ts: Tensor) -> None:
+    for t in ts:
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            raise ValueError(f"cpu_kernels.{name}: expected contiguous float32 CPU tensors, got "
+                             f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
+
+
+def rms_norm_fwd(x: Tensor, eps: float):
+    """(xh, r): r = rsqrt(mean(x^2, -1) + eps) (n, 1), xh = x * r."""
+    _check("rms_norm_fwd", x)
+    n, D = x.shape
+    xh, r = torch.empty_like(x), torch.empty(n, 1, dtype=x.dtype)
+    library().rms_norm_fwd(n, D, x.data_ptr(), float(eps), xh.data_ptr(), r.data_ptr())
+    return xh, r
+
+
+def rms_norm_bwd_(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor) -> Tensor:
+    """gx += r * gxh - r * mean(gxh * xh, -1) * xh (in place); returns gx."""
+    _check("rms_norm_bwd_", gx, gxh, xh, r)
+    n, D = gx.shape
+    library().rms_norm_bwd(n, D, gx.data_ptr(), gxh.data_ptr(), xh.data_ptr(), r.data_ptr())
+    return gx
+
+
+def glu_fwd(ab: Tensor) -> Tensor:
+    """relu(a) * b for ab = [a | b] (n, 2H)."""
+    _check("glu_fwd", ab)
+    n, H2 = ab.shape
+    h = torch.empty(n, H2 // 2, dtype=ab.dtype)
+    library().glu_fwd(n, H2 // 2, ab.data_ptr(), h.data_ptr())
+    return h
+
+
+def glu_bwd(gh: Tensor, ab: Tensor):
+    """(gab, h): gab = [gh * b * (a > 0) | gh * relu(a)] (n, 2H) and h = relu(a) * b (n, H) recomputed."""
+    _check("glu_bwd", gh, ab)
+    n, H = gh.shape
+    gab, h = torch.empty_like(ab), torch.empty_like(gh)
+    library().glu_bwd(n, H, gh.data_ptr(), ab.data_ptr(), gab.data_ptr(), h.data_ptr())
+    return gab, h
+
+
+def _check_stencil(name: str, P: int, idx: Tensor, w: Tensor) -> None:
+    if idx.dtype != torch.int64 or not idx.is_contiguous() or idx.dim() != 2:
+        raise ValueError(f"cpu_kernels.{name}: idx must be a contiguous (M, K) int64 tensor")
+    if tuple(w.shape) != tuple(idx.shape):
+        raise ValueError(f"cpu_kernels.{name}: w {tuple(w.shape)} must have idx's shape {tuple(idx.shape)}")
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= P):
+        raise IndexError(f"cpu_kernels.{name}: row index outside [0, {P})")
+
+
+def scatter_corners_(out: Tensor, idx: Tensor, w: Tensor, go: Tensor) -> Tensor:
+    """out[idx[m, k]] += w[m, k] * go[m] (in place); out (P, C), idx / w (M, K), go (M, C)."""
+    _check("scatter_corners_", out, w, go)
+    _check_stencil("scatter_corners_", out.shape[0], idx, w)
+    M, K = idx.shape
+    C = out.shape[1]
+    if tuple(go.shape) != (M, C):
+        raise ValueError(f"cpu_kernels.scatter_corners_: go {tuple(go.shape)} must be ({M}, {C})")
+    library().scatter_corners(M, K, C, idx.data_ptr(), w.data_ptr(), go.data_ptr(), out.data_ptr())
+    return out
+
+
+def gather_corners(table: Tensor, idx: Tensor, w: Tensor) -> Tensor:
+    """out[m] = sum_k w[m, k] * table[idx[m, k]]: table (P, C), idx / w (M, K) -> (M, C)."""
+    _check("gather_corners", table, w)
+    _check_stencil("gather_corners", table.shape[0], idx, w)
+    M, K = idx.shape
+    C = table.shape[1]
+    out = torch.empty(M, C, dtype=table.dtype)
+    library().gather_corners(M, K, C, idx.data_ptr(), w.data_ptr(), table.data_ptr(), out.data_ptr())
+    return out
+
+
+def bias_relu(x: Tensor, bias: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """relu(x + bias[segment]): x (nb * n_per, H) in nb segments of rows, bias (nb, H); out may be x."""
+    out = torch.empty_like(x) if out is None else out
+    _check("bias_relu", x, bias, out)
+    nb, H = bias.shape
+    if x.dim() != 2 or x.shape[1] != H or x.shape[0] % nb or out.shape != x.shape:
+        raise ValueError(f"cpu_kernels.bias_relu: x {tuple(x.shape)} / out {tuple(out.shape)} do not match "
+                         f"bias {tuple(bias.shape)}")
+    library().bias_relu(nb, x.shape[0] // nb, H, x.data_ptr(), bias.data_ptr(), out.data_ptr())
+    return out
+
+
+def linear_relu(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """relu(h @ weight^T + bias): one matrix product, then bias and ReLU in one pass (in place)."""
+    a = h @ weight.t()
+    return bias_relu(a, bias.view(1, -1), out=a)
+
+
+def relu_bwd_segsum(g: Tensor, h: Tensor, segsum: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """out = g * (h > 0); segsum[b] += the sum of out's rows of segment b (nb = segsum's rows, in place)."""
+    out = torch.empty_like(g) if out is None else out
+    _check("relu_bwd_segsum", g, h, segsum, out)
+    nb, H = segsum.shape
+    if g.dim() != 2 or g.shape[1] != H or g.shape[0] % nb or h.shape != g.shape or out.shape != g.shape:
+        raise ValueError(f"cpu_kernels.relu_bwd_segsum: g {tuple(g.shape)}, h {tuple(h.shape)}, out "
+                         f"{tuple(out.shape)} do not match segsum {tuple(segsum.shape)}")
+    library().relu_bwd_segsum(nb, g.shape[0] // nb, H, g.data_ptr(), h.data_ptr(), out.data_ptr(),
+                              segsum.data_ptr())
+    return out
