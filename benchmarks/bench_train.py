@@ -5,7 +5,8 @@ Usage (no data needed: random weights, grids and lines U(-1, 1), batches of rand
     python benchmarks/bench_train.py --config configs/demo/drrnet.yaml --config_id 0 [--steps S]
     python benchmarks/bench_train.py --paper clover --model_set ssr_resolution=64 --steps 3
 
-A step = forward, MSE loss, backward and an Adam step (lr 1e-4, eps 1e-15), on a batch shaped like the
+A step = forward, MSE loss, backward and an Adam step (``util.optim.adam``, as in training: lr 1e-4,
+eps 1e-15, PyTorch's fused implementation), on a batch shaped like the
 dataset's: ``x (N_c, N_x, d)`` random voxels of a ``--data_resolution`` lattice (default: the SSR shape;
 voxels on lattice vertices touch about 2 vertices each instead of 8, so pass the data's resolution to time
 a real config, e.g. ``--data_resolution 32`` for the demo),
@@ -36,6 +37,7 @@ import torch
 
 from common import (PeakMemory, add_model_args, build_from_args, device_of, matmul_peak, median, model_flops,
                     setup_threads, timed)
+from util.optim import adam  # noqa: E402  (after common, which puts the repository on sys.path)
 
 
 def main(argv=None):
@@ -81,7 +83,7 @@ def main(argv=None):
         m.fast_paths, m.sparse_refine, m.fused_refiner = settings[n]
         m.train()
         models[n] = m
-        opts[n] = torch.optim.Adam(m.parameters(), lr=1e-4, eps=1e-15)
+        opts[n] = adam(m, lr=1e-4)                          # the training default (fused Adam)
 
     # equivalence on the first batch (no optimizer step)
     grads, losses, touched = {}, {}, {}

@@ -56,6 +56,8 @@ _SIGNATURES = {
     "gather_corners": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
     "bias_relu": [_I64, _I64, _I64, _PTR, _PTR, _PTR],
     "relu_bwd_segsum": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
+    "pe_fwd": [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR],
+    "pe_bwd": [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
 }
 
 
@@ -102,9 +104,15 @@ def _build(cc: str) -> str:
     fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so.tmp")
     os.close(fd)
     try:
-        res = subprocess.run([cc, *FLAGS, "-o", tmp, SOURCE, "-lm"], capture_output=True, text=True, timeout=300)
-        if res.returncode != 0:
-            raise RuntimeError(f"'{cc} {' '.join(FLAGS)} {SOURCE}' failed:\n{res.stderr.strip()[-2000:]}")
+        err = ""
+        for extra in (["-DDRR_MVEC", "-lmvec"], []):               # vector sin/cos (glibc libmvec) if present
+            cmd = [cc, *FLAGS, "-o", tmp, SOURCE, *extra, "-lm"]
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+            if res.returncode == 0:
+                break
+            err = f"'{' '.join(cmd)}' failed:\n{res.stderr.strip()[-2000:]}"
+        else:
+            raise RuntimeError(err)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -128,6 +136,7 @@ def library() -> Optional[ctypes.CDLL]:
                 for name, args in _SIGNATURES.items():
                     fn = getattr(lib, name)
                     fn.argtypes, fn.restype = args, None
+                lib.has_vector_math.argtypes, lib.has_vector_math.restype = [], ctypes.c_int
                 _state["lib"] = lib
             except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch operators
                 _state["error"] = str(e)
@@ -146,6 +155,12 @@ def reset() -> None:
 
 def available() -> bool:
     return library() is not None
+
+
+def vector_math() -> bool:
+    """Whether the loaded library has vectorized sin / cos (else :func:`pe_fwd` is not faster than PyTorch)."""
+    lib = library()
+    return lib is not None and bool(lib.has_vector_math())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -254,3 +269,28 @@ def relu_bwd_segsum(g: Tensor, h: Tensor, segsum: Tensor, out: Optional[Tensor] 
     library().relu_bwd_segsum(nb, g.shape[0] // nb, H, g.data_ptr(), h.data_ptr(), out.data_ptr(),
                               segsum.data_ptr())
     return out
+
+
+def pe_fwd(u: Tensor, coeff: Tensor, include_input: bool) -> Tensor:
+    """Positional encoding of rows u (n, C): (n, C * (2K + inc)), per channel [u], sin(u * coeff), cos(...)."""
+    _check("pe_fwd", u, coeff)
+    n, C = u.shape
+    K, inc = coeff.numel(), int(bool(include_input))
+    x0 = torch.empty(n, C * (2 * K + inc), dtype=u.dtype)
+    library().pe_fwd(n, C, K, inc, u.data_ptr(), coeff.data_ptr(), x0.data_ptr())
+    return x0
+
+
+def pe_bwd(g1: Tensor, g2: Optional[Tensor], x0: Tensor, coeff: Tensor, include_input: bool) -> Tensor:
+    """Gradient (n, C) of :func:`pe_fwd`'s input for the output gradient g1 + g2 (g2 may be None); x0 its output."""
+    _check("pe_bwd", g1, x0, coeff, *([g2] if g2 is not None else []))
+    K, inc = coeff.numel(), int(bool(include_input))
+    n, D = x0.shape
+    C = D // (2 * K + inc)
+    if D != C * (2 * K + inc) or g1.shape != x0.shape or (g2 is not None and g2.shape != x0.shape):
+        raise ValueError(f"cpu_kernels.pe_bwd: shapes g1 {tuple(g1.shape)}, x0 {tuple(x0.shape)} do not match "
+                         f"{K} frequencies (include_input={bool(include_input)})")
+    gu = torch.empty(n, C, dtype=x0.dtype)
+    library().pe_bwd(n, C, K, inc, g1.data_ptr(), 0 if g2 is None else g2.data_ptr(), x0.data_ptr(),
+                     coeff.data_ptr(), gu.data_ptr())
+    return gu

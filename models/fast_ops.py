@@ -365,6 +365,22 @@ class _TorchPrims:
         return r if out is None else out.copy_(r)
 
     @staticmethod
+    def pe_fwd(u: Tensor, coeff: Tensor, include_input: bool) -> Tensor:
+        arg = u[:, :, None] * coeff                                  # (n, C, K)
+        parts = [torch.sin(arg), torch.cos(arg)]
+        return torch.cat([u[:, :, None]] + parts if include_input else parts, dim=-1).flatten(1)
+
+    @staticmethod
+    def pe_bwd(g1: Tensor, g2, x0: Tensor, coeff: Tensor, include_input: bool) -> Tensor:
+        K, off = coeff.numel(), int(include_input)
+        g = g1 + g2 if g2 is not None else g1
+        n, C = g.shape[0], g.shape[1] // (2 * K + off)
+        g3, x3 = g.reshape(n, C, 2 * K + off), x0.reshape(n, C, 2 * K + off)
+        gs, gc = g3[:, :, off:off + K], g3[:, :, off + K:]             # gradients of the sines, cosines
+        gu = ((gs * x3[:, :, off + K:] - gc * x3[:, :, off:off + K]) * coeff).sum(-1)
+        return gu + g3[:, :, 0] if include_input else gu
+
+    @staticmethod
     def glu_fwd(ab: Tensor) -> Tensor:
         H = ab.shape[1] // 2
         return torch.relu(ab[:, :H]) * ab[:, H:]
@@ -377,6 +393,12 @@ class _TorchPrims:
         torch.ops.aten.threshold_backward.grad_input(gh * ab[:, H:], ab[:, :H], 0.0, grad_input=gab[:, :H])
         torch.mul(gh, ra, out=gab[:, H:])
         return gab, ra.mul_(ab[:, H:])
+
+
+def _pe_ops(t: Tensor):
+    """The PE's primitives: compiled only with vectorized sin / cos (scalar ones are slower than PyTorch's)."""
+    ops = _prims(t)
+    return ops if ops is _TorchPrims or cpu_kernels.vector_math() else _TorchPrims
 
 
 def _prims(t: Tensor):
@@ -404,17 +426,14 @@ def _pack(weights, n_blocks):
 def _pipeline_chunk(u, coeff, include_input, eps, packed, keep):
     """Forward of one chunk of rows; with ``keep`` also what the backward needs."""
     saved = {"blocks": []}
+    ops = _prims(u)
     if coeff is not None:
-        arg = u[:, :, None] * coeff                                  # (n, C, K)
-        sn, cs = torch.sin(arg), torch.cos(arg)
-        parts = [u[:, :, None], sn, cs] if include_input else [sn, cs]
-        x0 = torch.cat(parts, dim=-1).flatten(1)                     # (n, D): channel-major, as the PE
+        x0 = _pe_ops(u).pe_fwd(u, coeff, include_input)             # (n, D): channel-major, as the PE
         if keep:
-            saved["sin"], saved["cos"] = sn, cs
+            saved["x0"] = x0                                         # holds the sines and cosines
     else:
         x0 = u
     x = x0
-    ops = _prims(x0)
     for wn, w12, w3, w12s in packed["blocks"]:
         xh, r = ops.rms_norm_fwd(x.contiguous(), eps)
         ab = xh @ w12s.t()                                           # (n, 2H): [a | b]
@@ -448,16 +467,10 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_
         ops.rms_norm_bwd_(gx, gab @ w12s, xh, r)                     # RMSNorm backward + residual
     if not need_u:
         return None
-    gx0 = gx + gg if packed["blocks"] else gx
+    g2 = gg if packed["blocks"] else None                            # g = x0 + R(x0): both paths into x0
     if coeff is None:
-        return gx0
-    C, K = saved["sin"].shape[1], saved["sin"].shape[2]
-    off = int(include_input)
-    g3 = gx0.reshape(gx0.shape[0], C, 2 * K + off)
-    gu = ((g3[:, :, off:off + K] * saved["cos"] - g3[:, :, off + K:] * saved["sin"]) * coeff).sum(-1)
-    if include_input:
-        gu = gu + g3[:, :, 0]
-    return gu
+        return gx + g2 if g2 is not None else gx
+    return _pe_ops(gx).pe_bwd(gx, g2, saved["x0"], coeff, include_input)
 
 
 def _unpack_grads(acc, packed):
@@ -501,9 +514,9 @@ def vertex_pipeline(u: Tensor, pe, refiner, w_fold, chunk: int = 2048, keep_byte
         eps = blk.norm.eps
     if w_fold is not None:
         weights.append(w_fold)
-    # floats kept per row (see _pipeline_chunk): sin and cos, g, and per block r, xh, [a | b]
+    # floats kept per row (see _pipeline_chunk): the PE output x0, g, and per block r, xh, [a | b]
     D = pe.out_dim if pe is not None else u.shape[1]
-    per_row = (2 * coeff.numel() * u.shape[1] if pe is not None else 0) + D \
+    per_row = (D if pe is not None else 0) + D \
         + sum(D + 1 + 2 * blk.hidden for blk in blocks)
     keep = u.shape[0] * per_row * u.element_size() <= keep_bytes
     return VertexPipeline.apply(u.contiguous(), coeff, include_input, eps, int(chunk), len(blocks), keep, *weights)

@@ -202,3 +202,28 @@ def test_exponent_floats_without_dot_are_numbers(tmp_path):
     assert e["optim"]["weight_decay"] == 2e-4
     assert yaml_load("a: 1e3\nb: 12\nc: 1.5\nd: e5\ne: '1e-3'") == {"a": 1000.0, "b": 12, "c": 1.5, "d": "e5",
                                                                      "e": "1e-3"}
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_fused_adam_default_matches_multi_tensor(name):
+    """optim.fused (default: on for float CPU/CUDA parameters) gives the same parameters as the default
+    multi-tensor implementation after several steps."""
+    from util import optim
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    models, opts = {}, {}
+    for fused in (None, False):
+        m = torch.nn.Sequential(*[torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)])
+        m.load_state_dict(base.state_dict())
+        models[fused], opts[fused] = m, getattr(optim, name)(m, lr=1e-2, fused=fused)
+    assert opts[None].param_groups[0]["fused"] is True and not opts[False].param_groups[0]["fused"]
+    x, y = torch.randn(64, 5), torch.randn(64, 1)
+    for _ in range(20):
+        for k in models:
+            opts[k].zero_grad()
+            (models[k](x) - y).pow(2).mean().backward()
+            opts[k].step()
+    for a, b in zip(models[None].parameters(), models[False].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(models[None][0].weight, base[0].weight)             # it did train

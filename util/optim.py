@@ -74,9 +74,20 @@ def group_parameters(model: nn.Module, param_groups: Optional[Dict[str, dict]] =
     return groups
 
 
+def _fused(groups, fused: Optional[bool]) -> bool:
+    """``fused=None`` (auto): PyTorch's fused (single-kernel) Adam when every parameter is a floating-point
+    tensor on CPU or CUDA; it computes the same update as the default multi-tensor one (to fp32 rounding)
+    in one pass, e.g. 0.6 ms instead of 2.7 ms per step for the demo DRR-Net on the 2-core CPU."""
+    if fused is not None:
+        return bool(fused)
+    ps = [p for g in groups for p in g["params"]]
+    return bool(ps) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in ps)
+
+
 @register("optimizer", "adam")
 def adam(model: nn.Module, lr: float = 1e-4, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-15,
-         weight_decay: float = 0.0, param_groups: Optional[Dict[str, dict]] = None) -> torch.optim.Optimizer:
+         weight_decay: float = 0.0, param_groups: Optional[Dict[str, dict]] = None,
+         fused: Optional[bool] = None) -> torch.optim.Optimizer:
     """Adam (paper: lr 1e-4, betas (0.9, 0.999), eps 1e-15).
 
     Args:
@@ -86,14 +97,18 @@ def adam(model: nn.Module, lr: float = 1e-4, betas: Sequence[float] = (0.9, 0.99
         eps: Adam epsilon.
         weight_decay: L2 penalty.
         param_groups: per-group overrides, see the module docstring.
+        fused: PyTorch's fused implementation (true / false; default null = when every parameter is a float
+            tensor on CPU or CUDA). Same update to fp32 rounding, fewer passes over the parameters.
     """
-    return torch.optim.Adam(group_parameters(model, param_groups), lr=float(lr), betas=tuple(betas),
-                            eps=float(eps), weight_decay=float(weight_decay))
+    groups = group_parameters(model, param_groups)
+    return torch.optim.Adam(groups, lr=float(lr), betas=tuple(betas), eps=float(eps),
+                            weight_decay=float(weight_decay), fused=_fused(groups, fused))
 
 
 @register("optimizer", "adamw")
 def adamw(model: nn.Module, lr: float = 1e-4, betas: Sequence[float] = (0.9, 0.999), eps: float = 1e-15,
-          weight_decay: float = 1e-2, param_groups: Optional[Dict[str, dict]] = None) -> torch.optim.Optimizer:
+          weight_decay: float = 1e-2, param_groups: Optional[Dict[str, dict]] = None,
+          fused: Optional[bool] = None) -> torch.optim.Optimizer:
     """AdamW (decoupled weight decay).
 
     Args:
@@ -103,9 +118,11 @@ def adamw(model: nn.Module, lr: float = 1e-4, betas: Sequence[float] = (0.9, 0.9
         eps: Adam epsilon.
         weight_decay: decoupled weight decay.
         param_groups: per-group overrides, see the module docstring.
+        fused: as for ``adam``.
     """
-    return torch.optim.AdamW(group_parameters(model, param_groups), lr=float(lr), betas=tuple(betas),
-                             eps=float(eps), weight_decay=float(weight_decay))
+    groups = group_parameters(model, param_groups)
+    return torch.optim.AdamW(groups, lr=float(lr), betas=tuple(betas), eps=float(eps),
+                             weight_decay=float(weight_decay), fused=_fused(groups, fused))
 
 
 def _lambda_scheduler(optimizer, fn):

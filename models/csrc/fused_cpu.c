@@ -7,8 +7,22 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+
+/* With glibc's vector math library (x86_64, linked with -lmvec), sinf / cosf in SIMD loops are its
+ * vectorized versions (max error 4 ulp); models/cpu_kernels.py builds without DRR_MVEC when that fails, and
+ * then uses PyTorch's PE instead of pe_fwd (scalar sinf would be slower). */
+#ifdef DRR_MVEC
+#pragma omp declare simd notinbranch
+extern float sinf(float);
+#pragma omp declare simd notinbranch
+extern float cosf(float);
+int has_vector_math(void) { return 1; }
+#else
+int has_vector_math(void) { return 0; }
 #endif
 
 /* RMSNorm without its scale: r[i] = 1 / sqrt(mean_j x[i,j]^2 + eps), xh = x * r.   x, xh (n, D); r (n). */
@@ -142,36 +156,115 @@ void bias_relu(int64_t nb, int64_t n_per, int64_t H, const float *x, const float
 
 /* Backward of a ReLU whose output is h, with the per-segment column sums of the result (the gradient of the
  * bias added before the ReLU):  out = g * (h > 0);  segsum[b, :] += sum of out's rows of segment b.
- * g, h, out (nb * n_per, H) (out may be g); segsum (nb, H). The threads split the columns. */
+ * g, h, out (nb * n_per, H) (out may be g); segsum (nb, H). Each thread takes a range of rows; sums go
+ * through float blocks of at most 64 rows into per-thread double accumulators. */
 void relu_bwd_segsum(int64_t nb, int64_t n_per, int64_t H, const float *g, const float *h, float *out,
                      float *segsum) {
+    const int64_t n = nb * n_per;
     #pragma omp parallel
     {
-        int nt = 1, t = 0;
-#ifdef _OPENMP
-        nt = omp_get_num_threads();
-        t = omp_get_thread_num();
-#endif
-        const int64_t unit = H >= 16 * nt ? 16 : 1, units = (H + unit - 1) / unit;
-        const int64_t c0 = units * t / nt * unit;
-        int64_t c1 = units * (t + 1) / nt * unit;
-        if (c1 > H) c1 = H;
-        for (int64_t b = 0; b < nb; b++) {
-            for (int64_t cb = c0; cb < c1; cb += 64) {               /* sums in double, 64 columns at a time */
-                const int64_t ce = cb + 64 < c1 ? cb + 64 : c1;
-                double acc[64] = {0.0};
-                for (int64_t i = b * n_per; i < (b + 1) * n_per; i++) {
-                    const float *gi = g + i * H, *hi = h + i * H;
-                    float *o = out + i * H;
-                    #pragma omp simd
-                    for (int64_t c = cb; c < ce; c++) {
-                        const float v = hi[c] > 0.0f ? gi[c] : 0.0f;
-                        o[c] = v;
-                        acc[c - cb] += (double)v;
+        double *acc = (double *)calloc((size_t)(nb * H), sizeof(double));
+        float *blk = (float *)calloc((size_t)H, sizeof(float));
+        int64_t cur = -1, cnt = 0;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            const float *gi = g + i * H, *hi = h + i * H;
+            float *o = out + i * H;
+            const int64_t b = i / n_per;
+            #pragma omp simd
+            for (int64_t j = 0; j < H; j++) o[j] = hi[j] > 0.0f ? gi[j] : 0.0f;
+            if (!acc || !blk) {                               /* no scratch memory: atomic adds */
+                for (int64_t j = 0; j < H; j++) {
+                    #pragma omp atomic
+                    segsum[b * H + j] += o[j];
+                }
+                continue;
+            }
+            if (b != cur || cnt == 64) {                      /* flush the block into its segment */
+                if (cur >= 0)
+                    for (int64_t j = 0; j < H; j++) acc[cur * H + j] += (double)blk[j];
+                for (int64_t j = 0; j < H; j++) blk[j] = 0.0f;
+                cur = b;
+                cnt = 0;
+            }
+            #pragma omp simd
+            for (int64_t j = 0; j < H; j++) blk[j] += o[j];
+            cnt++;
+        }
+        if (acc && blk) {
+            if (cur >= 0)
+                for (int64_t j = 0; j < H; j++) acc[cur * H + j] += (double)blk[j];
+            #pragma omp critical
+            for (int64_t k = 0; k < nb * H; k++) segsum[k] += (float)acc[k];
+        }
+        free(acc);
+        free(blk);
+    }
+}
+
+/* Feature-upsampling positional encoding of u (n, C) with K frequencies coeff (K): per channel c the row of
+ * x0 (n, C * (2K + inc)) holds [u (when inc)], sin(u * coeff[0..K-1]), cos(u * coeff[0..K-1]). */
+void pe_fwd(int64_t n, int64_t C, int64_t K, int64_t inc, const float *u, const float *coeff, float *x0) {
+    const int64_t W = 2 * K + inc, CK = C * K;
+    #pragma omp parallel
+    {
+        float *buf = (float *)malloc(3 * CK * sizeof(float));
+        float *arg = buf, *sn = buf + CK, *cs = buf + 2 * CK;
+        #pragma omp for schedule(static)
+        for (int64_t i = 0; i < n; i++) {
+            const float *ui = u + i * C;
+            float *o = x0 + i * C * W;
+            if (!buf) {                                       /* no scratch memory: the scalar loop */
+                for (int64_t c = 0; c < C; c++) {
+                    float *oc = o + c * W;
+                    if (inc) oc[0] = ui[c];
+                    for (int64_t k = 0; k < K; k++) {
+                        const float a = ui[c] * coeff[k];
+                        oc[inc + k] = sinf(a);
+                        oc[inc + K + k] = cosf(a);
                     }
                 }
-                for (int64_t c = cb; c < ce; c++) segsum[b * H + c] += (float)acc[c - cb];
+                continue;
             }
+            for (int64_t c = 0; c < C; c++)
+                for (int64_t k = 0; k < K; k++) arg[c * K + k] = ui[c] * coeff[k];
+            #pragma omp simd
+            for (int64_t j = 0; j < CK; j++) {
+                sn[j] = sinf(arg[j]);
+                cs[j] = cosf(arg[j]);
+            }
+            for (int64_t c = 0; c < C; c++) {
+                float *oc = o + c * W;
+                if (inc) oc[0] = ui[c];
+                for (int64_t k = 0; k < K; k++) {
+                    oc[inc + k] = sn[c * K + k];
+                    oc[inc + K + k] = cs[c * K + k];
+                }
+            }
+        }
+        free(buf);
+    }
+}
+
+/* Backward of pe_fwd from its output x0 (which holds the sines and cosines):
+ * gu[i, c] = sum_k coeff[k] * (g[sin_k] * cos_k - g[cos_k] * sin_k) (+ g[u] when inc), with g = g1 + g2
+ * (g2 may be NULL).   g1, g2, x0 (n, C * (2K + inc)); gu (n, C). */
+void pe_bwd(int64_t n, int64_t C, int64_t K, int64_t inc, const float *g1, const float *g2, const float *x0,
+            const float *coeff, float *gu) {
+    const int64_t W = 2 * K + inc;
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        for (int64_t c = 0; c < C; c++) {
+            const int64_t base = i * C * W + c * W;
+            const float *a = g1 + base, *b = g2 ? g2 + base : NULL, *x = x0 + base;
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) {
+                const float gs = b ? a[inc + k] + b[inc + k] : a[inc + k];
+                const float gc = b ? a[inc + K + k] + b[inc + K + k] : a[inc + K + k];
+                acc += (gs * x[inc + K + k] - gc * x[inc + k]) * coeff[k];
+            }
+            if (inc) acc += b ? a[0] + b[0] : a[0];
+            gu[i * C + c] = acc;
         }
     }
 }
