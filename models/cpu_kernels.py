@@ -58,7 +58,10 @@ _SIGNATURES = {
     "relu_bwd_segsum": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
     "pe_fwd": [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR],
     "pe_bwd": [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "corner_stencil": [_I64, _I64, _PTR, _PTR, _PTR, _PTR],
+    "mark_touched": [_I64, _PTR, _PTR, _I64, _PTR],
 }
+_RESTYPES = {"mark_touched": ctypes.c_int64}
 
 
 def enabled_by_env() -> bool:
@@ -135,7 +138,7 @@ def library() -> Optional[ctypes.CDLL]:
                 lib = ctypes.CDLL(_build(cc))
                 for name, args in _SIGNATURES.items():
                     fn = getattr(lib, name)
-                    fn.argtypes, fn.restype = args, None
+                    fn.argtypes, fn.restype = args, _RESTYPES.get(name)
                 lib.has_vector_math.argtypes, lib.has_vector_math.restype = [], ctypes.c_int
                 _state["lib"] = lib
             except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch operators
@@ -294,3 +297,25 @@ def pe_bwd(g1: Tensor, g2: Optional[Tensor], x0: Tensor, coeff: Tensor, include_
     library().pe_bwd(n, C, K, inc, g1.data_ptr(), 0 if g2 is None else g2.data_ptr(), x0.data_ptr(),
                      coeff.data_ptr(), gu.data_ptr())
     return gu
+
+
+def corner_stencil(x: Tensor, shape) -> tuple:
+    """(idx (M, 2^d) int64, w (M, 2^d)) of models/fast_ops.corner_stencil for float32 points x (M, d)."""
+    _check("corner_stencil", x)
+    M, d = x.shape
+    if not 1 <= d <= 8 or len(shape) != d:
+        raise ValueError(f"cpu_kernels.corner_stencil: {d} coordinates for lattice shape {tuple(shape)}")
+    K = 1 << d
+    sh = torch.tensor([int(n) for n in shape], dtype=torch.int64)
+    idx, w = torch.empty(M, K, dtype=torch.int64), torch.empty(M, K, dtype=x.dtype)
+    library().corner_stencil(M, d, sh.data_ptr(), x.data_ptr(), idx.data_ptr(), w.data_ptr())
+    return idx, w
+
+
+def mark_touched(idx: Tensor, w: Tensor, P: int):
+    """(mask (P,) bool of the rows idx[m, k] with w[m, k] != 0, their number)."""
+    _check("mark_touched", w)
+    _check_stencil("mark_touched", P, idx, w)
+    mask = torch.empty(P, dtype=torch.bool)
+    u = library().mark_touched(idx.numel(), idx.data_ptr(), w.data_ptr(), int(P), mask.data_ptr())
+    return mask, int(u)

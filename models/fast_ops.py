@@ -96,6 +96,8 @@ def corner_stencil(x: Tensor, shape: Sequence[int]) -> Tuple[Tensor, Tensor]:
     d = len(shape)
     if x.dim() != 2 or x.shape[1] != d:
         raise ValueError(f"corner_stencil: x must be (M, {d}), got {tuple(x.shape)}")
+    if x.device.type == "cpu" and x.dtype == torch.float32 and d <= 8 and cpu_kernels.library() is not None:
+        return cpu_kernels.corner_stencil(x.contiguous(), shape)    # the same operations, compiled
     strides = strides_of(shape)
     idxs, ws = [], []
     for k in range(d):                               # array axis k <- coordinate column d - 1 - k

@@ -268,3 +268,54 @@ void pe_bwd(int64_t n, int64_t C, int64_t K, int64_t inc, const float *g1, const
         }
     }
 }
+
+/* Corner stencil of grid_sample(bilinear, align_corners=True, padding zeros) on a lattice of array shape
+ * shape[0..d-1] (C order) at points x (M, d), column d-1-a = coordinate of array axis a:
+ * per axis f = ((x + 1) / 2) * (n - 1) clamped to [-2, n + 1], i0 = floor(f), t = f - i0, corner weights
+ * (1 - t) and t, times 0 for a corner outside [0, n - 1] (whose index is clamped into it). Corners are
+ * enumerated with the first array axis slowest; weights multiply in axis order. idx (M, 2^d) flat rows,
+ * w (M, 2^d). Same operations, in the same order, as models/fast_ops.corner_stencil's PyTorch version. */
+void corner_stencil(int64_t M, int64_t d, const int64_t *shape, const float *x, int64_t *idx, float *w) {
+    const int64_t K = (int64_t)1 << d;
+    int64_t stride[16];
+    stride[d - 1] = 1;
+    for (int64_t a = d - 2; a >= 0; a--) stride[a] = stride[a + 1] * shape[a + 1];
+    #pragma omp parallel for schedule(static)
+    for (int64_t m = 0; m < M; m++) {
+        int64_t ia[16][2];
+        float wa[16][2];
+        for (int64_t a = 0; a < d; a++) {
+            const int64_t n = shape[a];
+            float f = ((x[m * d + (d - 1 - a)] + 1.0f) / 2.0f) * (float)(n - 1);
+            if (f < -2.0f) f = -2.0f;
+            if (f > (float)(n + 1)) f = (float)(n + 1);
+            const float fl = floorf(f), t = f - fl;
+            const int64_t i0 = isnan(fl) ? -2 : (int64_t)fl, i1 = i0 + 1;
+            wa[a][0] = (1.0f - t) * (float)(i0 >= 0 && i0 <= n - 1);
+            wa[a][1] = t * (float)(i1 >= 0 && i1 <= n - 1);
+            ia[a][0] = (i0 < 0 ? 0 : (i0 > n - 1 ? n - 1 : i0)) * stride[a];
+            ia[a][1] = (i1 < 0 ? 0 : (i1 > n - 1 ? n - 1 : i1)) * stride[a];
+        }
+        for (int64_t c = 0; c < K; c++) {
+            int64_t r = 0;
+            float wc = 1.0f;
+            for (int64_t a = 0; a < d; a++) {
+                const int bit = (int)((c >> (d - 1 - a)) & 1);
+                r += ia[a][bit];
+                wc = a == 0 ? wa[a][bit] : wc * wa[a][bit];
+            }
+            idx[m * K + c] = r;
+            w[m * K + c] = wc;
+        }
+    }
+}
+
+/* mask[p] = 1 for every row p = idx[m, k] with w[m, k] != 0 (mask (P) zeroed first); returns how many. */
+int64_t mark_touched(int64_t MK, const int64_t *idx, const float *w, int64_t P, uint8_t *mask) {
+    for (int64_t p = 0; p < P; p++) mask[p] = 0;
+    for (int64_t j = 0; j < MK; j++)
+        if (w[j] != 0.0f) mask[idx[j]] = 1;
+    int64_t u = 0;
+    for (int64_t p = 0; p < P; p++) u += mask[p];
+    return u;
+}
