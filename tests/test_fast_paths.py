@@ -16,6 +16,18 @@ from util.sampling import grid_coords, sample_grid
 RTOL = 1e-5
 
 
+@pytest.fixture(autouse=True, params=["compiled", "pytorch"])
+def kernels(request, monkeypatch):
+    """Every test runs with the compiled CPU kernels (models/cpu_kernels) and with their PyTorch twins."""
+    from models import cpu_kernels
+
+    if request.param == "pytorch":
+        monkeypatch.setattr(cpu_kernels, "library", lambda: None)
+    elif cpu_kernels.library() is None:
+        pytest.skip(f"compiled CPU kernels unavailable here: {cpu_kernels._state['error']}")
+    return request.param
+
+
 def small(spatial_dims=3, **kw):
     torch.manual_seed(0)
     cfg = dict(spatial_resolutions=[3, [4, 5, 6][-spatial_dims:] if spatial_dims == 3 else [5, 4]],

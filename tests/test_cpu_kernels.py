@@ -1,0 +1,183 @@
+"""Compiled CPU kernels (models/cpu_kernels.py, models/csrc/fused_cpu.c) against their PyTorch twins
+(models/fast_ops._TorchPrims, the PyTorch corner stencil), with 1 and 3 OpenMP threads (uneven splits) and
+odd sizes; the build / fallback / cache behaviour. The fused paths that use them are checked against autograd
+in tests/test_fast_paths.py (with the kernels and with the twins)."""
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from models import cpu_kernels as ck
+from models import fast_ops
+from models.fast_ops import _TorchPrims as T
+
+
+@pytest.fixture
+def lib():
+    if ck.library() is None:
+        if shutil.which(__import__("os").environ.get("CC", "cc")) is None:
+            pytest.skip("no C compiler on this machine: the PyTorch twins are used (tested in test_fast_paths)")
+        pytest.fail(f"a C compiler exists but the kernels did not build / load: {ck._state['error']}")
+    return ck.library()
+
+
+@pytest.fixture(params=[1, 3])
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)          # also the OpenMP thread count of the kernels
+    yield request.param
+    torch.set_num_threads(old)
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("n,D,H", [(1, 5, 3), (37, 64, 128), (130, 33, 70)])
+def test_refiner_kernels_equal_twins(lib, threads, n, D, H):
+    g = torch.Generator().manual_seed(n + D)
+    x = torch.randn(n, D, generator=g)
+    xh, r = ck.rms_norm_fwd(x, 1e-6)
+    xh0, r0 = T.rms_norm_fwd(x, 1e-6)
+    assert rel(xh, xh0) < 1e-6 and rel(r, r0) < 1e-6 and r.shape == (n, 1)
+
+    gx, gxh = torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
+    a = ck.rms_norm_bwd_(gx.clone(), gxh, xh0, r0)
+    b = T.rms_norm_bwd_(gx.clone(), gxh, xh0, r0)
+    assert rel(a, b) < 1e-6
+
+    ab = torch.randn(n, 2 * H, generator=g)
+    ab[:, 0] = 0.0                                                  # relu'(0) = 0 on both sides
+    assert torch.equal(ck.glu_fwd(ab), T.glu_fwd(ab))
+    gh = torch.randn(n, H, generator=g)
+    (gab, h), (gab0, h0) = ck.glu_bwd(gh, ab), T.glu_bwd(gh, ab)
+    assert torch.equal(gab, gab0) and torch.equal(h, h0)
+
+
+@pytest.mark.parametrize("nb,n_per,H", [(1, 1, 4), (3, 7, 20), (4, 33, 70)])
+def test_head_kernels_equal_twins(lib, threads, nb, n_per, H):
+    g = torch.Generator().manual_seed(nb * 100 + H)
+    x, bias = torch.randn(nb * n_per, H, generator=g), torch.randn(nb, H, generator=g)
+    assert torch.equal(ck.bias_relu(x, bias), T.bias_relu(x, bias))
+    inplace = x.clone()
+    ck.bias_relu(inplace, bias, out=inplace)
+    assert torch.equal(inplace, T.bias_relu(x, bias))
+
+    gr, h = torch.randn(nb * n_per, H, generator=g), torch.relu(torch.randn(nb * n_per, H, generator=g))
+    s1, s0 = torch.full((nb, H), 0.5), torch.full((nb, H), 0.5)   # accumulates into what is there
+    out1, out0 = ck.relu_bwd_segsum(gr, h, s1), T.relu_bwd_segsum(gr, h, s0)
+    assert torch.equal(out1, out0)
+    assert rel(s1, s0) < 1e-6
+    buf = torch.empty_like(gr)
+    assert ck.relu_bwd_segsum(gr, h, torch.zeros(nb, H), out=buf) is buf and torch.equal(buf, out0)
+
+    w, b = torch.randn(H + 1, H, generator=g), torch.randn(H + 1, generator=g)
+    assert rel(ck.linear_relu(x, w, b), T.linear_relu(x, w, b)) < 1e-6
+
+
+@pytest.mark.parametrize("M,K,P,C", [(1, 1, 3, 2), (50, 8, 30, 6), (301, 4, 17, 70)])
+def test_gather_scatter_equal_twins(lib, threads, M, K, P, C):
+    g = torch.Generator().manual_seed(M + C)
+    table, idx = torch.randn(P, C, generator=g), torch.randint(0, P, (M, K), generator=g)
+    idx[: M // 2] = idx[0, 0]                                       # repeated rows accumulate
+    w = torch.rand(M, K, generator=g)
+    assert rel(ck.gather_corners(table, idx, w), T.gather_corners(table, idx, w)) < 1e-6
+    go = torch.randn(M, C, generator=g)
+    a = ck.scatter_corners_(torch.zeros(P, C), idx, w, go)
+    b = T.scatter_corners_(torch.zeros(P, C), idx, w, go)
+    assert rel(a, b) < 1e-6
+
+
+@pytest.mark.parametrize("n,C,K,inc", [(1, 1, 1, False), (37, 8, 4, False), (65, 3, 10, True)])
+def test_pe_kernels_equal_twins(lib, threads, n, C, K, inc):
+    g = torch.Generator().manual_seed(n)
+    u = torch.rand(n, C, generator=g) * 4 - 2
+    coeff = torch.pi * 2.0 ** torch.arange(K, dtype=torch.float32)
+    x0, x00 = ck.pe_fwd(u, coeff, inc), T.pe_fwd(u, coeff, inc)
+    assert x0.shape == x00.shape == (n, C * (2 * K + inc))
+    assert (x0 - x00).abs().max() < 1e-6                            # vector sin / cos: a few ulp
+    g1, g2 = torch.randn(*x0.shape, generator=g), torch.randn(*x0.shape, generator=g)
+    for second in (g2, None):
+        assert rel(ck.pe_bwd(g1, second, x00, coeff, inc), T.pe_bwd(g1, second, x00, coeff, inc)) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(5,), (4, 7), (3, 5, 6), (2, 3, 2, 3)])
+def test_corner_stencil_compiled_equals_pytorch(lib, threads, shape, monkeypatch):
+    """Bitwise: same indices and weights, on random, vertex, boundary, outside and NaN coordinates."""
+    d = len(shape)
+    g = torch.Generator().manual_seed(d)
+    x = torch.rand(200, d, generator=g) * 2.6 - 1.3                 # some outside [-1, 1]
+    x[:20] = 1.0
+    x[20:40] = -1.0
+    x[40:60] = (2.0 * torch.randint(0, 2, (20, d), generator=g).float() - 1.0) * 1e6
+    x[60, 0] = float("nan")
+    x[61:100] = torch.stack([2.0 * torch.randint(0, n, (39,), generator=g).float() / (n - 1) - 1.0
+                             for n in reversed(shape)], -1)          # lattice vertices
+    idx1, w1 = fast_ops.corner_stencil(x, shape)
+    monkeypatch.setattr(ck, "library", lambda: None)
+    idx0, w0 = fast_ops.corner_stencil(x, shape)
+    assert torch.equal(idx1, idx0)
+    assert torch.equal(torch.nan_to_num(w1, nan=7.0), torch.nan_to_num(w0, nan=7.0))
+    assert torch.isnan(w1[60]).any()
+
+
+def test_mark_touched(lib):
+    idx = torch.tensor([[0, 3], [3, 5], [7, 7]])
+    w = torch.tensor([[0.5, 0.5], [0.0, 1.0], [0.0, 0.0]])
+    mask, u = ck.mark_touched(idx, w, 8)
+    assert u == 3 and mask.tolist() == [True, False, False, True, False, True, False, False]
+
+
+def test_wrappers_reject_bad_input(lib):
+    with pytest.raises(ValueError, match="contiguous float32"):
+        ck.glu_fwd(torch.randn(4, 6).t())
+    with pytest.raises(ValueError, match="float32"):
+        ck.rms_norm_fwd(torch.randn(3, 4, dtype=torch.float64), 1e-6)
+    with pytest.raises(IndexError, match="outside"):
+        ck.gather_corners(torch.randn(5, 2), torch.tensor([[0, 5]]), torch.ones(1, 2))
+    with pytest.raises(ValueError, match="shape"):
+        ck.scatter_corners_(torch.zeros(5, 2), torch.tensor([[0, 1]]), torch.ones(1, 3), torch.ones(1, 2))
+
+
+@pytest.fixture
+def fresh(monkeypatch):
+    """Re-read the environment on the next library() call, and restore the normal state afterwards."""
+    ck.reset()
+    yield monkeypatch
+    monkeypatch.undo()
+    ck.reset()
+
+
+def test_build_into_an_empty_cache_and_reuse(lib, fresh, tmp_path):
+    fresh.setenv("DRR_KERNEL_CACHE", str(tmp_path))
+    assert ck.library() is not None
+    built = sorted(tmp_path.glob("fused_cpu-*.so"))
+    assert len(built) == 1 and not list(tmp_path.glob("*.tmp"))
+    mtime = built[0].stat().st_mtime_ns
+    ck.reset()
+    assert ck.library() is not None
+    assert sorted(tmp_path.glob("fused_cpu-*.so")) == built and built[0].stat().st_mtime_ns == mtime
+
+
+def test_missing_compiler_falls_back_with_a_warning(fresh, tmp_path):
+    fresh.setenv("DRR_KERNEL_CACHE", str(tmp_path))
+    fresh.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.warns(RuntimeWarning, match="no-such-cc"):
+        assert ck.library() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                              # warned once only
+        assert ck.library() is None
+    x = torch.randn(6, 4)
+    assert fast_ops._prims(x) is T
+    out = fast_ops.vertex_pipeline(x, None, None, torch.randn(3, 4))   # still works, through PyTorch
+    assert out.shape == (6, 3)
+
+
+def test_env_off_disables_silently(fresh):
+    fresh.setenv("DRR_CPU_KERNELS", "off")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert ck.library() is None and not ck.available()
+    assert fast_ops._prims(torch.randn(2, 2)) is T
