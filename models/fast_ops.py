@@ -291,13 +291,15 @@ class VertexPipeline(torch.autograd.Function):
         ctx.cfg = (include_input, eps, chunk, n_blocks)
         packed = _pack(weights, n_blocks)
         keep = keep and any(ctx.needs_input_grad)
-        outs, ctx.kept = [], []
+        ctx.kept = []
+        width = packed["fold"].shape[0] if packed["fold"] is not None else \
+            (u.shape[1] * (2 * coeff.numel() + int(include_input)) if coeff is not None else u.shape[1])
+        out = torch.empty(u.shape[0], width, dtype=u.dtype, device=u.device)
         for s in range(0, u.shape[0], chunk):
-            out, saved = _pipeline_chunk(u[s:s + chunk], coeff, include_input, eps, packed, keep)
-            outs.append(out)
+            saved = _pipeline_chunk(u[s:s + chunk], coeff, include_input, eps, packed, keep, out[s:s + chunk])
             if keep:
                 ctx.kept.append(saved)
-        return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
+        return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -313,11 +315,13 @@ class VertexPipeline(torch.autograd.Function):
         gu = torch.empty_like(u) if need_u else None
         grad_out = grad_out.contiguous()
         kept, ctx.kept = ctx.kept, []
-        for i, s in enumerate(range(0, u.shape[0], chunk)):
+        starts = list(range(0, u.shape[0], chunk))
+        for i in reversed(range(len(starts))):                       # last forward chunk first: still cached
+            s = starts[i]
             if kept:
                 saved, kept[i] = kept[i], None                       # free as we go
             else:                                                    # recompute the chunk (in cache)
-                saved = _pipeline_chunk(u[s:s + chunk], coeff, include_input, eps, packed, True)[1]
+                saved = _pipeline_chunk(u[s:s + chunk], coeff, include_input, eps, packed, True)
             g_u = _pipeline_chunk_backward(grad_out[s:s + chunk], saved, coeff, include_input, packed, acc, need_u)
             if need_u:
                 gu[s:s + chunk] = g_u
@@ -425,8 +429,9 @@ def _pack(weights, n_blocks):
     return {"blocks": blocks, "fold": weights[4 * n_blocks] if len(weights) > 4 * n_blocks else None}
 
 
-def _pipeline_chunk(u, coeff, include_input, eps, packed, keep):
-    """Forward of one chunk of rows; with ``keep`` also what the backward needs."""
+def _pipeline_chunk(u, coeff, include_input, eps, packed, keep, dest=None):
+    """Forward of one chunk of rows into ``dest`` (its rows of the output; None: no output); returns what the
+    backward needs when ``keep`` (else an empty record)."""
     saved = {"blocks": []}
     ops = _prims(u)
     if coeff is not None:
@@ -446,8 +451,12 @@ def _pipeline_chunk(u, coeff, include_input, eps, packed, keep):
     g = x0 + x if packed["blocks"] else x0
     if keep:
         saved["g"] = g
-    out = g @ packed["fold"].t() if packed["fold"] is not None else g
-    return out, saved
+    if dest is not None:
+        if packed["fold"] is not None:
+            torch.mm(g, packed["fold"].t(), out=dest)
+        else:
+            dest.copy_(g)
+    return saved
 
 
 def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_u):

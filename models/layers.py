@@ -316,6 +316,19 @@ def lerp_lines(lines: Tensor, t: Tensor) -> Tensor:
     return v0 + w * (v1 - v0)
 
 
+def _resample_matrix(m: int, n: int) -> Tensor:
+    """(n, m) float64 matrix of :func:`resample_line` from m to n vertices (identity when m == n)."""
+    if m == n:
+        return torch.eye(n, dtype=torch.float64)
+    s = torch.linspace(0.0, 1.0, n, dtype=torch.float64) * (m - 1)
+    i0 = s.floor().clamp(max=m - 2).long()
+    w = s - i0
+    r = torch.zeros(n, m, dtype=torch.float64)
+    r[torch.arange(n), i0] = 1.0 - w
+    r[torch.arange(n), i0 + 1] += w
+    return r
+
+
 def resample_line(line: Tensor, n: int) -> Tensor:
     """Values of one line at the n vertices of an n-point align_corners lattice of [0, 1].
 
@@ -369,6 +382,7 @@ class ConditionLines(nn.Module):
         ])
         self.param_max = [max(level[k] for level in self.resolutions) for k in range(self.cond_dim)]  # H_k
         self.max_len = max(self.param_max)                                                          # H
+        self.register_buffer("_unify", self._unification_matrix(), persistent=False)
 
     @property
     def out_dim(self) -> int:
@@ -387,14 +401,36 @@ class ConditionLines(nn.Module):
                 feats.append(lerp_lines(self.line(level, k)[None], c[:, k:k + 1])[:, 0])  # (B, C)
         return torch.cat(feats, dim=-1)
 
-    def unified(self) -> Tensor:
-        """Local-then-global unification: (H, d_c * L * C)."""
-        per_param = []
+    def _unification_matrix(self) -> Tensor:
+        """The linear map of :meth:`unified` on the stacked raw lines: (d_c * L * H, sum of line lengths).
+
+        Block ((k, l), line (l, k)) = R(H <- H_k) R(H_k <- r[l][k]), R(n <- m) the (n, m) matrix of
+        :func:`resample_line` (identity when n = m); composed in float64, stored in float32.
+        """
+        H, L = self.max_len, self.num_levels
+        offsets, o = {}, 0
+        for level in range(L):
+            for k in range(self.cond_dim):
+                offsets[level, k] = o
+                o += self.resolutions[level][k]
+        m = torch.zeros(self.cond_dim * L * H, o, dtype=torch.float64)
         for k in range(self.cond_dim):
-            local = torch.cat([resample_line(self.line(level, k), self.param_max[k])
-                               for level in range(self.num_levels)], dim=-1)         # (H_k, L*C)
-            per_param.append(resample_line(local, self.max_len))                     # (H, L*C)
-        return torch.cat(per_param, dim=-1)                                           # (H, d_c*L*C)
+            glob = _resample_matrix(self.param_max[k], H)
+            for level in range(L):
+                r = self.resolutions[level][k]
+                row, col = (k * L + level) * H, offsets[level, k]
+                m[row:row + H, col:col + r] = glob @ _resample_matrix(r, self.param_max[k])
+        return m.float()
+
+    def unified(self) -> Tensor:
+        """Local-then-global unification: (H, d_c * L * C).
+
+        Per parameter k its L lines resampled to H_k and concatenated, then resampled to H: both steps are
+        linear, so one product of a fixed matrix with the stacked lines computes all of them.
+        """
+        flat = self._unify.to(self.lines[0].dtype) @ torch.cat(list(self.lines), dim=0)  # (d_c*L*H, C)
+        H, C = self.max_len, self.channels
+        return flat.reshape(self.cond_dim, self.num_levels, H, C).permute(2, 0, 1, 3).reshape(H, -1)
 
     def split(self, line: Tensor) -> Tensor:
         """(H, d_c * L * C) -> (d_c, H, L * C): one line per parameter."""

@@ -115,6 +115,34 @@ def test_condition_lines_local_then_global():
     assert torch.allclose(ConditionLines.sample_split(split, c), cl(c), atol=1e-6)
 
 
+def test_unified_equals_two_stage_resampling():
+    """unified() (one fixed matrix) = per parameter: resample each level to H_k, concatenate, resample to H;
+    values and gradients, with lengths where the two stages do not commute (H_0 = 3, H = 7)."""
+    torch.manual_seed(1)
+    cl = ConditionLines([[2, 4, 7], [3, 3, 5]], channels=3)     # d_c = 3, L = 2
+    for p in cl.parameters():
+        p.data.uniform_(-1, 1)
+    H = cl.max_len
+
+    def two_stage():
+        per = []
+        for k in range(cl.cond_dim):
+            local = torch.cat([resample_line(cl.line(lv, k), cl.param_max[k]) for lv in range(cl.num_levels)], -1)
+            per.append(resample_line(local, H))
+        return torch.cat(per, -1)
+
+    go = torch.randn(H, cl.out_dim)
+    want = two_stage()
+    g_want = torch.autograd.grad(want, list(cl.parameters()), go)
+    got = cl.unified()
+    g_got = torch.autograd.grad(got, list(cl.parameters()), go)
+    assert cl.param_max == [3, 4, 7] and got.shape == (7, 18)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert "_unify" not in cl.state_dict()                       # checkpoints unchanged
+
+
 def test_ssr_of_a_linear_grid_is_exact():
     # grid values linear in the coordinates (column 0 = last axis) stay linear under SSR
     shape, target = (3, 4, 5), (6, 7, 9)
