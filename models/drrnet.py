@@ -398,7 +398,8 @@ class DRRNet(nn.Module):
         """pi's SSR + concatenation at some lattice vertices: rows (U,) flat indices -> (U, L*d_fs)."""
         parts = []
         for g, shape in zip(self.spatial_grids.grids, self.spatial_grids.shapes):
-            idx, w = resize_stencil(rows, self.ssr_shape, shape)
+            wt = torch.float64 if g.dtype == torch.float64 else torch.float32
+            idx, w = resize_stencil(rows, self.ssr_shape, shape, wt)
             parts.append(gather_interp(to_rows(g).contiguous(), idx, w))
         return torch.cat(parts, dim=-1)
 

@@ -154,37 +154,40 @@ def _gather_weight_grad(table: Tensor, idx: Tensor, go: Tensor) -> Tensor:
     return torch.stack([(table.index_select(0, idx[:, k]) * go).sum(-1) for k in range(idx.shape[1])], -1)
 
 
-def _resize_axis(src_n: int, dst_n: int, device) -> Tuple[Tensor, Tensor, Tensor]:
+def _resize_axis(src_n: int, dst_n: int, device, dtype=torch.float32) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-axis tables of ``F.interpolate(..., align_corners=True)`` from src_n to dst_n vertices.
 
-    Mirrors PyTorch's float32 arithmetic: scale = float32(src_n - 1) / (dst_n - 1), real = scale * j,
-    i0 = min(floor(real), src_n - 1), lambda = clamp(real - i0, 0, 1), i1 = i0 + (i0 < src_n - 1).
+    Mirrors PyTorch's arithmetic (in float32 for float32 / reduced-precision grids, float64 for float64):
+    scale = (src_n - 1) / (dst_n - 1), real = scale * j, i0 = min(floor(real), src_n - 1),
+    lambda = clamp(real - i0, 0, 1), i1 = i0 + (i0 < src_n - 1).
 
     Returns:
-        i0 (dst_n,), i1 (dst_n,) int64 and lambda (dst_n,) float32.
+        i0 (dst_n,), i1 (dst_n,) int64 and lambda (dst_n,) in ``dtype``.
     """
-    j = torch.arange(dst_n, device=device, dtype=torch.float32)
+    j = torch.arange(dst_n, device=device, dtype=dtype)
     if src_n == dst_n:
         i0 = torch.arange(dst_n, device=device)
-        return i0, i0, torch.zeros(dst_n, device=device)
-    scale = torch.tensor(float(src_n - 1), dtype=torch.float32, device=device) / (dst_n - 1) if dst_n > 1 \
-        else torch.zeros((), device=device)
+        return i0, i0, torch.zeros(dst_n, device=device, dtype=dtype)
+    scale = torch.tensor(float(src_n - 1), dtype=dtype, device=device) / (dst_n - 1) if dst_n > 1 \
+        else torch.zeros((), device=device, dtype=dtype)
     real = scale * j
     i0 = torch.floor(real).long().clamp(max=src_n - 1)
-    lam = (real - i0.float()).clamp(0.0, 1.0)
+    lam = (real - i0.to(dtype)).clamp(0.0, 1.0)
     i1 = torch.where(i0 < src_n - 1, i0 + 1, i0)
     return i0, i1, lam
 
 
-def resize_stencil(rows: Tensor, dst_shape: Sequence[int], src_shape: Sequence[int]) -> Tuple[Tensor, Tensor]:
+def resize_stencil(rows: Tensor, dst_shape: Sequence[int], src_shape: Sequence[int],
+                   dtype=torch.float32) -> Tuple[Tensor, Tensor]:
     """Stencil of the (multi)linear ``align_corners`` resize from ``src_shape`` to ``dst_shape`` at some vertices.
 
     Args:
         rows: (M,) int64 C-order flat vertex indices of the ``dst_shape`` lattice.
         dst_shape, src_shape: array shapes (same number of axes).
+        dtype: of the weights: float32, or float64 for float64 grids (as F.interpolate computes).
 
     Returns:
-        (idx (M, 2^d) rows of the src lattice, w (M, 2^d) float32); ``gather_interp(to_rows(src), idx, w)``
+        (idx (M, 2^d) rows of the src lattice, w (M, 2^d)); ``gather_interp(to_rows(src), idx, w)``
         equals ``F.interpolate(src[None], dst_shape, align_corners=True)`` at those vertices (up to rounding).
         Axes of equal size contribute one corner (weight 1).
     """
@@ -197,10 +200,10 @@ def resize_stencil(rows: Tensor, dst_shape: Sequence[int], src_shape: Sequence[i
     for k, (sn, dn) in enumerate(zip(src_shape, dst_shape)):
         j = torch.div(rem, dst_strides[k], rounding_mode="floor")
         rem = rem - j * dst_strides[k]
-        i0, i1, lam = _resize_axis(sn, dn, rows.device)
+        i0, i1, lam = _resize_axis(sn, dn, rows.device, dtype)
         if sn == dn:
             idxs.append((j * strides[k])[:, None])
-            ws.append(torch.ones(rows.shape[0], 1, device=rows.device))
+            ws.append(torch.ones(rows.shape[0], 1, device=rows.device, dtype=dtype))
         else:
             idxs.append(torch.stack([i0[j], i1[j]], dim=-1) * strides[k])
             l1 = lam[j]
