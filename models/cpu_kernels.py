@@ -216,7 +216,8 @@ def _check_stencil(name: str, P: int, idx: Tensor, w: Tensor) -> None:
         raise ValueError(f"cpu_kernels.{name}: idx must be a contiguous (M, K) int64 tensor")
     if tuple(w.shape) != tuple(idx.shape):
         raise ValueError(f"cpu_kernels.{name}: w {tuple(w.shape)} must have idx's shape {tuple(idx.shape)}")
-    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= P):
+    lo, hi = torch.aminmax(idx) if idx.numel() else (0, 0)
+    if idx.numel() and (int(lo) < 0 or int(hi) >= P):
         raise IndexError(f"cpu_kernels.{name}: row index outside [0, {P})")
 
 

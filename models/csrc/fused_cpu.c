@@ -203,42 +203,46 @@ void relu_bwd_segsum(int64_t nb, int64_t n_per, int64_t H, const float *g, const
 }
 
 /* Feature-upsampling positional encoding of u (n, C) with K frequencies coeff (K): per channel c the row of
- * x0 (n, C * (2K + inc)) holds [u (when inc)], sin(u * coeff[0..K-1]), cos(u * coeff[0..K-1]). */
+ * x0 (n, C * (2K + inc)) holds [u (when inc)], sin(u * coeff[0..K-1]), cos(u * coeff[0..K-1]).
+ * Blocks of PE_ROWS rows: the arguments of a block are laid out contiguously so that one long SIMD loop
+ * evaluates the sines and cosines, then they are placed into x0's layout. */
+#define PE_ROWS 64
 void pe_fwd(int64_t n, int64_t C, int64_t K, int64_t inc, const float *u, const float *coeff, float *x0) {
     const int64_t W = 2 * K + inc, CK = C * K;
     #pragma omp parallel
     {
-        float *buf = (float *)malloc(3 * CK * sizeof(float));
-        float *arg = buf, *sn = buf + CK, *cs = buf + 2 * CK;
+        float *buf = (float *)malloc((size_t)(3 * PE_ROWS * CK) * sizeof(float));
+        float *arg = buf, *sn = buf + PE_ROWS * CK, *cs = buf + 2 * PE_ROWS * CK;
         #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n; i++) {
-            const float *ui = u + i * C;
-            float *o = x0 + i * C * W;
+        for (int64_t i0 = 0; i0 < n; i0 += PE_ROWS) {
+            const int64_t rows = n - i0 < PE_ROWS ? n - i0 : PE_ROWS, m = rows * C;
+            const float *ub = u + i0 * C;
+            float *ob = x0 + i0 * C * W;
             if (!buf) {                                       /* no scratch memory: the scalar loop */
-                for (int64_t c = 0; c < C; c++) {
-                    float *oc = o + c * W;
-                    if (inc) oc[0] = ui[c];
+                for (int64_t r = 0; r < m; r++) {
+                    float *oc = ob + r * W;
+                    if (inc) oc[0] = ub[r];
                     for (int64_t k = 0; k < K; k++) {
-                        const float a = ui[c] * coeff[k];
+                        const float a = ub[r] * coeff[k];
                         oc[inc + k] = sinf(a);
                         oc[inc + K + k] = cosf(a);
                     }
                 }
                 continue;
             }
-            for (int64_t c = 0; c < C; c++)
-                for (int64_t k = 0; k < K; k++) arg[c * K + k] = ui[c] * coeff[k];
+            for (int64_t r = 0; r < m; r++)                   /* r = row * C + channel */
+                for (int64_t k = 0; k < K; k++) arg[r * K + k] = ub[r] * coeff[k];
             #pragma omp simd
-            for (int64_t j = 0; j < CK; j++) {
+            for (int64_t j = 0; j < m * K; j++) {
                 sn[j] = sinf(arg[j]);
                 cs[j] = cosf(arg[j]);
             }
-            for (int64_t c = 0; c < C; c++) {
-                float *oc = o + c * W;
-                if (inc) oc[0] = ui[c];
+            for (int64_t r = 0; r < m; r++) {
+                float *oc = ob + r * W;
+                if (inc) oc[0] = ub[r];
                 for (int64_t k = 0; k < K; k++) {
-                    oc[inc + k] = sn[c * K + k];
-                    oc[inc + K + k] = cs[c * K + k];
+                    oc[inc + k] = sn[r * K + k];
+                    oc[inc + K + k] = cs[r * K + k];
                 }
             }
         }
@@ -251,21 +255,23 @@ void pe_fwd(int64_t n, int64_t C, int64_t K, int64_t inc, const float *u, const 
  * (g2 may be NULL).   g1, g2, x0 (n, C * (2K + inc)); gu (n, C). */
 void pe_bwd(int64_t n, int64_t C, int64_t K, int64_t inc, const float *g1, const float *g2, const float *x0,
             const float *coeff, float *gu) {
-    const int64_t W = 2 * K + inc;
+    const int64_t W = 2 * K + inc, m = n * C;
     #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        for (int64_t c = 0; c < C; c++) {
-            const int64_t base = i * C * W + c * W;
-            const float *a = g1 + base, *b = g2 ? g2 + base : NULL, *x = x0 + base;
-            float acc = 0.0f;
-            for (int64_t k = 0; k < K; k++) {
-                const float gs = b ? a[inc + k] + b[inc + k] : a[inc + k];
-                const float gc = b ? a[inc + K + k] + b[inc + K + k] : a[inc + K + k];
-                acc += (gs * x[inc + K + k] - gc * x[inc + k]) * coeff[k];
-            }
-            if (inc) acc += b ? a[0] + b[0] : a[0];
-            gu[i * C + c] = acc;
+    for (int64_t r = 0; r < m; r++) {                         /* r = row * C + channel */
+        const float *a = g1 + r * W, *x = x0 + r * W;
+        float acc = 0.0f;
+        if (g2) {
+            const float *b = g2 + r * W;
+            for (int64_t k = 0; k < K; k++)
+                acc += ((a[inc + k] + b[inc + k]) * x[inc + K + k] - (a[inc + K + k] + b[inc + K + k]) * x[inc + k])
+                       * coeff[k];
+            if (inc) acc += a[0] + b[0];
+        } else {
+            for (int64_t k = 0; k < K; k++)
+                acc += (a[inc + k] * x[inc + K + k] - a[inc + K + k] * x[inc + k]) * coeff[k];
+            if (inc) acc += a[0];
         }
+        gu[r] = acc;
     }
 }
 
