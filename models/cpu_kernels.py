@@ -49,7 +49,7 @@ _state = {"lib": None, "tried": False, "error": None}
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
     "rms_norm_fwd": [_I64, _I64, _PTR, _F32, _PTR, _PTR],
-    "rms_norm_bwd": [_I64, _I64, _PTR, _PTR, _PTR, _PTR],
+    "rms_norm_bwd": [_I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "glu_fwd": [_I64, _I64, _PTR, _PTR],
     "glu_bwd": [_I64, _I64, _PTR, _PTR, _PTR, _PTR],
     "scatter_corners": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR],
@@ -185,12 +185,13 @@ def rms_norm_fwd(x: Tensor, eps: float):
     return xh, r
 
 
-def rms_norm_bwd_(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor) -> Tensor:
-    """gx += r * gxh - r * mean(gxh * xh, -1) * xh (in place); returns gx."""
-    _check("rms_norm_bwd_", gx, gxh, xh, r)
+def rms_norm_bwd(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """gx + r * gxh - r * mean(gxh * xh, -1) * xh, into ``out`` (may be gx; default a new tensor)."""
+    out = torch.empty_like(gx) if out is None else out
+    _check("rms_norm_bwd", gx, gxh, xh, r, out)
     n, D = gx.shape
-    library().rms_norm_bwd(n, D, gx.data_ptr(), gxh.data_ptr(), xh.data_ptr(), r.data_ptr())
-    return gx
+    library().rms_norm_bwd(n, D, gx.data_ptr(), gxh.data_ptr(), xh.data_ptr(), r.data_ptr(), out.data_ptr())
+    return out
 
 
 def glu_fwd(ab: Tensor) -> Tensor:

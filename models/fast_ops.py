@@ -342,9 +342,10 @@ class _TorchPrims:
         return x * r, r
 
     @staticmethod
-    def rms_norm_bwd_(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor) -> Tensor:
+    def rms_norm_bwd(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor, out=None) -> Tensor:
         m = (gxh * xh).sum(-1, keepdim=True).div_(xh.shape[1]).mul_(r)
-        return gx.addcmul_(r, gxh).addcmul_(m, xh, value=-1.0)
+        res = torch.addcmul(gx, r, gxh).addcmul_(m, xh, value=-1.0)
+        return res if out is None else out.copy_(res)
 
     @staticmethod
     def gather_corners(table: Tensor, idx: Tensor, w: Tensor) -> Tensor:
@@ -470,7 +471,7 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_
         gg = go @ packed["fold"]                                     # (n, D)
     else:
         gg = go
-    gx = gg.clone() if packed["blocks"] else gg
+    gx = gg
     ops = _prims(gx)
     for k in reversed(range(len(packed["blocks"]))):
         _, _, w3, w12s = packed["blocks"][k]
@@ -478,7 +479,8 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_
         gab, h = ops.glu_bwd(gx @ w3, ab)                            # d/da, d/db; h = relu(a) * b again
         acc[2 * k + 1].addmm_(gx.t(), h)                             # dW3 (D, H)
         acc[2 * k].addmm_(gab.t(), xh)                               # d([W1; W2] diag(wn))
-        ops.rms_norm_bwd_(gx, gab @ w12s, xh, r)                     # RMSNorm backward + residual
+        # RMSNorm backward + residual; in place except the first time (gg is needed below)
+        gx = ops.rms_norm_bwd(gx, gab @ w12s, xh, r, out=None if gx is gg else gx)
     if not need_u:
         return None
     g2 = gg if packed["blocks"] else None                            # g = x0 + R(x0): both paths into x0

@@ -41,19 +41,20 @@ void rms_norm_fwd(int64_t n, int64_t D, const float *x, float eps, float *xh, fl
     }
 }
 
-/* Backward of rms_norm_fwd, added into gx:  gx += r * gxh - (r / D) * sum_j(gxh * xh) * xh.
- * gx, gxh, xh (n, D); r (n). */
-void rms_norm_bwd(int64_t n, int64_t D, float *gx, const float *gxh, const float *xh, const float *r) {
+/* Backward of rms_norm_fwd, added to gx:  out = gx + r * gxh - (r / D) * sum_j(gxh * xh) * xh.
+ * gx, gxh, xh, out (n, D) (out may be gx); r (n). */
+void rms_norm_bwd(int64_t n, int64_t D, const float *gx, const float *gxh, const float *xh, const float *r,
+                  float *out) {
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        const float *g = gxh + i * D, *y = xh + i * D;
-        float *o = gx + i * D;
+        const float *g = gxh + i * D, *y = xh + i * D, *a = gx + i * D;
+        float *o = out + i * D;
         float s = 0.0f;
         #pragma omp simd reduction(+:s)
         for (int64_t j = 0; j < D; j++) s += g[j] * y[j];
         const float ri = r[i], m = s / (float)D * ri;
         #pragma omp simd
-        for (int64_t j = 0; j < D; j++) o[j] += ri * g[j] - m * y[j];
+        for (int64_t j = 0; j < D; j++) o[j] = a[j] + (ri * g[j] - m * y[j]);
     }
 }
 
