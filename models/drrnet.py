@@ -302,7 +302,14 @@ class DRRNet(nn.Module):
         return out.reshape(-1, *self.ssr_shape)
 
     def _refine_points(self, u: Tensor, refine: bool) -> Tensor:
-        """Feature upsampling and refinement of lattice vertices: (P, L*d_fs) -> (P, D_sp)."""
+        """Feature upsampling and refinement of lattice vertices: (P, L*d_fs) -> (P, D_sp).
+
+        Without autograd (baking) and with ``fast_paths``, the chunked vertex pipeline's forward (same
+        values; models/fast_ops.vertex_pipeline) when :meth:`_use_fused` allows it.
+        """
+        if not torch.is_grad_enabled() and self.fast_paths and self._use_fused(u):
+            refiner = self.spatial_refiner if refine else None
+            return vertex_pipeline(u.contiguous(), self.pe, refiner, None)
         if self.pe is not None:
             u = self.pe(u)
         if refine and self.spatial_refiner is not None:
@@ -438,7 +445,9 @@ class DRRNet(nn.Module):
         """
         if self.fused_refiner == "never":
             return False
-        ok = u.dtype == torch.float32 and not torch.is_autocast_enabled(u.device.type)
+        blocks = self.spatial_refiner.blocks if self.spatial_refiner is not None else []
+        ok = u.dtype == torch.float32 and not torch.is_autocast_enabled(u.device.type) \
+            and all(isinstance(b.act, nn.ReLU) for b in blocks)
         return ok and (self.fused_refiner == "always" or u.device.type == "cpu")
 
     def _forward_lattice_fast(self, x: Tensor, c: Tensor) -> Tensor:

@@ -420,17 +420,22 @@ def _prims(t: Tensor):
 
 
 def _pack(weights, n_blocks):
-    """Per block (norm weight wn (D,), [W1; W2] (2H, D), W3 (D, H), [W1; W2] diag(wn)) and the fold weight.
+    """Per block (norm weight wn (D,), [W1; W2] (2H, D), W3 (D, H), [W1; W2] diag(wn), and the forward's
+    right-hand operands as contiguous transposes: (diag(wn) [W1; W2]^T (D, 2H), W3^T (H, D))); the fold
+    weight and its contiguous transpose.
 
     The RMSNorm weight is folded into the projections (``(xh * wn) W^T = xh (W diag(wn))^T``), which saves an
-    elementwise pass per block; the backward maps the gradient of the folded matrix back to W and wn.
+    elementwise pass per block; the backward maps the gradient of the folded matrix back to W and wn. MKL
+    multiplies by a contiguous (K, N) operand up to 1.25x faster than by a transposed view at these shapes.
     """
     blocks = []
     for k in range(n_blocks):
         wn, w1, w2, w3 = weights[4 * k:4 * k + 4]
         w12 = torch.cat([w1, w2], 0)
-        blocks.append((wn, w12, w3, w12 * wn))
-    return {"blocks": blocks, "fold": weights[4 * n_blocks] if len(weights) > 4 * n_blocks else None}
+        w12s = w12 * wn
+        blocks.append((wn, w12, w3, w12s, w12s.t().contiguous(), w3.t().contiguous()))
+    fold = weights[4 * n_blocks] if len(weights) > 4 * n_blocks else None
+    return {"blocks": blocks, "fold": fold, "fold_t": fold.t().contiguous() if fold is not None else None}
 
 
 def _pipeline_chunk(u, coeff, include_input, eps, packed, keep, dest=None):
@@ -445,19 +450,19 @@ def _pipeline_chunk(u, coeff, include_input, eps, packed, keep, dest=None):
     else:
         x0 = u
     x = x0
-    for wn, w12, w3, w12s in packed["blocks"]:
+    for _, _, _, _, w12s_t, w3_t in packed["blocks"]:
         xh, r = ops.rms_norm_fwd(x.contiguous(), eps)
-        ab = xh @ w12s.t()                                           # (n, 2H): [a | b]
+        ab = xh @ w12s_t                                             # (n, 2H): [a | b]
         h = ops.glu_fwd(ab)                                          # relu(a) * b
         if keep:
             saved["blocks"].append((r, xh, ab))                     # h is recomputed from [a | b]
-        x = torch.addmm(x, h, w3.t())
+        x = torch.addmm(x, h, w3_t)
     g = x0 + x if packed["blocks"] else x0
     if keep:
         saved["g"] = g
     if dest is not None:
         if packed["fold"] is not None:
-            torch.mm(g, packed["fold"].t(), out=dest)
+            torch.mm(g, packed["fold_t"], out=dest)
         else:
             dest.copy_(g)
     return saved
@@ -474,7 +479,7 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_
     gx = gg
     ops = _prims(gx)
     for k in reversed(range(len(packed["blocks"]))):
-        _, _, w3, w12s = packed["blocks"][k]
+        _, _, w3, w12s, _, _ = packed["blocks"][k]
         r, xh, ab = saved["blocks"][k]
         gab, h = ops.glu_bwd(gx @ w3, ab)                            # d/da, d/db; h = relu(a) * b again
         acc[2 * k + 1].addmm_(gx.t(), h)                             # dW3 (D, H)
@@ -492,7 +497,7 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_
 def _unpack_grads(acc, packed):
     """Accumulated gradients -> per block (wn, W1, W2, W3) [+ fold], in the order of the Function's inputs."""
     grads = []
-    for k, (wn, w12, w3, _) in enumerate(packed["blocks"]):
+    for k, (wn, w12, w3, *_) in enumerate(packed["blocks"]):
         H = w3.shape[1]
         g12s = acc[2 * k]                                            # d/d(W12 diag(wn))
         g12 = g12s * wn
