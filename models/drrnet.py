@@ -441,7 +441,7 @@ class DRRNet(nn.Module):
         """Use the chunked vertex pipeline (models/fast_ops.vertex_pipeline) for rows u?
 
         "auto": on CPU in float32 without autocast (where the per-row intermediates of the autograd
-        composition are memory-bound); GPUs keep the autograd composition.
+        composition are memory-bound); GPUs keep the autograd composition. Only ReLU-gated GLU blocks.
         """
         if self.fused_refiner == "never":
             return False
