@@ -79,6 +79,24 @@ def test_head_kernels_equal_twins(lib, threads, nb, n_per, H):
     assert rel(ck.linear_relu(x, w, b), T.linear_relu(x, w, b)) < 1e-6
 
 
+def test_reductions_are_deterministic(lib):
+    """Repeated calls give bitwise equal sums with several threads (partials are added in thread order)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        g = torch.Generator().manual_seed(9)
+        gr, h = torch.randn(3000, 64, generator=g), torch.randn(3000, 64, generator=g)
+        idx, w = torch.randint(0, 50, (3000, 8), generator=g), torch.rand(3000, 8, generator=g)
+        sums = []
+        for _ in range(10):
+            s = torch.zeros(3, 64)
+            ck.relu_bwd_segsum(gr, h, s)
+            sums.append((s, ck.scatter_corners_(torch.zeros(50, 64), idx, w, gr)))
+        assert all(torch.equal(a, sums[0][0]) and torch.equal(b, sums[0][1]) for a, b in sums)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("M,K,P,C", [(1, 1, 3, 2), (50, 8, 30, 6), (301, 4, 17, 70)])
 def test_gather_scatter_equal_twins(lib, threads, M, K, P, C):
     g = torch.Generator().manual_seed(M + C)

@@ -157,14 +157,27 @@ void bias_relu(int64_t nb, int64_t n_per, int64_t H, const float *x, const float
 
 /* Backward of a ReLU whose output is h, with the per-segment column sums of the result (the gradient of the
  * bias added before the ReLU):  out = g * (h > 0);  segsum[b, :] += sum of out's rows of segment b.
- * g, h, out (nb * n_per, H) (out may be g); segsum (nb, H). Each thread takes a range of rows; sums go
- * through float blocks of at most 64 rows into per-thread double accumulators. */
+ * g, h, out (nb * n_per, H) (out may be g); segsum (nb, H). Each thread takes a fixed range of rows; sums go
+ * through float blocks of at most 64 rows into per-thread double partials, which are added in thread order
+ * (deterministic for a given thread count). */
 void relu_bwd_segsum(int64_t nb, int64_t n_per, int64_t H, const float *g, const float *h, float *out,
                      float *segsum) {
-    const int64_t n = nb * n_per;
+    const int64_t n = nb * n_per, NH = nb * H;
+    int nt_max = 1;
+#ifdef _OPENMP
+    nt_max = omp_get_max_threads();
+#endif
+    double *part = (double *)calloc((size_t)(nt_max * NH), sizeof(double));
+    int used = 1;
     #pragma omp parallel
     {
-        double *acc = (double *)calloc((size_t)(nb * H), sizeof(double));
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+        #pragma omp single
+        used = omp_get_num_threads();
+#endif
+        double *acc = part ? part + (int64_t)t * NH : NULL;
         float *blk = (float *)calloc((size_t)H, sizeof(float));
         int64_t cur = -1, cnt = 0;
         #pragma omp for schedule(static)
@@ -192,14 +205,17 @@ void relu_bwd_segsum(int64_t nb, int64_t n_per, int64_t H, const float *g, const
             for (int64_t j = 0; j < H; j++) blk[j] += o[j];
             cnt++;
         }
-        if (acc && blk) {
-            if (cur >= 0)
-                for (int64_t j = 0; j < H; j++) acc[cur * H + j] += (double)blk[j];
-            #pragma omp critical
-            for (int64_t k = 0; k < nb * H; k++) segsum[k] += (float)acc[k];
-        }
-        free(acc);
+        if (acc && blk && cur >= 0)
+            for (int64_t j = 0; j < H; j++) acc[cur * H + j] += (double)blk[j];
         free(blk);
+    }
+    if (part) {
+        for (int64_t k = 0; k < NH; k++) {
+            double s = 0.0;
+            for (int t = 0; t < used; t++) s += part[(int64_t)t * NH + k];
+            segsum[k] += (float)s;
+        }
+        free(part);
     }
 }
 
