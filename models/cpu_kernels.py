@@ -1,14 +1,18 @@
 """Optional compiled CPU kernels of the training fast paths (source: ``models/csrc/fused_cpu.c``).
 
-The fused CPU training paths of DRR-Net (``models/fast_ops.vertex_pipeline`` and the table gradient of
-``gather_interp``) spend much of their non-matmul time in elementwise passes that PyTorch runs as several
-operators each (RMSNorm, the ReLU-gated GLU and their derivatives, the per-corner scatter of the
-interpolation gradient). The C file does each of them in one pass over the rows. It is compiled with the
-system C compiler the first time it is needed and cached; the matrix products stay PyTorch's.
+The fused CPU paths of DRR-Net (``models/fast_ops``: vertex_pipeline, fused_head, gather_interp,
+corner_stencil; the touched-vertex mask of ``DRRNet``) spend much of their non-matmul time in elementwise
+passes that PyTorch runs as several operators each: the PE, RMSNorm, the ReLU-gated GLU and their
+derivatives, bias + ReLU and its backward with the bias sums, the corner stencil, the weighted corner gather
+and its scatter. The C file does each of them in one pass over the rows (OpenMP over rows or channels,
+SIMD along them; reductions in a fixed order, so results repeat bitwise for a given thread count). It is
+compiled with the system C compiler the first time it is needed and cached; the matrix products stay
+PyTorch's.
 
 Nothing is required: without a C compiler with OpenMP, or when the build or the load fails, a warning says
-why once and the same functions run as PyTorch operators (same values to fp32 rounding;
-``tests/test_fast_paths.py`` checks both against each other and against autograd).
+why once and the same functions run as PyTorch operators, ``models.fast_ops._TorchPrims`` (same values to
+fp32 rounding; tests/test_cpu_kernels.py compares each kernel with its twin, tests/test_fast_paths.py runs
+the fused paths with both against autograd).
 
 Environment:
 

@@ -9,9 +9,9 @@ column 0 runs along the LAST array axis, vertex j of an n-point axis sits at ``2
   **exactly** the semantics of ``grid_sample(mode="bilinear", align_corners=True, padding_mode="zeros")``:
   a corner outside the lattice gets weight 0 (its row index is clamped so the gather stays in range); so
   ``x = +-1`` gives the boundary vertex and points outside [-1, 1] fade to 0 as with ``grid_sample``.
-* :func:`gather_interp` sums ``w * table[idx]`` over the corners with ONE ``F.embedding_bag`` call (a fused
-  gather + weighted sum on CPU and CUDA, differentiable w.r.t. the table and the weights; on CPU its table
-  gradient is one ``index_add_`` per corner instead of embedding_bag's sort).
+* :func:`gather_interp` sums ``w * table[idx]`` over the corners in one call (``F.embedding_bag``, a fused
+  gather + weighted sum, or on CPU in float32 the compiled kernel; differentiable w.r.t. the table and the
+  weights; on CPU its table gradient is a scatter of the corners instead of embedding_bag's sort).
 * :func:`resize_stencil` is the stencil of ``F.interpolate(mode="(bi/tri)linear", align_corners=True)`` from
   a lattice ``src`` to the vertices of a lattice ``dst``; used to compute the structural super-resolution
   (SSR) of DRR-Net at a subset of its vertices only.
@@ -22,6 +22,10 @@ column 0 runs along the LAST array axis, vertex j of an n-point axis sits at ``2
 * :func:`vertex_pipeline` (PE + GLU refiner + folded fusion weight over lattice rows) and :func:`fused_head`
   (ReLU + decoder + output activation over points): the training-time compositions with hand-written
   backward passes, in row chunks; equal to the autograd compositions to fp32 rounding.
+
+On CPU in float32 the elementwise passes of these functions, the stencil and the gather / scatter run as the
+compiled kernels of :mod:`models.cpu_kernels` when they are available, else as their PyTorch twins
+(:class:`_TorchPrims`, also used on other devices and dtypes).
 """
 from __future__ import annotations
 
