@@ -48,7 +48,7 @@ FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c11"]
 _OFF = {"0", "off", "never", "false", "no"}
 
 _lock = threading.Lock()
-_state = {"lib": None, "tried": False, "error": None}
+_state = {"lib": None, "tried": False, "error": None, "vector_math": False}
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _SIGNATURES = {
@@ -64,8 +64,9 @@ _SIGNATURES = {
     "pe_bwd": [_I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "corner_stencil": [_I64, _I64, _PTR, _PTR, _PTR, _PTR],
     "mark_touched": [_I64, _PTR, _PTR, _I64, _PTR],
+    "has_vector_math": [],
 }
-_RESTYPES = {"mark_touched": ctypes.c_int64}
+_RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int}
 
 
 def enabled_by_env() -> bool:
@@ -143,8 +144,7 @@ def library() -> Optional[ctypes.CDLL]:
                 for name, args in _SIGNATURES.items():
                     fn = getattr(lib, name)
                     fn.argtypes, fn.restype = args, _RESTYPES.get(name)
-                lib.has_vector_math.argtypes, lib.has_vector_math.restype = [], ctypes.c_int
-                _state["lib"] = lib
+                _state["lib"], _state["vector_math"] = lib, bool(lib.has_vector_math())
             except Exception as e:  # noqa: BLE001 - any failure means: use the PyTorch operators
                 _state["error"] = str(e)
                 warnings.warn(f"models.cpu_kernels: compiled CPU kernels unavailable, using PyTorch operators "
@@ -157,7 +157,7 @@ def library() -> Optional[ctypes.CDLL]:
 def reset() -> None:
     """Forget the loaded library (tests: re-read the environment on the next :func:`library` call)."""
     with _lock:
-        _state.update(lib=None, tried=False, error=None)
+        _state.update(lib=None, tried=False, error=None, vector_math=False)
 
 
 def available() -> bool:
@@ -166,8 +166,7 @@ def available() -> bool:
 
 def vector_math() -> bool:
     """Whether the loaded library has vectorized sin / cos (else :func:`pe_fwd` is not faster than PyTorch)."""
-    lib = library()
-    return lib is not None and bool(lib.has_vector_math())
+    return library() is not None and _state["vector_math"]
 
 
 # ----------------------------------------------------------------------------------------------------

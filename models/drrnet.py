@@ -37,9 +37,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from models import cpu_kernels
 from models.fast_ops import (GridQuery, corner_stencil, fused_head, gather_interp, resize_stencil, to_rows,
-                             vertex_pipeline)
+                             touched_mask, vertex_pipeline)
 from models.layers import ConditionLines, DenseGrids, FeatureUpsamplingPE, GLURefiner, MLPDecoder
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
@@ -423,19 +422,12 @@ class DRRNet(nn.Module):
         P = math.prod(self.ssr_shape)
         if self.sparse_refine == "never":
             return None, idx, P
-        live = None
-        if idx.device.type == "cpu" and w.dtype == torch.float32 and cpu_kernels.library() is not None:
-            mask, U = cpu_kernels.mark_touched(idx.contiguous(), w.contiguous(), P)
-        else:
-            live = w != 0
-            mask = torch.zeros(P, dtype=torch.bool, device=idx.device)
-            mask[idx[live]] = True
-            U = int(mask.sum())
+        mask, U = touched_mask(idx, w, P)
         if U == 0 or (self.sparse_refine == "auto" and U > self.sparse_refine_ratio * P):
             return None, idx, P
         rows = mask.nonzero()[:, 0]                                # (U,) sorted
         pos = torch.cumsum(mask, 0) - 1                            # (P,) row -> position among the touched
-        return rows, torch.where(w != 0 if live is None else live, pos[idx], 0), U
+        return rows, torch.where(w != 0, pos[idx], 0), U
 
     def _use_fused(self, u: Tensor) -> bool:
         """Use the chunked vertex pipeline (models/fast_ops.vertex_pipeline) for rows u?

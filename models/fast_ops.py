@@ -39,8 +39,8 @@ from torch import Tensor
 
 from models import cpu_kernels
 
-__all__ = ["strides_of", "corner_stencil", "gather_interp", "resize_stencil", "GridQuery", "to_rows", "vertex_pipeline",
-           "fused_head"]
+__all__ = ["strides_of", "corner_stencil", "gather_interp", "resize_stencil", "GridQuery", "to_rows", "touched_mask",
+           "vertex_pipeline", "fused_head"]
 
 
 def strides_of(shape: Sequence[int]) -> List[int]:
@@ -100,7 +100,7 @@ def corner_stencil(x: Tensor, shape: Sequence[int]) -> Tuple[Tensor, Tensor]:
     d = len(shape)
     if x.dim() != 2 or x.shape[1] != d:
         raise ValueError(f"corner_stencil: x must be (M, {d}), got {tuple(x.shape)}")
-    if x.device.type == "cpu" and x.dtype == torch.float32 and d <= 8 and cpu_kernels.library() is not None:
+    if d <= 8 and _prims(x) is cpu_kernels:
         return cpu_kernels.corner_stencil(x.contiguous(), shape)    # the same operations, compiled
     strides = strides_of(shape)
     idxs, ws = [], []
@@ -152,6 +152,11 @@ class _GatherInterpCPU(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             g_w = _gather_weight_grad(table, idx, go)
         return g_table, None, g_w
+
+
+def touched_mask(idx: Tensor, w: Tensor, P: int) -> Tuple[Tensor, int]:
+    """(mask (P,) bool of the rows ``idx[m, k]`` with ``w[m, k] != 0``, their number) for stencils idx / w."""
+    return _prims(w).mark_touched(idx.contiguous(), w.contiguous(), P)
 
 
 def _gather_weight_grad(table: Tensor, idx: Tensor, go: Tensor) -> Tensor:
@@ -361,6 +366,12 @@ class _TorchPrims:
         for k in range(idx.shape[1]):
             out.index_add_(0, idx_t[k], go * w_t[k, :, None])
         return out
+
+    @staticmethod
+    def mark_touched(idx: Tensor, w: Tensor, P: int):
+        mask = torch.zeros(P, dtype=torch.bool, device=idx.device)
+        mask[idx[w != 0]] = True
+        return mask, int(mask.sum())
 
     @staticmethod
     def bias_relu(x: Tensor, bias: Tensor, out=None) -> Tensor:

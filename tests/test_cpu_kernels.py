@@ -148,6 +148,8 @@ def test_mark_touched(lib):
     w = torch.tensor([[0.5, 0.5], [0.0, 1.0], [0.0, 0.0]])
     mask, u = ck.mark_touched(idx, w, 8)
     assert u == 3 and mask.tolist() == [True, False, False, True, False, True, False, False]
+    mask0, u0 = T.mark_touched(idx, w, 8)
+    assert u0 == u and torch.equal(mask0, mask)
 
 
 def test_wrappers_reject_bad_input(lib):

@@ -69,23 +69,19 @@ void glu_fwd(int64_t n, int64_t H, const float *ab, float *h) {
     }
 }
 
-/* Backward of glu_fwd: gab = [gh * b * (a > 0) | gh * relu(a)] and, when h is not NULL, the forward's
- * h = relu(a) * b again (so the forward need not keep it).   gh, h (n, H); ab, gab (n, 2H). */
+/* Backward of glu_fwd: gab = [gh * b * (a > 0) | gh * relu(a)] and the forward's h = relu(a) * b again (so
+ * the forward need not keep it).   gh, h (n, H); ab, gab (n, 2H). */
 void glu_bwd(int64_t n, int64_t H, const float *gh, const float *ab, float *gab, float *h) {
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) {
         const float *a = ab + i * 2 * H, *b = a + H, *g = gh + i * H;
-        float *ga = gab + i * 2 * H, *gb = ga + H;
+        float *ga = gab + i * 2 * H, *gb = ga + H, *o = h + i * H;
         #pragma omp simd
         for (int64_t j = 0; j < H; j++) {
             const int pos = a[j] > 0.0f;
             ga[j] = pos ? g[j] * b[j] : 0.0f;
             gb[j] = pos ? g[j] * a[j] : 0.0f;
-        }
-        if (h) {
-            float *o = h + i * H;
-            #pragma omp simd
-            for (int64_t j = 0; j < H; j++) o[j] = (a[j] > 0.0f ? a[j] : 0.0f) * b[j];
+            o[j] = (pos ? a[j] : 0.0f) * b[j];
         }
     }
 }
