@@ -623,6 +623,24 @@ class HDFieldDataset:
         t = np.exp(t) if self.log_transform else t
         return t.astype(np.float32) if a.dtype == np.float32 else t
 
+    @property
+    def train_value_mean(self) -> float:
+        """Mean of the normalized training values (training resolution, every training member); computed once.
+
+        Used by ``model.init_output_mean: auto`` to start a model's output at the data mean."""
+        if getattr(self, "_train_mean", None) is None:
+            if self._store is not None:
+                self._train_mean = float(self._store.mean(dtype=np.float64))
+            else:
+                total, count = 0.0, 0
+                for pos in range(len(self.train_idx)):
+                    for s in range(0, self.n_train_voxels, _CHUNK):
+                        vals = self._member_values(pos, np.arange(s, min(s + _CHUNK, self.n_train_voxels)))
+                        total += float(vals.sum(dtype=np.float64))
+                        count += vals.size
+                self._train_mean = total / max(count, 1)
+        return self._train_mean
+
     def meta(self) -> dict:
         """JSON-serializable facts needed to use a trained model: value_min, value_max, log_transform,
         spatial_shape, train_shape, downsample, cond_dim, n_train, n_test, and param_names / param_min /
@@ -630,7 +648,8 @@ class HDFieldDataset:
         out = {"value_min": self.value_min, "value_max": self.value_max, "log_transform": self.log_transform,
                "spatial_shape": list(self.spatial_shape), "train_shape": list(self.train_shape),
                "downsample": self.downsample, "cond_dim": self.cond_dim, "n_train": int(len(self.train_idx)),
-               "n_test": int(len(self.test_idx))}
+               "n_test": int(len(self.test_idx)),
+               "train_value_mean": self.train_value_mean}
         path = os.path.join(os.path.dirname(os.path.abspath(self.cond_path)), "cond_meta.json")
         if os.path.isfile(path):
             try:
