@@ -31,11 +31,13 @@ def main(argv=None):
         exp = load_config(args.config, args.config_id, args.overrides)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    from util.training import train
+    from util.training import TrainingCollapsed, train
 
     try:
         train(exp, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
     except (FileExistsError, FileNotFoundError, ConfigError) as e:
+        sys.exit(f"error: {e}")
+    except TrainingCollapsed as e:
         sys.exit(f"error: {e}")
 
 

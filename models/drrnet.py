@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from models.fast_ops import (GridQuery, corner_stencil, fused_head, gather_interp, resize_stencil, to_rows,
                              touched_mask, vertex_pipeline)
-from models.layers import ConditionLines, DenseGrids, FeatureUpsamplingPE, GLURefiner, MLPDecoder
+from models.layers import (AUTO_OUTPUT_MEAN, ConditionLines, DenseGrids, FeatureUpsamplingPE, GLURefiner, MLPDecoder,
+                           check_init_output_mean, init_output_bias)
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
 
@@ -114,10 +115,13 @@ class DRRNet(nn.Module):
         decoder_layers: linear layers of the decoder g in total (last one -> out_dim).
         out_dim: output channels (1).
         out_activation: "sigmoid" (paper), "none", or "clamp" (to [0, 1]).
-        init_output_mean: if given (in output units, e.g. the training mean of the normalized values), the
-            last decoder bias starts at the value that maps to it (logit for "sigmoid"), see
-            :meth:`init_output`. None = PyTorch's default init (paper). Guards against the early collapse
-            described below.
+        init_output_mean: where the output starts. "auto" (default): the training mean of the normalized
+            values, read from the dataset by the program (train.py); a number: that value (output units);
+            None: PyTorch's default init (the paper's). With a value, the last decoder bias starts at the
+            value that maps to it (logit for "sigmoid"), see :meth:`init_output`. Guards against the early
+            collapse described below, which the paper's init does not (on real CloverLeaf data at the paper's
+            lr 1e-3 it produced a constant model, warm-up or not). A model built by hand without data keeps
+            the default init with "auto" until :meth:`init_output` is called.
         refine_at_inference: False disables both refiners outside training (paper Fig. 8): eval and bake use
             pi(G) and the unified condition lines only.
         variant: None (take the switches as given) or an ablation shortcut from :data:`VARIANTS`: "full",
@@ -193,7 +197,7 @@ class DRRNet(nn.Module):
         decoder_layers: int = 3,
         out_dim: int = 1,
         out_activation: str = "sigmoid",
-        init_output_mean: Optional[float] = None,
+        init_output_mean: Union[float, str, None] = AUTO_OUTPUT_MEAN,
         # switches
         refine_at_inference: bool = True,
         variant: Optional[str] = None,
@@ -255,7 +259,7 @@ class DRRNet(nn.Module):
         self.fusion = nn.Sequential(  # Linear weight (hidden, D_sp + D_c), bias (hidden,)
             nn.Linear(self.spatial_feature_dim + self.cond_feature_dim, hidden_dim), nn.ReLU())
         self.decoder = MLPDecoder(hidden_dim, hidden_dim, decoder_layers, out_dim)
-        if init_output_mean is not None:
+        if check_init_output_mean(init_output_mean) not in (None, AUTO_OUTPUT_MEAN):
             self.init_output(init_output_mean)
 
         # --- bake cache (never saved) -----------------------------------------------------------------
@@ -648,11 +652,7 @@ class DRRNet(nn.Module):
         ``logit(mean)`` with the sigmoid output (``mean`` clipped to [1e-4, 1 - 1e-4]), ``mean`` itself
         otherwise. Call it before training, e.g. with the mean of the normalized training values.
         """
-        mean = float(mean)
-        if self.out_activation == "sigmoid":
-            m = min(max(mean, 1e-4), 1.0 - 1e-4)
-            mean = float(torch.logit(torch.tensor(m, dtype=torch.float64)))
-        self.decoder.net[-1].bias.fill_(mean)
+        init_output_bias(self.decoder.net[-1], mean, self.out_activation == "sigmoid")
 
     # ------------------------------------------------------------------------------------------------
     # optimizer groups

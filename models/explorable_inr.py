@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from models.kplanes import FlatInputModel, _as_list
+from models.layers import check_init_output_mean, init_output_bias
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
 
@@ -106,13 +107,17 @@ class ExplorableINR(FlatInputModel):
         out_sigmoid: end with a sigmoid (paper: True). False returns fc4's output (the reference would skip
             fc4 and return the 128-d hidden vector, a bug no config triggers; not reproduced).
         clamp_conditions: clamp c to [0, 1] before the line lookups (corrected, spec 5.7). Paper: False.
+        init_output_mean: None (default: the reference init), a number, or "auto" (the training mean of the
+            normalized values, supplied by the program): the last decoder bias starts where the output equals
+            it (logit, through the sigmoid). The guard against an early collapse of the sigmoid output.
     """
 
     def __init__(self, cond_dim: int, spatial_dims: int = 3, grid_size: Union[int, Sequence[int]] = 64,
                  plane_size: Union[int, Sequence[int]] = 256, line_size: Union[int, Sequence[int]] = 16,
                  grid_features: int = 32, plane_features: int = 32, line_features: int = 16,
                  decoder_width: int = 128, dropout: float = 0.0, out_sigmoid: bool = True,
-                 clamp_conditions: bool = False):
+                 clamp_conditions: bool = False,
+                 init_output_mean: Union[float, str, None] = None):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ConfigError(f"explorable_inr supports spatial_dims 2 or 3, got {spatial_dims}")
@@ -147,6 +152,8 @@ class ExplorableINR(FlatInputModel):
         layers.append(nn.Linear(w, 1))
         self.decoder = nn.Sequential(*layers)
         xavier_mlp(self.decoder)
+        if check_init_output_mean(init_output_mean) not in (None, "auto"):
+            init_output_bias(self.decoder[-1], init_output_mean, sigmoid=self.out_sigmoid)
 
     def encode(self, u: torch.Tensor) -> torch.Tensor:
         """Encoder output [s ; q]: (n, d + d_c) -> (n, F3 + F1)."""

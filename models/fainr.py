@@ -8,7 +8,7 @@ Facts: spec/baselines.md section 3; quirks: section 5 items 3-5, 7.
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,7 @@ from torch import nn
 
 from models.explorable_inr import lerp_lines, xavier_mlp
 from models.kplanes import FlatInputModel
+from models.layers import check_init_output_mean, init_output_bias
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
 
@@ -192,6 +193,9 @@ class FAINR(FlatInputModel):
         adapter_width: hidden width of the value adapter (hard-coded 64 in the reference). Paper: 64.
         encoder_init: 'reference' (paper), 'siren' or 'xavier'; see :class:`SirenEncoder`.
         clamp_conditions: clamp c to [0, 1] before the line lookups (corrected, spec 5.7). Paper: False.
+        init_output_mean: None (default: the reference init), a number, or "auto" (the training mean of the
+            normalized values, supplied by the program): the last decoder bias starts where the output equals
+            it (logit, through the sigmoid). The guard against an early collapse of the sigmoid output.
     """
 
     def __init__(self, cond_dim: int, spatial_dims: int = 3, cond_hidden_dims: int = 16, num_entries: int = 1024,
@@ -199,7 +203,8 @@ class FAINR(FlatInputModel):
                  chunk_size: Optional[int] = None, num_hidden_layers: int = 4, mlp_encoder_dim: int = 512,
                  mlp_hidden_dim: int = 128, n_experts: int = 8, manager_res: int = 16, manager_features: int = 16,
                  gate_top_k: int = 2, pe_frequencies: int = 10, omega_0: float = 30.0, adapter_width: int = 64,
-                 encoder_init: str = "reference", clamp_conditions: bool = False):
+                 encoder_init: str = "reference", clamp_conditions: bool = False,
+                 init_output_mean: Union[float, str, None] = None):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ConfigError(f"fainr supports spatial_dims 2 or 3, got {spatial_dims}")
@@ -235,6 +240,8 @@ class FAINR(FlatInputModel):
         self.decoder = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h),
                                      nn.ReLU(), nn.Linear(h, 1))
         xavier_mlp(self.decoder)
+        if check_init_output_mean(init_output_mean) not in (None, "auto"):
+            init_output_bias(self.decoder[-1], init_output_mean, sigmoid=True)
         self._route_fraction: Optional[torch.Tensor] = None  # (n_experts,), last training-mode forward
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:

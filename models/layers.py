@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from util.registry import ConfigError
 from util.sampling import sample_grid
 
 __all__ = [
@@ -215,6 +216,39 @@ class MLPDecoder(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         """h: (..., in_dim) -> (..., out_dim)."""
         return self.net(h)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output initialisation (the collapse guard)
+# ----------------------------------------------------------------------------------------------------
+AUTO_OUTPUT_MEAN = "auto"
+"""``init_output_mean: auto``: the program replaces it with the training mean of the normalized values
+(``util.runs.build_model`` reads it from the dataset); a model built by hand keeps its default init."""
+
+
+def check_init_output_mean(value, key: str = "model.init_output_mean"):
+    """Validate an ``init_output_mean`` value: None, "auto" or a finite number; returns it unchanged."""
+    if value is None or value == AUTO_OUTPUT_MEAN:
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise ConfigError(f"{key} must be a number, 'auto' or null, got {value!r}")
+    return value
+
+
+@torch.no_grad()
+def init_output_bias(layer: nn.Linear, mean: float, sigmoid: bool) -> None:
+    """Set ``layer``'s bias so that the model output starts at about ``mean`` (a data-space value).
+
+    With a sigmoid after ``layer`` the bias is ``logit(mean)`` (mean clipped to [1e-4, 1 - 1e-4]), else
+    ``mean`` itself. Guards against the early collapse of a sigmoid output whose data mean is far from 0.5:
+    the first Adam steps push every pre-activation the same way, the sigmoid saturates and all gradients
+    underflow to 0 (see DRRNet's docstring).
+    """
+    mean = float(mean)
+    if sigmoid:
+        m = min(max(mean, 1e-4), 1.0 - 1e-4)
+        mean = float(torch.logit(torch.tensor(m, dtype=torch.float64)))
+    layer.bias.fill_(mean)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -72,6 +72,10 @@ class TrainConfig:
         grad_clip: clip the global gradient norm to this value (None: off).
         timing_steps: number of steady steps (after 10 warm-up steps) whose mean time gives the
             paper-convention training-time estimate (spec 5.6): mean step time x total steps.
+        collapse_check_steps: during the first this many steps, stop training with an error when the model
+            has collapsed (constant output over the batch, or every gradient exactly 0) at
+            ``collapse_patience`` consecutive log intervals. 0 = off.
+        collapse_patience: consecutive log intervals (of ``log_every`` steps) a collapse must persist.
     """
 
     epochs: Optional[float] = None
@@ -86,6 +90,8 @@ class TrainConfig:
     mixed_precision: str = "auto"
     grad_clip: Optional[float] = None
     timing_steps: int = 100
+    collapse_check_steps: int = 1000
+    collapse_patience: int = 3
 
     def __post_init__(self):
         if self.epochs is not None and self.max_steps is not None:
@@ -98,7 +104,9 @@ class TrainConfig:
             raise ConfigError(f"train.max_steps must be >= 1, got {self.max_steps}")
         if self.mixed_precision not in ("auto", "no", "fp16", "bf16"):
             raise ConfigError(f"train.mixed_precision must be one of auto, no, fp16, bf16; got '{self.mixed_precision}'")
-        for k in ("log_every", "keep_checkpoints"):
+        if int(self.collapse_check_steps) < 0:
+            raise ConfigError(f"train.collapse_check_steps must be >= 0, got {self.collapse_check_steps}")
+        for k in ("log_every", "keep_checkpoints", "collapse_patience"):
             if int(getattr(self, k)) < 1:
                 raise ConfigError(f"train.{k} must be >= 1, got {getattr(self, k)}")
         if not self.checkpoint_every > 0:

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from util.config import ConfigError, run_name, section_kwargs, validate_experiment, yaml_load
-from util.registry import build
+from util.registry import accepted_keys, build
 
 CKPT_DIR = "checkpoints"
 LATEST = "latest"
@@ -132,11 +132,20 @@ def build_dataset(exp: Dict[str, Any]):
                  injected={"seed": int(exp["train"].get("seed", 0))}, **section_kwargs(exp, "dataset"))
 
 
-def build_model(exp: Dict[str, Any], cond_dim: int, spatial_dims: int):
-    """The experiment's model with the data-derived arguments injected."""
-    return build("model", exp["model"]["type"], section="model",
-                 injected={"cond_dim": int(cond_dim), "spatial_dims": int(spatial_dims)},
-                 **section_kwargs(exp, "model"))
+def build_model(exp: Dict[str, Any], cond_dim: int, spatial_dims: int, output_mean: Optional[float] = None):
+    """The experiment's model with the data-derived arguments injected.
+
+    ``output_mean``: the training mean of the normalized values (``dataset.train_value_mean``); it replaces
+    ``init_output_mean: auto`` (explicit or the model's default). None (e.g. when weights are loaded next, so
+    the init does not matter) leaves the model's own init.
+    """
+    kwargs = section_kwargs(exp, "model")
+    typ = exp["model"]["type"]
+    keys = accepted_keys("model", typ, ("cond_dim", "spatial_dims"))
+    if "init_output_mean" in keys and kwargs.get("init_output_mean", keys["init_output_mean"]) == "auto":
+        kwargs["init_output_mean"] = None if output_mean is None else float(output_mean)
+    return build("model", typ, section="model",
+                 injected={"cond_dim": int(cond_dim), "spatial_dims": int(spatial_dims)}, **kwargs)
 
 
 def load_trained_model(run_dir: str, checkpoint: Optional[str] = None, map_location="cpu"):

@@ -113,7 +113,8 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
     set_seed(tc.seed)
     with accelerator.main_process_first():  # e.g. the demo ensemble is generated once, by the main process
         dataset = build_dataset(exp)
-    model = build_model(exp, dataset.cond_dim, dataset.spatial_dims)
+    output_mean = getattr(dataset, "train_value_mean", None)
+    model = build_model(exp, dataset.cond_dim, dataset.spatial_dims, output_mean=output_mean)
     optimizer = build("optimizer", exp["optim"]["type"], section="optim", injected={"model": model},
                       **section_kwargs(exp, "optim"))
     steps_per_epoch = int(dataset.steps_per_epoch)
@@ -156,9 +157,11 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
                desc=os.path.basename(run_dir), dynamic_ncols=True)
     step_times: List[float] = []
     warm = min(10, total // 2)  # warm-up steps excluded from the step-time measurement
-    log_rows: List[str] = []
     loss_acc = torch.zeros((), device=accelerator.device)
     n_acc = 0
+    watch = CollapseWatch(tc.collapse_check_steps, tc.collapse_patience, tc.log_every)
+    t_start = time.perf_counter()
+    echo = accelerator.is_main_process and not progress  # one printed line per log interval (batch jobs)
     for step in range(start, total):
         t0 = time.perf_counter()
         batch = dataset.sample_batch(step, rank=accelerator.process_index)
@@ -169,6 +172,9 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
             pred = model(x, c)
         loss = F.mse_loss(pred.float(), v)
         accelerator.backward(loss)
+        logging_step = (step + 1) % tc.log_every == 0 or step + 1 == total
+        if logging_step and watch.active(step + 1):
+            watch.observe(accelerator, raw_model, pred, step + 1)
         if tc.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
         optimizer.step()
@@ -183,7 +189,7 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
             step_times.append(time.perf_counter() - t0)
             if len(step_times) == tc.timing_steps or done == total:
                 _write_timing(accelerator, run_dir, step_times, total, writer)
-        if done % tc.log_every == 0 or done == total:
+        if logging_step:
             mean_loss = accelerator.reduce(loss_acc / n_acc, reduction="mean").item()
             loss_acc.zero_()
             n_acc = 0
@@ -192,7 +198,8 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
             if accelerator.is_main_process:
                 psnr = -10 * math.log10(max(mean_loss, 1e-30))
                 lr = optimizer.param_groups[0]["lr"]
-                log_rows.append(f"{done},{mean_loss:.8g},{psnr:.5f},{lr:.6g}")
+                with open(log_path, "a") as f:  # appended every interval: a user tailing the run sees it move
+                    f.write(f"{done},{mean_loss:.8g},{psnr:.5f},{lr:.6g}\n")
                 if writer is not None:
                     writer.add_scalar("train/loss", mean_loss, done)
                     writer.add_scalar("train/psnr", psnr, done)
@@ -201,12 +208,11 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
                     for k, val in getattr(raw_model, "training_stats", lambda: {})().items():
                         writer.add_scalar(k, val, done)
                 bar.set_postfix(loss=f"{mean_loss:.3e}", psnr=f"{psnr:.2f}")
+                if echo:
+                    print(progress_line(done, total, start, mean_loss, psnr, lr, time.perf_counter() - t_start),
+                          flush=True)
         bar.update(1)
         if done % ckpt_every == 0 or done == total:
-            if accelerator.is_main_process and log_rows:
-                with open(log_path, "a") as f:
-                    f.write("\n".join(log_rows) + "\n")
-                log_rows = []
             _save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints,
                              dict(total_steps=total, steps_per_epoch=steps_per_epoch))
     bar.close()
@@ -224,6 +230,67 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return run_dir
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
+
+
+def progress_line(done: int, total: int, start: int, loss: float, psnr: float, lr: float, elapsed: float) -> str:
+    """One log line: step, loss, PSNR, lr, elapsed time and ETA (from the steps run by this process)."""
+    ran = max(done - start, 1)
+    eta = elapsed / ran * (total - done)
+    return (f"step {done}/{total}  loss {loss:.4e}  psnr {psnr:.2f}  lr {lr:.3g}  "
+            f"elapsed {_duration(elapsed)}  eta {_duration(eta)}")
+
+
+class TrainingCollapsed(RuntimeError):
+    """Training stopped because the model collapsed (constant output or all-zero gradients)."""
+
+
+class CollapseWatch:
+    """Early-training collapse detector (spec section 4, "observed collapse").
+
+    At every log interval of the first ``check_steps`` steps it looks at the step's predictions and
+    gradients; when the output is constant over the batch (std <= 1e-6) or every gradient is exactly zero
+    for ``patience`` consecutive intervals, it raises :class:`TrainingCollapsed` with what happened and what to
+    change. A sigmoid output saturated this way never recovers (its gradients underflow to exactly 0), so
+    training on would only waste the rest of the budget. Every process reaches the same decision.
+    """
+
+    def __init__(self, check_steps: int, patience: int, log_every: int):
+        self.check_steps, self.patience, self.log_every = int(check_steps), int(patience), int(log_every)
+        self.streak = 0
+
+    def active(self, done: int) -> bool:
+        return self.check_steps > 0 and done <= self.check_steps
+
+    @torch.no_grad()
+    def observe(self, accelerator, model: torch.nn.Module, pred: torch.Tensor, done: int) -> None:
+        p = pred.detach().float()
+        std = float(p.std()) if p.numel() > 1 else 1.0
+        grads = [q.grad for q in model.parameters() if q.grad is not None]
+        zero_grads = all(not bool(g.any()) for g in grads)
+        flags = torch.tensor([float(std <= 1e-6), float(zero_grads)], device=accelerator.device)
+        flags = accelerator.reduce(flags, reduction="sum")  # same decision on every process
+        constant, zero = bool(flags[0] > 0), bool(flags[1] > 0)
+        self.streak = self.streak + 1 if (constant or zero) else 0
+        if self.streak < self.patience:
+            return
+        what = []
+        if constant:
+            what.append(f"outputs a constant ({float(p.mean()):.4g}) on the whole batch")
+        if zero:
+            what.append("every gradient is exactly 0")
+        raise TrainingCollapsed(
+            f"training collapsed at step {done}: the model {' and '.join(what)} for {self.patience} consecutive log "
+            f"intervals ({self.patience * self.log_every} steps). A saturated output does not recover; stopped "
+            f"instead of training on. Fix: set model.init_output_mean: auto (start the output at the data mean), "
+            f"lower optim.lr, or add scheduler.warmup_steps; then rerun with --overwrite. "
+            f"(train.collapse_check_steps: 0 turns this check off.)")
 
 
 def _write_timing(accelerator, run_dir, step_times, total, writer) -> None:
