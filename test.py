@@ -3,7 +3,10 @@
 
 Bakes the model (timed), reconstructs every test and train member at full resolution in chunks, scores the
 model and the reference predictors (mean field, nearest member, IDW), prints a table and writes
-``metrics.csv`` (dataset level) and ``members.csv`` (per member) into ``<run>/eval`` (or ``--out_dir``).
+``metrics.csv`` (dataset level, with the model's wins against each reference predictor and the weights scored),
+``members.csv`` (per member) and ``psnr_vs_idw.png`` (member PSNR, model vs IDW) into ``<run>/eval`` (or
+``--out_dir``); see util/evaluation.py for the columns. Scoring weights other than the final model.pt of a
+finished run (training unfinished, or ``--checkpoint``) is warned about and recorded in metrics.csv.
 """
 import argparse
 import logging
@@ -50,7 +53,7 @@ def main(argv=None):
             ov["reference"] = False
         rows = evaluate(run, out_dir=args.out_dir, checkpoint=args.checkpoint, overrides=ov,
                         overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
-    except (ConfigError, FileExistsError, FileNotFoundError) as e:
+    except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:  # ValueError: DataError and kin
         sys.exit(f"error: {e}")
     print(format_table(rows))
     print(f"results written to {os.path.abspath(args.out_dir or os.path.join(run, 'eval'))}")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 __all__ = ["mse", "psnr", "psnr_from_mse", "rel_l2", "max_diff", "ssim", "gaussian_window",
-           "member_metrics", "dataset_metrics", "is_constant", "MEMBER_METRIC_KEYS"]
+           "member_metrics", "dataset_metrics", "is_constant", "count_wins", "MEMBER_METRIC_KEYS"]
 
 TensorLike = Union[torch.Tensor, np.ndarray]
 
@@ -261,6 +261,23 @@ def dataset_metrics(per_member: Iterable[Mapping[str, Any]], data_range: float =
         m = out["mse"]
         out["psnr_dataset"] = math.nan if math.isnan(m) else psnr_from_mse(m, data_range)
     return out
+
+
+def count_wins(model: Mapping[Any, float], reference: Mapping[Any, float]) -> Tuple[int, int]:
+    """How many members the model wins against a reference predictor, member by member.
+
+    Args:
+        model: per-member score of the model (e.g. PSNR), keyed by member (cond row).
+        reference: the same score of the reference predictor, same keys.
+
+    Returns:
+        ``(wins, compared)``: ``compared`` = members present in both mappings; ``wins`` = those where the
+        model's score is strictly higher (a tie, including two exact members with PSNR ``+inf``, is no win;
+        a NaN score never wins).
+    """
+    common = [k for k in model if k in reference]
+    wins = sum(1 for k in common if float(model[k]) > float(reference[k]))
+    return wins, len(common)
 
 
 def is_constant(pred: TensorLike, tol: float = 1e-6) -> bool:
