@@ -15,11 +15,16 @@ from util.evaluation import DATASET_FIELDS
 REFS = ("mean_field", "nearest_member", "idw_k8_p2")
 
 
-def metrics_row(predictor, split, resolution, rel_l2, psnr, ssim, members=5, infer_s=float("nan")):
-    return dict(predictor=predictor, split=split, resolution=resolution, members=members, rel_l2=rel_l2,
-                psnr_dataset=psnr, psnr_member_mean=psnr + 0.5, ssim=ssim, md=0.5, mse=10 ** (-psnr / 10),
-                bake_s=float("nan") if predictor != "model" else 0.01, infer_s=infer_s,
-                infer_s_per_member=infer_s / members, points_per_s=1e6)
+def metrics_row(predictor, split, resolution, rel_l2, psnr, ssim, members=5, infer_s=float("nan"), wins=None,
+                weights="model.pt", step=10):
+    """A metrics.csv row as test.py writes it; ``wins`` = (vs mean, vs nearest, vs idw) for model rows."""
+    row = dict(predictor=predictor, split=split, resolution=resolution, members=members, rel_l2=rel_l2,
+               psnr_dataset=psnr, psnr_member_mean=psnr + 0.5, ssim=ssim, md=0.5, mse=10 ** (-psnr / 10),
+               bake_s=float("nan") if predictor != "model" else 0.01, infer_s=infer_s,
+               infer_s_per_member=infer_s / members, points_per_s=1e6, weights=weights, step=step, total_steps=10)
+    if wins is not None:
+        row.update(wins_vs_mean=wins[0], wins_vs_nearest=wins[1], wins_vs_idw=wins[2], wins_of=members)
+    return row
 
 
 def ref_rows(resolution="full", shift=0.0):
@@ -52,8 +57,8 @@ def make_run(root, name, model_type="drrnet", rows=None, dataset=None, finished=
     return str(d)
 
 
-def cond_rows(rel, psnr, ssim, infer_s):
-    return ([metrics_row("model", "test", "full", rel, psnr, ssim, infer_s=infer_s)] + ref_rows()
+def cond_rows(rel, psnr, ssim, infer_s, wins=(5, 4, 3), **kw):
+    return ([metrics_row("model", "test", "full", rel, psnr, ssim, infer_s=infer_s, wins=wins, **kw)] + ref_rows()
             + [metrics_row("model", "train", "full", rel / 2, psnr + 3, ssim, members=20, infer_s=2 * infer_s)])
 
 
@@ -134,20 +139,23 @@ def test_conditional_table_numbers_and_reference_rows(tmp_path, fake_loader, cap
     sections = {sec.split("\n", 1)[0]: sec for sec in out.split("# Demo: ")[1:]}
     blast, mpas = sections["demo_blast"], sections["ensemble_mpas"]
     header, rows = table_lines(blast, "Conditional generalization")
-    assert header == ["dataset", "model", "Rel L2", "PSNR", "SSIM", "TFLOPs/1e9 pts", "infer s", "training h",
-                      "params"]
+    assert header == ["dataset", "model", "Rel L2", "PSNR", "member-mean PSNR", "SSIM", "wins vs IDW",
+                      "TFLOPs/1e9 pts", "infer s", "training h", "params"]
     # models in the paper's order (K-Planes before DRR-Net), then the reference predictors
     assert [r[1] for r in rows] == ["K-Planes", "DRR-Net", "Mean field", "Nearest member", "IDW (k=8, p=2)"]
-    assert rows[0] == ["demo_blast", "K-Planes", "1.96e-1", "28.86", ".797", "-", "21.6", "-", "12.1M"]
-    assert rows[1] == ["demo_blast", "DRR-Net", "3.18e-2", "44.69", ".986", "-", "10.7", "2.3", "8.9M"]
-    assert rows[2] == ["demo_blast", "Mean field", "2.50e-1", "20.00", ".500", "", "", "", ""]
-    assert rows[4][2:5] == ["1.00e-1", "25.00", ".800"]
+    assert rows[0] == ["demo_blast", "K-Planes", "1.96e-1", "28.86", "29.36", ".797", "3/5", "-", "21.6", "-",
+                       "12.1M"]
+    assert rows[1] == ["demo_blast", "DRR-Net", "3.18e-2", "44.69", "45.19", ".986", "3/5", "-", "10.7", "2.3",
+                       "8.9M"]
+    assert rows[2] == ["demo_blast", "Mean field", "2.50e-1", "20.00", "20.50", ".500", "", "", "", "", ""]
+    assert rows[4][2:6] == ["1.00e-1", "25.00", "25.50", ".800"]
     assert "taken from run 'nyx_drr'" in blast or "taken from run 'nyx_kp'" in blast
     assert "identical in the other 1 run(s)" in blast
     assert "pass --flops" in blast
     assert "Spatio-conditional" not in out  # no downsampled run, no resolution=train rows
     _, rows = table_lines(mpas, "Conditional generalization")
-    assert rows[0] == ["ensemble_mpas", "FA-INR", "5.58e-3", "52.13", "-", "-", "89.8", "1.2", "4.7K"]
+    assert rows[0] == ["ensemble_mpas", "FA-INR", "5.58e-3", "52.13", "52.63", "-", "3/5", "-", "89.8", "1.2",
+                       "4.7K"]
 
 
 def test_same_model_type_named_by_run_and_reference_mismatch_warned(tmp_path, fake_loader, caplog):
@@ -189,10 +197,10 @@ def test_unfinished_and_unevaluated_runs_skipped_with_warning(tmp_path, fake_loa
 
 
 def spatio_rows():
-    rows = [metrics_row("model", "test", "full", 0.05, 40.0, 0.95, infer_s=3.0),
+    rows = [metrics_row("model", "test", "full", 0.05, 40.0, 0.95, infer_s=3.0, wins=(5, 5, 4)),
             metrics_row("model", "train", "full", 0.04, 41.5, 0.96, members=20, infer_s=12.0)]
     rows += ref_rows("full")
-    rows += [metrics_row("model", "test", "train", 0.03, 42.25, 0.97, infer_s=0.5),
+    rows += [metrics_row("model", "test", "train", 0.03, 42.25, 0.97, infer_s=0.5, wins=(3, 3, 2)),
              metrics_row("model", "train", "train", 0.02, 45.0, 0.99, members=20, infer_s=2.0)]
     rows += ref_rows("train", shift=0.5)
     return rows
@@ -209,14 +217,18 @@ def test_spatio_conditional_table(tmp_path, fake_loader, capsys):
     _, cond = table_lines(out, "Conditional generalization")
     assert [r[1] for r in cond][0] == "DRR-Net" and len(cond) == 4  # the downsampled run is not in Table 2
     header, rows = table_lines(out, "Spatio-conditional")
-    assert header[:9] == ["dataset", "model", "resolution", "unseen Rel L2", "unseen PSNR", "unseen SSIM",
-                          "trained Rel L2", "trained PSNR", "trained SSIM"]
-    assert rows[0][1:9] == ["DRR-Net", "full", "5.00e-2", "40.00", ".950", "4.00e-2", "41.50", ".960"]
-    assert rows[1][1:9] == ["DRR-Net", "train (1/2)", "3.00e-2", "42.25", ".970", "2.00e-2", "45.00", ".990"]
-    assert rows[1][10] == "0.5"  # infer s of the unseen members at that resolution
+    assert header[:11] == ["dataset", "model", "resolution", "unseen Rel L2", "unseen PSNR",
+                           "unseen member-mean PSNR", "unseen SSIM", "unseen wins vs IDW", "trained Rel L2",
+                           "trained PSNR", "trained SSIM"]
+    assert rows[0][1:11] == ["DRR-Net", "full", "5.00e-2", "40.00", "40.50", ".950", "4/5", "4.00e-2", "41.50",
+                             ".960"]
+    assert rows[1][1:11] == ["DRR-Net", "train (1/2)", "3.00e-2", "42.25", "42.75", ".970", "2/5", "2.00e-2",
+                             "45.00", ".990"]
+    assert rows[1][12] == "0.5"  # infer s of the unseen members at that resolution
     refs = rows[2:]
     assert [r[1] for r in refs] == ["Mean field", "Nearest member", "IDW (k=8, p=2)"] * 2
-    assert refs[0][2] == "full" and refs[0][3] == "2.50e-1" and refs[0][6:9] == ["", "", ""]
+    assert refs[0][2] == "full" and refs[0][3] == "2.50e-1" and refs[0][7:11] == ["", "", "", ""]
+    assert refs[0][5] == "20.50"  # member-mean PSNR of the reference rows too
     assert refs[3][2] == "train (1/2)" and refs[3][3] == "7.50e-1"
     # CSV: long form, unrounded, both tables
     with open(tmp_path / "res" / "results_demo_blast.csv") as f:
@@ -226,6 +238,9 @@ def test_spatio_conditional_table(tmp_path, fake_loader, capsys):
                                                           ("train", "train")}
     r = next(r for r in sp if r["split"] == "train" and r["resolution"] == "train")
     assert float(r["psnr"]) == pytest.approx(45.0) and r["fields"] == "trained" and r["params"] == "8912345"
+    r = next(r for r in sp if r["split"] == "test" and r["resolution"] == "full")
+    assert (r["wins_vs_mean"], r["wins_vs_nearest"], r["wins_vs_idw"], r["wins_of"]) == ("5", "5", "4", "5")
+    assert float(r["psnr_member_mean"]) == pytest.approx(40.5) and r["weights"] == "model.pt" and r["step"] == "10"
     assert any(r["table"] == "conditional" and r["predictor"] == "idw_k8_p2" for r in crows)
 
 
@@ -305,3 +320,31 @@ def test_params_fall_back_to_the_architecture(tmp_path, monkeypatch, caplog):
     R.add_model_stats(found)
     assert found[0].params is None
     assert R.fmt_params(found[0].params) == "-"
+
+
+def test_old_metrics_without_wins_and_runs_scored_with_a_checkpoint(tmp_path, fake_loader, caplog):
+    """A metrics.csv from before the wins/weights columns still reads ('-'); a run scored with a checkpoint
+    instead of its final model.pt is named in a warning note, a final one is not."""
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    old = make_run(runs, "old", "drrnet", cond_rows(0.03, 44.0, 0.98, 1.0))
+    fields = [f for f in DATASET_FIELDS if not f.startswith("wins") and f not in ("weights", "step", "total_steps")]
+    with open(os.path.join(old, "eval", "metrics.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        for r in cond_rows(0.03, 44.0, 0.98, 1.0):
+            w.writerow(r)
+    make_run(runs, "ck", "kplanes", cond_rows(0.05, 40.0, 0.9, 1.0, wins=(2, 1, 0),
+                                              weights="checkpoint step_0000004", step=4))
+    found, _ = R.collect_runs([str(runs)])
+    with caplog.at_level(logging.WARNING, logger="results"):
+        t = R.conditional_table(found[0].group, found)
+    by_model = {r["model"]: r for r in t.rows}
+    cells = dict(zip([r["model"] for r in t.rows], t.cells()))
+    wins_col = [c.key for c in t.columns].index("wins_idw")
+    assert cells["DRR-Net"][wins_col] == "-" and cells["K-Planes"][wins_col] == "0/5"
+    assert by_model["K-Planes"]["psnr_mm"] == pytest.approx(40.5)
+    warned = [n for n in t.notes if n.startswith("WARNING")]
+    assert len(warned) == 1 and "'ck'" in warned[0] and "checkpoint step_0000004 (step 4 of 10)" in warned[0]
+    assert any("'ck'" in m and "final model.pt" in m for m in caplog.messages)
+    assert not any("'old'" in m for m in caplog.messages)

@@ -13,14 +13,18 @@ from the run's config.yaml (``--group_by`` picks another config key, or ``none``
 
 1. Conditional generalization (paper Table 2): runs trained on full-resolution fields (dataset.downsample
    <= 1), scored on the unseen members (split=test) at full resolution. One row per run: Rel L2, PSNR
-   (dataset level), SSIM, TFLOPs per 1e9 points (only with ``--flops``: fvcore on the loaded model), inference
-   wall time (s), training time (h, timing.json: mean step time x total steps), trainable parameters. Under
-   the models, the reference predictors (mean field, nearest member, IDW) with the model-specific columns
-   blank; they depend on the data only, so they are read from the first run of the group (a warning says
-   so if another run of the group disagrees).
+   (dataset level), member-mean PSNR (mean of the member PSNRs), SSIM, wins vs IDW (members on which the
+   model's PSNR is higher than the IDW predictor's, ``wins/members``), TFLOPs per 1e9 points (only with
+   ``--flops``: fvcore on the loaded model), inference wall time (s), training time (h, timing.json: mean step
+   time x total steps), trainable parameters. Under the models, the reference predictors (mean field, nearest
+   member, IDW) with the model-specific columns blank; they depend on the data only, so they are read from the
+   first run of the group (a warning says so if another run of the group disagrees).
 2. Spatio-conditional (runs with dataset.downsample > 1, or whose metrics.csv has resolution=train rows):
-   "unseen fields" (split=test) and "trained fields" (split=train) side by side, at full resolution and, when
-   evaluated, at the training resolution.
+   "unseen fields" (split=test, with member-mean PSNR and wins vs IDW) and "trained fields" (split=train) side
+   by side, at full resolution and, when evaluated, at the training resolution.
+
+A run whose metrics.csv says it was scored with other weights than its final model.pt (test.py
+``--checkpoint``; column ``weights``) is named in a note and a warning.
 
 Markdown formatting follows the paper (Rel L2 ``3.18e-2``, PSNR ``44.69``, SSIM ``.986``, params ``8.9M``);
 ``-`` marks a value that is missing or not computed, an empty cell one that does not apply. The CSV files
@@ -50,7 +54,7 @@ log = logging.getLogger("results")
 
 __all__ = ["RunResult", "Table", "find_run_dirs", "collect_runs", "dataset_label", "read_metrics",
            "add_model_stats", "conditional_table", "spatio_table", "group_report", "make_reports",
-           "write_reports", "fmt_rel_l2", "fmt_psnr", "fmt_ssim", "fmt_params", "fmt_float", "model_display_name",
+           "write_reports", "fmt_rel_l2", "fmt_psnr", "fmt_ssim", "fmt_params", "fmt_float", "fmt_wins", "model_display_name",
            "reference_display_name", "main"]
 
 METRICS_REL = os.path.join("eval", "metrics.csv")
@@ -64,8 +68,11 @@ GENERIC_DIR_NAMES = {"data", "train", "test", "fields", "members", "volumes", "r
                      "ensemble", "npy", "files"}
 
 CSV_FIELDS = ["table", "dataset", "model", "run", "model_type", "predictor", "fields", "split", "resolution",
-              "members", "rel_l2", "psnr", "psnr_member_mean", "ssim", "md", "tflops_per_1e9_points", "infer_s",
-              "bake_s", "train_h", "params"]
+              "members", "rel_l2", "psnr", "psnr_member_mean", "ssim", "md", "wins_vs_mean", "wins_vs_nearest",
+              "wins_vs_idw", "wins_of", "tflops_per_1e9_points", "infer_s", "bake_s", "train_h", "params", "weights",
+              "step"]
+#: metrics.csv columns read as integers (util.evaluation.DATASET_FIELDS)
+INT_KEYS = ("members", "wins_vs_mean", "wins_vs_nearest", "wins_vs_idw", "wins_of", "step", "total_steps")
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -104,6 +111,13 @@ def fmt_float(v) -> str:
         return "-"
     v = float(v)
     return f"{v:.1f}" if abs(v) >= 1 else f"{v:.3g}"
+
+
+def fmt_wins(v) -> str:
+    """Wins ``(wins, members)`` as ``17/20``; ``-`` when missing (e.g. a metrics.csv from before the column)."""
+    if v is None or _missing(v[0]) or _missing(v[1]):
+        return "-"
+    return f"{int(v[0])}/{int(v[1])}"
 
 
 def fmt_params(v) -> str:
@@ -200,13 +214,13 @@ class RunResult:
 
 
 def _parse_value(k: str, v: str):
-    if k in ("predictor", "split", "resolution"):
+    if k in ("predictor", "split", "resolution", "weights"):
         return v
     if v is None or v.strip() == "":
         return float("nan")
     try:
-        return int(v) if k == "members" else float(v)
-    except ValueError:
+        return int(float(v)) if k in INT_KEYS else float(v)
+    except (ValueError, OverflowError):
         try:
             return float(v)
         except ValueError:
@@ -483,6 +497,31 @@ def _v(row: Optional[Dict[str, Any]], key: str):
     return None if _missing(v) else v
 
 
+def _wins(row: Optional[Dict[str, Any]], ref: str = "idw"):
+    """(wins, members) of a model row against reference ``ref`` (mean / nearest / idw), None when missing."""
+    w, n = _v(row, f"wins_vs_{ref}"), _v(row, "wins_of")
+    return None if w is None or n is None else (w, n)
+
+
+def _weights_notes(runs: Sequence[RunResult]) -> List[str]:
+    """Notes (and warnings) for runs whose metrics.csv was scored with other weights than the final model.pt."""
+    notes = []
+    for r in runs:
+        seen = []
+        for m in r.metrics:
+            w = m.get("weights")
+            if m.get("predictor") != "model" or not isinstance(w, str) or not w:
+                continue
+            step, total = _v(m, "step"), _v(m, "total_steps")
+            if (w != "model.pt" or (step is not None and total is not None and step != total)) and w not in seen:
+                seen.append(w)
+                at = f" (step {step}{f' of {total}' if total is not None else ''})" if step is not None else ""
+                msg = f"run '{r.name}' was scored with {w}{at}, not its final model.pt"
+                log.warning("%s", msg)
+                notes.append("WARNING: " + msg + ".")
+    return notes
+
+
 def _close(a, b, rtol=1e-4) -> bool:
     if _missing(a) and _missing(b):
         return True
@@ -536,6 +575,10 @@ def _csv_row(table: str, dataset: str, model: str, run: Optional[RunResult], pre
         fields={"test": "unseen", "train": "trained"}.get(split, split), split=split, resolution=resolution,
         members=_v(m, "members"), rel_l2=_v(m, "rel_l2"), psnr=_v(m, "psnr_dataset"),
         psnr_member_mean=_v(m, "psnr_member_mean"), ssim=_v(m, "ssim"), md=_v(m, "md"),
+        wins_vs_mean=_v(m, "wins_vs_mean") if is_model else None,
+        wins_vs_nearest=_v(m, "wins_vs_nearest") if is_model else None,
+        wins_vs_idw=_v(m, "wins_vs_idw") if is_model else None, wins_of=_v(m, "wins_of") if is_model else None,
+        weights=_v(m, "weights") if is_model else None, step=_v(m, "step") if is_model else None,
         tflops_per_1e9_points=run.tflops if is_model and run is not None else None,
         infer_s=_v(m, "infer_s") if is_model else None, bake_s=_v(m, "bake_s") if is_model else None,
         train_h=run.train_h if is_model and run is not None else None,
@@ -544,7 +587,8 @@ def _csv_row(table: str, dataset: str, model: str, run: Optional[RunResult], pre
 
 COND_COLUMNS = [Column("dataset", "dataset", numeric=False), Column("model", "model", numeric=False),
                 Column("rel_l2", "Rel L2", fmt_rel_l2), Column("psnr", "PSNR", fmt_psnr),
-                Column("ssim", "SSIM", fmt_ssim), Column("tflops", "TFLOPs/1e9 pts", fmt_float),
+                Column("psnr_mm", "member-mean PSNR", fmt_psnr), Column("ssim", "SSIM", fmt_ssim),
+                Column("wins_idw", "wins vs IDW", fmt_wins), Column("tflops", "TFLOPs/1e9 pts", fmt_float),
                 Column("infer_s", "infer s", fmt_float), Column("train_h", "training h", fmt_float),
                 Column("params", "params", fmt_params)]
 
@@ -565,21 +609,23 @@ def conditional_table(group: str, runs: Sequence[RunResult], flops: bool = False
         else:
             members.add(_v(m, "members"))
         t.rows.append(dict(dataset=group, model=names[r.path], rel_l2=_v(m, "rel_l2"), psnr=_v(m, "psnr_dataset"),
-                           ssim=_v(m, "ssim"), tflops=r.tflops, infer_s=_v(m, "infer_s"), train_h=r.train_h,
-                           params=r.params))
+                           psnr_mm=_v(m, "psnr_member_mean"), ssim=_v(m, "ssim"), wins_idw=_wins(m),
+                           tflops=r.tflops, infer_s=_v(m, "infer_s"), train_h=r.train_h, params=r.params))
         t.csv_rows.append(_csv_row("conditional", group, names[r.path], r, "model", "test", "full", m))
     src, ref_notes = _reference_source(runs, ["full"], "conditional")
     if src is not None:
         for p in src.references("full"):
             m = src.row(p, "test", "full")
             t.rows.append(dict(dataset=group, model=reference_display_name(p), rel_l2=_v(m, "rel_l2"),
-                               psnr=_v(m, "psnr_dataset"), ssim=_v(m, "ssim"), tflops="", infer_s="", train_h="",
-                               params=""))
+                               psnr=_v(m, "psnr_dataset"), psnr_mm=_v(m, "psnr_member_mean"), ssim=_v(m, "ssim"),
+                               wins_idw="", tflops="", infer_s="", train_h="", params=""))
             t.csv_rows.append(_csv_row("conditional", group, reference_display_name(p), None, p, "test", "full", m))
     n = ", ".join(str(x) for x in sorted(x for x in members if x is not None))
     t.notes.append(f"Unseen members (split=test{', ' + n + ' members' if n else ''}) at full resolution. "
-                   "PSNR: dataset level, -10 log10(mean member MSE); Rel L2 and SSIM: member means; "
-                   "data normalized to [0, 1].")
+                   "PSNR: dataset level, -10 log10(mean member MSE); member-mean PSNR: mean of the member PSNRs; "
+                   "Rel L2 and SSIM: member means; data normalized to [0, 1]. wins vs IDW: members on which the "
+                   "model's PSNR is higher than the IDW predictor's / members compared (the CSV also has the wins "
+                   "vs the mean field and the nearest member).")
     if len(members - {None}) > 1:
         t.notes.append("WARNING: the runs were scored on different numbers of test members.")
     t.notes.append("infer s: wall time to reconstruct all test members at full resolution (after the bake); "
@@ -587,13 +633,15 @@ def conditional_table(group: str, runs: Sequence[RunResult], flops: bool = False
     if not flops:
         t.notes.append("TFLOPs/1e9 pts not computed (pass --flops).")
     t.notes += ref_notes
+    t.notes += _weights_notes(runs)
     return t
 
 
 SPATIO_COLUMNS = [Column("dataset", "dataset", numeric=False), Column("model", "model", numeric=False),
                   Column("resolution", "resolution", numeric=False),
                   Column("u_rel_l2", "unseen Rel L2", fmt_rel_l2), Column("u_psnr", "unseen PSNR", fmt_psnr),
-                  Column("u_ssim", "unseen SSIM", fmt_ssim),
+                  Column("u_psnr_mm", "unseen member-mean PSNR", fmt_psnr), Column("u_ssim", "unseen SSIM", fmt_ssim),
+                  Column("u_wins_idw", "unseen wins vs IDW", fmt_wins),
                   Column("t_rel_l2", "trained Rel L2", fmt_rel_l2), Column("t_psnr", "trained PSNR", fmt_psnr),
                   Column("t_ssim", "trained SSIM", fmt_ssim),
                   Column("tflops", "TFLOPs/1e9 pts", fmt_float), Column("infer_s", "infer s", fmt_float),
@@ -625,7 +673,8 @@ def spatio_table(group: str, runs: Sequence[RunResult], flops: bool = False) -> 
             if u is None and tr is None:
                 continue
             t.rows.append(dict(dataset=group, model=names[r.path], resolution=_res_label(res, r.downsample),
-                               u_rel_l2=_v(u, "rel_l2"), u_psnr=_v(u, "psnr_dataset"), u_ssim=_v(u, "ssim"),
+                               u_rel_l2=_v(u, "rel_l2"), u_psnr=_v(u, "psnr_dataset"),
+                               u_psnr_mm=_v(u, "psnr_member_mean"), u_ssim=_v(u, "ssim"), u_wins_idw=_wins(u),
                                t_rel_l2=_v(tr, "rel_l2"), t_psnr=_v(tr, "psnr_dataset"), t_ssim=_v(tr, "ssim"),
                                tflops=r.tflops, infer_s=_v(u, "infer_s"), train_h=r.train_h, params=r.params))
             for split, m in (("test", u), ("train", tr)):
@@ -638,17 +687,21 @@ def spatio_table(group: str, runs: Sequence[RunResult], flops: bool = False) -> 
                 m = src.row(p, "test", res)
                 t.rows.append(dict(dataset=group, model=reference_display_name(p),
                                    resolution=_res_label(res, src.downsample), u_rel_l2=_v(m, "rel_l2"),
-                                   u_psnr=_v(m, "psnr_dataset"), u_ssim=_v(m, "ssim"), t_rel_l2="", t_psnr="",
+                                   u_psnr=_v(m, "psnr_dataset"), u_psnr_mm=_v(m, "psnr_member_mean"),
+                                   u_ssim=_v(m, "ssim"), u_wins_idw="", t_rel_l2="", t_psnr="",
                                    t_ssim="", tflops="", infer_s="", train_h="", params=""))
                 t.csv_rows.append(_csv_row("spatio_conditional", group, reference_display_name(p), None, p, "test",
                                            res, m))
     t.notes.append("unseen: test members; trained: training members (the model saw them only at the training "
                    f"resolution{', downsample ' + '/'.join(str(d) for d in ds) if any(d > 1 for d in ds) else ''}). "
-                   "full: original resolution; train: the training resolution. PSNR: dataset level.")
+                   "full: original resolution; train: the training resolution. PSNR: dataset level; member-mean "
+                   "PSNR: mean of the member PSNRs; wins vs IDW: unseen members on which the model's PSNR is higher "
+                   "than the IDW predictor's / members compared.")
     t.notes.append("infer s: wall time for all unseen members at that resolution; training h: timing.json.")
     if not flops:
         t.notes.append("TFLOPs/1e9 pts not computed (pass --flops).")
     t.notes += ref_notes
+    t.notes += _weights_notes(runs)
     if src is not None:
         t.notes.append("Reference predictors are scored on unseen members only (on a training member nearest "
                        "member and IDW return the member itself).")
