@@ -227,3 +227,134 @@ def test_fused_adam_default_matches_multi_tensor(name):
     for a, b in zip(models[None].parameters(), models[False].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert not torch.equal(models[None][0].weight, base[0].weight)             # it did train
+
+
+# --- issue 11: run names, value checks, duplicate keys ------------------------------------------------------
+@pytest.mark.parametrize("bad", [".", "..", "", "  ", "a/b", "../x", "a\\b", "/abs"])
+def test_bad_run_names_are_refused_at_load(tmp_path, bad):
+    """A run name that is not a plain folder name would put the run (and what --overwrite deletes) elsewhere:
+    run_name=. once named log_dir itself."""
+    p = write(tmp_path, BASE)
+    with pytest.raises(ConfigError, match=r"train\.run_name") as e:
+        load_config(p, 0, [f"train.run_name='{bad}'"])
+    assert repr(bad) in str(e.value)
+    entry = write(tmp_path, BASE.replace("name: third", f"name: '{bad}'"), name="named.yaml")
+    with pytest.raises(ConfigError, match=r"'name'|name .*must"):
+        load_config(entry, 2)
+    load_config(p, 0, ["train.run_name=ok_name.v2"])  # a dot inside a name is fine
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("train.max_steps=10.5", "train.max_steps", "integer"),
+    ("train.max_steps=abc", "train.max_steps", "integer"),
+    ("train.log_every=0", "train.log_every", ">= 1"),
+    ("train.seed=-1", "train.seed", ">= 0"),
+    ("train.checkpoint_every=null", "train.checkpoint_every", "number"),
+    ("train.grad_clip=-1", "train.grad_clip", "> 0"),
+    ("test.splits=[]", "test.splits", "empty"),
+    ("test.resolutions=[]", "test.resolutions", "empty"),
+    ("test.ref_k=two", "test.ref_k", "integer"),
+    ("test.ssim=maybe", "test.ssim", "true or false"),
+    ("model.width=wide", "model.width", "integer"),
+    ("model.width=null", "model.width", "integer"),
+    ("model.width=4.5", "model.width", "integer"),
+    ("dataset.scale=big", "dataset.scale", "number"),
+    ("dataset.path=null", "dataset.path", "string"),
+    ("optim.lr=fast", "optim.lr", "number"),
+    ("optim.lr=null", "optim.lr", "number"),
+    ("optim.lr=0", "optim.lr", "> 0"),
+    ("optim.lr=.nan", "optim.lr", "number"),
+    ("optim.betas=[0.9]", "optim.betas", "two numbers"),
+    ("optim.betas=[0.9,0.99,0.999]", "optim.betas", "two numbers"),
+    ("optim.betas=[0.9,1.5]", "optim.betas", "[0, 1)"),
+    ("optim.betas=0.9", "optim.betas", "list of numbers"),
+    ("optim.eps=-1e-8", "optim.eps", ">= 0"),
+    ("scheduler.warmup_steps=2.5", "scheduler.warmup_steps", "integer"),
+    ("scheduler.warmup_steps=-3", "scheduler.warmup_steps", ">= 0"),
+    ("scheduler.type=[cosine]", "scheduler.type", "string"),
+])
+def test_value_types_and_ranges_checked_at_load(tmp_path, override, key, words):
+    p = write(tmp_path, BASE)
+    typed = {"optim": ["optim.type=adam"], "scheduler": ["scheduler.type=cosine"]}.get(key.split(".")[0], [])
+    load_config(p, 0, typed)
+    with pytest.raises(ConfigError) as e:
+        load_config(p, 0, typed + [override])
+    msg = str(e.value)
+    assert key in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("section, override, key, words", [
+    ("drrnet", "model.hidden_dim=0", "model.hidden_dim", ">= 1"),
+    ("drrnet", "model.spatial_channels=-2", "model.spatial_channels", ">= 1"),
+    ("drrnet", "model.spatial_resolutions=[]", "model.spatial_resolutions", "empty"),
+    ("drrnet", "model.spatial_resolutions=[8,0]", "model.spatial_resolutions", ">= 2"),
+    ("drrnet", "model.spatial_resolutions=[8,x]", "model.spatial_resolutions", "list"),
+    ("drrnet", "model.ssr_resolution=-16", "model.ssr_resolution", ">= 2"),
+    ("drrnet", "model.cond_resolutions=[[2,4],[0,3]]", "model.cond_resolutions", ">= 2"),
+    ("drrnet", "model.out_activation=relu", "model.out_activation", "sigmoid"),
+    ("drrnet", "model.init_output_mean=mean", "model.init_output_mean", "'auto'"),
+    ("drrnet", "model.use_pi=yes please", "model.use_pi", "true or false"),
+    ("kplanes", "model.init_range=[0.1]", "model.init_range", "two numbers"),
+    ("kplanes", "model.multiscale=[1,0]", "model.multiscale", ">= 1"),
+    ("explorable_inr", "model.dropout=1.5", "model.dropout", "[0, 1)"),
+    ("fainr", "model.top_k=0", "model.top_k", ">= 1"),
+    ("demo", "dataset.cond_batch=0", "dataset.cond_batch", ">= 1"),
+    ("demo", "dataset.cond_batch=null", "dataset.cond_batch", "integer"),
+    ("demo", "dataset.resolution=-8", "dataset.resolution", ">= 2"),
+    ("demo", "dataset.tau_x=[0.1,-0.1,0.1]", "dataset.tau_x", ">= 0"),
+    ("demo", "dataset.augment=vp", "dataset.augment", "vp_sc"),
+    ("demo", "dataset.dims=[]", "dataset.dims", "empty"),
+    ("demo", "dataset.spatial_log2batch=4.5", "dataset.spatial_log2batch", "integer"),
+])
+def test_component_values_checked_against_signature(tmp_path, section, override, key, words):
+    """Real components: values are checked against the signature's annotations and the range rules, before any
+    data exists (the demo root here does not exist and must not be created)."""
+    model = {"drrnet": "{type: drrnet}", "kplanes": "{type: kplanes}", "explorable_inr": "{type: explorable_inr}",
+             "fainr": "{type: fainr}"}.get(section, "{type: drrnet}")
+    root = tmp_path / "never_created"
+    p = write(tmp_path, f"- model: {model}\n  dataset: {{type: demo, root: '{root}'}}\n")
+    load_config(p, 0)  # the entry itself is fine
+    with pytest.raises(ConfigError) as e:
+        load_config(p, 0, [override])
+    msg = str(e.value)
+    assert key in msg and words in msg, msg
+    assert not root.exists()
+
+
+def test_integral_floats_become_ints(tmp_path):
+    """YAML reads 1e4 as a float: an int key takes it as the integer it is."""
+    p = write(tmp_path, BASE)
+    e = load_config(p, 0, ["train.max_steps=1e4", "model.width=16.0"])
+    assert e["train"]["max_steps"] == 10000 and type(e["train"]["max_steps"]) is int
+    assert e["model"]["width"] == 16 and type(e["model"]["width"]) is int
+    assert TrainConfig(max_steps=3.0).max_steps == 3
+    with pytest.raises(ConfigError, match=r"train\.max_steps.*10\.5"):
+        TrainConfig(max_steps=10.5)
+
+
+def test_duplicate_yaml_keys_are_errors(tmp_path):
+    """PyYAML keeps the last of two equal keys silently; a config file with one names the key and the line."""
+    p = write(tmp_path, """
+    - model: {type: _cfgtest_model, width: 8}
+      dataset: {type: _cfgtest_data, path: somewhere}
+      optim:
+        type: adam
+        lr: 1e-3
+        lr: 1e-2
+    """)
+    with pytest.raises(ConfigError, match=r"duplicate key 'lr' on line 7.*line 6"):
+        load_config(p, 0)
+    p = write(tmp_path, """
+    - model: {type: _cfgtest_model, width: 8}
+      dataset: {type: _cfgtest_data, path: somewhere}
+    - model: {type: _cfgtest_model}
+      model: {type: _cfgtest_model, width: 4}
+      dataset: {type: _cfgtest_data, path: somewhere}
+    """, name="dup2.yaml")
+    with pytest.raises(ConfigError, match=r"dup2\.yaml.*duplicate key 'model' on line 5"):
+        load_config(p, 0)
+    # a merge key followed by an explicit key is an override, not a duplicate
+    merged = write(tmp_path, BASE, name="merge.yaml")
+    assert load_config(merged, 1)["model"]["width"] == 16
+    with pytest.raises(ConfigError, match="duplicate key 'x'"):
+        load_config(merged, 0, ["model={type: _cfgtest_model, x: 1, x: 2}"])

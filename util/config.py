@@ -19,10 +19,17 @@ error names the file, the config id, the section and the key.
 """
 from __future__ import annotations
 
+import collections.abc
 import copy
 import dataclasses
+import importlib
+import inspect
+import math
 import os
 import re
+import sys
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -47,9 +54,395 @@ _Loader.add_implicit_resolver(
     list("-+0123456789"))
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping that names the same key twice (PyYAML would silently keep the last value)."""
+
+    def __init__(self, key: Any, line: int, first_line: int):
+        self.key, self.line, self.first_line = key, line, first_line
+        super().__init__(f"duplicate key '{key}' on line {line} (already set on line {first_line} of the same "
+                         f"mapping); remove one of them")
+
+
+def _check_duplicate_keys(loader: yaml.SafeLoader, node: yaml.MappingNode) -> None:
+    seen: Dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # '<<: *base' may be overridden by explicit keys
+            continue
+        if not isinstance(key_node, yaml.ScalarNode):
+            continue
+        key = loader.construct_object(key_node)
+        try:
+            first = seen.get(key)
+        except TypeError:  # unhashable key: PyYAML reports it itself
+            continue
+        line = key_node.start_mark.line + 1
+        if first is not None:
+            raise DuplicateKeyError(key, line, first)
+        seen[key] = line
+
+
+def _construct_mapping(self, node, deep=False):
+    if isinstance(node, yaml.MappingNode):
+        _check_duplicate_keys(self, node)
+    return yaml.SafeLoader.construct_mapping(self, node, deep=deep)
+
+
+_Loader.construct_mapping = _construct_mapping
+
+
 def yaml_load(stream: Any) -> Any:
-    """``yaml.safe_load`` with YAML 1.2 exponent floats (``1e-3`` -> 0.001); used for every config and run file."""
+    """``yaml.safe_load`` with YAML 1.2 exponent floats (``1e-3`` -> 0.001); used for every config and run file.
+
+    A mapping that repeats a key raises :class:`DuplicateKeyError` (a ``yaml.YAMLError``) naming the key and line.
+    """
     return yaml.load(stream, Loader=_Loader)
+
+
+# ---------------------------------------------------------------------------------------------- value checks
+# Every config value is checked against the type annotation of the key (the registered component's signature, or
+# the TrainConfig / TestConfig field) and against the range rules below, when the config is loaded: before any
+# data is read or any model is built.
+
+
+class _Mismatch(Exception):
+    pass
+
+
+_NONE = type(None)
+_SEQUENCE_ORIGINS = (list, tuple, collections.abc.Sequence, collections.abc.MutableSequence)
+_MAPPING_ORIGINS = (dict, collections.abc.Mapping, collections.abc.MutableMapping)
+_PLURAL = {int: "integers", float: "numbers", str: "strings", bool: "booleans (true / false)"}
+
+
+def _is_union(tp) -> bool:
+    return typing.get_origin(tp) is typing.Union or (hasattr(types, "UnionType") and isinstance(tp, types.UnionType))
+
+
+def describe_type(tp) -> str:
+    """Plain-words description of a type annotation ("an integer, a list of integers or null")."""
+    if tp is Any or tp is inspect.Parameter.empty:
+        return "any value"
+    if _is_union(tp):
+        parts = [describe_type(a) for a in typing.get_args(tp) if a is not _NONE]
+        if _NONE in typing.get_args(tp):
+            parts.append("null")
+        return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " or " + parts[-1]
+    if tp is _NONE:
+        return "null"
+    if tp is bool:
+        return "true or false"
+    if tp is int:
+        return "an integer"
+    if tp is float:
+        return "a number"
+    if tp is str:
+        return "a string"
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in (list, tuple) or origin in _SEQUENCE_ORIGINS:
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return f"a list of {len(args)} values ({', '.join(describe_type(a) for a in args)})"
+        elem = args[0] if args else Any
+        if elem in _PLURAL:
+            return f"a list of {_PLURAL[elem]}"
+        return "a list" if elem is Any else f"a list (each entry {describe_type(elem)})"
+    if tp is dict or origin in _MAPPING_ORIGINS:
+        return "a mapping"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    return getattr(tp, "__name__", str(tp))
+
+
+def _conform(value, tp):
+    """``value`` if it fits the annotation ``tp`` (an integral float becomes an int for ``int``); else _Mismatch."""
+    if tp is Any or tp is inspect.Parameter.empty or isinstance(tp, (str, typing.TypeVar)):
+        return value
+    if _is_union(tp):
+        for alt in sorted(typing.get_args(tp), key=lambda a: a is not _NONE):
+            try:
+                return _conform(value, alt)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if tp is _NONE:
+        if value is None:
+            return None
+        raise _Mismatch
+    if value is None:
+        raise _Mismatch
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, bool):
+            raise _Mismatch
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+            return int(value)  # 1e4 in YAML is a float
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return value
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp in (list, tuple) or origin in _SEQUENCE_ORIGINS:
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _Mismatch
+            return [_conform(v, a) for v, a in zip(value, args)]
+        elem = args[0] if args else Any
+        return [_conform(v, elem) for v in value]
+    if tp is dict or origin in _MAPPING_ORIGINS:
+        if not isinstance(value, dict):
+            raise _Mismatch
+        if len(args) == 2:
+            return {_conform(k, args[0]): _conform(v, args[1]) for k, v in value.items()}
+        return value
+    if origin is typing.Literal:
+        if value in args:
+            return value
+        raise _Mismatch
+    return value  # a class the config cannot express (e.g. program-supplied objects): not checked
+
+
+def _show(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value)
+
+
+def check_value(value, annotation, key: str, default=inspect.Parameter.empty, where: str = ""):
+    """Check one config value against its type annotation; returns it (integral floats made ints for ints).
+
+    A null value is accepted where the default is null. An empty list is an error (no config key is a list that
+    may be empty, except the ones in ``EMPTY_LIST_OK``).
+
+    Raises:
+        ConfigError: ``"<key> must be <type>, got <value>"``.
+    """
+    loc = f" ({where})" if where else ""
+    if value is None and default is None:
+        return None
+    try:
+        out = _conform(value, annotation)
+    except _Mismatch:
+        raise ConfigError(f"{key}{loc} must be {describe_type(annotation)}, got {_show(value)}") from None
+    if isinstance(out, list) and not out and key not in EMPTY_LIST_OK:
+        raise ConfigError(f"{key}{loc} must not be an empty list")
+    return out
+
+
+EMPTY_LIST_OK = {"test.dump_members"}
+"""Config keys whose value may be an empty list."""
+
+
+def _numbers(value):
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _numbers(v)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        yield value
+
+
+def _at_least(lo):
+    def rule(value):
+        if any(v < lo for v in _numbers(value)):
+            return f"must be >= {lo}" + (" (every entry)" if isinstance(value, (list, tuple)) else "")
+    return rule
+
+
+def _above(lo):
+    def rule(value):
+        if any(not v > lo for v in _numbers(value)):
+            return f"must be > {lo}" + (" (every entry)" if isinstance(value, (list, tuple)) else "")
+    return rule
+
+
+def _in_range(lo, hi, hi_inclusive=False):
+    def rule(value):
+        if any(not (lo <= v and (v <= hi if hi_inclusive else v < hi)) for v in _numbers(value)):
+            return f"must be in [{lo}, {hi}{']' if hi_inclusive else ')'}" + \
+                (" (every entry)" if isinstance(value, (list, tuple)) else "")
+    return rule
+
+
+def _one_of(*allowed):
+    def rule(value):
+        if value not in allowed:
+            return f"must be one of {', '.join(map(str, allowed))}"
+    return rule
+
+
+def _choices(module: str, name: str):
+    """One of the names in ``module.name`` (a tuple or the keys of a dict), read when the rule runs."""
+    def rule(value):
+        allowed = tuple(getattr(importlib.import_module(module), name))
+        if value not in allowed:
+            return f"must be one of {', '.join(map(str, allowed))}"
+    return rule
+
+
+def _number_or_auto(value):
+    if isinstance(value, str) and value != "auto":
+        return "must be a number, 'auto' or null"
+
+
+def _betas(value):
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return "must be a list of two numbers [beta1, beta2]"
+    return _in_range(0, 1)(value)
+
+
+def _low_high(value):
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        return "must be a list of two numbers [low, high]"
+    if not value[0] <= value[1]:
+        return "must be [low, high] with low <= high"
+
+
+_POS = _at_least(1)
+_NONNEG = _at_least(0)
+_VERTICES = _at_least(2)  # a grid axis or line needs >= 2 vertices to interpolate
+
+RANGE_RULES: Dict[str, Dict[str, Any]] = {
+    "model": dict(init_output_mean=_number_or_auto),
+    "dataset": dict(importance=_choices("datasets.ensemble", "IMPORTANCE_MODES"),
+                    storage=_choices("datasets.ensemble", "STORAGE_MODES"),
+                    augment=_choices("datasets.augment", "MODES"), cond_batch=_POS, spatial_log2batch=_in_range(0, 30, hi_inclusive=True), impsmp_bins=_POS,
+                    impsmp_cluster_size=_POS, vp_k=_POS, vp_power=_above(0), downsample=_POS, dims=_POS,
+                    sigma_x=_NONNEG, tau_x=_NONNEG, sigma_c=_NONNEG, tau_c=_NONNEG),
+    "optim": dict(lr=_above(0), eps=_NONNEG, weight_decay=_NONNEG, betas=_betas),
+    "scheduler": dict(warmup_steps=_NONNEG, eta_min=_NONNEG),
+}
+"""Range rules of component keys that mean the same for every type of a section: {section: {key: rule}}."""
+
+TYPE_RANGE_RULES: Dict[tuple, Dict[str, Any]] = {
+    ("model", "drrnet"): dict(
+        spatial_resolutions=_VERTICES, cond_resolutions=_VERTICES, ssr_resolution=_VERTICES, spatial_channels=_POS,
+        cond_channels=_POS, pe_frequencies=_NONNEG, pe_scale=_above(0), spatial_refiner_layers=_NONNEG,
+        cond_refiner_layers=_NONNEG, spatial_hidden_mult=_above(0), cond_hidden_mult=_above(0), hidden_dim=_POS,
+        decoder_layers=_POS, out_dim=_POS, init_range=_above(0), sparse_refine_ratio=_in_range(0, 1, True),
+        out_activation=_choices("models.drrnet", "OUT_ACTIVATIONS"), variant=_choices("models.drrnet", "VARIANTS"),
+        sparse_refine=_choices("models.drrnet", "SPARSE_REFINE"), fused_refiner=_choices("models.drrnet",
+                                                                                         "SPARSE_REFINE")),
+    ("model", "explorable_inr"): dict(
+        grid_size=_VERTICES, plane_size=_VERTICES, line_size=_VERTICES, grid_features=_POS, plane_features=_POS,
+        line_features=_POS, decoder_width=_POS, dropout=_in_range(0, 1)),
+    ("model", "fainr"): dict(
+        cond_hidden_dims=_VERTICES, num_entries=_POS, feature_dim_3d=_POS, feature_dim_1d=_POS, top_k=_POS,
+        chunk_size=_POS, num_hidden_layers=_NONNEG, mlp_encoder_dim=_POS, mlp_hidden_dim=_POS, n_experts=_POS,
+        manager_res=_VERTICES, manager_features=_POS, gate_top_k=_POS, pe_frequencies=_NONNEG, omega_0=_above(0),
+        adapter_width=_POS, encoder_init=_choices("models.fainr", "ENCODER_INITS")),
+    ("model", "kplanes"): dict(
+        spatial_resolution=_VERTICES, cond_resolution=_VERTICES, feature_dim=_POS, multiscale=_POS,
+        decoder_width=_POS, decoder_layers=_NONNEG, init_range=_low_high,
+        plane_init=_one_of("reference", "kplanes", "ones"), cond_mapping=_one_of("reference", "full")),
+    ("dataset", "unstructured"): dict(augment=_choices("datasets.unstructured", "UNSTRUCTURED_AUGMENT_MODES"),
+                                      downsample=_one_of(1)),
+    ("dataset", "demo"): dict(n_train=_POS, n_test=_NONNEG, resolution=_VERTICES, spatial_dims=_one_of(2, 3)),
+}
+"""Range rules of one component type: {(section, type): {key: rule}} (checked after the section's rules)."""
+
+
+def _annotations(target) -> Dict[str, Any]:
+    """{parameter: type annotation} of a registered callable (string annotations evaluated; unknown ones skipped)."""
+    func = target.__init__ if inspect.isclass(target) else target
+    try:
+        hints = typing.get_type_hints(func)
+    except Exception:
+        hints = {}
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):
+        return hints
+    namespace = dict(vars(typing))
+    namespace.update(getattr(sys.modules.get(getattr(target, "__module__", None)), "__dict__", {}))
+    for p in params:
+        if p.name in hints or p.annotation is inspect.Parameter.empty:
+            continue
+        ann = p.annotation
+        if isinstance(ann, str):  # e.g. a signature copied from a module with postponed annotations
+            try:
+                ann = eval(ann, namespace)  # noqa: S307 (annotation text of our own registered code)
+            except Exception:
+                continue
+        hints[p.name] = ann
+    return hints
+
+
+def component_types(kind: str, name: str) -> Dict[str, Any]:
+    """{config key: type annotation} of a registered component (its own signature, then what it forwards to)."""
+    obj = get(kind, name)
+    out: Dict[str, Any] = {}
+    for target in (obj, getattr(obj, "__config_forwards__", None)):
+        if target is not None:
+            for k, v in _annotations(target).items():
+                out.setdefault(k, v)
+    out.pop("return", None)
+    return out
+
+
+def _check_range(rules: Dict[str, Any], section: str, key: str, value, loc: str) -> None:
+    rule = rules.get(key)
+    if rule is None or value is None:
+        return
+    problem = rule(value)
+    if problem:
+        raise ConfigError(f"{section}.{key}{loc} {problem}, got {_show(value)}")
+
+
+def check_component_values(section: str, kind: str, typ: str, body: Dict[str, Any], where: str = "") -> Dict[str, Any]:
+    """Type- and range-check the keys of a component section; returns the section with integral floats as ints."""
+    loc = f" ({where})" if where else ""
+    hints = component_types(kind, typ)
+    defaults = accepted_keys(kind, typ, INJECTED.get(kind, ()))
+    out = dict(body)
+    for key, value in body.items():
+        if key == "type":
+            continue
+        if key in hints:
+            value = check_value(value, hints[key], f"{section}.{key}", defaults.get(key, inspect.Parameter.empty),
+                                where)
+        for rules in (RANGE_RULES.get(section, {}), TYPE_RANGE_RULES.get((section, typ), {})):
+            _check_range(rules, section, key, value, loc)
+        out[key] = value
+    return out
+
+
+def check_run_name(value, key: str, where: str = "") -> None:
+    """A run name must be a plain folder name: a non-empty string other than '.' / '..' without path separators."""
+    loc = f" ({where})" if where else ""
+    if value is None:
+        return
+    bad = None
+    if not isinstance(value, str):
+        bad = "must be a string (quote it in YAML)"
+    elif not value.strip():
+        bad = "must not be empty"
+    elif value.strip() in (".", ".."):
+        bad = "must not be '.' or '..' (it would name the log folder or its parent)"
+    elif "/" in value or "\\" in value or (os.altsep and os.altsep in value) or "\0" in value:
+        bad = "must be a plain folder name without path separators ('/' or '\\\\'); use train.log_dir for the folder"
+    if bad:
+        raise ConfigError(f"{key}{loc} {bad}, got {_show(value)}")
+
+
+def _check_dataclass_fields(obj, section: str) -> None:
+    """Type-check every field of a TrainConfig / TestConfig instance (integral floats for int fields made ints)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        default = f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty
+        setattr(obj, f.name, check_value(value, hints[f.name], f"{section}.{f.name}", default))
 
 
 @dataclass
@@ -94,6 +487,15 @@ class TrainConfig:
     collapse_patience: int = 3
 
     def __post_init__(self):
+        _check_dataclass_fields(self, "train")
+        check_run_name(self.run_name, "train.run_name")
+        if not self.log_dir.strip():
+            raise ConfigError("train.log_dir must not be empty (use '.' for the current folder)")
+        for k, lo in (("seed", 0), ("checkpoint_every_steps", 1), ("timing_steps", 0)):
+            if getattr(self, k) is not None and getattr(self, k) < lo:
+                raise ConfigError(f"train.{k} must be >= {lo}, got {getattr(self, k)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"train.grad_clip must be > 0 or null (off), got {self.grad_clip}")
         if self.epochs is not None and self.max_steps is not None:
             raise ConfigError("train: set only one of 'epochs' and 'max_steps'")
         if self.epochs is None and self.max_steps is None:
@@ -145,6 +547,11 @@ class TestConfig:
     dump_png: bool = True
 
     def __post_init__(self):
+        _check_dataclass_fields(self, "test")
+        if self.ref_power <= 0:
+            raise ConfigError(f"test.ref_power must be > 0, got {self.ref_power}")
+        if any(m < 0 for m in self.dump_members):
+            raise ConfigError(f"test.dump_members must be cond rows >= 0, got {self.dump_members}")
         if int(self.chunk_size) < 1:
             raise ConfigError(f"test.chunk_size must be >= 1, got {self.chunk_size}")
         for s in self.splits:
@@ -208,6 +615,9 @@ def validate_experiment(exp: Dict[str, Any], where: str = "") -> Dict[str, Any]:
         if "type" not in body:
             raise ConfigError(f"missing key '{sec}.type'{loc}; registered {kind} types: {', '.join(names(kind))}")
         typ = body["type"]
+        if not isinstance(typ, str):
+            raise ConfigError(f"{sec}.type{loc} must be a string naming a registered {kind} type "
+                              f"({', '.join(names(kind))}), got {_show(typ)}")
         get(kind, typ)  # unknown type -> error listing the registered names
         keys = accepted_keys(kind, typ, INJECTED.get(kind, ()))
         for k in body:
@@ -223,6 +633,7 @@ def validate_experiment(exp: Dict[str, Any], where: str = "") -> Dict[str, Any]:
         for k, default in keys.items():
             if default is inspect.Parameter.empty and k not in body:
                 raise ConfigError(f"missing key '{sec}.{k}'{loc}: required by {kind} type '{typ}'")
+        out[sec] = check_component_values(sec, kind, typ, body, where)
     for sec, cls in DATACLASS_SECTIONS.items():
         body = out[sec]
         if not isinstance(body, dict):
@@ -232,11 +643,16 @@ def validate_experiment(exp: Dict[str, Any], where: str = "") -> Dict[str, Any]:
             if k not in fields:
                 raise ConfigError(f"unknown key '{sec}.{k}'{loc}; accepted keys: {', '.join(sorted(fields))}")
         try:
-            cls(**body)
+            inst = cls(**body)
         except ConfigError as e:
             raise ConfigError(f"{e}{loc}") from None
         except TypeError as e:
             raise ConfigError(f"section '{sec}'{loc}: {e}") from None
+        out[sec] = {k: getattr(inst, k) for k in body}  # as checked (e.g. max_steps: 1e4 -> 10000)
+    for key in ("name", "description"):
+        if out.get(key) is not None and not isinstance(out[key], str):
+            raise ConfigError(f"'{key}'{loc} must be a string, got {_show(out[key])}")
+    check_run_name(out.get("name"), "name", where)
     return out
 
 
@@ -282,6 +698,8 @@ def read_config_file(path: str) -> List[Dict[str, Any]]:
     with open(path) as f:
         try:
             data = yaml_load(f)
+        except DuplicateKeyError as e:
+            raise ConfigError(f"config file '{path}': {e}") from None
         except yaml.YAMLError as e:
             raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
     if isinstance(data, dict):
@@ -311,9 +729,11 @@ def load_config(path: str, config_id: int = 0, overrides: Sequence[str] = ()) ->
 def run_name(exp: Dict[str, Any]) -> str:
     """Run directory name: train.run_name, else the entry's name, else <file stem>_<config_id>."""
     tr = exp.get("train", {})
-    if tr.get("run_name"):
+    if tr.get("run_name") is not None:
+        check_run_name(tr["run_name"], "train.run_name")
         return str(tr["run_name"])
-    if exp.get("name"):
+    if exp.get("name") is not None:
+        check_run_name(exp["name"], "name")
         return str(exp["name"])
     src = exp.get("_source", {})
     stem = os.path.splitext(os.path.basename(src.get("file", "config")))[0]
