@@ -19,10 +19,12 @@ arithmetic, so they give identical batches.
 """
 from __future__ import annotations
 
+import fnmatch
 import json
 import logging
 import math
 import os
+import re
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
@@ -30,10 +32,11 @@ import torch
 
 from datasets.augment import MODES as AUGMENT_MODES
 from datasets.augment import apply_augmentation, make_augmentation
+from util.errors import DataError
 from util.registry import ConfigError, register
 from util.sampling import index_to_coords, interp_gather_index
 
-__all__ = ["HDFieldDataset", "open_member", "IMPORTANCE_MODES", "STORAGE_MODES", "AUGMENT_MODES",
+__all__ = ["HDFieldDataset", "open_member", "DataError", "IMPORTANCE_MODES", "STORAGE_MODES", "AUGMENT_MODES",
            "downsampled_shape"]
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,9 @@ RAW_EXTS = (".raw", ".bin", ".dat")
 H5_EXTS = (".h5", ".hdf5")
 NC_EXTS = (".nc",)
 _CHUNK = 1 << 22  # values per slab of streaming passes / per chunk of whole-field resampling
+#: at construction the values of the test members are scanned for NaN/Inf (and log positivity) when they hold
+#: at most this many bytes together; above it only their headers/sizes are checked
+TEST_SCAN_BYTES = 1 << 29
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
@@ -57,18 +63,25 @@ def _importance():
 
 
 # ------------------------------------------------------------------------------------------ member files
-def _open_h5(path: str, key: str, mmap: bool) -> np.ndarray:
+def _placeholder(shape, dtype) -> np.ndarray:
+    """A zero-memory read-only array of ``shape`` and ``dtype`` (stands for a member whose values were not read)."""
+    return np.broadcast_to(np.zeros((), dtype=dtype), tuple(int(s) for s in shape))
+
+
+def _open_h5(path: str, key: str, mmap: bool, header_only: bool = False) -> np.ndarray:
     """An HDF5 (or NetCDF-4) dataset; memory-mapped when it is stored contiguous and unfiltered."""
     name = os.path.basename(path)
     try:
         import h5py
     except ImportError as e:  # pragma: no cover - h5py is a requirement
-        raise ValueError(f"{name}: reading HDF5/NetCDF-4 member files needs h5py (pip install h5py)") from e
+        raise DataError(f"{name}: reading HDF5/NetCDF-4 member files needs h5py (pip install h5py)") from e
     with h5py.File(path, "r") as f:
         if key not in f or not isinstance(f[key], h5py.Dataset):
-            raise ValueError(f"{name}: no dataset '{key}' (it has: {', '.join(f.keys()) or 'nothing'}); set "
-                             f"dataset.h5_key")
+            raise DataError(f"{name}: no dataset '{key}' (it has: {', '.join(f.keys()) or 'nothing'}); set "
+                            f"dataset.h5_key")
         ds = f[key]
+        if header_only:
+            return _placeholder(ds.shape, ds.dtype)
         if mmap and ds.chunks is None and ds.dtype.kind in "fiu":
             offset = ds.id.get_offset()
             if offset is not None:
@@ -76,26 +89,49 @@ def _open_h5(path: str, key: str, mmap: bool) -> np.ndarray:
         return ds[()]
 
 
-def _open_netcdf(path: str, key: str, mmap: bool) -> np.ndarray:
+def _open_netcdf(path: str, key: str, mmap: bool, header_only: bool = False) -> np.ndarray:
     """NetCDF-4 (HDF5-based, via h5py, memory-mapped when possible) or classic NetCDF-3 (via scipy, read)."""
     name = os.path.basename(path)
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"\x89HDF":
-        return _open_h5(path, key, mmap)
+        return _open_h5(path, key, mmap, header_only)
     if magic[:3] != b"CDF":
-        raise ValueError(f"{name}: not a NetCDF file (neither NetCDF-4/HDF5 nor classic NetCDF); convert it "
-                         f"to .npy or NetCDF-4")
+        raise DataError(f"{name}: not a NetCDF file (neither NetCDF-4/HDF5 nor classic NetCDF); convert it "
+                        f"to .npy or NetCDF-4")
     from scipy.io import netcdf_file
 
     with netcdf_file(path, "r", mmap=False) as nc:
         if key not in nc.variables:
-            raise ValueError(f"{name}: no variable '{key}' (it has: {', '.join(nc.variables)}); set dataset.h5_key")
+            raise DataError(f"{name}: no variable '{key}' (it has: {', '.join(nc.variables)}); set dataset.h5_key")
         return np.array(nc.variables[key].data)
 
 
+def _npy_diagnosis(path: str) -> str:
+    """Why a .npy file does not load, from its magic bytes, header and size ("" when no reason is found)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                return "not a .npy file (it does not start with the NumPy magic bytes); corrupt or another format"
+            f.seek(0)
+            version = np.lib.format.read_magic(f)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(f)
+            header = f.tell()
+        size = os.path.getsize(path)
+    except Exception as e:  # noqa: BLE001 - an unreadable header is the diagnosis
+        return f"the .npy header is unreadable ({type(e).__name__}: {e}); the file is truncated or corrupt"
+    if dtype.hasobject:
+        return f"its header declares dtype {dtype}; expected a numeric array"
+    need = header + dtype.itemsize * int(np.prod(shape))
+    if size < need:
+        return (f"truncated: its header declares {dtype} {list(shape)}, {need} bytes in all, but the file has "
+                f"{size} bytes (copied or written incompletely?)")
+    return ""
+
+
 def open_member(path: str, dims: Optional[Sequence[int]] = None, h5_key: str = "data",
-                mmap: bool = True) -> np.ndarray:
+                mmap: bool = True, header_only: bool = False) -> np.ndarray:
     """One member's array (memory-mapped where the format allows it and ``mmap``).
 
     Args:
@@ -106,12 +142,18 @@ def open_member(path: str, dims: Optional[Sequence[int]] = None, h5_key: str = "
             formats, checked against the stored shape when given.
         h5_key: dataset / variable name in HDF5 and NetCDF files.
         mmap: memory-map when possible (False: read into memory).
+        header_only: a cheap check of the file without reading its values: the header, shape, dtype and (for
+            .npy and raw files) the file size are checked as for a read; HDF5 / NetCDF-4 members then return a
+            zero placeholder of the stored shape and dtype instead of their values (.npy and raw files return
+            their memory map, which reads nothing).
 
     Returns:
         numeric array (possibly an ``np.memmap``) of the stored shape and dtype.
 
     Raises:
-        FileNotFoundError: the file is missing. ValueError: unreadable, wrong size/shape/dtype (names the file).
+        FileNotFoundError: the file is missing. DataError (a ValueError): unreadable, truncated, wrong
+        size/shape/dtype (the message names the file and what was expected). ConfigError: a raw file without
+        ``dims``.
     """
     name = os.path.basename(path)
     if not os.path.isfile(path):
@@ -119,7 +161,9 @@ def open_member(path: str, dims: Optional[Sequence[int]] = None, h5_key: str = "
     ext = os.path.splitext(path)[1].lower()
     try:
         if ext == ".npy":
-            arr = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+            arr = np.load(path, mmap_mode="r" if (mmap or header_only) else None, allow_pickle=False)
+            if not isinstance(arr, np.ndarray):
+                raise DataError(f"{name}: holds an .npz archive, expected a single .npy array")
         elif ext in RAW_EXTS:
             if not dims:
                 raise ConfigError(f"{name}: raw float32 member files need dataset.dims, the array shape in array "
@@ -127,24 +171,35 @@ def open_member(path: str, dims: Optional[Sequence[int]] = None, h5_key: str = "
             shape = tuple(int(d) for d in dims)
             size, need = os.path.getsize(path), 4 * int(np.prod(shape))
             if size != need:
-                raise ValueError(f"{name}: {size} bytes, but dataset.dims {list(shape)} of float32 needs {need} bytes")
-            arr = (np.memmap(path, dtype=np.float32, mode="r") if mmap
+                raise DataError(f"{name}: {size} bytes, but dataset.dims {list(shape)} of float32 needs {need} bytes"
+                                + (" (truncated?)" if size < need else ""))
+            arr = (np.memmap(path, dtype=np.float32, mode="r") if (mmap or header_only)
                    else np.fromfile(path, dtype=np.float32)).reshape(shape)
         elif ext in H5_EXTS:
-            arr = _open_h5(path, h5_key, mmap)
+            arr = _open_h5(path, h5_key, mmap, header_only)
         elif ext in NC_EXTS:
-            arr = _open_netcdf(path, h5_key, mmap)
+            arr = _open_netcdf(path, h5_key, mmap, header_only)
         else:
-            raise ValueError(f"{name}: unknown member file type '{ext}' (known: .npy, {', '.join(RAW_EXTS)}, "
-                             f"{', '.join(H5_EXTS + NC_EXTS)}); set dataset.file_ext to select the member files")
-    except (ValueError, FileNotFoundError):
+            raise DataError(f"{name}: unknown member file type '{ext}' (known: .npy, {', '.join(RAW_EXTS)}, "
+                            f"{', '.join(H5_EXTS + NC_EXTS)}); set dataset.file_ext or dataset.file_pattern to "
+                            f"select the member files")
+    except (DataError, ConfigError, FileNotFoundError):
         raise
-    except Exception as e:  # unreadable file: name it
-        raise ValueError(f"{name}: cannot read member file ({type(e).__name__}: {e})") from e
+    except Exception as e:  # unreadable, truncated or garbage file: name it and say what was expected
+        why = f"{type(e).__name__}: {e}"
+        if os.path.getsize(path) == 0:
+            why = "the file is empty (0 bytes)"
+        elif ext == ".npy":
+            why = _npy_diagnosis(path) or why
+        elif ext in H5_EXTS:
+            why += f"; expected an HDF5 file with dataset '{h5_key}': the file is truncated, corrupt or not HDF5"
+        elif ext in NC_EXTS:
+            why += f"; expected a NetCDF file with variable '{h5_key}': the file is truncated or corrupt"
+        raise DataError(f"{name}: cannot read member file: {why}") from e
     if arr.dtype.kind not in "fiu":
-        raise ValueError(f"{name}: dtype {arr.dtype} is not numeric")
+        raise DataError(f"{name}: dtype {arr.dtype} is not numeric")
     if dims and ext not in RAW_EXTS and tuple(arr.shape) != tuple(int(d) for d in dims):
-        raise ValueError(f"{name}: stored shape {list(arr.shape)} differs from dataset.dims {list(dims)}")
+        raise DataError(f"{name}: stored shape {list(arr.shape)} differs from dataset.dims {list(dims)}")
     return arr
 
 
@@ -190,6 +245,26 @@ def _as_float(val, key: str) -> float:
     return out
 
 
+def _few(names: Sequence[str], k: int = 5) -> str:
+    """Up to k names, then how many more."""
+    names = list(names)
+    more = f" and {len(names) - k} more" if len(names) > k else ""
+    return ", ".join(names[:k]) + more if names else "none"
+
+
+def _odd_names(names: Sequence[str]) -> tuple:
+    """(names whose shape, digits aside, differs from the most common one; a glob of the most common shape: one
+    '?' per digit when its digit runs have equal lengths in every such name, else '*')."""
+    shapes = [re.sub(r"\d+", "#", n) for n in names]
+    common = max(set(shapes), key=lambda t: (shapes.count(t), t)) if shapes else ""
+    odd = [n for n, t in zip(names, shapes) if t != common]
+    runs = {tuple(len(d) for d in re.findall(r"\d+", n)) for n, t in zip(names, shapes) if t == common}
+    lengths = iter(next(iter(runs)) if len(runs) == 1 else ())
+    pattern = re.sub(r"([*?\[])", r"[\1]", common)
+    pattern = re.sub("#", lambda _: "?" * next(lengths, 0) or "*", pattern)
+    return odd, pattern
+
+
 @register("dataset", "ensemble")
 class HDFieldDataset:
     """An ensemble of scalar fields in the reference on-disk layout (spec 3), 2D ``(H, W)`` or 3D ``(D, H, W)``.
@@ -206,6 +281,11 @@ class HDFieldDataset:
         h5_key: dataset (variable) name inside .h5/.hdf5/.nc member files.
         file_ext: only the files of data_dir ending in this extension (e.g. ".npy") are members (needed when
             data_dir holds other files too).
+        file_pattern: only the files of data_dir whose name matches this glob (e.g. "member_*.npy"; fnmatch,
+            case-sensitive, combined with file_ext when both are set) are members. The listing must not hold
+            more files than cond.npy has rows (an extra file would shift every member after it): such a
+            data_dir is refused, naming the extra files, unless file_ext / file_pattern select exactly the
+            member files; a count that differs from the files cond.npy references is a warning.
         log_transform: take the natural log of the values before min-max normalization (Nyx); every value of
             the training members must then be > 0.
         value_min: normalization minimum (in log units with log_transform); default: over the training members.
@@ -243,10 +323,10 @@ class HDFieldDataset:
     """
 
     def __init__(self, data_dir: str, cond_path: str, cond_split_path: str, dims: Optional[Sequence[int]] = None,
-                 h5_key: str = "data", file_ext: Optional[str] = None, log_transform: bool = False,
-                 value_min: Optional[float] = None, value_max: Optional[float] = None, cond_batch: int = 16,
-                 spatial_log2batch: int = 12, importance: str = "none", impsmp_cond_path: Optional[str] = None,
-                 impsmp_coord_path: Optional[str] = None, impsmp_bins: int = 64,
+                 h5_key: str = "data", file_ext: Optional[str] = None, file_pattern: Optional[str] = None,
+                 log_transform: bool = False, value_min: Optional[float] = None, value_max: Optional[float] = None,
+                 cond_batch: int = 16, spatial_log2batch: int = 12, importance: str = "none",
+                 impsmp_cond_path: Optional[str] = None, impsmp_coord_path: Optional[str] = None, impsmp_bins: int = 64,
                  impsmp_cluster_size: Optional[int] = None, augment: str = "none",
                  sigma_x: Union[None, float, Sequence[float]] = None, tau_x: Union[None, float, Sequence[float]] = None,
                  sigma_c: Union[None, float, Sequence[float]] = None, tau_c: Union[None, float, Sequence[float]] = None,
@@ -261,24 +341,17 @@ class HDFieldDataset:
         self.impsmp_bins = int(impsmp_bins)
         self.impsmp_cluster_size = None if impsmp_cluster_size is None else int(impsmp_cluster_size)
 
-        for key, path in (("data_dir", data_dir), ("cond_path", cond_path), ("cond_split_path", cond_split_path)):
-            exists = os.path.isdir(path) if key == "data_dir" else os.path.isfile(path)
-            if not exists:
-                raise FileNotFoundError(f"dataset.{key} '{path}' not found (expected "
-                                        f"{'a folder of member files' if key == 'data_dir' else 'a .npy file'})")
-        from datasets.prepare import list_member_files  # on use, for the reason given in _importance()
+        self._load_layout(file_ext, file_pattern)
 
-        self.files: List[str] = [os.path.join(data_dir, n) for n in list_member_files(data_dir, file_ext)]
-        self._load_cond()
-        self._load_split()
-
-        # Shapes and option checks first (cheap), then the value range and the storage (read the members).
-        first = self._open_row(int(self.train_idx[0]))
+        # Shapes, option checks and every member file's header first (cheap), then the value range and the
+        # storage (read the training members).
+        first = self._open_row(int(self.train_idx[0]), header_only=True)
         self.spatial_shape = tuple(int(s) for s in first.shape)
         del first
         if len(self.spatial_shape) not in (2, 3):
-            raise ValueError(f"{self._name(self.train_idx[0])}: fields must be 2D (H, W) or 3D (D, H, W), got shape "
-                             f"{list(self.spatial_shape)}")
+            raise DataError(f"{self._name(self.train_idx[0])}: fields must be 2D (H, W) or 3D (D, H, W), got shape "
+                            f"{list(self.spatial_shape)}")
+        self._check_member_files()
         self.train_shape = downsampled_shape(self.spatial_shape, self.downsample)
         if self.downsample > 1 and min(self.train_shape) < 2:
             raise ConfigError(f"dataset.downsample={self.downsample} leaves fewer than 2 vertices on an axis of "
@@ -294,9 +367,9 @@ class HDFieldDataset:
             value_min, value_max = self._scan_value_range()
         self.value_min, self.value_max = _as_float(value_min, "value_min"), _as_float(value_max, "value_max")
         if not self.value_max > self.value_min:
-            raise ValueError(f"the training members have a constant value {self.value_min:g}"
-                             f"{' (log units)' if self.log_transform else ''}: min-max normalization needs "
-                             f"value_max > value_min")
+            raise DataError(f"the training members in '{self.data_dir}' have a constant value {self.value_min:g}"
+                            f"{' (log units)' if self.log_transform else ''}: min-max normalization needs "
+                            f"value_max > value_min")
         self._span = self.value_max - self.value_min
         self._handles: Optional[List[np.ndarray]] = None  # storage "mmap": one array per training member
         self._store: Optional[np.ndarray] = None  # storage "memory": (n_train, prod(train_shape)) float32
@@ -350,52 +423,153 @@ class HDFieldDataset:
                 raise ConfigError(f"dataset.dims must be the array shape, a list of 2 or 3 positive integers "
                                   f"([D, H, W] or [H, W]), got {dims!r}")
 
+    def _load_layout(self, file_ext: Optional[str], file_pattern: Optional[str],
+                     extra_paths: Sequence[tuple] = ()) -> None:
+        """The on-disk layout: paths exist, member listing, cond.npy, listing vs cond.npy, split.npy.
+
+        ``extra_paths``: further (key, file path) pairs that must exist (checked after data_dir)."""
+        for key, val in (("file_ext", file_ext), ("file_pattern", file_pattern)):
+            if val is not None and not (isinstance(val, str) and val.strip()):
+                raise ConfigError(f"dataset.{key} must be a non-empty string or null, got {val!r}")
+        paths = ((("data_dir", self.data_dir),) + tuple(extra_paths)
+                 + (("cond_path", self.cond_path), ("cond_split_path", self.cond_split_path)))
+        for key, path in paths:
+            if not isinstance(path, (str, os.PathLike)):
+                raise ConfigError(f"dataset.{key} must be a path, got {path!r}")
+            exists = os.path.isdir(path) if key == "data_dir" else os.path.isfile(path)
+            if not exists:
+                raise FileNotFoundError(f"dataset.{key} '{path}' not found (expected "
+                                        f"{'a folder of member files' if key == 'data_dir' else 'a .npy file'})")
+        from datasets.prepare import list_member_files  # on use, for the reason given in _importance()
+
+        try:
+            names = list_member_files(self.data_dir, file_ext, file_pattern)
+        except DataError as e:  # the message speaks of prepare's flags
+            raise DataError(str(e).replace("--file_ext", "dataset.file_ext (or dataset.file_pattern)")) from e
+        self.files: List[str] = [os.path.join(self.data_dir, n) for n in names]
+        self._load_cond()
+        self._check_listing(file_ext, file_pattern)
+        self._load_split()
+
+    def _check_listing(self, file_ext: Optional[str], file_pattern: Optional[str]) -> None:
+        """Member listing vs cond.npy: refuse more files than rows (an extra file shifts every member after it);
+        warn when the listing and the files cond.npy references differ in number."""
+        names = [os.path.basename(f) for f in self.files]
+        n_files, n_rows = len(names), self.num_rows
+        ref = np.unique(self._file_of_row)
+        unref = [names[i] for i in np.setdiff1d(np.arange(n_files), ref)]
+        selected = " and ".join(f"dataset.{k}={v!r}" for k, v in (("file_ext", file_ext),
+                                                                   ("file_pattern", file_pattern)) if v)
+        listing = f"data_dir '{self.data_dir}' lists {n_files} member files" + (f" ({selected})" if selected else "")
+        if n_files > n_rows:
+            odd, pattern = _odd_names(names)
+            hint = ""
+            if odd:
+                n_match = sum(fnmatch.fnmatchcase(n, pattern) for n in names)
+                hint = (f" Names unlike the others: {_few(odd)}; dataset.file_pattern: '{pattern}' would select "
+                        f"{n_match} files.")
+            raise DataError(
+                f"{listing} but cond_path '{self.cond_path}' has {n_rows} rows: column 0 of cond.npy pairs each row "
+                f"with a file by its index in the sorted listing, so an extra file shifts every member after it. "
+                f"Files no row references: {_few(unref)}.{hint} Remove the files that are not members from "
+                f"data_dir, or set dataset.file_pattern (a glob on the file names) and/or dataset.file_ext so that "
+                f"exactly the member files are listed.")
+        if len(ref) != n_files:
+            log.warning("%s but cond.npy (%s, %d rows) references %d of them%s; check that row i of cond.npy "
+                        "describes file i of the sorted listing", listing, self.cond_path, n_rows, len(ref),
+                        f" (not referenced: {_few(unref)})" if unref else " (several rows share a file)")
+
+    def _check_member_files(self) -> None:
+        """Every member file of the split (test members too) opened cheaply (header, shape, dtype, size; no values
+        read), so a truncated or garbage file fails at construction, not at test time; the values of the test
+        members are also scanned for NaN/Inf (and log positivity) when they are at most ``TEST_SCAN_BYTES``."""
+        rows = np.unique(np.concatenate([self.train_idx, self.test_idx]))
+        test_only = set(np.setdiff1d(self.test_idx, self.train_idx).tolist())
+        test_bytes = 0
+        for row in rows:
+            arr = self._open_row(int(row), header_only=True)
+            self._check_shape(int(row), arr)
+            if int(row) in test_only:
+                test_bytes += int(arr.size) * arr.dtype.itemsize
+            del arr
+        if not test_only:
+            return
+        if test_bytes > TEST_SCAN_BYTES:
+            log.info("test members: %d files (%.1f GB) checked by header and size; their values are checked "
+                     "when they are read", len(test_only), test_bytes / 1e9)
+            return
+        for row in sorted(test_only):
+            for slab in _slabs(self._open_row(row)):
+                self._transform(slab, row)
+
     def _load_cond(self) -> None:
+        where = f"dataset.cond_path '{self.cond_path}'"
         try:
             cond = np.load(self.cond_path, allow_pickle=False)
         except Exception as e:
-            raise ValueError(f"dataset.cond_path '{self.cond_path}': cannot read it as a numeric .npy "
-                             f"({type(e).__name__}: {e})") from e
-        if cond.ndim != 2 or cond.shape[1] < 2 or cond.shape[0] < 1 or cond.dtype.kind not in "fiu":
-            raise ValueError(f"dataset.cond_path '{self.cond_path}': expected a numeric array (M, 1 + d_c) with "
-                             f"d_c >= 1 (column 0 = file index), got {cond.dtype} {list(cond.shape)}")
+            raise DataError(f"{where}: cannot read it as a numeric .npy ({type(e).__name__}: {e})") from e
+        if (not isinstance(cond, np.ndarray) or cond.ndim != 2 or cond.shape[1] < 2 or cond.shape[0] < 1
+                or cond.dtype.kind not in "fiu"):
+            got = f"{cond.dtype} {list(cond.shape)}" if isinstance(cond, np.ndarray) else type(cond).__name__
+            raise DataError(f"{where}: expected a numeric array (M, 1 + d_c) with d_c >= 1 (column 0 = file index), "
+                            f"got {got}")
         cond = cond.astype(np.float64)
         if not np.isfinite(cond).all():
             r = int(np.argwhere(~np.isfinite(cond))[0, 0])
-            raise ValueError(f"dataset.cond_path '{self.cond_path}': row {r} holds NaN/Inf")
+            raise DataError(f"{where}: row {r} holds NaN/Inf")
         col0 = cond[:, 0]
-        bad = np.flatnonzero((col0 != np.round(col0)) | (col0 < 0) | (col0 >= len(self.files)))
+        n_files = len(self.files)
+        bad = np.flatnonzero((col0 != np.round(col0)) | (col0 < 0) | (col0 >= n_files))
         if bad.size:
             r = int(bad[0])
-            raise ValueError(f"dataset.cond_path '{self.cond_path}': row {r} column 0 is {col0[r]:g}, but it must be "
-                             f"the index of a member file in the sorted listing of '{self.data_dir}' "
-                             f"(0..{len(self.files) - 1})")
+            first, last = os.path.basename(self.files[0]), os.path.basename(self.files[-1])
+            raise DataError(f"{where}: row {r} column 0 is {col0[r]:g}, but it must be the index of a member file in "
+                            f"the sorted listing of '{self.data_dir}' (0..{n_files - 1}: {n_files} files, {first} .. "
+                            f"{last}; cond.npy has {len(col0)} rows); is a member file missing?")
         self._file_of_row = col0.astype(np.int64)
         self._params = cond[:, 1:].astype(np.float32)  # (M, d_c)
         if (self._params < 0).any() or (self._params > 1).any():
             log.warning("%s: some parameters lie outside [0, 1] (expected min-max normalized conditions)",
                         self.cond_path)
 
+    SPLIT_KEYS = ("cond_idx", "cond_idx_unseen")
+
     def _load_split(self) -> None:
         where = f"dataset.cond_split_path '{self.cond_split_path}'"
+        expected = "np.save of a dict {'cond_idx': training rows of cond.npy, 'cond_idx_unseen': test rows}"
         try:
             obj = np.load(self.cond_split_path, allow_pickle=True)
             split = obj.item() if isinstance(obj, np.ndarray) and obj.dtype == object and obj.ndim == 0 else obj
         except Exception as e:
-            raise ValueError(f"{where}: cannot read it ({type(e).__name__}: {e})") from e
-        if not isinstance(split, dict) or "cond_idx" not in split:
-            raise ValueError(f"{where}: expected np.save of a dict {{'cond_idx': train rows, 'cond_idx_unseen': "
-                             f"test rows}}")
+            raise DataError(f"{where}: cannot read it ({type(e).__name__}: {e}); expected {expected}") from e
+        if not isinstance(split, dict):
+            got = f"an array {obj.dtype} {list(obj.shape)}" if isinstance(obj, np.ndarray) else type(split).__name__
+            raise DataError(f"{where}: got {got}; expected {expected}")
+        found = [str(k) for k in split]
+        unknown = [k for k in found if k not in self.SPLIT_KEYS]
+        missing = [k for k in self.SPLIT_KEYS if k not in split]
+        if unknown or missing:
+            raise DataError(f"{where}: keys {found} found, expected exactly {list(self.SPLIT_KEYS)} ('cond_idx': "
+                            f"training rows, 'cond_idx_unseen': test rows, possibly empty)"
+                            + (f"; unknown: {unknown}" if unknown else "")
+                            + (f"; missing: {missing}" if missing else ""))
         m = self.num_rows
         rows = {}
-        for key in ("cond_idx", "cond_idx_unseen"):
-            r = np.asarray(split.get(key, []), dtype=np.float64).ravel()
-            if r.size and ((r != np.round(r)).any() or r.min() < 0 or r.max() >= m):
-                raise ValueError(f"{where}: '{key}' must hold row numbers of cond.npy (0..{m - 1}), got values "
-                                 f"from {r.min():g} to {r.max():g}")
+        for key in self.SPLIT_KEYS:
+            val = split[key]
+            if hasattr(val, "detach"):  # a torch tensor
+                val = val.detach().cpu().numpy()
+            try:
+                r = np.asarray(val, dtype=np.float64).ravel()
+            except (TypeError, ValueError) as e:
+                raise DataError(f"{where}: '{key}' must hold row numbers of cond.npy, got {type(val).__name__} "
+                                f"({e})") from e
+            if r.size and (not np.isfinite(r).all() or (r != np.round(r)).any() or r.min() < 0 or r.max() >= m):
+                raise DataError(f"{where}: '{key}' must hold row numbers of cond.npy (0..{m - 1}), got values "
+                                f"from {r.min():g} to {r.max():g}")
             rows[key] = r.astype(np.int64)
         if rows["cond_idx"].size == 0:
-            raise ValueError(f"{where}: 'cond_idx' (the training rows) is empty")
+            raise DataError(f"{where}: 'cond_idx' (the training rows) is empty")
         if np.unique(rows["cond_idx"]).size != rows["cond_idx"].size:
             log.warning("%s: 'cond_idx' lists some rows twice", self.cond_split_path)
         if np.intersect1d(rows["cond_idx"], rows["cond_idx_unseen"]).size:
@@ -409,14 +583,15 @@ class HDFieldDataset:
     def _name(self, row: int) -> str:
         return os.path.basename(self.files[self._file_of_row[row]])
 
-    def _open_row(self, row: int, mmap: bool = True) -> np.ndarray:
-        return open_member(self.files[self._file_of_row[row]], self.dims, self.h5_key, mmap=mmap)
+    def _open_row(self, row: int, mmap: bool = True, header_only: bool = False) -> np.ndarray:
+        return open_member(self.files[self._file_of_row[row]], self.dims, self.h5_key, mmap=mmap,
+                           header_only=header_only)
 
     def _check_shape(self, row: int, arr: np.ndarray) -> None:
         if tuple(arr.shape) != self.spatial_shape:
-            raise ValueError(f"{self._name(row)} has shape {list(arr.shape)} but the first training member "
-                             f"{self._name(self.train_idx[0])} has {list(self.spatial_shape)}; all members must have "
-                             f"the same shape")
+            raise DataError(f"{self._name(row)} has shape {list(arr.shape)} but the first training member "
+                            f"{self._name(self.train_idx[0])} has {list(self.spatial_shape)}; all members must have "
+                            f"the same shape")
 
     def _scan_value_range(self) -> tuple:
         """Streaming min/max (in f units) over the training members, one memory-mapped member at a time; checks
@@ -435,11 +610,11 @@ class HDFieldDataset:
         v = np.asarray(raw, dtype=np.float64)
         finite = np.isfinite(v)
         if not finite.all():
-            raise ValueError(f"{self._name(row)}: {int(np.isnan(v).sum())} NaN and {int(np.isinf(v).sum())} Inf "
-                             f"values among {v.size} read; member fields must be finite")
+            raise DataError(f"{self._name(row)}: {int(np.isnan(v).sum())} NaN and {int(np.isinf(v).sum())} Inf "
+                            f"values among {v.size} read; member fields must be finite")
         if self.log_transform:
             if (v <= 0).any():
-                raise ValueError(f"{self._name(row)}: log_transform needs values > 0, found {float(v.min()):g}")
+                raise DataError(f"{self._name(row)}: log_transform needs values > 0, found {float(v.min()):g}")
             v = np.log(v)
         return v
 
@@ -518,15 +693,15 @@ class HDFieldDataset:
         imp = _importance()
         d = imp.load_coord_file(path)
         if "shape" in d and tuple(int(s) for s in d["shape"]) != self.train_shape:
-            raise ValueError(f"importance file '{path}' was computed for fields of shape {list(d['shape'])}, the "
-                             f"training fields have shape {list(self.train_shape)}")
+            raise DataError(f"importance file '{path}' was computed for fields of shape {list(d['shape'])}, the "
+                            f"training fields have shape {list(self.train_shape)}")
         if self.impsmp_cluster_size is not None and d["point_cluster_size"] != self.impsmp_cluster_size:
             log.warning("%s: cluster size %d (file) differs from dataset.impsmp_cluster_size %d; using the file's",
                         path, d["point_cluster_size"], self.impsmp_cluster_size)
         try:
             return imp.CoordSampler(d["point_imp"], d["point_cluster_size"], self.n_train_voxels)
         except ValueError as e:
-            raise ValueError(f"importance file '{path}': {e} (training shape {list(self.train_shape)})") from e
+            raise DataError(f"importance file '{path}': {e} (training shape {list(self.train_shape)})") from e
 
     # -------------------------------------------------------------------------------------------- shapes
     @property
@@ -657,11 +832,11 @@ class HDFieldDataset:
                     cm = json.load(f)
                 names, lo, hi = list(cm["names"]), [float(v) for v in cm["min"]], [float(v) for v in cm["max"]]
             except (OSError, ValueError, KeyError, TypeError) as e:
-                raise ValueError(f"'{path}': expected JSON {{\"names\": [...], \"min\": [...], \"max\": [...]}} "
-                                 f"({type(e).__name__}: {e})") from e
+                raise DataError(f"'{path}': expected JSON {{\"names\": [...], \"min\": [...], \"max\": [...]}} "
+                                f"({type(e).__name__}: {e})") from e
             if not len(names) == len(lo) == len(hi) == self.cond_dim:
-                raise ValueError(f"'{path}': names/min/max must each hold {self.cond_dim} entries (cond_dim), got "
-                                 f"{len(names)}/{len(lo)}/{len(hi)}")
+                raise DataError(f"'{path}': names/min/max must each hold {self.cond_dim} entries (cond_dim), got "
+                                f"{len(names)}/{len(lo)}/{len(hi)}")
             out.update(param_names=[str(n) for n in names], param_min=lo, param_max=hi)
         return out
 

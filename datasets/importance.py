@@ -47,6 +47,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from util.errors import DataError
+
 __all__ = ["DEFAULT_BINS", "MAX_CATEGORIES", "COND_FILE", "COORD_DIR", "default_cluster_size", "bin_index",
            "bin_counts", "voxel_weights", "cluster_weights", "member_weight", "field_importance",
            "sample_categorical", "CoordSampler", "coord_file_name", "save_coord_file", "load_coord_file",
@@ -179,10 +181,10 @@ def load_coord_file(path: str) -> Dict[str, object]:
         obj = np.load(path, allow_pickle=True)
         d = obj.item() if isinstance(obj, np.ndarray) and obj.dtype == object else None
     except Exception as e:
-        raise ValueError(f"importance file '{path}': cannot read it ({type(e).__name__}: {e})") from e
+        raise DataError(f"importance file '{path}': cannot read it ({type(e).__name__}: {e})") from e
     if not isinstance(d, dict) or "point_imp" not in d or "point_cluster_size" not in d:
-        raise ValueError(f"importance file '{path}': expected a pickled dict with keys 'point_imp' and "
-                         f"'point_cluster_size' (np.save of a dict)")
+        raise DataError(f"importance file '{path}': expected a pickled dict with keys 'point_imp' and "
+                        f"'point_cluster_size' (np.save of a dict)")
     w = d["point_imp"]
     if hasattr(w, "detach"):  # a torch tensor (reference files)
         w = w.detach().cpu().numpy()
@@ -198,8 +200,8 @@ def load_coord_folder(folder: str, n_rows: int) -> List[str]:
         raise FileNotFoundError(f"impsmp_coord_path '{folder}' is not a folder (expected one .npy per cond row)")
     files = sorted(glob.glob(os.path.join(folder, "*.npy")))
     if len(files) != n_rows:
-        raise ValueError(f"impsmp_coord_path '{folder}' holds {len(files)} .npy files, expected one per cond row "
-                         f"({n_rows}; file k of the sorted listing belongs to row k)")
+        raise DataError(f"impsmp_coord_path '{folder}' holds {len(files)} .npy files, expected one per cond row "
+                        f"({n_rows}; file k of the sorted listing belongs to row k)")
     return files
 
 
@@ -213,22 +215,27 @@ def load_cond_weights(path: str, train_idx: np.ndarray, n_rows: int) -> np.ndarr
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"impsmp_cond_path '{path}' not found (expected a .npy of member weights)")
-    w = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64).ravel()
+    try:
+        w = np.asarray(np.load(path, allow_pickle=False), dtype=np.float64).ravel()
+    except Exception as e:
+        raise DataError(f"impsmp_cond_path '{path}': cannot read it as a numeric .npy of member weights "
+                        f"({type(e).__name__}: {e})") from e
     n_train = len(train_idx)
     if w.size == n_train:
         pass
     elif w.size == n_rows:
         w = w[np.asarray(train_idx)]
     else:
-        raise ValueError(f"impsmp_cond_path '{path}' holds {w.size} weights, expected {n_train} (one per training "
-                         f"member, split order) or {n_rows} (one per cond row)")
+        raise DataError(f"impsmp_cond_path '{path}' holds {w.size} weights, expected {n_train} (one per training "
+                        f"member, split order) or {n_rows} (one per cond row)")
     if not np.all(np.isfinite(w)) or (w < 0).any() or not w.sum() > 0:
-        raise ValueError(f"impsmp_cond_path '{path}': weights must be finite, >= 0 and not all 0")
+        raise DataError(f"impsmp_cond_path '{path}': weights must be finite, >= 0 and not all 0")
     return w / w.sum()
 
 
 def write_importance(data_dir: str, cond_path: str, cond_split_path: str, out_dir: str,
                      file_ext: Optional[str] = None, dims: Optional[Sequence[int]] = None, h5_key: str = "data",
+                     file_pattern: Optional[str] = None,
                      log_transform: bool = False, bins: int = DEFAULT_BINS, cluster_size: Optional[int] = None,
                      value_min: Optional[float] = None, value_max: Optional[float] = None, downsample: int = 1,
                      progress: bool = True, coords_path: Optional[str] = None) -> Dict[str, str]:
@@ -238,8 +245,8 @@ def write_importance(data_dir: str, cond_path: str, cond_split_path: str, out_di
     equal the weights the dataset computes on the fly with the same settings.
 
     Args:
-        data_dir, cond_path, cond_split_path, file_ext, dims, h5_key, log_transform, value_min, value_max,
-            downsample: as for the ``ensemble`` dataset.
+        data_dir, cond_path, cond_split_path, file_ext, file_pattern, dims, h5_key, log_transform, value_min,
+            value_max, downsample: as for the ``ensemble`` dataset.
         out_dir: output folder (created); ``impsmp_cond.npy`` and ``impsmp_coord/`` are written into it.
         bins: histogram bins over [0, 1].
         cluster_size: voxels per cluster (None: 1 up to 2^24 voxels, more above).
@@ -256,8 +263,9 @@ def write_importance(data_dir: str, cond_path: str, cond_split_path: str, out_di
     from datasets.ensemble import HDFieldDataset  # lazy: ensemble imports this module
 
     common = dict(data_dir=data_dir, cond_path=cond_path, cond_split_path=cond_split_path, h5_key=h5_key,
-                  file_ext=file_ext, log_transform=log_transform, value_min=value_min, value_max=value_max,
-                  storage="mmap", downsample=downsample, impsmp_bins=bins, impsmp_cluster_size=cluster_size)
+                  file_ext=file_ext, file_pattern=file_pattern, log_transform=log_transform, value_min=value_min,
+                  value_max=value_max, storage="mmap", downsample=downsample, impsmp_bins=bins,
+                  impsmp_cluster_size=cluster_size)
     if coords_path is not None:
         from datasets.unstructured import UnstructuredDataset
 
@@ -297,6 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--dims", type=int, nargs="+", help="array shape of raw float32 member files, array order "
                                                        "(e.g. --dims 64 64 64)")
     p.add_argument("--file_ext", help="only member files with this extension (when data_dir holds other files)")
+    p.add_argument("--file_pattern", help="only member files whose name matches this glob (e.g. 'member_*.npy')")
     p.add_argument("--h5_key", default="data", help="dataset/variable name in .h5/.hdf5/.nc members (default data)")
     p.add_argument("--log_transform", action="store_true", help="log the values before min-max normalization")
     p.add_argument("--value_min", type=float, help="normalization minimum (default: over training members)")
@@ -314,6 +323,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
         out = write_importance(a.data_dir, a.cond_path, a.cond_split_path, a.out_dir, file_ext=a.file_ext,
+                               file_pattern=a.file_pattern,
                                dims=a.dims, h5_key=a.h5_key, log_transform=a.log_transform, bins=a.bins,
                                cluster_size=a.cluster_size, value_min=a.value_min, value_max=a.value_max,
                                downsample=a.downsample, progress=not a.no_progress, coords_path=a.coords_path)

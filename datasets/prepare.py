@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import fnmatch
 import json
 import logging
 import math
@@ -39,6 +40,8 @@ import warnings
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from util.errors import DataError
 
 __all__ = ["prepare", "PrepareError", "list_member_files", "read_params_csv", "read_member", "parse_train_list",
            "normalize_params", "MEMBER_EXTS", "main"]
@@ -51,30 +54,40 @@ RAW_EXTS = (".raw", ".bin", ".dat")
 H5_EXTS = (".h5", ".hdf5", ".nc")
 
 
-class PrepareError(ValueError):
-    """Bad input to the data preparation (the message names the file, row or column)."""
+class PrepareError(DataError):
+    """Bad input to the data preparation (the message names the file, row or column); a ``DataError``."""
 
 
 # ----------------------------------------------------------------------------------------------- members
-def list_member_files(data_dir: str, file_ext: Optional[str] = None) -> List[str]:
+def list_member_files(data_dir: str, file_ext: Optional[str] = None,
+                      file_pattern: Optional[str] = None) -> List[str]:
     """Sorted (lexicographic) names of the member files in ``data_dir``.
 
     Args:
         data_dir: folder with one file per member.
-        file_ext: only files ending in this extension (e.g. ``.npy``; the dot is optional). None: every
-            non-hidden regular file with a recognised extension (``MEMBER_EXTS``), which must all share one
-            extension.
+        file_ext: only files ending in this extension (e.g. ``.npy``; the dot is optional; case-insensitive).
+        file_pattern: only files whose name matches this glob (``fnmatch``, case-sensitive, the name only,
+            e.g. ``member_*.npy``). Without file_ext and file_pattern: every non-hidden regular file with a
+            recognised extension (``MEMBER_EXTS``), which must all share one extension.
     """
     if not os.path.isdir(data_dir):
         raise PrepareError(f"data_dir '{data_dir}' is not a folder")
     names = sorted(n for n in os.listdir(data_dir)
                    if not n.startswith(".") and os.path.isfile(os.path.join(data_dir, n)))
-    if file_ext:
-        ext = file_ext if file_ext.startswith(".") else "." + file_ext
-        files = [n for n in names if n.lower().endswith(ext.lower())]
+    if file_ext or file_pattern:
+        files = names
+        what = []
+        if file_ext:
+            ext = file_ext if file_ext.startswith(".") else "." + file_ext
+            files = [n for n in files if n.lower().endswith(ext.lower())]
+            what.append(f"ending in '{ext}'")
+        if file_pattern:
+            files = [n for n in files if fnmatch.fnmatchcase(n, file_pattern)]
+            what.append(f"matching '{file_pattern}'")
         if not files:
-            raise PrepareError(f"data_dir '{data_dir}' holds no member files ending in '{ext}'"
-                               + (f" (it holds {len(names)} other files)" if names else " (it is empty)"))
+            raise PrepareError(f"data_dir '{data_dir}' holds no member files {' and '.join(what)}"
+                               + (f" (it holds {len(names)} other files, e.g. {names[0]})" if names
+                                  else " (it is empty)"))
         return files
     files = [n for n in names if os.path.splitext(n)[1].lower() in MEMBER_EXTS]
     if not files:
@@ -160,8 +173,13 @@ def read_params_csv(path: str) -> Tuple[List[str], np.ndarray]:
     if not os.path.isfile(path):
         raise PrepareError(f"parameter CSV '{path}' not found")
     fname = os.path.basename(path)
-    with open(path, newline="") as f:
-        rows = [(lineno, r) for lineno, r in enumerate(csv.reader(f), start=1) if any(c.strip() for c in r)]
+    try:  # utf-8-sig: a byte-order mark (a CSV saved by Excel) is not part of the first name
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            rows = [(lineno, r) for lineno, r in enumerate(csv.reader(f), start=1) if any(c.strip() for c in r)]
+    except UnicodeDecodeError as e:
+        raise PrepareError(f"{fname}: not UTF-8 text (byte {e.start}: {e.reason}); save the CSV as UTF-8") from None
+    except csv.Error as e:
+        raise PrepareError(f"{fname}: not a readable CSV ({e})") from None
     if not rows:
         raise PrepareError(f"{fname}: empty file (expected a header line with the parameter names)")
     _, header = rows[0]
@@ -170,7 +188,7 @@ def read_params_csv(path: str) -> Tuple[List[str], np.ndarray]:
         raise PrepareError(f"{fname}: header line has an empty column name (column {names.index('') + 1})")
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise PrepareError(f"{fname}: duplicate column names {dup}")
+        raise PrepareError(f"{fname}: duplicate parameter names {dup} in the header; each column needs its own name")
     try:  # a header of numbers means the header line is missing
         [float(n) for n in names]
         raise PrepareError(f"{fname}: the first line {names} looks like numbers; the CSV needs a header line "
@@ -268,8 +286,9 @@ def _split(m: int, n_train: Optional[int], train_rows) -> Tuple[np.ndarray, np.n
 # ----------------------------------------------------------------------------------------------- prepare
 def prepare(data_dir: str, params_csv: str, out_dir: str, n_train: Optional[int] = None,
             train_rows: Union[None, str, Sequence[int]] = None, file_ext: Optional[str] = None,
-            dims: Optional[Sequence[int]] = None, h5_key: str = "data", importance: bool = False,
-            log_transform: bool = False, bins: int = 64, progress: bool = True) -> Dict[str, str]:
+            file_pattern: Optional[str] = None, dims: Optional[Sequence[int]] = None, h5_key: str = "data",
+            importance: bool = False, log_transform: bool = False, bins: int = 64,
+            progress: bool = True) -> Dict[str, str]:
     """Write cond.npy, split.npy, cond_meta.json (and importance files) for an ensemble.
 
     Args:
@@ -280,6 +299,8 @@ def prepare(data_dir: str, params_csv: str, out_dir: str, n_train: Optional[int]
         train_rows: instead of n_train, the training rows (list of ints, a string like ``"0-79,90"`` or a
             file of such items); the other rows are test members.
         file_ext: member file extension (default: the one recognised extension present).
+        file_pattern: only member files whose name matches this glob (e.g. ``member_*.npy``); the dataset key
+            of the same name must then be set to the same glob.
         dims: array shape of raw ``.raw/.bin/.dat`` float32 member files, in array order.
         h5_key: dataset name for ``.h5``/``.nc`` members.
         importance: also write importance-sampling files (``datasets.importance``) into out_dir.
@@ -292,7 +313,7 @@ def prepare(data_dir: str, params_csv: str, out_dir: str, n_train: Optional[int]
         dict of written paths: ``cond_path``, ``cond_split_path``, ``cond_meta_path`` (+ importance paths),
         and ``info``: shape, dtype and train value range of the members.
     """
-    files = list_member_files(data_dir, file_ext)
+    files = list_member_files(data_dir, file_ext, file_pattern)
     names, vals = read_params_csv(params_csv)
     m = len(files)
     if vals.shape[0] != m:
@@ -313,15 +334,15 @@ def prepare(data_dir: str, params_csv: str, out_dir: str, n_train: Optional[int]
     with open(paths["cond_meta_path"], "w") as f:
         json.dump({"names": names, "min": [float(v) for v in lo], "max": [float(v) for v in hi]}, f, indent=1)
     if importance:
-        paths.update(_write_importance(data_dir, paths, out_dir, file_ext, dims, h5_key, log_transform, bins,
-                                       progress))
+        paths.update(_write_importance(data_dir, paths, out_dir, file_ext, file_pattern, dims, h5_key, log_transform,
+                                       bins, progress))
     log.info("prepared %d members (%d train, %d test), %d parameters, field shape %s -> %s", m, train.size,
              test.size, len(names), info["shape"], out_dir)
     paths["info"] = info
     return paths
 
 
-def _write_importance(data_dir, paths, out_dir, file_ext, dims, h5_key, log_transform, bins, progress):
+def _write_importance(data_dir, paths, out_dir, file_ext, file_pattern, dims, h5_key, log_transform, bins, progress):
     """Importance files via datasets.importance (imported here: it is optional for plain preparation)."""
     from datasets import importance as imp  # noqa: WPS433 (lazy on purpose)
 
@@ -329,7 +350,8 @@ def _write_importance(data_dir, paths, out_dir, file_ext, dims, h5_key, log_tran
     # weights the dataset would compute on the fly.
     out = imp.write_importance(data_dir=data_dir, cond_path=paths["cond_path"],
                                cond_split_path=paths["cond_split_path"], out_dir=out_dir, file_ext=file_ext,
-                               dims=dims, h5_key=h5_key, log_transform=log_transform, bins=bins, progress=progress)
+                               file_pattern=file_pattern, dims=dims, h5_key=h5_key, log_transform=log_transform,
+                               bins=bins, progress=progress)
     return dict(out)
 
 
@@ -344,6 +366,8 @@ def main(argv=None) -> int:
     g.add_argument("--n_train", type=int, help="the first N rows are training members, the rest test")
     g.add_argument("--train_list", help="training rows: a comma list ('0-79,90,95') or a file of row numbers")
     p.add_argument("--file_ext", help="member file extension (default: the recognised one present)")
+    p.add_argument("--file_pattern", help="only member files whose name matches this glob, e.g. 'member_*.npy' "
+                                          "(set dataset.file_pattern to the same glob)")
     p.add_argument("--dims", type=int, nargs="+", help="array shape of raw float32 members, array order")
     p.add_argument("--h5_key", default="data", help="dataset name in .h5/.nc members (default: data)")
     p.add_argument("--importance", action="store_true", help="also write importance-sampling files")
@@ -357,9 +381,10 @@ def main(argv=None) -> int:
             warnings.simplefilter("always")
             warnings.showwarning = lambda msg, *args, **kw: print(f"warning: {msg}", file=sys.stderr)
             out = prepare(a.data_dir, a.params, a.out_dir, n_train=a.n_train, train_rows=a.train_list,
-                          file_ext=a.file_ext, dims=a.dims, h5_key=a.h5_key, importance=a.importance,
-                          log_transform=a.log_transform, bins=a.bins, progress=not a.no_progress)
-    except PrepareError as e:
+                          file_ext=a.file_ext, file_pattern=a.file_pattern, dims=a.dims, h5_key=a.h5_key,
+                          importance=a.importance, log_transform=a.log_transform, bins=a.bins,
+                          progress=not a.no_progress)
+    except (ValueError, FileNotFoundError) as e:  # PrepareError / DataError name the file; no traceback
         sys.exit(f"error: {e}")
     for k, v in out.items():
         if k != "info":

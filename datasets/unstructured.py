@@ -41,6 +41,7 @@ import torch
 
 from datasets.augment import make_augmentation
 from datasets.ensemble import HDFieldDataset, _as_float, _is_int
+from util.errors import DataError
 from util.registry import ConfigError, register
 
 __all__ = ["UnstructuredDataset", "UNSTRUCTURED_AUGMENT_MODES", "normalize_vertex_coords"]
@@ -74,15 +75,15 @@ def normalize_vertex_coords(coords: np.ndarray, spherical: bool = False, reverse
     """
     c = np.asarray(coords, dtype=np.float64)
     if c.ndim != 2 or c.shape[1] != 3 or c.shape[0] < 1:
-        raise ValueError(f"{name}: vertex coordinates must have shape (N, 3), got {list(c.shape)}")
+        raise DataError(f"{name}: vertex coordinates must have shape (N, 3), got {list(c.shape)}")
     if not np.isfinite(c).all():
-        raise ValueError(f"{name}: vertex coordinates hold NaN/Inf")
+        raise DataError(f"{name}: vertex coordinates hold NaN/Inf")
     c = c.copy()
     if spherical:
         lat = c[:, 2]
         if np.abs(lat).max() > 90.0:
-            raise ValueError(f"{name}: coords_spherical expects columns (depth/radius, lon, lat) in degrees; "
-                             f"column 2 (lat) reaches {np.abs(lat).max():g}")
+            raise DataError(f"{name}: coords_spherical expects columns (depth/radius, lon, lat) in degrees; "
+                            f"column 2 (lat) reaches {np.abs(lat).max():g}")
         if np.abs(lat).max() <= np.pi / 2 and np.abs(c[:, 1]).max() <= 2 * np.pi and c.shape[0] > 100:
             log.warning("%s: lon/lat all lie within radian ranges; coords_spherical expects degrees", name)
         c[:, 1] = _unwrap_longitude(c[:, 1])
@@ -115,6 +116,9 @@ class UnstructuredDataset(HDFieldDataset):
             axis), as the reference does: x = (s2, s1, s0); false keeps x = (s0, s1, s2).
         h5_key: dataset (variable) name inside .h5/.hdf5/.nc member files.
         file_ext: only the files of data_dir ending in this extension are members.
+        file_pattern: only the files of data_dir whose name matches this glob (e.g. "member_*.npy") are members.
+            As for the ensemble dataset, a listing with more files than cond.npy rows is refused (naming the
+            extra files) unless file_ext / file_pattern select exactly the member files.
         log_transform: natural log of the values before min-max normalization; values must be > 0.
         value_min: normalization minimum (in log units with log_transform); default: over the training members.
             Give both value_min and value_max or neither.
@@ -143,8 +147,9 @@ class UnstructuredDataset(HDFieldDataset):
 
     def __init__(self, data_dir: str, coords_path: str, cond_path: str, cond_split_path: str,
                  coords_spherical: bool = False, reverse_columns: bool = True, h5_key: str = "data",
-                 file_ext: Optional[str] = None, log_transform: bool = False, value_min: Optional[float] = None,
-                 value_max: Optional[float] = None, cond_batch: int = 16, spatial_log2batch: int = 12,
+                 file_ext: Optional[str] = None, file_pattern: Optional[str] = None, log_transform: bool = False,
+                 value_min: Optional[float] = None, value_max: Optional[float] = None, cond_batch: int = 16,
+                 spatial_log2batch: int = 12,
                  importance: str = "none", impsmp_cond_path: Optional[str] = None,
                  impsmp_coord_path: Optional[str] = None, impsmp_bins: int = 64,
                  impsmp_cluster_size: Optional[int] = None, augment: str = "none",
@@ -166,26 +171,22 @@ class UnstructuredDataset(HDFieldDataset):
         self.importance, self.storage, self.downsample, self.seed = importance, storage, 1, int(seed)
         self.impsmp_bins = int(impsmp_bins)
         self.impsmp_cluster_size = None if impsmp_cluster_size is None else int(impsmp_cluster_size)
-        for key, path in (("data_dir", data_dir), ("coords_path", coords_path), ("cond_path", cond_path),
-                          ("cond_split_path", cond_split_path)):
-            if not (os.path.isdir(path) if key == "data_dir" else os.path.isfile(path)):
-                raise FileNotFoundError(f"dataset.{key} '{path}' not found (expected "
-                                        f"{'a folder of member files' if key == 'data_dir' else 'a .npy file'})")
-        from datasets.prepare import list_member_files
-
-        self.files: List[str] = [os.path.join(data_dir, n) for n in list_member_files(data_dir, file_ext)]
-        self._load_cond()
-        self._load_split()
+        self._load_layout(file_ext, file_pattern, extra_paths=(("coords_path", coords_path),))
         try:
             raw = np.load(coords_path, mmap_mode="r", allow_pickle=False)
+            if not isinstance(raw, np.ndarray) or raw.dtype.kind not in "fiu":
+                raise DataError(f"dataset.coords_path '{coords_path}': expected a numeric (N, 3) array")
+        except DataError:
+            raise
         except Exception as e:
-            raise ValueError(f"dataset.coords_path '{coords_path}': cannot read it as a numeric .npy "
-                             f"({type(e).__name__}: {e})") from e
+            raise DataError(f"dataset.coords_path '{coords_path}': cannot read it as a numeric .npy (N, 3) "
+                            f"({type(e).__name__}: {e})") from e
         self._coords = normalize_vertex_coords(raw, self.coords_spherical, bool(reverse_columns),
                                                os.path.basename(coords_path))
         n = int(self._coords.shape[0])
         self.dims = [n]  # every member file must hold exactly N values (raw files: 4 N bytes)
         self.spatial_shape = self.train_shape = (n,)
+        self._check_member_files()  # header / size of every member (test members too), test values when small
 
         self._aug = make_augmentation(augment, self.spatial_dims, self.cond_dim, sigma_x, tau_x, sigma_c, tau_c,
                                       vp_k, vp_power, key_prefix="dataset.")
@@ -193,8 +194,8 @@ class UnstructuredDataset(HDFieldDataset):
             value_min, value_max = self._scan_value_range()
         self.value_min, self.value_max = _as_float(value_min, "value_min"), _as_float(value_max, "value_max")
         if not self.value_max > self.value_min:
-            raise ValueError(f"the training members have a constant value {self.value_min:g}: min-max "
-                             f"normalization needs value_max > value_min")
+            raise DataError(f"the training members in '{data_dir}' have a constant value {self.value_min:g}: "
+                            f"min-max normalization needs value_max > value_min")
         self._span = self.value_max - self.value_min
         self._handles: Optional[List[np.ndarray]] = None
         self._store: Optional[np.ndarray] = None

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from datasets.ensemble import HDFieldDataset, downsampled_shape, open_member
+from util.errors import DataError
 from util.registry import ConfigError, build
 from util.sampling import coords_to_continuous_index, grid_coords, interp_gather
 
@@ -186,9 +187,14 @@ def test_file_ext_filters_members(tmp_path):
     paths = write_ensemble(tmp_path / "e", fields, params, n_train=3)
     with open(os.path.join(paths["data_dir"], "notes.txt"), "w") as f:
         f.write("not a member")
-    np.save(os.path.join(paths["data_dir"], "zz_extra.raw.npy"), fields[0])  # sorts last: indices unchanged
-    ds = HDFieldDataset(**paths, file_ext=".npy")
-    assert len(ds.files) == 5 and ds.full_field(3).shape == (4, 4)
+    ds = HDFieldDataset(**paths, file_ext=".npy")  # notes.txt is not listed
+    assert len(ds.files) == 4 and ds.full_field(3).shape == (4, 4)
+    # a 5th .npy: more files than cond rows is refused even when it sorts last; a pattern selects the members
+    np.save(os.path.join(paths["data_dir"], "zz_extra.raw.npy"), fields[0])
+    with pytest.raises(DataError, match=r"lists 5 member files.*has 4 rows.*zz_extra\.raw\.npy"):
+        HDFieldDataset(**paths, file_ext=".npy")
+    ds = HDFieldDataset(**paths, file_ext=".npy", file_pattern="member_*")
+    assert len(ds.files) == 4 and ds.full_field(3).shape == (4, 4)
 
 
 def test_log_transform_and_value_conversions(tmp_path):
@@ -273,11 +279,13 @@ def test_errors(tmp_path, ens3d):
     fn[1, 2, 2] = np.nan
     fn[2, 0, 0] = np.inf
     nanp = write_ensemble(tmp_path / "nan", fn, pn, n_train=2)
-    with pytest.raises(ValueError, match="member_001.npy: 1 NaN"):
+    # the test member is checked at construction (not first at test time), also with a given range and mmap
+    for kw in ({}, dict(value_min=0.0, value_max=1.0, storage="mmap")):
+        with pytest.raises(DataError, match="member_002.npy: 0 NaN and 1 Inf"):
+            HDFieldDataset(**nanp, **kw)
+    np.save(os.path.join(nanp["data_dir"], "member_002.npy"), fn[0])
+    with pytest.raises(DataError, match="member_001.npy: 1 NaN"):
         HDFieldDataset(**nanp)
-    ds = HDFieldDataset(**nanp, value_min=0.0, value_max=1.0, storage="mmap")  # no scan with a given range
-    with pytest.raises(ValueError, match="member_002.npy: 0 NaN and 1 Inf"):
-        ds.full_field(2)
     # missing member file referenced by cond.npy
     os.remove(os.path.join(nanp["data_dir"], "member_002.npy"))
     with pytest.raises(ValueError, match="column 0"):

@@ -29,6 +29,8 @@ from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Unio
 
 import numpy as np
 
+from util.errors import DataError
+
 __all__ = ["write_vti", "read_vti", "write_slice_pngs", "save_npy", "colorize", "take_slice", "atomic_write"]
 
 ArrayLike = Any  # numpy array or torch tensor
@@ -165,7 +167,21 @@ def read_vti(path: str) -> Tuple[np.ndarray, Dict[str, Any]]:
         ``(array, info)``: the first point-data array with shape (D, H, W) (C order, x = W fastest), or
         (H, W) when the extent has a single z plane; ``info`` holds ``name``, ``extent`` (6 ints, VTK order),
         ``spacing`` and ``origin`` ((x, y, z) tuples) and ``arrays`` (every point-data array by name).
+
+    Raises:
+        DataError (a ValueError) naming the file when it is truncated, corrupt or not VTK XML ImageData;
+        NotImplementedError for valid files in a layout this reader does not handle (compressed, several pieces).
     """
+    try:
+        return _read_vti(path)
+    except (DataError, NotImplementedError, OSError):
+        raise
+    except Exception as e:  # malformed XML, missing attributes, short buffers: name the file
+        raise DataError(f"{path}: not a readable VTK XML ImageData file ({type(e).__name__}: {e}); the file is "
+                        f"truncated or corrupt") from e
+
+
+def _read_vti(path: str) -> Tuple[np.ndarray, Dict[str, Any]]:
     with open(path, "rb") as f:
         data = f.read()
     pos = data.find(b"<AppendedData")
@@ -179,7 +195,7 @@ def read_vti(path: str) -> Tuple[np.ndarray, Dict[str, Any]]:
         root = ET.fromstring(data)
         encoding, base = None, -1
     if root.tag != "VTKFile" or root.get("type") != "ImageData":
-        raise ValueError(f"{path}: not a VTK XML ImageData file")
+        raise DataError(f"{path}: not a VTK XML ImageData file")
     if root.get("compressor"):
         raise NotImplementedError(f"{path}: compressed data is not supported")
     little = root.get("byte_order", "LittleEndian") == "LittleEndian"
@@ -195,7 +211,8 @@ def read_vti(path: str) -> Tuple[np.ndarray, Dict[str, Any]]:
         "arrays": {},
     }
     pieces = image.findall("Piece")
-    if len(pieces) != 1 or pieces[0].get("Extent", image.get("WholeExtent")).split() != image.get("WholeExtent").split():
+    whole = image.get("WholeExtent").split()
+    if len(pieces) != 1 or pieces[0].get("Extent", image.get("WholeExtent")).split() != whole:
         raise NotImplementedError(f"{path}: only single-piece files are supported")
     pdata = pieces[0].find("PointData")
     for da in (pdata.findall("DataArray") if pdata is not None else []):
@@ -206,7 +223,13 @@ def read_vti(path: str) -> Tuple[np.ndarray, Dict[str, Any]]:
             if encoding != "raw":
                 raise NotImplementedError(f"{path}: appended encoding '{encoding}' is not supported")
             start = base + int(da.get("offset", "0"))
+            if start + hdr.itemsize > len(data):
+                raise DataError(f"{path}: truncated: array '{da.get('Name')}' starts at byte {start}, the file has "
+                                f"{len(data)} bytes")
             nbytes = int(np.frombuffer(data, hdr, 1, start)[0])
+            if start + hdr.itemsize + nbytes > len(data):
+                raise DataError(f"{path}: truncated: array '{da.get('Name')}' needs {nbytes} bytes from byte "
+                                f"{start + hdr.itemsize}, the file has {len(data)} bytes")
             vals = np.frombuffer(data, dt, nbytes // dt.itemsize, start + hdr.itemsize)
         elif fmt == "ascii":
             vals = np.array((da.text or "").split(), dtype=dt)
@@ -214,13 +237,13 @@ def read_vti(path: str) -> Tuple[np.ndarray, Dict[str, Any]]:
             raise NotImplementedError(f"{path}: DataArray format '{fmt}' is not supported")
         shape = (nz, ny, nx) + ((ncomp,) if ncomp > 1 else ())
         if vals.size != int(np.prod(shape)):
-            raise ValueError(f"{path}: array '{da.get('Name')}' has {vals.size} values, expected {shape}")
+            raise DataError(f"{path}: array '{da.get('Name')}' has {vals.size} values, expected {shape}")
         arr = vals.astype(dt.newbyteorder("="), copy=True).reshape(shape)
         if nz == 1:
             arr = arr[0]
         info["arrays"][da.get("Name")] = arr
     if not info["arrays"]:
-        raise ValueError(f"{path}: no point data")
+        raise DataError(f"{path}: no point data")
     info["name"] = next(iter(info["arrays"]))
     return info["arrays"][info["name"]], info
 
