@@ -1,0 +1,98 @@
+"""Data parallelism: every rank draws its own batch and the gradients of the ranks are averaged.
+
+The end-to-end check launches train.py in 2 CPU processes (``accelerate launch --multi_gpu`` without a visible
+GPU: torchrun + gloo) with Adam beta1 = 0, so a checkpoint's ``exp_avg`` is exactly the gradient of its last step.
+That gradient must equal the mean of the single-process gradients on the batches ``sample_batch(step, 0)`` and
+``sample_batch(step, 1)`` at the previous checkpoint's weights, and differ from the gradient of either batch
+alone: it fails if the ranks draw the same batch, if they are not averaged (or summed instead), or if a rank
+other than ``accelerator.process_index`` is used.
+"""
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tests.test_train import ROOT, run_train, tiny_config
+from util.config import load_config
+from util.runs import build_dataset, load_experiment, load_trained_model, run_dir_of
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_batches_depend_on_rank_and_step_only(tmp_path):
+    """sample_batch(step, rank): equal for equal (step, rank), also from a second dataset object; different
+    points for different ranks of one step (the ranks must not train on the same batch)."""
+    exp = load_config(tiny_config(tmp_path), 0)
+    a, b = build_dataset(exp), build_dataset(exp)
+    for step in (0, 5):
+        r0, r1, again = a.sample_batch(step, rank=0), a.sample_batch(step, rank=1), b.sample_batch(step, rank=1)
+        assert all(torch.equal(r1[k], again[k]) for k in r1)
+        assert not torch.equal(r0["x"], r1["x"]) and not torch.equal(r0["v"], r1["v"])
+    assert not torch.equal(a.sample_batch(1, 1)["x"], a.sample_batch(0, 1)["x"])
+
+
+def batch_gradient(model, batch):
+    """{name: gradient} of train.py's loss (MSE of the prediction against v) on one batch."""
+    model.zero_grad(set_to_none=True)
+    F.mse_loss(model(batch["x"], batch["c"]).float(), batch["v"]).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def rel_err(a, b):
+    num = sum(float((a[k] - b[k]).square().sum()) for k in a)
+    return (num / sum(float(b[k].square().sum()) for k in b)) ** 0.5
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test written for linux")
+def test_two_processes_average_the_gradients_of_their_own_batches(tmp_path):
+    cfg = tiny_config(tmp_path, max_steps=2, checkpoint_every_steps=1)
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    r = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                        "--main_process_port", str(free_port()), "train.py", "--config", cfg, "--no_progress",
+                        "--set", "optim.betas=[0.0, 0.999]"],
+                       cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rd = run_dir_of(load_config(cfg, 0))
+    assert os.path.isfile(os.path.join(rd, "finished.json"))
+    assert "2 processes" in r.stderr
+
+    ck1, ck2 = (os.path.join(rd, "checkpoints", f"step_000000{s}") for s in (1, 2))
+    model, _, _ = load_trained_model(rd, checkpoint=ck1)  # the weights the second step started from
+    model.train()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    state = torch.load(os.path.join(ck2, "optimizer.bin"), map_location="cpu", weights_only=True)["state"]
+    assert len(state) == len(names)
+    used = {n: state[i]["exp_avg"] for i, n in enumerate(names)}  # beta1 = 0: the gradient of step 2
+
+    ds = build_dataset(load_experiment(rd))
+    g0, g1 = (batch_gradient(model, ds.sample_batch(1, rank=rank)) for rank in (0, 1))
+    mean = {n: (g0[n] + g1[n]) / 2 for n in names}
+    assert rel_err(used, mean) < 1e-4
+    for alone in (g0, g1, {n: g0[n] + g1[n] for n in names}):  # one rank's batch only, or a sum
+        assert rel_err(used, alone) > 0.05
+
+
+def test_single_process_gradient_is_its_rank_0_batch(tmp_path):
+    """The same check in one process (no launcher): the step-2 gradient is that of sample_batch(1, rank=0),
+    which makes the two-process comparison above meaningful (same loss, same weights, same read-out)."""
+    cfg = tiny_config(tmp_path, max_steps=2, checkpoint_every_steps=1)
+    run_train(cfg, "--set", "optim.betas=[0.0, 0.999]")
+    rd = run_dir_of(load_config(cfg, 0))
+    model, _, _ = load_trained_model(rd, checkpoint=os.path.join(rd, "checkpoints", "step_0000001"))
+    model.train()
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    state = torch.load(os.path.join(rd, "checkpoints", "step_0000002", "optimizer.bin"), map_location="cpu",
+                       weights_only=True)["state"]
+    used = {n: state[i]["exp_avg"] for i, n in enumerate(names)}
+    ds = build_dataset(load_experiment(rd))
+    assert rel_err(used, batch_gradient(model, ds.sample_batch(1, rank=0))) < 1e-5
+    assert rel_err(used, batch_gradient(model, ds.sample_batch(1, rank=1))) > 0.05
