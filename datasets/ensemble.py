@@ -1,7 +1,8 @@
 """The ensemble dataset: member files on disk -> normalized fields -> deterministic training batches.
 
 On-disk layout (spec 3.1, the reference implementation's): ``data_dir`` with one file per member (sorted
-lexicographically; ``.npy``, raw float32 ``.raw/.bin/.dat``, ``.h5/.hdf5``, NetCDF ``.nc``), ``cond.npy``
+lexicographically; ``.npy``, raw float32 ``.raw/.bin/.dat``, ``.h5/.hdf5``, NetCDF ``.nc``; ``file_ext`` /
+``file_pattern`` select them when data_dir holds other files), ``cond.npy``
 (M, 1 + d_c) whose column 0 is the index of the member's file in the sorted listing and whose other columns
 are the normalized parameters, and ``split.npy`` (pickled dict ``{'cond_idx': train rows,
 'cond_idx_unseen': test rows}``). ``datasets/prepare.py`` writes cond.npy/split.npy/cond_meta.json from a
@@ -16,6 +17,12 @@ replacement (uniformly, or by member importance), N_x vertices per member drawn 
 over the vertices of the training-resolution field, or by coordinate importance), then augmentation
 (``datasets.augment``). In-memory and memory-mapped storage read the same values through the same
 arithmetic, so they give identical batches.
+
+Checks at construction (before any training): more listed member files than cond.npy rows is refused (an extra
+file would shift every member after it), split.npy must hold exactly the two keys above, and every member file
+of the split, test members included, is opened cheaply (header, shape, dtype, size); the test members' values
+are also scanned for NaN/Inf when they hold at most ``TEST_SCAN_BYTES``. Data problems raise
+``util.errors.DataError`` (a ValueError) naming the file and what was expected.
 """
 from __future__ import annotations
 

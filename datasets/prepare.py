@@ -23,7 +23,11 @@ A parameter column with a single value (constant over all members) carries no in
 normalized to 0 (not divided by zero) and a ``UserWarning`` names the column. Its min and max in
 cond_meta.json are then equal.
 
-Errors (``PrepareError``, a ``ValueError``) name the offending file, CSV row or column.
+The CSV is read as UTF-8; a byte-order mark (Excel's "CSV UTF-8") is dropped, duplicate parameter names are
+an error. ``--file_pattern`` (a glob on the file names) selects the member files when data_dir holds others.
+
+Errors (``PrepareError``, a ``util.errors.DataError``, itself a ``ValueError``) name the offending file (also a
+truncated or unreadable member file), CSV row or column; the command prints them as one line.
 """
 from __future__ import annotations
 
@@ -317,9 +321,17 @@ def prepare(data_dir: str, params_csv: str, out_dir: str, n_train: Optional[int]
     names, vals = read_params_csv(params_csv)
     m = len(files)
     if vals.shape[0] != m:
+        from datasets.ensemble import _few, _odd_names
+
+        odd, pattern = _odd_names(files)
+        hint = ""
+        if odd and m > vals.shape[0]:
+            n_match = sum(fnmatch.fnmatchcase(n, pattern) for n in files)
+            hint = (f"; names unlike the others: {_few(odd)} (--file_pattern '{pattern}' would select {n_match} "
+                    f"files)")
         raise PrepareError(f"data_dir '{data_dir}' holds {m} member files but {os.path.basename(params_csv)} has "
                            f"{vals.shape[0]} data rows; row i of the CSV must describe the i-th file in sorted "
-                           f"order ({files[0]} .. {files[-1]})")
+                           f"order ({files[0]} .. {files[-1]}){hint}")
     train, test = _split(m, n_train, train_rows)
     info = _check_members(data_dir, files, dims, h5_key, set(train.tolist()), log_transform, progress)
     norm, lo, hi = normalize_params(names, vals, os.path.basename(params_csv))

@@ -257,7 +257,8 @@ def test_prepare_names_a_corrupt_member(tmp_path, capsys, how):
 def test_prepare_file_pattern(tmp_path):
     data, csv_p, out = _prepare_inputs(tmp_path)
     np.save(os.path.join(data, "m1_backup.npy"), np.zeros((3, 4), np.float32))
-    with pytest.raises(PrepareError, match="4 member files but p.csv has 3 data rows"):
+    with pytest.raises(PrepareError, match=r"4 member files but p.csv has 3 data rows.*names unlike the others: "
+                                           r"m1_backup\.npy \(--file_pattern 'm\?\.npy' would select 3 files\)"):
         prepare(data, csv_p, out, n_train=2, progress=False)
     paths = prepare(data, csv_p, out, n_train=2, file_pattern="m?.npy", progress=False)
     ds = small(dict(data_dir=data, cond_path=paths["cond_path"], cond_split_path=paths["cond_split_path"]),

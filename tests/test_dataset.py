@@ -302,8 +302,9 @@ def test_errors(tmp_path, ens3d):
     with pytest.raises(ValueError, match="member_000.npy has shape \\[2, 2, 2\\]"):
         HDFieldDataset(**paths)
     # bad split file
-    np.save(paths["cond_split_path"], {"cond_idx": np.array([0, 99])}, allow_pickle=True)
-    with pytest.raises(ValueError, match="cond_idx"):
+    np.save(paths["cond_split_path"], {"cond_idx": np.array([0, 99]), "cond_idx_unseen": []}, allow_pickle=True)
+    with pytest.raises(DataError, match=r"'cond_idx' must hold row numbers of cond.npy \(0..6\), got values from 0 "
+                                        r"to 99"):
         HDFieldDataset(**paths)
 
 
