@@ -7,7 +7,7 @@ import torch
 from scipy.ndimage import gaussian_filter
 from skimage.metrics import structural_similarity
 
-from util.metrics import (dataset_metrics, gaussian_window, is_constant, max_diff, member_metrics, mse, psnr,
+from util.metrics import (count_wins, dataset_metrics, gaussian_window, is_constant, max_diff, member_metrics, mse, psnr,
                           psnr_from_mse, rel_l2, ssim)
 
 
@@ -168,3 +168,12 @@ def test_is_constant():
     assert not is_constant(torch.tensor([0.0, 1e-3]))
     assert is_constant(torch.tensor([0.0, 1e-3]), tol=1e-2)
     assert is_constant(np.ones((3, 3), dtype=np.float32))
+
+
+def test_count_wins_strictly_higher_on_common_members():
+    model = {0: 30.0, 1: 20.0, 2: 25.0, 3: math.inf, 4: math.nan, 7: 99.0}
+    ref = {0: 29.0, 1: 21.0, 2: 25.0, 3: math.inf, 4: 10.0, 5: 1.0}
+    # member 0 won; 1 lost; 2 and 3 tied (no win); a NaN never wins; 5 and 7 are not in both
+    assert count_wins(model, ref) == (1, 5)
+    assert count_wins(ref, model) == (1, 5)  # member 1 (and not the NaN member 4)
+    assert count_wins({}, ref) == (0, 0)

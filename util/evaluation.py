@@ -321,7 +321,7 @@ def psnr_scatter_png(path: str, ref_psnr, model_psnr, title: str, xlabel: str,
     except TypeError:  # Pillow without FreeType: the fixed bitmap font
         font = ImageFont.load_default()
     W = H = int(size)
-    left, right, top, bottom = 78, 24, 66, 62
+    left, right, top, bottom = 80, 40, 62, 62  # a square plot area: one dB is as long on both axes
     img = Image.new("RGB", (W, H), "white")
     d = ImageDraw.Draw(img)
     vals = np.concatenate([x[ok], y[ok]])
