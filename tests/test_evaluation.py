@@ -337,3 +337,15 @@ def test_test_py_data_error_is_one_line(run, capsys):
         test_main(["--run", rd, "--no_progress", "--splits", "test"])
     msg = str(e.value)
     assert msg.startswith("error: ") and "\n" not in msg and f"m{TEST_ROWS[1]:02d}.npy" in msg
+
+
+def test_damaged_model_pt_records_the_checkpoint_scored_instead(run, caplog):
+    """When load_trained_model skips a damaged model.pt for the newest intact checkpoint, metrics.csv names that
+    checkpoint (not model.pt) and the run is reported as scored with non-final weights."""
+    rd = _copy_run(run, "damaged_final")
+    with open(os.path.join(rd, "model.pt"), "wb") as f:
+        f.write(b"not a state dict")
+    with caplog.at_level(logging.WARNING):
+        rows = evaluate(rd, overrides=dict(splits=["test"], dump_members=[]), progress=False)
+    assert (rows[0]["weights"], rows[0]["step"], rows[0]["final_weights"]) == ("checkpoint step_0000006", 6, False)
+    assert any("not the final model.pt" in m for m in caplog.messages), caplog.messages

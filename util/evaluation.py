@@ -423,7 +423,8 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
     from tqdm.auto import tqdm
 
     model, exp, meta = load_trained_model(run_dir, checkpoint)
-    weights = scored_weights(run_dir, checkpoint)
+    # the path really loaded when load_trained_model records it (its default rule may skip a damaged file)
+    weights = scored_weights(run_dir, getattr(model, "weights_path", None) or checkpoint)
     _warn_if_not_final(run_dir, weights)
     tc = TestConfig(**{**exp.get("test", {}), **(overrides or {})})
     out_dir = out_dir or os.path.join(run_dir, "eval")
