@@ -16,7 +16,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 import yaml
 
 from util.evaluation import _add_wins, _Scorer, evaluate, psnr_scatter_png, scored_weights, WIN_COLOR, LOSS_COLOR
