@@ -267,6 +267,139 @@ def test_fainr_matches_per_point_loop():
     assert len({int(e) for e in top_i.reshape(-1)}) > 1
 
 
+# Independent FA-INR computation from spec/baselines.md section 3, one point at a time in float64, from the raw
+# parameter tensors (only the parameters are read from the model; none of its functions is called).
+def _ln(v, w, b, eps=1e-5):
+    return (v - v.mean()) / torch.sqrt(v.var(unbiased=False) + eps) * w + b
+
+
+def _spec_pe(x, n_freqs):
+    """3.3 a: [x, y, z, then for i = 0..n-1 and axis j in turn: sin(2^i pi x_j), cos(2^i pi x_j)]."""
+    out = list(x)
+    for i in range(n_freqs):
+        for j in range(len(x)):
+            out += [torch.sin(2.0 ** i * math.pi * x[j]), torch.cos(2.0 ** i * math.pi * x[j])]
+    return torch.stack(out)
+
+
+def _spec_trilinear(grid, x):
+    """grid (C, D, H, W) at x = (x_W, x_H, x_D) in [-1, 1], align_corners=True."""
+    pos = [(x[a] + 1) / 2 * (grid.shape[3 - a] - 1) for a in range(3)]  # index along W, H, D
+    lo = [int(torch.floor(p)) for p in pos]
+    out = torch.zeros(grid.shape[0], dtype=grid.dtype)
+    for corner in range(8):
+        idx, wt = [], 1.0
+        for a in range(3):
+            bit = (corner >> a) & 1
+            i = min(lo[a] + bit, grid.shape[3 - a] - 1)
+            f = pos[a] - lo[a]
+            idx.append(i)
+            wt = wt * (f if bit else 1 - f)
+        out = out + wt * grid[:, idx[2], idx[1], idx[0]]
+    return out
+
+
+def _spec_expert(P, e, pe, q, omega_0=30.0):
+    """3.3 b-h for expert e: encoder output m, then o_e = a + m."""
+    pre = f"experts.{e}."
+    n_mat = len([k for k in P if k.startswith(pre + "encoder.weights.")])
+    h = pe
+    for i in range(n_mat):
+        h = P[f"{pre}encoder.weights.{i}"] @ h + P[f"{pre}encoder.biases.{i}"]
+        if i < n_mat - 1:
+            h = torch.sin(omega_0 * h)
+    m = h
+    Q = P[pre + "w_q.weight"] @ _ln(m, P["query_norm.weight"], P["query_norm.bias"])
+    Kt = P[pre + "mem_keys"] @ P[pre + "w_k.weight"].T  # (E, d)
+    Vt = P[pre + "mem_values"] @ P[pre + "w_v.weight"].T
+    scores = Kt @ Q  # unscaled
+    order = torch.argsort(scores, descending=True)
+    return m, Q, Kt, Vt, scores, order
+
+
+def spec_fainr(model, u, top_k, gate_top_k=2):
+    """(outputs (n,), per-point margins of the top-K and top-2 selections) of FA-INR on flat inputs u."""
+    P = {k: v.detach().double() for k, v in model.named_parameters()}
+    d = P["query_norm.weight"].shape[0]
+    n_lin = len([k for k in P if k.startswith("decoder.") and k.endswith(".weight")])
+    outs, margins = [], []
+    for row in u.double():
+        x, c = row[:3], row[3:]
+        q = torch.ones(P["lines.0"].shape[1], dtype=torch.float64)
+        for k in range(len(c)):  # 3.1 and section 0: q = prod_k lerp(line_k, c_k)
+            line = P[f"lines.{k}"]  # (L, d1)
+            s = c[k] * (line.shape[0] - 1)
+            i0 = int(torch.floor(s))
+            i1 = min(i0 + 1, line.shape[0] - 1)
+            q = q * ((1 - (s - i0)) * line[i0] + (s - i0) * line[i1])
+        g = _spec_trilinear(P["manager"], x)  # 3.2
+        pi = torch.softmax(P["gate.weight"] @ g + P["gate.bias"], dim=0)
+        top = torch.argsort(pi, descending=True)
+        margins.append(float(pi[top[gate_top_k - 1]] - pi[top[gate_top_k]]))
+        wsum = sum(pi[top[j]] for j in range(gate_top_k))
+        z = torch.zeros(d, dtype=torch.float64)
+        pe = _spec_pe(x, 10)
+        for j in range(gate_top_k):
+            e = int(top[j])
+            m, Q, Kt, Vt, scores, order = _spec_expert(P, e, pe, q)
+            margins.append(float(scores[order[top_k - 1]] - scores[order[top_k]]))
+            sel = order[:top_k]
+            pre = f"experts.{e}."
+            Vp = []
+            for jj in sel:  # 3.3 f: V'_j = V~_j + LN_a(W_2 ReLU(W_1 [V~_j ; q] + b_1) + b_2)
+                hid = torch.relu(P[pre + "adapter.0.weight"] @ torch.cat([Vt[jj], q]) + P[pre + "adapter.0.bias"])
+                ad = P[pre + "adapter.2.weight"] @ hid + P[pre + "adapter.2.bias"]
+                Vp.append(Vt[jj] + _ln(ad, P[pre + "adapter_norm.weight"], P[pre + "adapter_norm.bias"]))
+            alpha = torch.softmax(torch.stack([Q @ Kt[jj] for jj in sel]) / math.sqrt(d), dim=0)  # 3.3 g
+            o = sum(a * v for a, v in zip(alpha, Vp)) + m  # 3.3 h
+            z = z + pi[e] / wsum * o  # 3.4
+        h = z
+        for i in range(n_lin):  # decoder: Linear ReLU x3 Linear, sigmoid
+            lin = 2 * i
+            h = P[f"decoder.{lin}.weight"] @ h + P[f"decoder.{lin}.bias"]
+            if i < n_lin - 1:
+                h = torch.relu(h)
+        outs.append(torch.sigmoid(h[0]))
+    return torch.stack(outs), min(margins)
+
+
+def _randomize_fainr(model, seed=0):
+    """O(1) values in every tensor the formula touches, so that each term moves the output (the reference
+    init makes the memory values ~1e-3 and the gate nearly uniform)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "encoder.weights" in name:
+                continue  # keep the SIREN bound (sin(30 .) of O(1) weights is noise)
+            if name.startswith("lines."):
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+            elif name.startswith("decoder."):  # U(+-sqrt(6 / fan_in)): O(1) logits
+                fan_in = p.shape[-1] if p.dim() == 2 else 1
+                p.copy_((torch.rand(p.shape, generator=g) * 2 - 1) * math.sqrt(6 / fan_in))
+            else:
+                p.copy_(torch.rand(p.shape, generator=g) * 2 - 1)
+
+
+def test_fainr_matches_an_independent_spec_computation():
+    """Gate (trilinear manager grid, orthogonal linear, softmax, top-2 renormalized), condition lines, PE, SIREN
+    encoder, query LayerNorm, unscaled top-K memory selection, condition value adapter with its LayerNorm and
+    residual, softmax(QK^T / sqrt(d)) attention, encoder residual, weighted expert sum and sigmoid decoder:
+    the model equals a per-point float64 computation written from spec/baselines.md 3.1-3.4 (parameters only)."""
+    torch.manual_seed(0)
+    model = tiny("fainr", n_experts=3).eval()
+    _randomize_fainr(model)
+    g = torch.Generator().manual_seed(1)
+    u = torch.cat([torch.rand(24, 3, generator=g) * 1.8 - 0.9, torch.rand(24, 2, generator=g)], dim=-1)
+    expect, margin = spec_fainr(model, u, top_k=TINY["fainr"]["top_k"])
+    assert margin > 1e-4  # no near-ties in any top-K / top-2 selection: float32 selects the same entries
+    got = model.forward_flat(u)[:, 0].double()
+    assert expect.min() > 0.02 and expect.max() < 0.98 and expect.std() > 0.02  # not saturated, not constant
+    torch.testing.assert_close(got, expect, rtol=0, atol=2e-6)
+    # every expert is used by some point and the routing is not trivial
+    _, top_i, _ = model.route(u[:, :3])
+    assert len(set(top_i.reshape(-1).tolist())) == 3
+
+
 def test_fainr_chunked_topk_equals_global():
     torch.manual_seed(0)
     model = tiny("fainr").eval()
@@ -325,17 +458,20 @@ def psnr(mse):
     return -10 * math.log10(mse)
 
 
-@pytest.mark.parametrize("name,kw", [("kplanes", {}), ("kplanes", dict(plane_init="ones", cond_mapping="full")),
-                                     ("explorable_inr", {}), ("fainr", {})])
-def test_overfits_tiny_ensemble(name, kw):
-    """200 full-batch Adam steps (lr 1e-2) on 4 members x 8^3: PSNR ends >= 5 dB above both its initial
-    value and the PSNR of predicting the mean (about 18 dB here)."""
+@pytest.mark.parametrize("name,kw,lr,steps", [
+    ("kplanes", {}, 1e-2, 200), ("kplanes", dict(plane_init="ones", cond_mapping="full"), 1e-2, 200),
+    ("explorable_inr", {}, 1e-2, 200), ("fainr", {}, 3e-3, 150)])
+def test_overfit_tiny_ensemble_beats_every_condition_blind_predictor(name, kw, lr, steps):
+    """Full-batch Adam on 4 members x 8^3: the final PSNR on these members is >= 8 dB above the per-voxel mean
+    over the members (about 25 dB here), which is the best any predictor that ignores the condition can reach on
+    these points, so the model has learned to use c; and >= 5 dB above its initial PSNR. Measured: K-Planes
+    44-46, Explorable-INR 45, FA-INR 38 dB (FA-INR stalls near 27 dB at lr 1e-2)."""
     torch.manual_seed(0)
     x, c, v = tiny_ensemble()
     model = tiny(name, **kw)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2, eps=1e-15)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, eps=1e-15)
     first = None
-    for _ in range(200):
+    for _ in range(steps):
         loss = F.mse_loss(model(x, c), v)
         first = loss.item() if first is None else first
         opt.zero_grad()
@@ -343,6 +479,7 @@ def test_overfits_tiny_ensemble(name, kw):
         opt.step()
     with torch.no_grad():
         final = psnr(F.mse_loss(model(x, c), v).item())
-    mean_psnr = psnr(F.mse_loss(v.mean().expand_as(v), v).item())
+    blind_psnr = psnr(F.mse_loss(v.mean(0, keepdim=True).expand_as(v), v).item())
+    assert 20 < blind_psnr < 30  # the members differ: ignoring c costs something
+    assert final > blind_psnr + 8, (final, blind_psnr)
     assert final > psnr(first) + 5
-    assert final > mean_psnr + 5
