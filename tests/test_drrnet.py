@@ -391,7 +391,9 @@ def _ensemble(M=4, n=8, d_c=2, seed=0):
 
 
 def test_overfit_tiny_ensemble():
-    """Full-batch Adam at lr 1e-3 (eps 1e-15 as in the paper): > 41 dB over seeds 0-4 after 300 steps.
+    """Full-batch Adam at lr 1e-3 (eps 1e-15 as in the paper), 300 steps, seed 0: asserts > 35 dB and >= 8 dB
+    above the per-voxel mean over the members (about 24 dB: the best any condition-blind model reaches on these
+    points, so the model uses c). Measured > 41 dB over seeds 0-4.
 
     lr 1e-4 (the paper's value for long runs) reaches only ~24 dB in 300 steps; 3e-3 and 1e-2 also work on
     this tiny model, whose data mean (~0.5) matches the initial sigmoid output (see DRRNet "Training
@@ -416,4 +418,6 @@ def test_overfit_tiny_ensemble():
         pred = m(xb, c)
     psnr = -10 * math.log10((pred - v).pow(2).mean().item())
     assert psnr > 35.0, psnr
+    blind = -10 * math.log10((v.mean(0, keepdim=True) - v).pow(2).mean().item())
+    assert psnr > blind + 8, (psnr, blind)
     assert pred.std() > 0.5 * v.std()                                # not collapsed to a constant
