@@ -16,3 +16,4 @@ import datasets.ensemble  # noqa: F401  (registers the "ensemble" type)
 if importlib.util.find_spec("datasets.demo") is not None:
     from datasets import demo  # noqa: F401
 import datasets.unstructured  # noqa: F401,E402  (registers the "unstructured" type)
+import datasets.image  # noqa: F401,E402  (registers the "image" type)
