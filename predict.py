@@ -8,6 +8,7 @@ Examples:
 """
 import argparse
 import logging
+import os
 import sys
 
 import numpy as np
@@ -25,19 +26,49 @@ def parse_args(argv=None):
                         "mesh ensemble its own vertices)")
     p.add_argument("--coords", help=".npy of (N, d) points in [-1, 1] (column 0 along the last array axis)")
     p.add_argument("--index_coords", help=".npy of (N, d) fractional array indices in array order")
-    p.add_argument("--out", required=True, help="output .npy")
+    p.add_argument("--out", required=True, help="output .npy (written exactly under this name)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output (and .vti)")
     p.add_argument("--vti", action="store_true", help="also write a .vti volume next to --out (grid output only)")
     p.add_argument("--checkpoint", help="weights (default: final model.pt, else the latest checkpoint)")
     p.add_argument("--device", choices=["cpu", "cuda"])
     return p.parse_args(argv)
 
 
+def vti_path_of(out: str) -> str:
+    """The .vti written next to ``--out`` with --vti: ``f.npy`` -> ``f.vti``, ``f`` -> ``f.vti``."""
+    return out[:-4] + ".vti" if out.endswith(".npy") else out + ".vti"
+
+
+def check_output(path: str, overwrite: bool) -> None:
+    """Refuse before any computing: an existing output without --overwrite, a missing or read-only folder.
+
+    Raises:
+        FileExistsError / FileNotFoundError / PermissionError naming the path.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise FileExistsError(f"output '{path}' is a folder; give a file name (e.g. {os.path.join(path, 'f.npy')})")
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"output '{path}' already exists; pass --overwrite to replace it")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"output folder '{folder}' does not exist (for --out {path}); create it first")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"output folder '{folder}' is not writable (for --out {path})")
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     from util.query import Surrogate
+    from util.runs import atomic_save_npy
 
     try:
+        at_points = args.coords is not None or args.index_coords is not None
+        if args.vti and at_points:
+            raise ValueError("--vti needs grid output: it cannot be combined with --coords / --index_coords")
+        check_output(args.out, args.overwrite)
+        if args.vti:
+            check_output(vti_path_of(args.out), args.overwrite)
         params = args.values
         if args.param:
             params = {}
@@ -45,25 +76,34 @@ def main(argv=None):
                 if "=" not in item:
                     raise ValueError(f"--param '{item}': expected NAME=VALUE")
                 k, v = item.split("=", 1)
-                params[k.strip()] = float(v)
+                k = k.strip()
+                if k in params:
+                    raise ValueError(f"--param {k} is given twice")
+                try:
+                    params[k] = float(v)
+                except ValueError:
+                    raise ValueError(f"--param '{item}': the value '{v}' is not a number") from None
+        coords = np.load(args.coords, allow_pickle=False) if args.coords else None
+        index_coords = np.load(args.index_coords, allow_pickle=False) if args.index_coords else None
         s = Surrogate.load(args.run, args.checkpoint, args.device)
+        if args.vti and not s.has_grid and not args.resolution:
+            raise ValueError("--vti needs grid output; this run's data is a mesh: give --resolution for a grid")
         res = args.resolution[0] if args.resolution and len(args.resolution) == 1 else args.resolution
-        out = s.predict(params, resolution=res,
-                        coords=np.load(args.coords) if args.coords else None,
-                        index_coords=np.load(args.index_coords) if args.index_coords else None,
+        out = s.predict(params, resolution=res, coords=coords, index_coords=index_coords,
                         normalized_params=args.normalized)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
-    np.save(args.out, out)
-    print(f"wrote {args.out}: shape {out.shape}, range [{out.min():.4g}, {out.max():.4g}]")
-    if args.vti:
-        if out.ndim < 2:
-            sys.exit("error: --vti needs grid output (no --coords; for a mesh ensemble give --resolution)")
-        from util.volume_io import write_vti
+        atomic_save_npy(args.out, out)  # exactly --out (np.save would append .npy to a name without it)
+        print(f"wrote {args.out}: shape {out.shape}, range [{out.min():.4g}, {out.max():.4g}]")
+        if args.vti:
+            if out.ndim < 2:
+                raise ValueError("--vti needs grid output (no --coords; for a mesh ensemble give --resolution)")
+            from util.volume_io import write_vti
 
-        path = args.out[:-4] + ".vti" if args.out.endswith(".npy") else args.out + ".vti"
-        write_vti(path, out)
-        print(f"wrote {path}")
+            path = vti_path_of(args.out)
+            write_vti(path, out)
+            print(f"wrote {path}")
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
+        # ValueError covers util.registry.ConfigError and util.errors.DataError
+        sys.exit(f"error: {' '.join(str(e).split())}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,10 @@
 """Train a surrogate: ``[accelerate launch] train.py --config FILE --config_id N [--set k=v ...]``.
 
 Writes a run directory ``<train.log_dir>/<run name>`` (see util/runs.py). An existing run directory is never
-deleted unless ``--overwrite`` is given; ``--resume`` continues it from its latest checkpoint.
+deleted unless ``--overwrite`` is given, and then only after the new config and data have been validated and only
+when it looks like a run directory; ``--resume`` continues it from its latest intact checkpoint (a damaged one is
+named and skipped). A run directory is locked (``train.lock``) while a process trains into it. Config and data
+errors end with a one-line message (``--traceback`` shows the full traceback).
 """
 import argparse
 import logging
@@ -21,7 +24,13 @@ def parse_args(argv=None):
     g.add_argument("--overwrite", action="store_true", help="delete an existing run directory of the same name")
     g.add_argument("--resume", action="store_true", help="continue the existing run from its latest checkpoint")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--traceback", action="store_true",
+                   help="show the full traceback of a config/data error instead of a one-line message")
     return p.parse_args(argv)
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 def main(argv=None):
@@ -30,15 +39,16 @@ def main(argv=None):
     try:
         exp = load_config(args.config, args.config_id, args.overrides)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        sys.exit(f"config error: {_one_line(e)}")
     from util.training import TrainingCollapsed, train
 
     try:
         train(exp, overwrite=args.overwrite, resume=args.resume, progress=not args.no_progress)
-    except (FileExistsError, FileNotFoundError, ConfigError) as e:
-        sys.exit(f"error: {e}")
-    except TrainingCollapsed as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, FileExistsError, FileNotFoundError, TrainingCollapsed, FloatingPointError) as e:
+        # ValueError covers ConfigError and util.errors.DataError: bad input, told in one line (--traceback: all)
+        if args.traceback:
+            raise
+        sys.exit(f"error: {_one_line(e)}")
 
 
 if __name__ == "__main__":

@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from util.config import TrainConfig, section_kwargs
 from util.registry import build
-from util.runs import (CKPT_DIR, LATEST, atomic_torch_save, atomic_write_text, build_dataset, build_model,
-                       checkpoint_dirs, latest_checkpoint, prepare_run_dir, read_json, run_dir_of,
+from util.runs import (CKPT_DIR, LATEST, RunLock, atomic_torch_save, atomic_write_text, build_dataset, build_model,
+                       check_run_dir, checkpoint_dirs, clear_run_dir, load_resume_state, run_dir_of,
                        save_experiment)
 
 log = logging.getLogger("train")
@@ -90,12 +90,24 @@ def _truncate_log(path: str, step: int) -> None:
 def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, progress: bool = True) -> str:
     """Train the experiment; returns the run directory.
 
+    The run directory is locked (``train.lock``, util.runs.RunLock) while the main process trains into it; a
+    second process on the same run is refused. With ``overwrite`` the old run is deleted only after the config,
+    the data and the model have been validated (a bad data_dir leaves it untouched).
+
     Args:
         exp: validated experiment (util.config.load_config).
         overwrite: delete an existing run directory of the same name first.
-        resume: continue from the latest checkpoint of the existing run directory.
+        resume: continue from the latest intact checkpoint of the existing run directory.
         progress: show a tqdm progress bar (main process).
     """
+    lock = RunLock(run_dir_of(exp))
+    try:
+        return _train(exp, overwrite, resume, progress, lock)
+    finally:
+        lock.release()
+
+
+def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, lock: RunLock) -> str:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -105,9 +117,8 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
     accelerator = Accelerator(mixed_precision=resolve_precision(tc.mixed_precision, cuda), cpu=not cuda)
     run_dir = run_dir_of(exp)
     if accelerator.is_main_process:
-        if resume and latest_checkpoint(run_dir) is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in '{run_dir}'")
-        prepare_run_dir(run_dir, overwrite=overwrite, resume=resume)
+        lock.acquire()  # creates the run directory; nothing is deleted yet
+        check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
 
     set_seed(tc.seed)
@@ -124,12 +135,13 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     ckpt_every = checkpoint_interval(tc, steps_per_epoch)
+    if overwrite and accelerator.is_main_process:  # config, data and model are valid: now the old run may go
+        clear_run_dir(run_dir)
+    accelerator.wait_for_everyone()
 
     start = 0
     if resume:
-        ck = latest_checkpoint(run_dir)
-        accelerator.load_state(ck)
-        start = int(read_json(os.path.join(ck, "trainer_state.json"))["step"])
+        ck, start = load_resume_state(accelerator, run_dir)  # a damaged checkpoint: the previous intact one
         log.info("resumed from %s at step %d", ck, start)
     log_path = os.path.join(run_dir, "log.csv")
     writer = None
