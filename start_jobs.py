@@ -7,7 +7,9 @@ given in a YAML file (``--jobs_file``: a list of {config: F, ids: [..], set: [k=
     python start_jobs.py configs/demo/drrnet.yaml:0 configs/demo/baselines.yaml:0-2
     python start_jobs.py --dry-run configs/nyx/drrnet.yaml:0-4 --set train.epochs=1
 
-Each job runs ``train.py`` then ``test.py`` (unless --no_test) with its output in ``<log_dir>/<run>.log``.
+Each job runs ``train.py`` then ``test.py`` (unless --no_test) with its output in ``<log_dir>/<run>.log``, in the
+current working directory, as if started there by hand: config paths, ``train.log_dir`` and data paths that are
+relative mean the same as for train.py, from any folder.
 A job whose run already finished (``finished.json``, and ``eval/metrics.csv`` when testing) is skipped unless
 ``--rerun`` (which passes --overwrite). At the end a summary lists every job's exit code; the script's exit
 code is 1 if any job failed. Ctrl-C terminates the running jobs and reports them as interrupted.
@@ -67,6 +69,9 @@ def collect_jobs(args) -> List[Job]:
         cfg, _, ids = item.rpartition(":") if ":" in item else (item, "", "")
         specs.append((cfg, parse_ids(ids, item) if ids else None, []))
     if args.jobs_file:
+        if not os.path.isfile(args.jobs_file):
+            raise SystemExit(f"error: jobs file '{args.jobs_file}' not found (relative paths are relative to the "
+                             f"current folder, {os.getcwd()})")
         with open(args.jobs_file) as f:
             entries = yaml_load(f) or []
         if not isinstance(entries, list):
@@ -76,6 +81,9 @@ def collect_jobs(args) -> List[Job]:
                 raise SystemExit(f"error: {args.jobs_file}: every entry needs 'config' (got {e!r})")
             ids = e.get("ids")
             ids = parse_ids(str(ids), args.jobs_file) if isinstance(ids, (int, str)) else ids
+            if ids is not None and (not isinstance(ids, list) or not all(type(i) is int for i in ids)):
+                raise SystemExit(f"error: {args.jobs_file}: 'ids' of {e['config']} must be a number, a list of "
+                                 f"numbers or a text like 0-4, got {ids!r}")
             specs.append((e["config"], ids, list(e.get("set", []))))
     for cfg, ids, extra in specs:
         n = len(read_config_file(cfg))
@@ -138,8 +146,10 @@ def _start(job: Job, args, gpu: Optional[str]) -> subprocess.Popen:
     log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} gpu={gpu} : {script}\n")
     log.flush()
     # own process group so Ctrl-C handling can stop the whole job (train + test + accelerate children)
-    return subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE,
-                            start_new_session=True)
+    # run in the caller's working directory, as train.py / test.py started by hand would: relative config paths,
+    # train.log_dir and dataset paths mean the same as for the job's run_dir computed here
+    return subprocess.Popen(["bash", "-c", script], stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=os.getcwd(), start_new_session=True)
 
 
 def run(jobs: List[Job], args) -> int:
@@ -208,15 +218,23 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     sys.path.insert(0, HERE)
-    from util.config import ConfigError, load_config
+    import yaml
+
+    from util.config import load_config
     from util.runs import run_dir_of
 
-    jobs = collect_jobs(args)
+    def one_line(e):
+        return " ".join(str(e).split())
+
+    try:
+        jobs = collect_jobs(args)
+    except (ValueError, FileNotFoundError, FileExistsError, yaml.YAMLError) as e:
+        raise SystemExit(f"error: {one_line(e)}")  # ValueError covers ConfigError
     for j in jobs:
         try:
             j.run_dir = run_dir_of(load_config(j.config, j.config_id, j.overrides))
-        except ConfigError as e:
-            raise SystemExit(f"error: {j.label}: {e}")
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {j.label}: {one_line(e)}")
         j.log_path = os.path.join(args.log_dir, os.path.basename(j.run_dir) + ".log")
         if not args.rerun and is_finished(j, args):
             j.status = "skipped"
