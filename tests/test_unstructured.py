@@ -252,4 +252,5 @@ def test_train_and_test_scripts_on_a_mesh(tmp_path):
     predict_main(["--run", rd, "--values", *map(str, c.tolist()), "--normalized", "--out", out])
     assert np.load(out).shape == (ds.n_vertices,)
     with pytest.raises(SystemExit, match="vti"):
-        predict_main(["--run", rd, "--values", *map(str, c.tolist()), "--normalized", "--out", out, "--vti"])
+        predict_main(["--run", rd, "--values", *map(str, c.tolist()), "--normalized", "--out", out, "--vti",
+                      "--overwrite"])  # p.npy exists: without --overwrite that is the error
