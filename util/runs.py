@@ -244,10 +244,11 @@ class RunLock:
                         f"{self.path}")
                 log.warning("taking over the stale lock of %s: process %s on this host no longer runs",
                             self.run_dir, pid)
-                try:
-                    os.remove(self.path)
-                except FileNotFoundError:
-                    pass
+                if read_lock(self.run_dir) == other:  # not replaced meanwhile by another process taking it over
+                    try:
+                        os.remove(self.path)
+                    except FileNotFoundError:
+                        pass
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump(self._record(), f)
