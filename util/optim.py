@@ -136,7 +136,8 @@ def cosine(optimizer: torch.optim.Optimizer, total_steps: int, eta_min: float = 
     Args:
         optimizer, total_steps: injected by the program.
         eta_min: final learning rate (absolute, the same for every group; paper 1e-6).
-        warmup_steps: linear warm-up from 0 over this many steps before the cosine (0 = paper).
+        warmup_steps: linear warm-up over this many steps before the cosine (0 = paper): step s < W uses
+                lr * (s + 1) / W, so the first step already moves with lr / W.
     """
     if warmup_steps < 0 or (warmup_steps > 0 and warmup_steps >= total_steps):
         raise ConfigError(f"scheduler.warmup_steps must be in [0, total steps={total_steps}), got {warmup_steps}")

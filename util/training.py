@@ -54,6 +54,7 @@ def _save_checkpoint(accelerator, run_dir: str, step: int, keep: int, extra: Dic
     """Save Accelerate state into checkpoints/step_N via a temporary folder, then repoint ``latest``.
 
     A save killed midway leaves at most a ``.tmp_*`` folder; ``latest`` keeps naming the previous checkpoint.
+    Rotation keeps the ``keep`` newest checkpoints up to ``step`` and removes any of a higher step (stale).
     """
     root = os.path.join(run_dir, CKPT_DIR)
     name = f"step_{step:07d}"
@@ -72,7 +73,15 @@ def _save_checkpoint(accelerator, run_dir: str, step: int, keep: int, extra: Dic
             shutil.rmtree(final)
         os.replace(tmp, final)
         atomic_write_text(os.path.join(root, LATEST), name)
-        for _, old in checkpoint_dirs(run_dir)[:-keep]:
+        # Rotation never deletes the checkpoint just written: a higher step on disk is stale (left by a kill
+        # between the rename and the 'latest' update, or skipped by a resume fallback) and goes first.
+        older = []
+        for s, old in checkpoint_dirs(run_dir):
+            if s > step:
+                shutil.rmtree(old, ignore_errors=True)
+            elif s < step:
+                older.append(old)
+        for old in older[:max(len(older) - (keep - 1), 0)]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
 
@@ -189,6 +198,8 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
             watch.observe(accelerator, raw_model, pred, step + 1)
         if tc.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+        if logging_step:  # the learning rates this step uses (log.csv records these, not the next step's)
+            step_lrs = [g["lr"] for g in optimizer.param_groups]
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -209,14 +220,14 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
                 raise FloatingPointError(f"loss is {mean_loss} at step {done}; lower the learning rate or check the data")
             if accelerator.is_main_process:
                 psnr = -10 * math.log10(max(mean_loss, 1e-30))
-                lr = optimizer.param_groups[0]["lr"]
+                lr = step_lrs[0]
                 with open(log_path, "a") as f:  # appended every interval: a user tailing the run sees it move
                     f.write(f"{done},{mean_loss:.8g},{psnr:.5f},{lr:.6g}\n")
                 if writer is not None:
                     writer.add_scalar("train/loss", mean_loss, done)
                     writer.add_scalar("train/psnr", psnr, done)
-                    for g in optimizer.param_groups:
-                        writer.add_scalar(f"lr/{g.get('name', 'default')}", g["lr"], done)
+                    for g, g_lr in zip(optimizer.param_groups, step_lrs):
+                        writer.add_scalar(f"lr/{g.get('name', 'default')}", g_lr, done)
                     for k, val in getattr(raw_model, "training_stats", lambda: {})().items():
                         writer.add_scalar(k, val, done)
                 bar.set_postfix(loss=f"{mean_loss:.3e}", psnr=f"{psnr:.2f}")
