@@ -24,7 +24,7 @@ def test_predict_grid_default_equals_forward_on_grid_coords_for_every_chunk_size
     for chunk in (1, 7, 60, 1000):
         got = m.predict_grid(shape, c, chunk_size=chunk)
         assert got.shape == (60, 2)
-        assert torch.equal(got, want), chunk
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # matmul blocking may differ per chunk size
 
 
 def test_bake_default_sets_eval_and_train_unbakes():
