@@ -17,3 +17,6 @@ if importlib.util.find_spec("datasets.demo") is not None:
     from datasets import demo  # noqa: F401
 import datasets.unstructured  # noqa: F401,E402  (registers the "unstructured" type)
 import datasets.image  # noqa: F401,E402  (registers the "image" type)
+import datasets.timevolume  # noqa: F401,E402  (registers the "time_volume" type)
+import datasets.taylor_green  # noqa: F401,E402  (registers the "taylor_green" type)
+import datasets.terrain  # noqa: F401,E402  (registers the "terrain" type)
