@@ -6,3 +6,5 @@ from models import drrnet  # noqa: F401
 from models import explorable_inr  # noqa: F401
 from models import fainr  # noqa: F401
 from models import kplanes  # noqa: F401
+from models import moe_inr  # noqa: F401
+from models import image  # noqa: F401
