@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Evaluate a trained run (spec 5): ``python test.py --run runs/NAME`` or ``--config FILE --config_id N``.
 
-Bakes the model (timed), reconstructs every test and train member at full resolution in chunks, scores the
+The run's task (config section ``task``, default ``ensemble``) does the evaluation; for the ensemble task:
+it bakes the model (timed), reconstructs every test and train member at full resolution in chunks, scores the
 model and the reference predictors (mean field, nearest member, IDW), prints a table and writes
 ``metrics.csv`` (dataset level, with the model's wins against each reference predictor and the weights scored),
 ``members.csv`` (per member) and ``psnr_vs_idw.png`` (member PSNR, model vs IDW) into ``<run>/eval`` (or
@@ -43,19 +44,21 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
-    from util.evaluation import evaluate, format_table
+    from util.registry import get
+    from util.runs import load_experiment, task_type_of
 
     try:
         run = args.run or run_dir_of(load_config(args.config, args.config_id, args.overrides))
+        task_cls = get("task", task_type_of(load_experiment(run)))
         ov = {k: v for k, v in dict(chunk_size=args.chunk_size, splits=args.splits, resolutions=args.resolutions,
                                     dump_members=args.dump_members).items() if v is not None}
         if args.no_reference:
             ov["reference"] = False
-        rows = evaluate(run, out_dir=args.out_dir, checkpoint=args.checkpoint, overrides=ov,
-                        overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
+        rows = task_cls.evaluate(run, out_dir=args.out_dir, checkpoint=args.checkpoint, overrides=ov,
+                                 overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:  # ValueError: DataError and kin
         sys.exit(f"error: {e}")
-    print(format_table(rows))
+    print(task_cls.format_table(rows))
     print(f"results written to {os.path.abspath(args.out_dir or os.path.join(run, 'eval'))}")
 
 

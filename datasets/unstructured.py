@@ -42,6 +42,7 @@ import torch
 from datasets.augment import make_augmentation
 from datasets.ensemble import HDFieldDataset, _as_float, _is_int
 from util.errors import DataError
+from util.sampling import normalize_vertex_coords  # noqa: F401  (its home is util/sampling.py)
 from util.registry import ConfigError, register
 
 __all__ = ["UnstructuredDataset", "UNSTRUCTURED_AUGMENT_MODES", "normalize_vertex_coords"]
@@ -49,54 +50,6 @@ __all__ = ["UnstructuredDataset", "UNSTRUCTURED_AUGMENT_MODES", "normalize_verte
 log = logging.getLogger(__name__)
 
 UNSTRUCTURED_AUGMENT_MODES = ("none", "vc", "vp_c")
-
-
-def _unwrap_longitude(lon: np.ndarray) -> np.ndarray:
-    """Longitudes (degrees) -> a contiguous interval: modulo 360, then shifted so that the widest gap between
-    consecutive distinct longitudes (around the circle) lies at the interval's ends."""
-    lon = np.mod(lon, 360.0)
-    u = np.unique(lon)
-    if u.size < 2:
-        return lon
-    gaps = np.diff(np.concatenate([u, u[:1] + 360.0]))  # gap after u[i], the last one wraps around
-    start = u[(int(np.argmax(gaps)) + 1) % u.size]  # first longitude after the widest gap
-    return np.mod(lon - start, 360.0) + start
-
-
-def normalize_vertex_coords(coords: np.ndarray, spherical: bool = False, reverse_columns: bool = True,
-                            name: str = "coords") -> np.ndarray:
-    """Stored vertex coordinates (N, 3) -> float32 (N, 3) model coordinates in [-1, 1] (module docstring).
-
-    Args:
-        coords: (N, 3) stored coordinates.
-        spherical: columns are (depth or radius, lon, lat) in degrees; lon is unwrapped (see module docstring).
-        reverse_columns: reverse the column order (stored columns = array order -> x order).
-        name: file name used in error messages.
-    """
-    c = np.asarray(coords, dtype=np.float64)
-    if c.ndim != 2 or c.shape[1] != 3 or c.shape[0] < 1:
-        raise DataError(f"{name}: vertex coordinates must have shape (N, 3), got {list(c.shape)}")
-    if not np.isfinite(c).all():
-        raise DataError(f"{name}: vertex coordinates hold NaN/Inf")
-    c = c.copy()
-    if spherical:
-        lat = c[:, 2]
-        if np.abs(lat).max() > 90.0:
-            raise DataError(f"{name}: coords_spherical expects columns (depth/radius, lon, lat) in degrees; "
-                            f"column 2 (lat) reaches {np.abs(lat).max():g}")
-        if np.abs(lat).max() <= np.pi / 2 and np.abs(c[:, 1]).max() <= 2 * np.pi and c.shape[0] > 100:
-            log.warning("%s: lon/lat all lie within radian ranges; coords_spherical expects degrees", name)
-        c[:, 1] = _unwrap_longitude(c[:, 1])
-    lo, hi = c.min(axis=0), c.max(axis=0)
-    span = hi - lo
-    flat = span <= 0
-    if flat.any():
-        log.warning("%s: coordinate column(s) %s are constant; they map to 0", name, np.flatnonzero(flat).tolist())
-    x = np.where(flat, 0.0, 2.0 * (c - lo) / np.where(flat, 1.0, span) - 1.0)
-    x = np.clip(x, -1.0, 1.0)
-    if reverse_columns:
-        x = x[:, ::-1]
-    return np.ascontiguousarray(x, dtype=np.float32)
 
 
 @register("dataset", "unstructured")

@@ -566,19 +566,37 @@ class TestConfig:
             raise ConfigError(f"test.ref_k must be >= 1, got {self.ref_k}")
 
 
-COMPONENT_SECTIONS = {"model": "model", "dataset": "dataset", "optim": "optimizer", "scheduler": "scheduler"}
-"""Config section -> registry kind."""
+COMPONENT_SECTIONS = {"task": "task", "model": "model", "dataset": "dataset", "optim": "optimizer",
+                      "scheduler": "scheduler"}
+"""Config section -> registry kind (validated in this order: the task decides what the model gets injected)."""
 
 INJECTED = {
-    "model": ("cond_dim", "spatial_dims"),
+    "task": ("dataset",),
+    "model": ("cond_dim", "spatial_dims", "out_dim"),
     "dataset": ("seed",),
     "optimizer": ("model",),
     "scheduler": ("optimizer", "total_steps"),
 }
-"""Arguments the program supplies (from the data or other components); a config may not set them."""
+"""Arguments the program supplies (from the data or other components); a config may not set them. The model's
+come from its task (``Task.model_arguments``); the ones listed here are those of the default task."""
 
-DEFAULT_SECTIONS = {"optim": {"type": "adam"}, "scheduler": {"type": "cosine"}, "train": {}, "test": {}}
+DEFAULT_SECTIONS = {"task": {"type": "ensemble"}, "optim": {"type": "adam"}, "scheduler": {"type": "cosine"},
+                    "train": {}, "test": {}}
 DATACLASS_SECTIONS = {"train": TrainConfig, "test": TestConfig}
+"""Sections holding plain keys; ``test`` is validated against the run's task's ``test_config`` dataclass
+(TestConfig for the ensemble task)."""
+
+
+def injected_keys(kind: str, task_type: str = "ensemble") -> tuple:
+    """Arguments of a component of ``kind`` the program supplies (the model's depend on the task)."""
+    if kind == "model":
+        return tuple(getattr(get("task", task_type), "model_arguments", INJECTED["model"]))
+    return INJECTED.get(kind, ())
+
+
+def test_config_class(task_type: str = "ensemble") -> type:
+    """The dataclass of the ``test`` section's keys for a task type."""
+    return getattr(get("task", task_type), "test_config", None) or TestConfig
 OTHER_KEYS = ("name", "description")
 
 
@@ -608,6 +626,7 @@ def validate_experiment(exp: Dict[str, Any], where: str = "") -> Dict[str, Any]:
         out.setdefault(sec, copy.deepcopy(default))
         if out[sec] is None:
             out[sec] = copy.deepcopy(default)
+    task_type = out["task"].get("type") if isinstance(out["task"], dict) else None
     for sec, kind in COMPONENT_SECTIONS.items():
         body = out[sec]
         if not isinstance(body, dict):
@@ -619,11 +638,12 @@ def validate_experiment(exp: Dict[str, Any], where: str = "") -> Dict[str, Any]:
             raise ConfigError(f"{sec}.type{loc} must be a string naming a registered {kind} type "
                               f"({', '.join(names(kind))}), got {_show(typ)}")
         get(kind, typ)  # unknown type -> error listing the registered names
-        keys = accepted_keys(kind, typ, INJECTED.get(kind, ()))
+        injected = injected_keys(kind, task_type)
+        keys = accepted_keys(kind, typ, injected)
         for k in body:
             if k == "type":
                 continue
-            if k in INJECTED.get(kind, ()):
+            if k in injected:
                 raise ConfigError(f"key '{sec}.{k}'{loc} is set by the program for {kind} '{typ}'; remove it")
             if k not in keys:
                 raise ConfigError(f"unknown key '{sec}.{k}'{loc} for {kind} type '{typ}'; "
@@ -635,6 +655,8 @@ def validate_experiment(exp: Dict[str, Any], where: str = "") -> Dict[str, Any]:
                 raise ConfigError(f"missing key '{sec}.{k}'{loc}: required by {kind} type '{typ}'")
         out[sec] = check_component_values(sec, kind, typ, body, where)
     for sec, cls in DATACLASS_SECTIONS.items():
+        if sec == "test":
+            cls = test_config_class(task_type)
         body = out[sec]
         if not isinstance(body, dict):
             raise ConfigError(f"section '{sec}'{loc} must be a mapping, got {type(body).__name__}")

@@ -110,9 +110,9 @@ class Surrogate:
         """A mesh ensemble's vertex coordinates (N, 3) in model coordinates, normalized as in training.
 
         Read from the run's ``meta.json`` ``coords_path`` (the dataset's coordinate file) with the same
-        normalization (``datasets.unstructured.normalize_vertex_coords``).
+        normalization (``util.sampling.normalize_vertex_coords``).
         """
-        from datasets.unstructured import normalize_vertex_coords
+        from util.sampling import normalize_vertex_coords
 
         path = self.meta.get("coords_path")
         if self.has_grid or not path:

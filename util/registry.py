@@ -13,10 +13,11 @@ is the documented default of the config key. Arguments named in ``injected`` are
 program (e.g. ``params`` of an optimizer, ``cond_dim`` of a model, read from the data) and may not
 be set from a config file.
 
-Kinds used by the project: ``model``, ``dataset``, ``optimizer``, ``scheduler``.
+Kinds used by the project: ``model``, ``dataset``, ``task``, ``optimizer``, ``scheduler``.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from typing import Any, Callable, Dict, Iterable, Optional
 
@@ -48,14 +49,22 @@ def register(kind: str, name: str, forwards: Optional[Callable] = None):
     return deco
 
 
+PLUGIN_MODULES: Dict[str, tuple] = {
+    "model": ("models",),
+    "dataset": ("datasets",),
+    "task": ("tasks",),
+    "optimizer": ("util.optim",),
+    "scheduler": ("util.optim",),
+}
+"""Kind -> the modules whose import registers its components. This table is the registry's only knowledge of
+the packages that fill it (by name, imported on first lookup); nothing else in util/ imports models/, datasets/
+or tasks/."""
+
+
 def _ensure_imported(kind: str) -> None:
-    # Importing the packages runs their @register decorators.
-    if kind in ("model",):
-        import models  # noqa: F401
-    elif kind in ("dataset",):
-        import datasets  # noqa: F401
-    elif kind in ("optimizer", "scheduler"):
-        import util.optim  # noqa: F401
+    # Importing the modules runs their @register decorators.
+    for module in PLUGIN_MODULES.get(kind, ()):
+        importlib.import_module(module)
 
 
 def names(kind: str) -> list:

@@ -20,6 +20,7 @@ damaged checkpoint is named and skipped for the previous intact one (:func:`newe
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -503,20 +504,69 @@ def build_dataset(exp: Dict[str, Any]):
                  injected={"seed": int(exp["train"].get("seed", 0))}, **section_kwargs(exp, "dataset"))
 
 
-def build_model(exp: Dict[str, Any], cond_dim: int, spatial_dims: int, output_mean: Optional[float] = None):
+def task_type_of(exp: Dict[str, Any]) -> str:
+    return (exp.get("task") or {}).get("type", "ensemble")
+
+
+def build_task(exp: Dict[str, Any], dataset):
+    """The experiment's task around its dataset."""
+    task = exp.get("task") or {"type": "ensemble"}
+    return build("task", task["type"], section="task", injected={"dataset": dataset},
+                 **{k: v for k, v in task.items() if k != "type"})
+
+
+def build_model(exp: Dict[str, Any], cond_dim: Optional[int] = None, spatial_dims: Optional[int] = None,
+                output_mean: Optional[float] = None, inputs: Optional[Dict[str, Any]] = None):
     """The experiment's model with the data-derived arguments injected.
 
-    ``output_mean``: the training mean of the normalized values (``dataset.train_value_mean``); it replaces
-    ``init_output_mean: auto`` (explicit or the model's default). None (e.g. when weights are loaded next, so
-    the init does not matter) leaves the model's own init.
+    Args:
+        exp: validated experiment.
+        cond_dim, spatial_dims: shorthand for ``inputs`` (the ensemble task's arguments).
+        output_mean: the training mean of the normalized values (``task.output_mean``); it replaces
+            ``init_output_mean: auto`` (explicit or the model's default). None (e.g. when weights are loaded
+            next, so the init does not matter) leaves the model's own init.
+        inputs: the task's ``model_inputs()``; each is injected where the model's signature accepts it.
     """
+    inputs = dict(inputs or {})
+    if cond_dim is not None:
+        inputs["cond_dim"] = int(cond_dim)
+    if spatial_dims is not None:
+        inputs["spatial_dims"] = int(spatial_dims)
     kwargs = section_kwargs(exp, "model")
     typ = exp["model"]["type"]
-    keys = accepted_keys("model", typ, ("cond_dim", "spatial_dims"))
+    signature = accepted_keys("model", typ, ())
+    injected = {k: v for k, v in inputs.items() if k in signature}
+    keys = accepted_keys("model", typ, tuple(injected))
     if "init_output_mean" in keys and kwargs.get("init_output_mean", keys["init_output_mean"]) == "auto":
         kwargs["init_output_mean"] = None if output_mean is None else float(output_mean)
-    return build("model", typ, section="model",
-                 injected={"cond_dim": int(cond_dim), "spatial_dims": int(spatial_dims)}, **kwargs)
+    return build("model", typ, section="model", injected=injected, **kwargs)
+
+
+def build_components(exp: Dict[str, Any], data_context: Callable[[], Any] = contextlib.nullcontext):
+    """Dataset -> task -> model of a validated experiment: the one place a run's components are built.
+
+    Args:
+        exp: validated experiment (util.config.load_config).
+        data_context: context manager factory entered while the dataset is built (e.g. Accelerate's
+            ``main_process_first``, so generated demo data is written once).
+
+    Returns:
+        (dataset, task, model).
+    """
+    with data_context():
+        dataset = build_dataset(exp)
+    task = build_task(exp, dataset)
+    model = build_model(exp, inputs=task.model_inputs(), output_mean=task.output_mean)
+    return dataset, task, model
+
+
+def model_inputs_of(meta: Dict[str, Any]) -> Dict[str, Any]:
+    """The model arguments recorded in a run's meta.json (runs written before tasks: cond/spatial dims)."""
+    if "model_inputs" in meta:
+        return dict(meta["model_inputs"])
+    return {"cond_dim": int(meta["cond_dim"]),
+            "spatial_dims": int(meta.get("spatial_dims", len(meta["spatial_shape"]))),
+            "out_dim": int(meta.get("out_dim", 1))}
 
 
 def load_trained_model(run_dir: str, checkpoint: Optional[str] = None, map_location="cpu"):
@@ -536,7 +586,7 @@ def load_trained_model(run_dir: str, checkpoint: Optional[str] = None, map_locat
     if not os.path.isfile(meta_p):
         raise FileNotFoundError(f"{meta_p} not found: was '{run_dir}' written by train.py?")
     meta = read_json(meta_p)
-    model = build_model(exp, meta["cond_dim"], int(meta.get("spatial_dims", len(meta["spatial_shape"]))))
+    model = build_model(exp, inputs=model_inputs_of(meta))
     if checkpoint is None:
         checkpoint, state = _load_default_weights(run_dir, map_location)
     else:

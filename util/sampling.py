@@ -17,11 +17,16 @@ the C-order index into ``shape``.
 """
 from __future__ import annotations
 
+import logging
 from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from util.errors import DataError
+
+log = logging.getLogger(__name__)
 
 __all__ = ["grid_coords", "axis_coords", "index_to_coords", "coords_to_continuous_index", "linear_stencil",
            "combine_stencil", "interp_gather", "interp_gather_index", "sample_grid"]
@@ -218,3 +223,51 @@ def sample_grid(grid: torch.Tensor, x: torch.Tensor, *, padding_mode: str = "zer
         return out.reshape(B, C, N).permute(0, 2, 1)
     raise ValueError(f"grid must have shape (C, *S) or (B, C, *S) with {d} spatial axes (x has d={d}), "
                      f"got {tuple(grid.shape)}")
+
+
+def _unwrap_longitude(lon: np.ndarray) -> np.ndarray:
+    """Longitudes (degrees) -> a contiguous interval: modulo 360, then shifted so that the widest gap between
+    consecutive distinct longitudes (around the circle) lies at the interval's ends."""
+    lon = np.mod(lon, 360.0)
+    u = np.unique(lon)
+    if u.size < 2:
+        return lon
+    gaps = np.diff(np.concatenate([u, u[:1] + 360.0]))  # gap after u[i], the last one wraps around
+    start = u[(int(np.argmax(gaps)) + 1) % u.size]  # first longitude after the widest gap
+    return np.mod(lon - start, 360.0) + start
+
+
+def normalize_vertex_coords(coords: np.ndarray, spherical: bool = False, reverse_columns: bool = True,
+                            name: str = "coords") -> np.ndarray:
+    """Stored vertex coordinates (N, 3) -> float32 (N, 3) model coordinates in [-1, 1] (module docstring).
+
+    Args:
+        coords: (N, 3) stored coordinates.
+        spherical: columns are (depth or radius, lon, lat) in degrees; lon is unwrapped (see module docstring).
+        reverse_columns: reverse the column order (stored columns = array order -> x order).
+        name: file name used in error messages.
+    """
+    c = np.asarray(coords, dtype=np.float64)
+    if c.ndim != 2 or c.shape[1] != 3 or c.shape[0] < 1:
+        raise DataError(f"{name}: vertex coordinates must have shape (N, 3), got {list(c.shape)}")
+    if not np.isfinite(c).all():
+        raise DataError(f"{name}: vertex coordinates hold NaN/Inf")
+    c = c.copy()
+    if spherical:
+        lat = c[:, 2]
+        if np.abs(lat).max() > 90.0:
+            raise DataError(f"{name}: coords_spherical expects columns (depth/radius, lon, lat) in degrees; "
+                            f"column 2 (lat) reaches {np.abs(lat).max():g}")
+        if np.abs(lat).max() <= np.pi / 2 and np.abs(c[:, 1]).max() <= 2 * np.pi and c.shape[0] > 100:
+            log.warning("%s: lon/lat all lie within radian ranges; coords_spherical expects degrees", name)
+        c[:, 1] = _unwrap_longitude(c[:, 1])
+    lo, hi = c.min(axis=0), c.max(axis=0)
+    span = hi - lo
+    flat = span <= 0
+    if flat.any():
+        log.warning("%s: coordinate column(s) %s are constant; they map to 0", name, np.flatnonzero(flat).tolist())
+    x = np.where(flat, 0.0, 2.0 * (c - lo) / np.where(flat, 1.0, span) - 1.0)
+    x = np.clip(x, -1.0, 1.0)
+    if reverse_columns:
+        x = x[:, ::-1]
+    return np.ascontiguousarray(x, dtype=np.float32)

@@ -16,13 +16,12 @@ import time
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
 from util.config import TrainConfig, section_kwargs
 from util.registry import build
-from util.runs import (CKPT_DIR, LATEST, RunLock, atomic_torch_save, atomic_write_text, build_dataset, build_model,
+from util.runs import (CKPT_DIR, LATEST, RunLock, atomic_torch_save, atomic_write_text, build_components,
                        check_run_dir, checkpoint_dirs, clear_run_dir, load_resume_state, run_dir_of,
-                       save_experiment)
+                       save_experiment, task_type_of)
 
 log = logging.getLogger("train")
 
@@ -86,6 +85,19 @@ def _save_checkpoint(accelerator, run_dir: str, step: int, keep: int, extra: Dic
     accelerator.wait_for_everyone()
 
 
+class _Checkpointed:
+    """A task's state (``state_dict`` / ``load_state_dict``) registered with Accelerate's checkpointing."""
+
+    def __init__(self, task):
+        self.task = task
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.task.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.task.load_state_dict(state)
+
+
 def _truncate_log(path: str, step: int) -> None:
     """Keep the rows of log.csv with step <= ``step`` (a resumed run rewrites what follows)."""
     if not os.path.isfile(path):
@@ -131,18 +143,17 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
     accelerator.wait_for_everyone()
 
     set_seed(tc.seed)
-    with accelerator.main_process_first():  # e.g. the demo ensemble is generated once, by the main process
-        dataset = build_dataset(exp)
-    output_mean = getattr(dataset, "train_value_mean", None)
-    model = build_model(exp, dataset.cond_dim, dataset.spatial_dims, output_mean=output_mean)
+    # e.g. the demo ensemble is generated once, by the main process
+    dataset, task, model = build_components(exp, accelerator.main_process_first)
     optimizer = build("optimizer", exp["optim"]["type"], section="optim", injected={"model": model},
                       **section_kwargs(exp, "optim"))
-    steps_per_epoch = int(dataset.steps_per_epoch)
+    steps_per_epoch = int(task.steps_per_epoch)
     total = total_steps_of(tc, steps_per_epoch)
     scheduler = build("scheduler", exp["scheduler"]["type"], section="scheduler",
                       injected={"optimizer": optimizer, "total_steps": total}, **section_kwargs(exp, "scheduler"))
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
+    accelerator.register_for_checkpointing(_Checkpointed(task))
     ckpt_every = checkpoint_interval(tc, steps_per_epoch)
     if overwrite and accelerator.is_main_process:  # config, data and model are valid: now the old run may go
         clear_run_dir(run_dir)
@@ -156,7 +167,8 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
     writer = None
     if accelerator.is_main_process:
         save_experiment(exp, run_dir)
-        atomic_write_text(os.path.join(run_dir, "meta.json"), json.dumps(dataset.meta(), indent=1))
+        meta = dict(dataset.meta(), task=task_type_of(exp), model_inputs=task.model_inputs())
+        atomic_write_text(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=1))
         if resume:
             _truncate_log(log_path, start)
         elif not os.path.isfile(log_path):
@@ -180,31 +192,31 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
     warm = min(10, total // 2)  # warm-up steps excluded from the step-time measurement
     loss_acc = torch.zeros((), device=accelerator.device)
     n_acc = 0
+    terms_acc: Dict[str, torch.Tensor] = {}
     watch = CollapseWatch(tc.collapse_check_steps, tc.collapse_patience, tc.log_every)
     t_start = time.perf_counter()
     echo = accelerator.is_main_process and not progress  # one printed line per log interval (batch jobs)
     for step in range(start, total):
         t0 = time.perf_counter()
-        batch = dataset.sample_batch(step, rank=accelerator.process_index)
-        x = batch["x"].to(accelerator.device, non_blocking=True)
-        c = batch["c"].to(accelerator.device, non_blocking=True)
-        v = batch["v"].to(accelerator.device, non_blocking=True)
+        batch = task.batch(step, accelerator.process_index, accelerator.device)
         with accelerator.autocast():
-            pred = model(x, c)
-        loss = F.mse_loss(pred.float(), v)
-        accelerator.backward(loss)
+            out = task.training_step(model, batch, step)
         logging_step = (step + 1) % tc.log_every == 0 or step + 1 == total
-        if logging_step and watch.active(step + 1):
-            watch.observe(accelerator, raw_model, pred, step + 1)
-        if tc.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
         if logging_step:  # the learning rates this step uses (log.csv records these, not the next step's)
             step_lrs = [g["lr"] for g in optimizer.param_groups]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_acc += loss.detach()
-        n_acc += 1
+        if out is not None:  # None: the task skips this step (no backward, no optimizer or scheduler step)
+            accelerator.backward(out.loss)
+            if logging_step and watch.active(step + 1) and out.output is not None:
+                watch.observe(accelerator, raw_model, out.output, step + 1)
+            if tc.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_acc += out.loss.detach().float()
+            for k, val in out.terms.items():
+                terms_acc[k] = terms_acc.get(k, 0.0) + val.detach().float()
+            n_acc += 1
         done = step + 1
         if warm <= step < warm + tc.timing_steps:
             if cuda:
@@ -213,22 +225,28 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
             if len(step_times) == tc.timing_steps or done == total:
                 _write_timing(accelerator, run_dir, step_times, total, writer)
         if logging_step:
+            n_acc = max(n_acc, 1)
             mean_loss = accelerator.reduce(loss_acc / n_acc, reduction="mean").item()
+            mean_terms = {k: accelerator.reduce(torch.as_tensor(v, device=accelerator.device) / n_acc,
+                                                reduction="mean").item() for k, v in sorted(terms_acc.items())}
             loss_acc.zero_()
+            terms_acc = {}
             n_acc = 0
             if not math.isfinite(mean_loss):
                 raise FloatingPointError(f"loss is {mean_loss} at step {done}; lower the learning rate or check the data")
             if accelerator.is_main_process:
-                psnr = -10 * math.log10(max(mean_loss, 1e-30))
+                psnr = -10 * math.log10(max(mean_terms["mse"], 1e-30)) if "mse" in mean_terms else float("nan")
                 lr = step_lrs[0]
                 with open(log_path, "a") as f:  # appended every interval: a user tailing the run sees it move
                     f.write(f"{done},{mean_loss:.8g},{psnr:.5f},{lr:.6g}\n")
                 if writer is not None:
                     writer.add_scalar("train/loss", mean_loss, done)
                     writer.add_scalar("train/psnr", psnr, done)
+                    for k, val in mean_terms.items():
+                        writer.add_scalar(f"train/{k}", val, done)
                     for g, g_lr in zip(optimizer.param_groups, step_lrs):
                         writer.add_scalar(f"lr/{g.get('name', 'default')}", g_lr, done)
-                    for k, val in getattr(raw_model, "training_stats", lambda: {})().items():
+                    for k, val in getattr(raw_model, "training_stats", dict)().items():  # TODO: FieldModel
                         writer.add_scalar(k, val, done)
                 bar.set_postfix(loss=f"{mean_loss:.3e}", psnr=f"{psnr:.2f}")
                 if echo:
@@ -245,7 +263,7 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
             _write_timing(accelerator, run_dir, step_times, total, writer)
         raw_model = accelerator.unwrap_model(model)
         atomic_torch_save(raw_model.state_dict(), os.path.join(run_dir, "model.pt"))
-        _warn_if_constant(raw_model, dataset, accelerator.device)
+        _warn_if_constant(raw_model, task, accelerator.device)
         if writer is not None:
             writer.close()
         atomic_write_text(os.path.join(run_dir, "finished.json"), json.dumps(dict(steps=total)))
@@ -329,13 +347,15 @@ def _write_timing(accelerator, run_dir, step_times, total, writer) -> None:
 
 
 @torch.no_grad()
-def _warn_if_constant(model, dataset, device) -> None:
+def _warn_if_constant(model, task, device) -> None:
     """Warn when the trained model predicts (almost) the same value everywhere (a collapsed model)."""
-    batch = dataset.sample_batch(0)
     was = model.training
     model.eval()
-    pred = model(batch["x"].to(device), batch["c"].to(device)).float()
+    out = task.training_step(model, task.batch(0, 0, device), 0)
     model.train(was)
+    if out is None or out.output is None or out.output.numel() < 2:
+        return
+    pred = out.output.float()
     if float(pred.std()) < 1e-6:
         log.warning("the trained model outputs a constant (%.4g) on a training batch: it has collapsed; "
                     "try a lower learning rate or warm-up (scheduler.warmup_steps)", float(pred.mean()))

@@ -1,0 +1,6 @@
+"""Tasks: what a run learns. A task supplies the model's program-set arguments, the loss of a batch and the
+evaluation of a trained run; the one training loop (util/training.py) knows nothing else about them.
+
+Importing the package registers every task type (kind ``task``).
+"""
+import tasks.field  # noqa: F401  (registers "ensemble")
