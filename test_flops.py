@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """FLOPs and parameter counts (spec 6): ``python test_flops.py --config FILE [--config_id N ...]``.
 
-Builds each model of the file on CPU (no data needed: cond_dim and spatial_dims come from the dataset section,
-or from --cond_dim/--spatial_dims), bakes it when it has a bake step, and prints fvcore TFLOPs per 1e9 points
+Builds each model of the file on CPU, bakes it when it has a bake step, and prints fvcore TFLOPs per 1e9 points
 (100 conditions x 1000 coordinates, one multiply-add = one flop) and the parameter count.
+
+The model's data-derived arguments (cond_dim, spatial_dims, out_dim) come from --cond_dim / --spatial_dims /
+--out_dim, else from the task when it knows them without data (e.g. the image task: 2D, no condition, the
+configured channels), else from the data (the dataset is built, so the data must be present).
 """
 import argparse
 import logging
@@ -18,18 +21,23 @@ def parse_args(argv=None):
     p.add_argument("--config_id", "--config-id", type=int, nargs="*", help="ids to count (default: all)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--cond_dim", type=int, help="number of condition parameters (default: from the data)")
-    p.add_argument("--spatial_dims", type=int, choices=[2, 3], help="default: from the data")
+    p.add_argument("--spatial_dims", type=int, choices=[1, 2, 3], help="default: from the task or the data")
+    p.add_argument("--out_dim", type=int, help="output channels (default: from the task or the data)")
     p.add_argument("--n_cond", type=int, default=100)
     p.add_argument("--n_points", type=int, default=1000)
     return p.parse_args(argv)
 
 
-def dims_from_data(exp):
-    """cond_dim and spatial_dims read from the dataset (builds it: needs the data)."""
-    from util.runs import build_dataset
+def model_inputs(exp, args):
+    """The model's program-set arguments: command line, else the task without data, else the data."""
+    from util.registry import get
+    from util.runs import build_dataset, build_task, task_type_of
 
-    ds = build_dataset(exp)
-    return ds.cond_dim, ds.spatial_dims
+    given = {k: getattr(args, k) for k in ("cond_dim", "spatial_dims", "out_dim") if getattr(args, k) is not None}
+    inputs = get("task", task_type_of(exp)).model_inputs_without_data(exp)
+    if inputs is None and not {"cond_dim", "spatial_dims"} <= set(given):
+        inputs = build_task(exp, build_dataset(exp)).model_inputs()
+    return {**(inputs or {"out_dim": 1}), **given}
 
 
 def main(argv=None):
@@ -43,12 +51,9 @@ def main(argv=None):
         rows = []
         for i in ids:
             exp = load_config(args.config, i, args.overrides)
-            cond_dim, sdims = args.cond_dim, args.spatial_dims
-            if cond_dim is None or sdims is None:
-                dc, ds = dims_from_data(exp)
-                cond_dim, sdims = cond_dim or dc, sdims or ds
-            model = build_model(exp, cond_dim, sdims)
-            r = count_flops(model, cond_dim, sdims, args.n_cond, args.n_points)
+            inputs = model_inputs(exp, args)
+            model = build_model(exp, inputs=inputs)
+            r = count_flops(model, inputs["cond_dim"], inputs["spatial_dims"], args.n_cond, args.n_points)
             rows.append((i, exp["model"]["type"], r))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

@@ -23,6 +23,13 @@ synchronized):
   decoder per point; 1 multiply-add = 2 FLOP) next to the measured matmul peak, and the matmul-bound floor
   points/s = peak / (decoder FLOPs per point) with the fraction of it reached.
 
+Any model of a config, several at once (``--compare 0,1,2``: e.g. the image models with and without DRR):
+bake time and full-field reconstruction (``model.predict_grid`` after ``bake()``, the path test.py times) of
+each config id on the same lattice (``--resolution``, default 256 per axis), interleaved repetitions, with the
+ratio of each to the first id:
+
+    python benchmarks/bench_inference.py --config configs/image/demo.yaml --compare 0,1 --resolution 512
+
 Output: one line per path ``path=<name> points_per_s=<float> bake_s=<float>`` followed by more key=value
 fields (ratio_vs_plain, gflops, peak_gflops, floor_frac, peak_mem_mb, max_abs_err, rel_l2_err vs plain).
 """
@@ -33,8 +40,8 @@ import math
 
 import torch
 
-from common import (PeakMemory, add_model_args, build_from_args, device_of, matmul_peak, median, model_flops,
-                    setup_threads, timed)
+from common import (PeakMemory, add_model_args, build_from_args, config_model_inputs, device_of, matmul_peak,
+                    median, model_flops, setup_threads, timed)
 
 
 def main(argv=None):
@@ -47,8 +54,12 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bake_repeats", type=int, default=3)
     p.add_argument("--paths", default="plain,fast_forward,fast_grid,fast_grid_bf16,fast_grid_fp16")
+    p.add_argument("--compare", default=None, metavar="IDS",
+                   help="comma-separated config ids: time bake + full-field reconstruction of each (any model)")
     args = p.parse_args(argv)
     setup_threads(args)
+    if args.compare:
+        return compare_models(args)
     from util.evaluation import predict_field
     from util.sampling import grid_coords
 
@@ -137,6 +148,48 @@ def main(argv=None):
               f"gflops={fpp[n] * pps / 1e9:.2f} peak_gflops={peak:.1f} floor_frac={pps / floor:.3f} "
               f"peak_mem_mb={mem[n]:.1f} max_abs_err={err:.3g} rel_l2_err={rel:.3g} median_s={t:.4g}",
               flush=True)
+
+
+def compare_models(args) -> None:
+    """Bake and reconstruct a full field with each config id of ``--compare``, interleaved (any FieldModel)."""
+    if not args.config:
+        raise SystemExit("--compare needs --config")
+    ids = [int(i) for i in args.compare.split(",") if i.strip()]
+    models, descs, inputs = [], [], []
+    for i in ids:
+        args.config_id = i
+        model, exp, desc = build_from_args(args)
+        model.eval()
+        models.append(model)
+        descs.append(f"{i}:{exp['model']['type']}")
+        inputs.append(config_model_inputs(exp, args))
+    dev = device_of(args)
+    d = int(inputs[0]["spatial_dims"])
+    res = args.resolution or [256]
+    shape = tuple(res * d if len(res) == 1 else res)
+    chunk = args.chunk_size or (1 << 18 if dev.type == "cuda" else 1 << 16)
+    P = math.prod(shape)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    bake = {i: [] for i in ids}
+    fwd = {i: [] for i in ids}
+    for rep in range(args.repeats + 1):                                      # repetition 0: warm-up
+        for i, m, inp in zip(ids, models, inputs):
+            c = torch.rand(args.members, int(inp["cond_dim"]), generator=g).to(dev)
+            tb = timed(m.bake, dev)
+            tf = timed(lambda: [m.predict_grid(shape, cc, chunk) for cc in c], dev)
+            if rep:
+                bake[i].append(tb)
+                fwd[i].append(tf)
+    print(f"# config={args.config} device={dev} threads={torch.get_num_threads()} shape={list(shape)} "
+          f"members={args.members} chunk={chunk} repeats={args.repeats}")
+    base = None
+    for i, desc, m in zip(ids, descs, models):
+        tb, tf = median(bake[i]), median(fwd[i])
+        total = tb + tf
+        base = base or total
+        params = sum(p.numel() for p in m.parameters())
+        print(f"model={desc} params={params} bake_s={tb:.4g} forward_s={tf:.4g} infer_s={total:.4g} "
+              f"points_per_s={args.members * P / tf:.6g} ratio_vs_first={total / base:.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+def config_model_inputs(exp, args) -> Dict[str, int]:
+    """A config's model inputs without data: the task's when it knows them (e.g. images: 2D, no condition),
+    else --cond_dim (default 4) / --spatial_dims."""
+    from util.registry import get
+    from util.runs import task_type_of
+
+    inputs = get("task", task_type_of(exp)).model_inputs_without_data(exp)
+    if inputs is None:
+        inputs = {"cond_dim": args.cond_dim or 4, "spatial_dims": args.spatial_dims, "out_dim": 1}
+    return dict(inputs)
+
+
 def build_from_args(args):
     """(model, exp-or-None, description) from the model arguments; the model is on ``args.device``."""
     from util.config import yaml_load
@@ -71,7 +83,7 @@ def build_from_args(args):
 
         exp = load_config(args.config, args.config_id)
         exp["model"].update(overrides)
-        model = build_model(exp, args.cond_dim or 4, args.spatial_dims)
+        model = build_model(exp, inputs=config_model_inputs(exp, args))
         desc = f"{args.config}#{args.config_id}"
     else:
         raise SystemExit("give --config F [--config_id N] or --paper NAME")

@@ -64,6 +64,12 @@ class Task:
         return {"cond_dim": int(ds.cond_dim), "spatial_dims": int(ds.spatial_dims),
                 "out_dim": int(getattr(ds, "out_dim", 1))}
 
+    @classmethod
+    def model_inputs_without_data(cls, exp: Dict[str, Any]) -> Optional[Dict[str, int]]:
+        """The model inputs when they follow from the config alone (None: the data is needed), e.g. for FLOP
+        counts of a paper config whose data is not here."""
+        return None
+
     @property
     def output_mean(self) -> Optional[float]:
         """Training mean of the normalized targets (replaces ``init_output_mean: auto``); None if unknown."""
