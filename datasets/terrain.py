@@ -1,0 +1,442 @@
+"""Terrain tiles (dataset type ``terrain``): DEM heightfields -> square tiles -> per-tile normalized batches.
+
+Spec ``huvr.md`` 1, 3 and 8:
+
+- **Sources** (``path``): one heightfield file, a folder of them (each file is a *region*), or a named source:
+  ``demo`` (the generated terrain of :mod:`datasets.terrain_gen`, written on first use under ``demo_root``),
+  ``mpl:jacksboro_fault_dem`` / ``mpl:topobathy`` (matplotlib's sample DEMs, when matplotlib is installed),
+  ``skimage:motorcycle_disp`` (scikit-image's stereo disparity map: a measured 2.5-D range field, not an
+  elevation model; the only elevation-like real sample that ships with an installed dependency here).
+  File formats: ``.npy`` (2-D, or 3-D with one channel), ``.npz`` (the array under ``elevation`` / ``topo`` /
+  ``dem`` / ``z`` / ``arr_0`` or the only 2-D array), GeoTIFF ``.tif/.tiff`` (needs ``tifffile``; the pixel
+  size is read from ModelPixelScaleTag and the nodata value from GDAL_NODATA when present), raw
+  ``.raw/.bin/.dat`` (needs ``raw_shape``, dtype ``raw_dtype``).
+- **Tiling**: non-overlapping ``tile_size`` x ``tile_size`` windows in row-major order from the top-left corner
+  (a remainder narrower than a tile is dropped); windows holding NaN / Inf / ``nodata`` are dropped.
+- **Splits** (``split_by``): ``region`` (default; regions shuffled with ``split_seed``, the last
+  ``test_fraction`` of them test, the ``val_fraction`` before them validation: no spatial overlap or adjacency
+  across splits, spec 3), ``tile`` (tiles shuffled; tiles never overlap but neighbours may fall in different
+  splits), ``none`` (every tile is a test tile: out-of-domain evaluation sets).
+- **Normalization** (spec 3): per tile, zero mean and unit variance, ``t' = (t - mu) / sigma``; mu and sigma
+  (metres) are kept to de-normalize; sigma is floored at ``min_sigma`` metres for flat tiles.
+- **Ground truth derivatives** (spec 3, metrics): central differences of the tile in metres,
+  :func:`central_gradient` (m/px) and the 5-point :func:`laplacian_5pt` (m/px^2), on interior pixels.
+
+Batches (``sample_batch(step, rank)``, a function of (seed, step, rank) only): ``tile`` (B, 1, T, T) float32
+normalized training tiles drawn with replacement, ``mu`` / ``sigma`` (B,) float32 metres, ``index`` (B,) int64
+rows of the training split; ``augment: dihedral`` applies a random rotation by k x 90 degrees and a random
+flip per tile (HUVR's augmentation policy is NR in the paper; this is our choice).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from util.errors import DataError
+from util.registry import ConfigError, register
+
+__all__ = ["TerrainDataset", "read_heightfield", "cut_tiles", "split_tiles", "central_gradient", "laplacian_5pt",
+           "slope_degrees", "SPLITS", "SPLIT_MODES", "TERRAIN_AUGMENT_MODES", "NAMED_SOURCES"]
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "val", "test")
+SPLIT_MODES = ("region", "tile", "none")
+TERRAIN_AUGMENT_MODES = ("none", "dihedral")
+NAMED_SOURCES = ("demo", "mpl:jacksboro_fault_dem", "mpl:topobathy", "skimage:motorcycle_disp")
+HEIGHT_EXTS = (".npy", ".npz", ".tif", ".tiff", ".raw", ".bin", ".dat")
+_NPZ_KEYS = ("elevation", "topo", "dem", "z", "height", "arr_0")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def _npz_array(path: str, npz) -> np.ndarray:
+    name = os.path.basename(path)
+    for k in _NPZ_KEYS:
+        if k in npz.files and np.ndim(npz[k]) == 2:
+            return np.asarray(npz[k])
+    two_d = [k for k in npz.files if np.ndim(npz[k]) == 2]
+    if len(two_d) == 1:
+        return np.asarray(npz[two_d[0]])
+    raise DataError(f"{name}: no 2-D heightfield array found (arrays: {', '.join(npz.files) or 'none'}); "
+                    f"expected one named {' / '.join(_NPZ_KEYS)} or a single 2-D array")
+
+
+def _read_tiff(path: str) -> Tuple[np.ndarray, Optional[float], Optional[float]]:
+    try:
+        import tifffile
+    except ImportError:
+        raise DataError(f"{os.path.basename(path)}: reading GeoTIFF DEMs needs the optional package tifffile "
+                        f"(pip install tifffile), or convert the file to .npy") from None
+    with tifffile.TiffFile(path) as tf:
+        page = tf.pages[0]
+        arr = page.asarray()
+        gsd = nodata = None
+        tag = page.tags.get("ModelPixelScaleTag")
+        if tag is not None:
+            gsd = float(abs(tag.value[0]))
+        tag = page.tags.get("GDAL_NODATA") or page.tags.get(42113)
+        if tag is not None:
+            try:
+                nodata = float(str(tag.value).strip().strip("\x00"))
+            except ValueError:
+                nodata = None
+    return arr, gsd, nodata
+
+
+def read_heightfield(path: str, raw_shape: Optional[Sequence[int]] = None,
+                     raw_dtype: str = "float32") -> Tuple[np.ndarray, Optional[float], Optional[float]]:
+    """One heightfield file -> (2-D float array, pixel size in metres or None, nodata value or None).
+
+    Raises:
+        DataError naming the file: unknown extension, not 2-D, raw size mismatch, unreadable, missing tifffile.
+    """
+    name = os.path.basename(path)
+    ext = os.path.splitext(path)[1].lower()
+    gsd = nodata = None
+    try:
+        if ext == ".npy":
+            arr = np.load(path, mmap_mode="r")
+        elif ext == ".npz":
+            with np.load(path) as npz:
+                arr = _npz_array(path, npz)
+                for k in ("dx", "gsd", "pixel_size"):
+                    if k in npz.files and np.size(npz[k]) == 1:
+                        gsd = float(npz[k])
+        elif ext in (".tif", ".tiff"):
+            arr, gsd, nodata = _read_tiff(path)
+        elif ext in (".raw", ".bin", ".dat"):
+            if raw_shape is None or len(raw_shape) != 2:
+                raise DataError(f"{name}: raw heightfields need dataset.raw_shape [rows, columns]; got {raw_shape!r}")
+            dt = np.dtype(raw_dtype)
+            need = int(raw_shape[0]) * int(raw_shape[1]) * dt.itemsize
+            size = os.path.getsize(path)
+            if size != need:
+                raise DataError(f"{name}: {size} bytes, but raw_shape {list(raw_shape)} of {dt} needs {need} bytes")
+            arr = np.memmap(path, dtype=dt, mode="r", shape=tuple(int(s) for s in raw_shape))
+        else:
+            raise DataError(f"{name}: unknown heightfield format '{ext}'; expected one of {', '.join(HEIGHT_EXTS)}")
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the file is the problem, name it
+        raise DataError(f"{name}: cannot be read as a heightfield ({type(e).__name__}: {e})") from None
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    elif arr.ndim == 3 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 2:
+        raise DataError(f"{name}: a heightfield must be 2-D (rows, columns); got shape {list(arr.shape)}")
+    if arr.dtype.kind not in "fiu":
+        raise DataError(f"{name}: heights must be numeric; got dtype {arr.dtype}")
+    return arr, gsd, nodata
+
+
+def _named_source(path: str, demo_root: str, demo_regions: int, demo_size: int) -> List[Tuple[str, np.ndarray, Optional[float]]]:
+    """(name, array, gsd) of the named sources."""
+    if path == "demo":
+        from datasets.terrain_gen import GSD_M, generate_terrain_demo
+
+        files = generate_terrain_demo(demo_root, regions=demo_regions, size=demo_size)
+        return [(os.path.basename(f), np.load(f, mmap_mode="r"), GSD_M) for f in files]
+    if path.startswith("mpl:"):
+        try:
+            from matplotlib import cbook
+        except ImportError:
+            raise DataError(f"dataset.path '{path}': matplotlib's sample DEMs need the optional package matplotlib "
+                            f"(pip install matplotlib); it is not installed") from None
+        stem = path[4:]
+        with cbook.get_sample_data(f"{stem}.npz") as npz:
+            arr = _npz_array(stem, npz)
+            gsd = float(npz["dx"]) if "dx" in npz.files else None
+        return [(stem, np.asarray(arr, dtype=np.float64), gsd)]
+    if path == "skimage:motorcycle_disp":
+        try:
+            import skimage
+        except ImportError:
+            raise DataError("dataset.path 'skimage:motorcycle_disp' needs scikit-image (pip install scikit-image)") from None
+        f = os.path.join(os.path.dirname(skimage.__file__), "data", "motorcycle_disp.npz")
+        if not os.path.isfile(f):
+            raise DataError(f"dataset.path 'skimage:motorcycle_disp': {f} is not part of this scikit-image install")
+        arr, _, _ = read_heightfield(f)
+        return [("motorcycle_disp", arr, None)]
+    raise DataError(f"dataset.path '{path}': unknown named source; expected a file, a folder or one of "
+                    f"{', '.join(NAMED_SOURCES)}")
+
+
+# ------------------------------------------------------------------------------------------------ tiling
+def cut_tiles(arr: np.ndarray, tile_size: int, nodata: Optional[float] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Non-overlapping windows of a 2-D array, row-major from the top-left; windows with NaN / Inf / nodata dropped.
+
+    Returns:
+        (tiles float32 (n, T, T), origins int64 (n, 2) = (row, column) of each window's top-left pixel).
+    """
+    T = int(tile_size)
+    rows, cols = arr.shape[0] // T, arr.shape[1] // T
+    tiles, origins = [], []
+    for r in range(rows):
+        band = np.asarray(arr[r * T:(r + 1) * T, :cols * T], dtype=np.float64)
+        for c in range(cols):
+            w = band[:, c * T:(c + 1) * T]
+            if not np.isfinite(w).all() or (nodata is not None and np.any(w == nodata)):
+                continue
+            tiles.append(w.astype(np.float32))
+            origins.append((r * T, c * T))
+    if not tiles:
+        return np.zeros((0, T, T), np.float32), np.zeros((0, 2), np.int64)
+    return np.stack(tiles), np.asarray(origins, dtype=np.int64)
+
+
+def split_tiles(region_of_tile: np.ndarray, split_by: str, val_fraction: float, test_fraction: float,
+                seed: int) -> Dict[str, np.ndarray]:
+    """Tile indices of each split (sorted).
+
+    ``region``: regions are shuffled and assigned whole (test = the last round(test_fraction R) regions, at least
+    one when test_fraction > 0; val likewise before them); ``tile``: tiles are shuffled and assigned;
+    ``none``: every tile is test.
+    """
+    n = len(region_of_tile)
+    rng = np.random.default_rng(seed)
+    if split_by == "none":
+        return {"train": np.zeros(0, np.int64), "val": np.zeros(0, np.int64), "test": np.arange(n)}
+    units = np.unique(region_of_tile) if split_by == "region" else np.arange(n)
+    perm = rng.permutation(units)
+    nu = len(units)
+    n_test = 0 if test_fraction <= 0 else max(1, int(round(test_fraction * nu)))
+    n_val = 0 if val_fraction <= 0 else max(1, int(round(val_fraction * nu)))
+    if n_test + n_val >= nu:
+        what = "regions (files)" if split_by == "region" else "tiles"
+        raise DataError(f"dataset.split_by={split_by!r}: {nu} {what} cannot give {n_val} validation and {n_test} test "
+                        f"{what} and keep training ones; add data, lower val_fraction/test_fraction"
+                        + (", or use split_by: tile" if split_by == "region" else ""))
+    test_u, val_u, train_u = perm[nu - n_test:], perm[nu - n_test - n_val:nu - n_test], perm[:nu - n_test - n_val]
+    if split_by == "region":
+        pick = lambda u: np.flatnonzero(np.isin(region_of_tile, u))  # noqa: E731
+    else:
+        pick = lambda u: np.sort(u).astype(np.int64)  # noqa: E731
+    return {"train": pick(train_u), "val": pick(val_u), "test": pick(test_u)}
+
+
+# ------------------------------------------------------------------------------------------- derivatives
+def central_gradient(h, spacing: float = 1.0):
+    """Central differences on interior pixels: (d/drow, d/dcol), each (..., H-2, W-2), per ``spacing`` units.
+
+    Works on numpy arrays and torch tensors; the last two axes are (row, column).
+    """
+    g_col = (h[..., 1:-1, 2:] - h[..., 1:-1, :-2]) / (2.0 * spacing)
+    g_row = (h[..., 2:, 1:-1] - h[..., :-2, 1:-1]) / (2.0 * spacing)
+    return g_row, g_col
+
+
+def laplacian_5pt(h, spacing: float = 1.0):
+    """5-point Laplacian on interior pixels, (..., H-2, W-2), per ``spacing``^2 units (numpy or torch)."""
+    c = h[..., 1:-1, 1:-1]
+    return (h[..., 2:, 1:-1] + h[..., :-2, 1:-1] + h[..., 1:-1, 2:] + h[..., 1:-1, :-2] - 4.0 * c) / (spacing ** 2)
+
+
+def slope_degrees(h, gsd: float):
+    """Slope angle in degrees on interior pixels of a heightfield in metres with pixel size ``gsd`` metres."""
+    g_row, g_col = central_gradient(h, 1.0)
+    if isinstance(g_row, torch.Tensor):
+        return torch.rad2deg(torch.atan(torch.sqrt(g_row ** 2 + g_col ** 2) / gsd))
+    return np.degrees(np.arctan(np.sqrt(g_row ** 2 + g_col ** 2) / gsd))
+
+
+# ------------------------------------------------------------------------------------------------ dataset
+@register("dataset", "terrain")
+class TerrainDataset:
+    """DEM tiles for amortized terrain INRs (spec huvr 1, 3, 8).
+
+    Args:
+        path: a heightfield file (.npy / .npz / .tif / .tiff / .raw), a folder of them (one region per file,
+            sorted by name), or a named source: ``demo`` (generated terrain, written on first use under
+            ``demo_root``), ``mpl:jacksboro_fault_dem``, ``mpl:topobathy`` (need matplotlib),
+            ``skimage:motorcycle_disp`` (a stereo disparity map; real but not an elevation model).
+        tile_size: tile side T in pixels (the paper: 256).
+        split_by: ``region`` (whole files per split, spec 3), ``tile`` (tiles shuffled into splits) or ``none``
+            (every tile is test: out-of-domain sets).
+        val_fraction: fraction of regions (or tiles) in the validation split.
+        test_fraction: fraction of regions (or tiles) in the test split.
+        split_seed: seed of the split shuffle (independent of the batch seed).
+        batch_size: tiles per training batch (the paper: 8 for TransINR / Functa, 32 for HUVR).
+        augment: ``none`` or ``dihedral`` (random k x 90 degree rotation and flip per tile; HUVR's policy is NR).
+        nodata: height value marking missing pixels (besides NaN / Inf); windows holding it are dropped.
+            Default: the GeoTIFF's GDAL_NODATA tag when present, else none.
+        raw_shape: [rows, columns] of raw (.raw/.bin/.dat) files.
+        raw_dtype: numpy dtype of raw files.
+        gsd: ground sampling distance in metres per pixel for slope angles; default: from the file
+            (GeoTIFF ModelPixelScaleTag, .npz ``dx``, 2 m for ``demo``), else 1.
+        min_sigma: floor of the per-tile standard deviation in metres (flat tiles).
+        max_tiles_per_region: keep at most this many tiles of each region (evenly spaced; null = all).
+        demo_root: folder of the generated terrain for ``path: demo``.
+        demo_regions: regions generated for ``path: demo``.
+        demo_size: side in pixels of each generated region.
+        seed: batch seed (injected from train.seed).
+    """
+
+    def __init__(self, path: str = "demo", tile_size: int = 256, split_by: str = "region",
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0, batch_size: int = 8,
+                 augment: str = "none", nodata: Optional[float] = None, raw_shape: Optional[List[int]] = None,
+                 raw_dtype: str = "float32", gsd: Optional[float] = None, min_sigma: float = 1e-3,
+                 max_tiles_per_region: Optional[int] = None, demo_root: str = os.path.join("data", "terrain_demo"),
+                 demo_regions: int = 12, demo_size: int = 384, seed: int = 0):
+        for key, val, allowed in (("split_by", split_by, SPLIT_MODES), ("augment", augment, TERRAIN_AUGMENT_MODES)):
+            if val not in allowed:
+                raise ConfigError(f"dataset.{key} must be one of {', '.join(allowed)}; got {val!r}")
+        for key, val, lo in (("tile_size", tile_size, 4), ("batch_size", batch_size, 1), ("split_seed", split_seed, 0),
+                             ("seed", seed, 0), ("demo_regions", demo_regions, 1), ("demo_size", demo_size, 16)):
+            if not _is_int(val) or val < lo:
+                raise ConfigError(f"dataset.{key} must be an integer >= {lo}, got {val!r}")
+        if max_tiles_per_region is not None and (not _is_int(max_tiles_per_region) or max_tiles_per_region < 1):
+            raise ConfigError(f"dataset.max_tiles_per_region must be null or an integer >= 1, got {max_tiles_per_region!r}")
+        for key, val in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if isinstance(val, bool) or not isinstance(val, (int, float)) or not 0.0 <= val < 1.0:
+                raise ConfigError(f"dataset.{key} must be a number in [0, 1), got {val!r}")
+        if isinstance(min_sigma, bool) or not isinstance(min_sigma, (int, float)) or not min_sigma > 0:
+            raise ConfigError(f"dataset.min_sigma must be a number > 0 (metres), got {min_sigma!r}")
+        if gsd is not None and (isinstance(gsd, bool) or not isinstance(gsd, (int, float)) or not gsd > 0):
+            raise ConfigError(f"dataset.gsd must be null or a number > 0 (metres per pixel), got {gsd!r}")
+        try:
+            np.dtype(raw_dtype)
+        except TypeError:
+            raise ConfigError(f"dataset.raw_dtype: {raw_dtype!r} is not a numpy dtype") from None
+        self.path, self.tile_size, self.split_by = str(path), int(tile_size), split_by
+        self.batch_size, self.augment, self.seed = int(batch_size), augment, int(seed)
+        self.min_sigma = float(min_sigma)
+
+        sources = self._sources(raw_shape, raw_dtype, demo_root, demo_regions, demo_size)
+        tiles, origins, regions, gsds = [], [], [], []
+        self.region_names: List[str] = []
+        for r, (name, arr, file_gsd, file_nodata) in enumerate(sources):
+            t, o = cut_tiles(arr, self.tile_size, nodata if nodata is not None else file_nodata)
+            if max_tiles_per_region is not None and len(t) > max_tiles_per_region:
+                keep = np.linspace(0, len(t) - 1, max_tiles_per_region).round().astype(np.int64)
+                t, o = t[keep], o[keep]
+            self.region_names.append(name)
+            tiles.append(t)
+            origins.append(o)
+            regions.append(np.full(len(t), r, np.int64))
+            gsds.append(file_gsd)
+        self.tiles_m = np.concatenate(tiles) if tiles else np.zeros((0, self.tile_size, self.tile_size), np.float32)
+        if len(self.tiles_m) == 0:
+            shapes = ", ".join(f"{n} {list(a.shape)}" for n, a, _, _ in sources[:5])
+            raise DataError(f"dataset.path '{self.path}': no complete {self.tile_size} x {self.tile_size} tile without "
+                            f"missing values ({shapes}); lower dataset.tile_size or check nodata")
+        self.origins = np.concatenate(origins)
+        self.region_of_tile = np.concatenate(regions)
+        known = [g for g in gsds if g is not None]
+        self.gsd = float(gsd) if gsd is not None else (float(known[0]) if known else 1.0)
+        mu = self.tiles_m.reshape(len(self.tiles_m), -1).astype(np.float64).mean(axis=1)
+        sd = self.tiles_m.reshape(len(self.tiles_m), -1).astype(np.float64).std(axis=1)
+        self.mu = mu.astype(np.float64)
+        self.sigma = np.maximum(sd, self.min_sigma)
+        self.splits = split_tiles(self.region_of_tile, split_by, float(val_fraction), float(test_fraction),
+                                  int(split_seed))
+        if split_by != "none" and len(self.splits["train"]) == 0:
+            raise DataError(f"dataset.path '{self.path}': the training split is empty")
+        log.info("terrain %s: %d regions, %d tiles of %d x %d (train %d, val %d, test %d), gsd %g m", self.path,
+                 len(sources), len(self.tiles_m), self.tile_size, self.tile_size, len(self.splits["train"]),
+                 len(self.splits["val"]), len(self.splits["test"]), self.gsd)
+
+    def _sources(self, raw_shape, raw_dtype, demo_root, demo_regions, demo_size):
+        """[(name, 2-D array, gsd or None, nodata or None)] of the configured path."""
+        p = self.path
+        if p in NAMED_SOURCES or p.startswith(("mpl:", "skimage:")):
+            return [(n, a, g, None) for n, a, g in _named_source(p, demo_root, demo_regions, demo_size)]
+        if os.path.isdir(p):
+            files = sorted(f for f in os.listdir(p) if os.path.splitext(f)[1].lower() in HEIGHT_EXTS)
+            if not files:
+                raise DataError(f"dataset.path '{p}': no heightfield files ({', '.join(HEIGHT_EXTS)}) in this folder")
+            paths = [os.path.join(p, f) for f in files]
+        elif os.path.isfile(p):
+            paths = [p]
+        else:
+            raise DataError(f"dataset.path '{p}' not found (expected a heightfield file, a folder of them or one of "
+                            f"{', '.join(NAMED_SOURCES)})")
+        out = []
+        for f in paths:
+            arr, g, nd = read_heightfield(f, raw_shape, raw_dtype)
+            out.append((os.path.basename(f), arr, g, nd))
+        return out
+
+    # ------------------------------------------------------------------------------------------ shapes
+    @property
+    def spatial_dims(self) -> int:
+        return 2
+
+    @property
+    def cond_dim(self) -> int:
+        return 0
+
+    @property
+    def out_dim(self) -> int:
+        return 1
+
+    @property
+    def spatial_shape(self) -> Tuple[int, int]:
+        return (self.tile_size, self.tile_size)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """ceil(training tiles / batch_size)."""
+        return max(1, math.ceil(len(self.splits["train"]) / self.batch_size))
+
+    @property
+    def train_value_mean(self) -> float:
+        """0: every tile is normalized to zero mean."""
+        return 0.0
+
+    def meta(self) -> dict:
+        """JSON-serializable facts of the data (path, tile_size, tile counts per split, gsd, region names)."""
+        return {"path": self.path, "tile_size": self.tile_size, "spatial_shape": [self.tile_size, self.tile_size],
+                "spatial_dims": 2, "cond_dim": 0, "out_dim": 1, "split_by": self.split_by,
+                "n_tiles": int(len(self.tiles_m)), **{f"n_{k}": int(len(v)) for k, v in self.splits.items()},
+                "gsd": self.gsd, "regions": self.region_names, "batch_size": self.batch_size,
+                "steps_per_epoch": self.steps_per_epoch, "augment": self.augment, "train_value_mean": 0.0}
+
+    # ----------------------------------------------------------------------------------------- access
+    def split_indices(self, split: str) -> np.ndarray:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        return self.splits[split]
+
+    def tiles(self, idx: np.ndarray) -> Dict[str, torch.Tensor]:
+        """Tiles by global index: ``tile`` (n, 1, T, T) normalized, ``metres`` (n, T, T), ``mu``, ``sigma`` (n,)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        m = self.tiles_m[idx].astype(np.float64)
+        mu, sd = self.mu[idx], self.sigma[idx]
+        t = (m - mu[:, None, None]) / sd[:, None, None]
+        return {"tile": torch.from_numpy(t.astype(np.float32))[:, None], "metres": torch.from_numpy(m),
+                "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sd), "index": torch.from_numpy(idx)}
+
+    def sample_batch(self, step: int, rank: int = 0) -> Dict[str, torch.Tensor]:
+        """The training batch of (seed, step, rank): ``tile`` (B, 1, T, T), ``mu``, ``sigma`` (B,), ``index`` (B,)."""
+        if not (_is_int(step) and step >= 0 and _is_int(rank) and rank >= 0):
+            raise ValueError(f"step and rank must be integers >= 0, got step={step!r}, rank={rank!r}")
+        train = self.splits["train"]
+        if len(train) == 0:
+            raise DataError(f"dataset.path '{self.path}': no training tiles (split_by: {self.split_by})")
+        rng = np.random.default_rng([self.seed, int(step), int(rank)])
+        pick = train[rng.integers(0, len(train), size=self.batch_size)]
+        b = self.tiles(pick)
+        t = b["tile"]
+        if self.augment == "dihedral":
+            k = rng.integers(0, 4, size=len(pick))
+            flip = rng.integers(0, 2, size=len(pick))
+            t = torch.stack([torch.rot90(ti, int(ki), dims=(-2, -1)).flip(-1) if fi else
+                             torch.rot90(ti, int(ki), dims=(-2, -1)) for ti, ki, fi in zip(t, k, flip)])
+        return {"tile": t.contiguous(), "mu": b["mu"].float(), "sigma": b["sigma"].float(), "index": b["index"]}
+
+    def __len__(self) -> int:
+        return int(len(self.tiles_m))
+
+    def __repr__(self) -> str:
+        return (f"TerrainDataset({self.path!r}, tiles={len(self.tiles_m)}, tile_size={self.tile_size}, "
+                f"split_by={self.split_by!r})")

@@ -1,0 +1,132 @@
+"""Terrain tiles: tiler, splits, per-tile normalization, derivative ground truth, bad inputs, the generator."""
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from datasets.terrain import (TerrainDataset, central_gradient, cut_tiles, laplacian_5pt, read_heightfield,
+                              slope_degrees, split_tiles)
+from datasets.terrain_gen import erode, fractal_surface, generate_terrain_demo
+from util.errors import DataError
+from util.registry import ConfigError
+
+
+def test_cut_tiles_positions_and_missing_windows():
+    arr = np.arange(10 * 13, dtype=np.float64).reshape(10, 13)  # 2 x 3 windows of 4 (remainder dropped)
+    arr[5, 9] = np.nan  # window (row 4, col 8)
+    tiles, origins = cut_tiles(arr, 4)
+    assert origins.tolist() == [[0, 0], [0, 4], [0, 8], [4, 0], [4, 4]]
+    for t, (r, c) in zip(tiles, origins):
+        np.testing.assert_array_equal(t, arr[r:r + 4, c:c + 4])
+    tiles, origins = cut_tiles(arr, 4, nodata=float(arr[0, 5]))
+    assert [0, 4] not in origins.tolist() and len(tiles) == 4
+
+
+def test_region_split_keeps_regions_whole_and_disjoint():
+    region = np.repeat(np.arange(10), 7)
+    s = split_tiles(region, "region", 0.2, 0.2, seed=3)
+    sets = {k: set(region[v]) for k, v in s.items()}
+    assert len(sets["test"]) == 2 and len(sets["val"]) == 2 and len(sets["train"]) == 6
+    assert not (sets["train"] & sets["test"]) and not (sets["train"] & sets["val"]) and not (sets["val"] & sets["test"])
+    assert sorted(np.concatenate(list(s.values())).tolist()) == list(range(70))
+    t = split_tiles(region, "tile", 0.1, 0.2, seed=0)
+    assert len(t["test"]) == 14 and len(t["val"]) == 7 and not set(t["test"]) & set(t["train"])
+    with pytest.raises(DataError, match="split_by: tile"):
+        split_tiles(np.zeros(5, np.int64), "region", 0.1, 0.1, seed=0)
+
+
+def test_derivatives_exact_on_a_quadratic_surface():
+    # h = 3 r^2 - 2 c^2 + 0.5 r c + r: central differences and the 5-point Laplacian are exact for quadratics
+    r, c = np.meshgrid(np.arange(9.0), np.arange(11.0), indexing="ij")
+    h = 3 * r ** 2 - 2 * c ** 2 + 0.5 * r * c + r
+    g_r, g_c = central_gradient(h)
+    np.testing.assert_allclose(g_r, (6 * r + 0.5 * c + 1)[1:-1, 1:-1], atol=1e-9)
+    np.testing.assert_allclose(g_c, (-4 * c + 0.5 * r)[1:-1, 1:-1], atol=1e-9)
+    np.testing.assert_allclose(laplacian_5pt(h), np.full((7, 9), 6.0 - 4.0), atol=1e-9)
+    # spacing: per metre instead of per pixel
+    np.testing.assert_allclose(laplacian_5pt(h, spacing=2.0), np.full((7, 9), 0.5), atol=1e-9)
+    # torch path gives the same; slope of a 45-degree plane
+    np.testing.assert_allclose(laplacian_5pt(torch.from_numpy(h)).numpy(), laplacian_5pt(h))
+    plane = 2.0 * c  # 2 m per pixel at gsd 2 m -> 45 degrees
+    np.testing.assert_allclose(slope_degrees(plane, 2.0), 45.0)
+
+
+def _write_regions(tmp_path, n=4, size=24, seed=0):
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        np.save(tmp_path / f"r{i}.npy", (100.0 * i + 30 * rng.standard_normal((size, size))).astype(np.float32))
+    return tmp_path
+
+
+def test_dataset_per_tile_normalization_and_batches(tmp_path):
+    _write_regions(tmp_path)
+    d = TerrainDataset(str(tmp_path), tile_size=8, split_by="region", val_fraction=0.25, test_fraction=0.25,
+                       batch_size=5, seed=1)
+    assert len(d) == 4 * 9 and d.meta()["n_train"] == 18 and d.meta()["n_test"] == 9
+    b = d.tiles(d.split_indices("test"))
+    t = b["tile"][:, 0].double()
+    np.testing.assert_allclose(t.mean(dim=(1, 2)).numpy(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(t.std(dim=(1, 2), unbiased=False).numpy(), 1.0, atol=1e-5)
+    back = t * b["sigma"][:, None, None] + b["mu"][:, None, None]
+    np.testing.assert_allclose(back.numpy(), b["metres"].numpy(), atol=1e-3)
+    b1, b2 = d.sample_batch(7), d.sample_batch(7)
+    assert b1["tile"].shape == (5, 1, 8, 8) and torch.equal(b1["tile"], b2["tile"])
+    assert set(b1["index"].tolist()) <= set(d.split_indices("train").tolist())
+    assert not torch.equal(d.sample_batch(8)["index"], b1["index"]) or not torch.equal(d.sample_batch(9)["index"],
+                                                                                       b1["index"])
+    # dihedral augmentation keeps the values of each tile (a permutation of its pixels)
+    da = TerrainDataset(str(tmp_path), tile_size=8, batch_size=5, augment="dihedral", seed=1, val_fraction=0.25,
+                        test_fraction=0.25)
+    ba = da.sample_batch(7)
+    torch.testing.assert_close(ba["tile"].flatten(1).sort(dim=1).values, b1["tile"].flatten(1).sort(dim=1).values)
+
+
+def test_flat_tile_sigma_floor(tmp_path):
+    np.save(tmp_path / "flat.npy", np.full((8, 16), 5.0, np.float32))
+    d = TerrainDataset(str(tmp_path), tile_size=8, split_by="tile", val_fraction=0.0, test_fraction=0.4,
+                       min_sigma=0.01)
+    assert np.all(d.sigma == 0.01) and np.isfinite(d.tiles([0, 1])["tile"].numpy()).all()
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        TerrainDataset(str(tmp_path / "missing"))
+    (tmp_path / "a.xyz").write_text("x")
+    with pytest.raises(DataError, match="unknown heightfield format"):
+        read_heightfield(str(tmp_path / "a.xyz"))
+    np.save(tmp_path / "one_d.npy", np.zeros(10))
+    with pytest.raises(DataError, match="one_d.npy.*2-D"):
+        read_heightfield(str(tmp_path / "one_d.npy"))
+    np.zeros((4, 4), np.float32).tofile(tmp_path / "h.raw")
+    with pytest.raises(DataError, match="raw_shape"):
+        read_heightfield(str(tmp_path / "h.raw"))
+    with pytest.raises(DataError, match="64 bytes"):
+        read_heightfield(str(tmp_path / "h.raw"), raw_shape=[4, 5])
+    assert read_heightfield(str(tmp_path / "h.raw"), raw_shape=[4, 4])[0].shape == (4, 4)
+    sub = tmp_path / "small"
+    sub.mkdir()
+    np.save(sub / "s.npy", np.zeros((5, 5), np.float32))
+    with pytest.raises(DataError, match="no complete 8 x 8 tile"):
+        TerrainDataset(str(sub), tile_size=8)
+    for key, val in (("tile_size", 2), ("split_by", "rows"), ("augment", "flip"), ("test_fraction", 1.0),
+                     ("batch_size", 0), ("min_sigma", 0)):
+        with pytest.raises(ConfigError, match=f"dataset.{key}"):
+            TerrainDataset(str(sub), **{key: val})
+    if importlib.util.find_spec("matplotlib") is None:
+        with pytest.raises(DataError, match="matplotlib"):
+            TerrainDataset("mpl:jacksboro_fault_dem")
+
+
+def test_generator_deterministic_with_valleys(tmp_path):
+    a = fractal_surface(48, seed=5)
+    np.testing.assert_array_equal(a, fractal_surface(48, seed=5))
+    assert not np.array_equal(a, fractal_surface(48, seed=6))
+    # erosion lowers the drainage lines: the mean height drops and the surface gets smoother (Laplacian energy)
+    e = erode(a * 50, iterations=10)
+    assert e.mean() < a.mean() * 50 and np.abs(laplacian_5pt(e)).mean() < np.abs(laplacian_5pt(a * 50)).mean()
+    files = generate_terrain_demo(str(tmp_path / "demo"), regions=2, size=32, iterations=2, log=None)
+    assert len(files) == 2 and generate_terrain_demo(str(tmp_path / "demo"), regions=2, size=32, iterations=2,
+                                                     log=None) == files
+    with pytest.raises(FileExistsError, match="other settings"):
+        generate_terrain_demo(str(tmp_path / "demo"), regions=3, size=32, iterations=2, log=None)
