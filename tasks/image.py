@@ -1,0 +1,349 @@
+"""The image task: one picture as a single field f(x) -> RGB (or gray) values (spec vision 1), and its evaluation.
+
+Training is the base task's: batches ``x (1, N, 2)``, ``c (1, 0)``, ``v (1, N, C)`` from
+``datasets.image.ImageDataset`` (N random pixels, VP-S), MSE loss. Evaluation (``test.py`` through
+:meth:`ImageTask.evaluate`, options in the ``test`` section, :class:`ImageTestConfig`):
+
+1. the run's model is loaded (``util.runs.load_trained_model``), baked (``model.bake()``) and run at every pixel of
+   the full-resolution image in chunks (``model(x, c)`` with ``c`` of shape (1, 0)); with ``dataset.downsample
+   > 1`` (spec 1.5) that is the resolution the model never saw (``resolutions: [full, train]`` also scores the
+   training resolution);
+2. ``util.image_eval.evaluate_image`` scores it: PSNR over the whole image, SSIM on true image tiles (default)
+   and/or the reference's raster-chunk protocol (spec 1.4), LPIPS-VGG only when its weights are on this machine
+   (one log line otherwise), the reference's chunk-averaged PSNR beside ours; inference time = bake + the
+   forward calls of all chunks;
+3. ``<out_dir>/metrics.csv`` (columns :data:`IMAGE_FIELDS`, one row per resolution) and, with ``save_png``,
+   ``<out_dir>/<resolution>_pred.png`` (the prediction, 8 bit) and ``<resolution>_error.png`` (|pred - truth|
+   averaged over channels, times ``error_gain``, as a colormap) are written; existing results are not replaced
+   without ``overwrite``.
+
+Rows (and metrics.csv columns): ``predictor`` (model), ``split`` (image), ``resolution`` (full / train),
+``height``, ``width``, ``channels``, ``psnr`` (whole image, normalized values, data range 1), ``ssim`` (tile
+protocol; empty unless requested), ``lpips`` (tiles; empty when unavailable), ``mse``, ``psnr_chunked``
+(the reference's mean-over-chunks MSE), ``ssim_raster``, ``lpips_raster`` (the reference's raster chunks),
+``ssim_protocol``, ``ssim_tile``, ``bake_s``, ``forward_s``, ``infer_s`` (= bake_s + forward_s),
+``points_per_s``, ``chunk_size``, ``params`` (trainable parameters), ``weights``, ``step``, ``total_steps`` (as
+util/evaluation.py: which weights were scored).
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+
+from tasks.base import Task
+from util.config import _check_dataclass_fields
+from util.registry import ConfigError, register
+
+log = logging.getLogger("test")
+
+__all__ = ["ImageTask", "ImageTestConfig", "IMAGE_FIELDS", "evaluate_model", "write_metrics", "format_table",
+           "image_channels_from_header"]
+
+IMAGE_FIELDS = ["predictor", "split", "resolution", "height", "width", "channels", "psnr", "ssim", "lpips", "mse",
+                "psnr_chunked", "ssim_raster", "lpips_raster", "ssim_protocol", "ssim_tile", "bake_s", "forward_s",
+                "infer_s", "points_per_s", "chunk_size", "params", "weights", "step", "total_steps"]
+"""Columns of an image run's metrics.csv."""
+
+SSIM_PROTOCOLS = ("tiles", "raster", "both")
+COLORMAPS = ("hot", "gray")
+RESOLUTIONS = ("full", "train")
+#: default points per forward chunk: the reference's eval_batch_size on CUDA, smaller on CPU (activations of a
+#: 128-wide decoder: chunk x 128 x 4 bytes per layer)
+CUDA_CHUNK = 1 << 21
+CPU_CHUNK = 1 << 18
+
+
+@dataclass
+class ImageTestConfig:
+    """Keys of the ``test`` section of an image run (task ``image``).
+
+    Attributes:
+        chunk_size: points per forward call when reconstructing the image; null: 2097152 on CUDA (the
+            reference's eval_batch_size) and 262144 on CPU.
+        resolutions: "full" (the original image; the only one the reference scores) and/or "train" (the
+            training image: differs from full only with dataset.downsample > 1).
+        ssim_protocol: "tiles" (SSIM on true image tiles of at most ssim_tile x ssim_tile pixels, mean over
+            tiles), "raster" (the reference's protocol, spec 1.4: consecutive row-major chunks of reference_chunk
+            pixels re-wrapped to a window of the image's aspect ratio; to compare with the paper's numbers) or
+            "both". LPIPS follows the same choice.
+        ssim_tile: largest tile side of the tile protocol (tiles are near-equal, >= 11 pixels so the 11 x 11
+            SSIM window fits).
+        reference_chunk: pixels per chunk of the reference's chunk-averaged MSE (column psnr_chunked) and area of
+            its raster SSIM/LPIPS window (2097152 in the reference).
+        lpips: compute LPIPS-VGG when the lpips package and its VGG weights are on this machine (nothing is
+            downloaded; otherwise the column is empty and one log line says why).
+        raw_targets: score against the un-normalized image (uint8 / 255, the reference's super-resolution
+            targets, spec 1.5) instead of the image normalized with the training min/max.
+        save_png: write <resolution>_pred.png and <resolution>_error.png into the output folder.
+        error_gain: the error image shows min(1, gain x |pred - truth|) (mean over channels): 10 makes an error
+            of 0.1 of the value range full scale.
+        error_colormap: "hot" (black-red-yellow-white, RGB PNG) or "gray".
+    """
+
+    chunk_size: Optional[int] = None
+    resolutions: List[str] = field(default_factory=lambda: ["full"])
+    ssim_protocol: str = "tiles"
+    ssim_tile: int = 512
+    reference_chunk: int = 2097152
+    lpips: bool = True
+    raw_targets: bool = False
+    save_png: bool = True
+    error_gain: float = 10.0
+    error_colormap: str = "hot"
+
+    def __post_init__(self):
+        _check_dataclass_fields(self, "test")
+        if self.chunk_size is not None and int(self.chunk_size) < 1:
+            raise ConfigError(f"test.chunk_size must be >= 1 or null (auto), got {self.chunk_size}")
+        for r in self.resolutions:
+            if r not in RESOLUTIONS:
+                raise ConfigError(f"test.resolutions: unknown resolution '{r}', expected 'full' and/or 'train'")
+        if len(set(self.resolutions)) != len(self.resolutions):
+            raise ConfigError(f"test.resolutions lists a resolution twice: {self.resolutions}")
+        if self.raw_targets and "train" in self.resolutions:
+            raise ConfigError("test.raw_targets applies to the full-resolution image only; remove 'train' from "
+                              "test.resolutions or set test.raw_targets: false")
+        if self.ssim_protocol not in SSIM_PROTOCOLS:
+            raise ConfigError(f"test.ssim_protocol must be one of {', '.join(SSIM_PROTOCOLS)}, "
+                              f"got {self.ssim_protocol!r}")
+        if int(self.ssim_tile) < 11:
+            raise ConfigError(f"test.ssim_tile must be >= 11 (the SSIM window is 11 x 11), got {self.ssim_tile}")
+        if int(self.reference_chunk) < 1:
+            raise ConfigError(f"test.reference_chunk must be >= 1, got {self.reference_chunk}")
+        if not (self.error_gain > 0 and math.isfinite(self.error_gain)):
+            raise ConfigError(f"test.error_gain must be a finite number > 0, got {self.error_gain}")
+        if self.error_colormap not in COLORMAPS:
+            raise ConfigError(f"test.error_colormap must be one of {', '.join(COLORMAPS)}, "
+                              f"got {self.error_colormap!r}")
+
+
+def _test_config(section: Dict[str, Any], overrides: Optional[Dict[str, Any]]) -> ImageTestConfig:
+    merged = {**(section or {}), **(overrides or {})}
+    known = {f.name for f in fields(ImageTestConfig)}
+    unknown = sorted(k for k in merged if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown key 'test.{unknown[0]}' for task type 'image'; accepted keys: "
+                          f"{', '.join(sorted(known))}")
+    return ImageTestConfig(**merged)
+
+
+def image_channels_from_header(path: str) -> Optional[int]:
+    """Channels the image dataset will use for ``path`` (1 or 3; RGBA and palette images give 3), read from the
+    file header only (.npy shape, Pillow's mode without decoding); None when the file is missing or unreadable."""
+    try:
+        if str(path).lower().endswith(".npy"):
+            shape = np.load(path, mmap_mode="r").shape
+            return 1 if len(shape) == 2 else (3 if shape[-1] in (3, 4) else int(shape[-1]))
+        from PIL import Image
+
+        with Image.open(path) as im:
+            mode = im.mode
+    except Exception:  # noqa: BLE001 - any failure: the data decides later
+        return None
+    if mode in ("1", "L", "I", "F") or mode.startswith("I;"):
+        return 1
+    if mode in ("LA", "La", "PA"):
+        return 2 if mode != "PA" else 3
+    return 3
+
+
+class _TrainResolution:
+    """The training image of an ImageDataset seen through the ``image_shape`` / ``rows`` interface."""
+
+    def __init__(self, dataset):
+        self.image_shape = tuple(int(s) for s in dataset.train_shape)
+        self.rows = dataset.train_rows
+
+
+def evaluate_model(model, dataset, test_config: Optional[ImageTestConfig] = None, out_dir: Optional[str] = None,
+                   device=None, autocast: Optional[bool] = None, progress: bool = True) -> List[Dict[str, Any]]:
+    """Score a model on an image dataset (no run directory needed; :meth:`ImageTask.evaluate` calls it).
+
+    Per resolution of ``test_config.resolutions``: unbake, then ``util.image_eval.evaluate_image`` with
+    ``model.bake`` as the timed bake and ``model(x, c)`` (``c`` of shape (1, 0)) on the pixel coordinates of that
+    resolution; PNGs into ``out_dir`` when given and ``save_png``.
+
+    Args:
+        model: a ``models.base.FieldModel`` with cond_dim 0 and out_dim = the image's channels.
+        dataset: ``datasets.image.ImageDataset`` (full-resolution rows via ``rows``, training rows via
+            ``train_rows``).
+        test_config: the options (default ``ImageTestConfig()``).
+        out_dir: folder of the PNGs (None: no PNGs).
+        device: where the model runs (default: CUDA when available, else CPU).
+        autocast: fp16 autocast around the forward calls (default: on CUDA only).
+        progress: log a line before and after each resolution (else at debug level).
+
+    Returns:
+        One row per resolution with the :data:`IMAGE_FIELDS` metrics (no weights columns) plus ``pred_png`` and
+        ``error_png`` (paths or None).
+    """
+    from util.image_eval import evaluate_image, lpips_status
+
+    tc = test_config or ImageTestConfig()
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    autocast = (device.type == "cuda") if autocast is None else bool(autocast)
+    if autocast and device.type != "cuda":
+        raise ValueError("fp16 autocast for the image evaluation needs a CUDA device (fp32 on CPU)")
+    chunk = int(tc.chunk_size) if tc.chunk_size is not None else (CUDA_CHUNK if device.type == "cuda" else CPU_CHUNK)
+    info = log.info if progress else log.debug
+    use_lpips = tc.lpips
+    if use_lpips:
+        ok, why = lpips_status()
+        if not ok:
+            log.info("%s", why)
+            use_lpips = False
+    model.to(device)
+    model.eval()
+    c_empty = torch.zeros(1, 0, device=device)
+    params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    rows = []
+    for res in tc.resolutions:
+        truth = dataset if res == "full" else _TrainResolution(dataset)
+        H, W = truth.image_shape
+        info("image evaluation at %s resolution (%d x %d), chunks of %d points, SSIM protocol %s", res, H, W,
+                 chunk, tc.ssim_protocol)
+        model.unbake()  # every resolution's inference time includes its bake
+        r = evaluate_image(lambda x: model(x, c_empty), truth, chunk_size=chunk, device=device, autocast=autocast,
+                           bake=model.bake, protocol=tc.ssim_protocol, tile=int(tc.ssim_tile),
+                           mse_chunk=int(tc.reference_chunk), raster_chunk=int(tc.reference_chunk),
+                           lpips=use_lpips, raw_truth=tc.raw_targets and res == "full",
+                           out_dir=out_dir if tc.save_png else None, prefix=res, error_gain=tc.error_gain,
+                           colormap=tc.error_colormap)
+        rows.append(dict(predictor="model", split="image", resolution=res, height=r["height"], width=r["width"],
+                         channels=r["channels"], psnr=r["psnr"], ssim=r["ssim"], lpips=r["lpips"], mse=r["mse"],
+                         psnr_chunked=r["psnr_chunked"], ssim_raster=r["ssim_raster"],
+                         lpips_raster=r["lpips_raster"], ssim_protocol=tc.ssim_protocol, ssim_tile=int(tc.ssim_tile),
+                         bake_s=r["bake_s"], forward_s=r["forward_s"], infer_s=r["infer_s"],
+                         points_per_s=r["points_per_s"], chunk_size=chunk, params=params,
+                         pred_png=r["pred_png"], error_png=r["error_png"]))
+        info("%s: PSNR %.3f dB, SSIM %s, inference %.3f s (bake %.3f s)", res, r["psnr"],
+                 _fmt(r["ssim"] if tc.ssim_protocol != "raster" else r["ssim_raster"]), r["infer_s"], r["bake_s"])
+    return rows
+
+
+def write_metrics(path: str, rows: List[Dict[str, Any]]) -> None:
+    """metrics.csv of an image run (:data:`IMAGE_FIELDS`; floats with 6 significant digits, empty for None/NaN),
+    written atomically."""
+    tmp = path + ".tmp"
+
+    def cell(v):
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        return f"{v:.6g}" if isinstance(v, float) else v
+
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=IMAGE_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: cell(v) for k, v in r.items()})
+    os.replace(tmp, path)
+
+
+def _fmt(v) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    """Plain-text table of image evaluation rows (one per resolution); a last line names the weights scored."""
+    cols = ["resolution", "height", "width", "psnr", "ssim", "ssim_raster", "lpips", "psnr_chunked", "bake_s",
+            "infer_s", "params"]
+    table = [cols] + [[_fmt(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
+    lines = ["  ".join(s.ljust(w) for s, w in zip(t, widths)).rstrip() for t in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    if rows and "weights" in rows[0]:
+        from util.evaluation import weights_line
+
+        lines.append(weights_line(rows[0]))
+    return "\n".join(lines)
+
+
+@register("task", "image")
+class ImageTask(Task):
+    """One image as a single field (spec vision 1): x = (column, row) in [-1, 1] -> the pixel's C values.
+
+    Training: the base task (``dataset.sample_batch``, MSE over the batch and channels); model inputs
+    ``cond_dim`` 0, ``spatial_dims`` 2, ``out_dim`` = the image's channels. Evaluation: see the module docstring
+    and :class:`ImageTestConfig` (the ``test`` section).
+
+    Args:
+        dataset: the run's image dataset (injected).
+    """
+
+    test_config = ImageTestConfig
+
+    def __init__(self, dataset):
+        super().__init__(dataset)
+        if int(getattr(dataset, "cond_dim", 0)) != 0 or not hasattr(dataset, "rows"):
+            raise ConfigError(f"task.type 'image' needs an image dataset (dataset.type: image), got "
+                              f"{type(dataset).__name__}")
+
+    @classmethod
+    def model_inputs_without_data(cls, exp: Dict[str, Any]) -> Optional[Dict[str, int]]:
+        """cond_dim 0, spatial_dims 2; out_dim from the image file's header when it is here, else 3 (the paper's
+        RGB images, whose gigapixel files are usually absent)."""
+        path = (exp.get("dataset") or {}).get("path")
+        channels = image_channels_from_header(path) if path else None
+        return {"cond_dim": 0, "spatial_dims": 2, "out_dim": 3 if channels is None else int(channels)}
+
+    @classmethod
+    def evaluate(cls, run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
+                 overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device: Optional[str] = None,
+                 progress: bool = True) -> List[Dict[str, Any]]:
+        """Score a trained image run; writes ``metrics.csv`` and the PNGs into ``out_dir``.
+
+        Args:
+            run_dir: run directory written by train.py.
+            out_dir: output folder (default ``<run_dir>/eval``).
+            checkpoint: weights to use (default: the final model.pt, else the latest intact checkpoint).
+            overrides: keys of the ``test`` section to change for this evaluation.
+            overwrite: replace existing result files (else FileExistsError naming them, before any work).
+            device: "cpu" / "cuda" (default: CUDA when available).
+            progress: log a line per resolution.
+
+        Returns:
+            The rows (:data:`IMAGE_FIELDS` plus ``final_weights``, ``pred_png``, ``error_png``).
+        """
+        from util.evaluation import scored_weights
+        from util.runs import build_dataset, load_trained_model
+
+        model, exp, _meta = load_trained_model(run_dir, checkpoint)
+        tc = _test_config(exp.get("test", {}), overrides)
+        out_dir = out_dir or os.path.join(run_dir, "eval")
+        targets = [os.path.join(out_dir, "metrics.csv")]
+        if tc.save_png:
+            targets += [os.path.join(out_dir, f"{res}_{kind}.png") for res in tc.resolutions
+                        for kind in ("pred", "error")]
+        existing = [t for t in targets if os.path.exists(t)]
+        if existing and not overwrite:
+            raise FileExistsError(f"results already in '{out_dir}' ({', '.join(os.path.basename(t) for t in existing)})"
+                                  "; pass --overwrite or --out_dir")
+        weights = scored_weights(run_dir, getattr(model, "weights_path", None) or checkpoint)
+        if not weights["final_weights"]:
+            log.warning("'%s': scoring %s (step %s of %s), not the final model.pt of a finished run (columns "
+                        "'weights'/'step' of metrics.csv)", run_dir, weights["weights"], weights["step"],
+                        weights["total_steps"])
+        dataset = build_dataset(exp)
+        device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        autocast = device_t.type == "cuda" and exp["train"].get("mixed_precision", "auto") in ("auto", "fp16")
+        os.makedirs(out_dir, exist_ok=True)
+        rows = evaluate_model(model, dataset, tc, out_dir, device_t, autocast, progress)
+        for r in rows:
+            r.update(weights)
+        write_metrics(targets[0], rows)
+        return rows
+
+    @staticmethod
+    def format_table(rows: List[Dict[str, Any]]) -> str:
+        return format_table(rows)
