@@ -34,17 +34,23 @@ import math
 import numbers
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from models.fast_ops import (GridQuery, corner_stencil, fused_head, gather_interp, resize_stencil, to_rows,
-                             touched_mask, vertex_pipeline)
-from models.layers import (AUTO_OUTPUT_MEAN, ConditionLines, DenseGrids, FeatureUpsamplingPE, GLURefiner, MLPDecoder,
-                           check_init_output_mean, init_output_bias)
+from models.base import FieldModel
+from models.components.grids import ConditionLines, per_axis
+from models.components.lattice import SPARSE_REFINE, RefinedLatticeMixin
+from models.components.mlp import (AUTO_OUTPUT_MEAN, OUT_ACTIVATIONS, MLPDecoder, check_init_output_mean,
+                                   init_output_bias, output_activation)
+from models.components.refiners import GLURefiner
+from models.fast_ops import GridQuery, fused_head, gather_interp
 from util.registry import ConfigError, register
-from util.sampling import sample_grid
+from util.sampling import axis_coords, sample_grid
 
-__all__ = ["DRRNet", "VARIANTS", "PAPER_CONFIGS", "PAPER_PARAM_COUNTS", "build_paper_model"]
+# OUT_ACTIVATIONS and SPARSE_REFINE are the choices of out_activation and sparse_refine / fused_refiner
+__all__ = ["DRRNet", "VARIANTS", "PAPER_CONFIGS", "PAPER_PARAM_COUNTS", "build_paper_model", "OUT_ACTIVATIONS",
+           "SPARSE_REFINE"]
 
 Resolution = Union[int, Sequence[int]]
 
@@ -57,32 +63,13 @@ VARIANTS: Dict[str, Dict[str, object]] = {
     "spatial_refiner_only": dict(use_pi=True, cond_refiner_layers=0),
 }
 
-OUT_ACTIVATIONS = ("sigmoid", "none", "clamp")
-SPARSE_REFINE = ("auto", "always", "never")
-
 
 def _spatial_shape(entry: Resolution, spatial_dims: int, key: str) -> Tuple[int, ...]:
-    if isinstance(entry, numbers.Integral):
-        return (int(entry),) * spatial_dims
-    shape = tuple(int(n) for n in entry)
-    if len(shape) != spatial_dims:
-        raise ConfigError(f"model.{key}: {list(entry)} has {len(shape)} axes, the data has {spatial_dims} "
-                         "(give an int or one size per axis in array order (D, H, W))")
-    return shape
-
-
-def _cond_row(entry: Resolution, cond_dim: int) -> List[int]:
-    if isinstance(entry, numbers.Integral):
-        return [int(entry)] * cond_dim
-    row = [int(n) for n in entry]
-    if len(row) != cond_dim:
-        raise ConfigError(f"model.cond_resolutions: {list(entry)} has {len(row)} entries, the data has "
-                         f"{cond_dim} condition parameters (give an int or one length per parameter)")
-    return row
+    return tuple(per_axis(entry, spatial_dims, f"model.{key}", "one size per axis in array order (D, H, W)"))
 
 
 @register("model", "drrnet")
-class DRRNet(nn.Module):
+class DRRNet(RefinedLatticeMixin, FieldModel):
     """DRR-Net surrogate ``f(x, c) -> v`` (spec section 2).
 
     Args:
@@ -236,20 +223,15 @@ class DRRNet(nn.Module):
 
         # --- spatial branch ---------------------------------------------------------------------------
         shapes = [_spatial_shape(r, self.spatial_dims, "spatial_resolutions") for r in spatial_resolutions]
-        self.spatial_grids = DenseGrids(shapes, spatial_channels, init_range)  # grids[l]: (d_fs, *r_l)
-        self.ssr_shape: Tuple[int, ...] = (
-            self.spatial_grids.max_shape if ssr_resolution is None
-            else _spatial_shape(ssr_resolution, self.spatial_dims, "ssr_resolution"))
-        if any(n < 2 for n in self.ssr_shape):
-            raise ConfigError(f"model.ssr_resolution: every axis needs >= 2 vertices, got {self.ssr_shape}")
-        self.pe = (FeatureUpsamplingPE(self.spatial_grids.out_dim, pe_frequencies, pe_scale, pe_include_input)
-                   if self.use_pi and pe_frequencies > 0 else None)
-        self.spatial_feature_dim = self.pe.out_dim if self.pe is not None else self.spatial_grids.out_dim  # D_sp
-        self.spatial_refiner = (GLURefiner(self.spatial_feature_dim, spatial_refiner_layers, spatial_hidden_mult)
-                                if spatial_refiner_layers > 0 else None)
+        ssr_shape = (None if ssr_resolution is None
+                     else _spatial_shape(ssr_resolution, self.spatial_dims, "ssr_resolution"))
+        # spatial_grids (grids[l]: (d_fs, *r_l)), ssr_shape, pe, spatial_feature_dim (D_sp), spatial_refiner
+        self._build_lattice(shapes, spatial_channels, init_range, ssr_shape, pe_frequencies, pe_scale,
+                            pe_include_input, use_pi, spatial_refiner_layers, spatial_hidden_mult)
 
         # --- condition branch -------------------------------------------------------------------------
-        rows = [_cond_row(r, self.cond_dim) for r in cond_resolutions]           # (L_c, d_c)
+        rows = [per_axis(r, self.cond_dim, "model.cond_resolutions", "one length per condition parameter")
+                for r in cond_resolutions]                                       # (L_c, d_c)
         self.cond_lines = ConditionLines(rows, cond_channels, init_range)       # lines[l*d_c+k]: (r_lk, d_fc)
         self.cond_feature_dim = self.cond_lines.out_dim                          # D_c
         self.cond_refiner = (GLURefiner(self.cond_feature_dim, cond_refiner_layers, cond_hidden_mult)
@@ -262,63 +244,15 @@ class DRRNet(nn.Module):
         if check_init_output_mean(init_output_mean) not in (None, AUTO_OUTPUT_MEAN):
             self.init_output(init_output_mean)
 
-        # --- bake cache (never saved) -----------------------------------------------------------------
-        self.register_buffer("_baked_grid", None, persistent=False)   # (D_sp, *R) when baked with pi
+        # --- fast-path switches and bake cache (never saved) -------------------------------------------
+        self._set_fast_options(fast_paths, sparse_refine, sparse_refine_ratio, fused_refiner)  # _baked_grid/_fused
         self.register_buffer("_baked_lines", None, persistent=False)  # (d_c, H, L_c*d_fc) with a cond refiner
-        self.register_buffer("_baked_fused", None, persistent=False)  # (prod(R), hidden): W_sp G' channels-last
         self._lowp_cache: Dict[torch.dtype, Tuple[Tensor, ...]] = {}
-        if sparse_refine not in SPARSE_REFINE:
-            raise ConfigError(f"model.sparse_refine: '{sparse_refine}' not in {SPARSE_REFINE}")
-        self.fast_paths = bool(fast_paths)
-        self.sparse_refine = sparse_refine
-        self.sparse_refine_ratio = float(sparse_refine_ratio)
-        if fused_refiner not in SPARSE_REFINE:
-            raise ConfigError(f"model.fused_refiner: '{fused_refiner}' not in {SPARSE_REFINE}")
-        self.fused_refiner = fused_refiner
-        self.last_refined_vertices: Optional[int] = None   # vertices refined by the last fast lattice pass
-        self._baked = False
         self.register_load_state_dict_pre_hook(DRRNet._drop_cache_on_load)
 
     # ------------------------------------------------------------------------------------------------
     # refined structures
     # ------------------------------------------------------------------------------------------------
-    def _refine_now(self) -> bool:
-        return self.training or self.refine_at_inference
-
-    def spatial_lattice(self, refine: bool = True, chunk_size: Optional[int] = None) -> Tensor:
-        """The spatial lattice ``G' = pi(G) + R_sp(pi(G))`` (or ``pi(G)`` when not ``refine``): (D_sp, *R).
-
-        Only defined with ``use_pi``. Every vertex goes through the PE and the refiner (memory ~ prod(R) *
-        refiner hidden width). ``chunk_size``: process that many vertices at a time (the refiner is
-        pointwise, so the result is the same; meant for ``no_grad`` use such as :meth:`bake`).
-        """
-        if not self.use_pi:
-            raise RuntimeError("DRRNet.spatial_lattice: use_pi is False, the model has no spatial lattice")
-        lat = self.spatial_grids.lattice(self.ssr_shape)          # (L*d_fs, *R)
-        u = lat.flatten(1).transpose(0, 1)                        # (P, L*d_fs)
-        P = u.shape[0]
-        if chunk_size is None or chunk_size >= P:
-            return self._refine_points(u, refine).transpose(0, 1).reshape(-1, *self.ssr_shape)
-        out = u.new_empty(self.spatial_feature_dim, P)            # (D_sp, P)
-        for i in range(0, P, chunk_size):
-            out[:, i:i + chunk_size] = self._refine_points(u[i:i + chunk_size], refine).transpose(0, 1)
-        return out.reshape(-1, *self.ssr_shape)
-
-    def _refine_points(self, u: Tensor, refine: bool) -> Tensor:
-        """Feature upsampling and refinement of lattice vertices: (P, L*d_fs) -> (P, D_sp).
-
-        Without autograd (baking) and with ``fast_paths``, the chunked vertex pipeline's forward (same
-        values; models/fast_ops.vertex_pipeline) when :meth:`_use_fused` allows it.
-        """
-        if not torch.is_grad_enabled() and self.fast_paths and self._use_fused(u):
-            refiner = self.spatial_refiner if refine else None
-            return vertex_pipeline(u.contiguous(), self.pe, refiner, None)
-        if self.pe is not None:
-            u = self.pe(u)
-        if refine and self.spatial_refiner is not None:
-            u = u + self.spatial_refiner(u)
-        return u
-
     def cond_line_set(self, refine: bool = True) -> Tensor:
         """Refined condition lines ``split(line + R_c(line))``, line = unified lines: (d_c, H, L_c * d_fc)."""
         u = self.cond_lines.unified()                             # (H, D_c)
@@ -331,7 +265,7 @@ class DRRNet(nn.Module):
     # ------------------------------------------------------------------------------------------------
     def spatial_features(self, x: Tensor) -> Tensor:
         """z_sp: x (B, N, d) in [-1, 1] (column 0 = last array axis) -> (B, N, D_sp)."""
-        if self._baked and self._baked_grid is not None:
+        if self.is_baked and self._baked_grid is not None:
             return sample_grid(self._baked_grid, x)
         if self.use_pi:
             return sample_grid(self.spatial_lattice(self._refine_now()), x)
@@ -342,7 +276,7 @@ class DRRNet(nn.Module):
 
     def cond_features(self, c: Tensor) -> Tensor:
         """z_c: c (B, d_c) in [0, 1] -> (B, D_c), ordered (parameter, level, channel)."""
-        if self._baked and self._baked_lines is not None:
+        if self.is_baked and self._baked_lines is not None:
             return ConditionLines.sample_split(self._baked_lines, c)
         if self.cond_refiner is not None:
             return ConditionLines.sample_split(self.cond_line_set(self._refine_now()), c)
@@ -363,9 +297,9 @@ class DRRNet(nn.Module):
         if c.dim() != 2 or c.shape != (x.shape[0], self.cond_dim):
             raise ValueError(f"DRRNet: c must be ({x.shape[0]}, {self.cond_dim}), got {tuple(c.shape)}")
         if self.fast_paths and self.use_pi:
-            if self._baked and self._baked_fused is not None:
+            if self.is_baked and self._baked_fused is not None:
                 return self._forward_baked_fast(x, c)
-            if not self._baked:
+            if not self.is_baked:
                 return self._forward_lattice_fast(x, c)
         return self._forward_plain(x, c)
 
@@ -376,15 +310,7 @@ class DRRNet(nn.Module):
         z_c = self.cond_features(c)                                # (B, D_c)
         h = torch.cat([z_sp, z_c[:, None, :].expand(B, N, z_c.shape[-1])], dim=-1)
         out = self.decoder(self.fusion(h))                         # (B, N, out_dim)
-        return self._activate(out)
-
-    def _activate(self, out: Tensor) -> Tensor:
-        if self.out_activation == "sigmoid":
-            return torch.sigmoid(out)
-        if self.out_activation == "clamp":
-            return out.clamp(0.0, 1.0)
-        return out
-
+        return output_activation(out, self.out_activation)
 
     # ------------------------------------------------------------------------------------------------
     # fast paths (models/fast_ops.py)
@@ -402,74 +328,13 @@ class DRRNet(nn.Module):
 
     def _head(self, pre: Tensor) -> Tensor:
         """Fusion pre-activation (..., hidden) -> ReLU -> decoder -> output activation."""
-        return self._activate(self.decoder(torch.relu(pre)))
-
-    def _ssr_rows(self, rows: Tensor) -> Tensor:
-        """pi's SSR + concatenation at some lattice vertices: rows (U,) flat indices -> (U, L*d_fs)."""
-        parts = []
-        for g, shape in zip(self.spatial_grids.grids, self.spatial_grids.shapes):
-            wt = torch.float64 if g.dtype == torch.float64 else torch.float32
-            idx, w = resize_stencil(rows, self.ssr_shape, shape, wt)
-            parts.append(gather_interp(to_rows(g).contiguous(), idx, w))
-        return torch.cat(parts, dim=-1)
-
-    def _touched_rows(self, idx: Tensor, w: Tensor) -> Tuple[Optional[Tensor], Tensor, int]:
-        """Decide sparse or dense refinement for stencil rows idx (M, K) with weights w (M, K).
-
-        A vertex counts as touched only through a corner of non-zero weight: a point on a lattice vertex
-        (training voxels when the SSR shape is the data's, as in the paper's Cloverleaf config) touches one
-        to a few vertices, not 2^d. Zero-weight corners are pointed at touched row 0; they add exactly
-        0 to values and gradients, as in ``grid_sample``.
-
-        Returns (rows or None (dense), idx into the refined rows, number of refined vertices).
-        """
-        P = math.prod(self.ssr_shape)
-        if self.sparse_refine == "never":
-            return None, idx, P
-        mask, U = touched_mask(idx, w, P)
-        if U == 0 or (self.sparse_refine == "auto" and U > self.sparse_refine_ratio * P):
-            return None, idx, P
-        rows = mask.nonzero()[:, 0]                                # (U,) sorted
-        pos = torch.cumsum(mask, 0) - 1                            # (P,) row -> position among the touched
-        return rows, torch.where(w != 0, pos[idx], 0), U
-
-    def _use_fused(self, u: Tensor) -> bool:
-        """Use the chunked vertex pipeline (models/fast_ops.vertex_pipeline) for rows u?
-
-        "auto": on CPU in float32 without autocast (where the per-row intermediates of the autograd
-        composition are memory-bound); GPUs keep the autograd composition. Only ReLU-gated GLU blocks.
-        """
-        if self.fused_refiner == "never":
-            return False
-        blocks = self.spatial_refiner.blocks if self.spatial_refiner is not None else []
-        ok = u.dtype == torch.float32 and not torch.is_autocast_enabled(u.device.type) \
-            and all(isinstance(b.act, nn.ReLU) for b in blocks)
-        return ok and (self.fused_refiner == "always" or u.device.type == "cpu")
+        return output_activation(self.decoder(torch.relu(pre)), self.out_activation)
 
     def _forward_lattice_fast(self, x: Tensor, c: Tensor) -> Tensor:
         """Unbaked fast path: pi + R_sp on the touched (or all) vertices, folded fusion, gather interpolation."""
         B, N, d = x.shape
-        idx, w = corner_stencil(x.reshape(B * N, d), self.ssr_shape)    # (M, 2^d)
-        rows, idx, V = self._touched_rows(idx, w)
-        self.last_refined_vertices = V
-        if rows is None:
-            u = to_rows(self.spatial_grids.lattice(self.ssr_shape))    # (P, L*d_fs)
-        else:
-            u = self._ssr_rows(rows)                                    # (U, L*d_fs)
-        refiner = self.spatial_refiner if self._refine_now() else None
         w_sp, _, _ = self._fusion_parts()
-        fold = V <= B * N                                               # fold W_sp into the vertices
-        fused = self._use_fused(u)
-        if fused:
-            g = vertex_pipeline(u, self.pe, refiner, w_sp if fold else None)
-        else:
-            g = self._refine_points(u, refiner is not None)            # (V, D_sp)
-            if fold:
-                g = torch.nn.functional.linear(g, w_sp)
-        if fold:
-            z = gather_interp(g, idx, w)
-        else:                                                           # fewer points than vertices
-            z = torch.nn.functional.linear(gather_interp(g, idx, w), w_sp)
+        z, fused = self._folded_features(x.reshape(B * N, d), w_sp)     # (B*N, hidden)
         if fused and torch.is_grad_enabled():
             return fused_head(z, self.cond_bias(c), self.decoder.linears, self.out_activation).reshape(B, N, -1)
         pre = z.reshape(B, N, -1) + self.cond_bias(c)[:, None, :]
@@ -478,9 +343,7 @@ class DRRNet(nn.Module):
     def _forward_baked_fast(self, x: Tensor, c: Tensor) -> Tensor:
         """Baked fast path: gather interpolation of the folded lattice + per-row condition bias."""
         B, N, d = x.shape
-        idx, w = corner_stencil(x.reshape(B * N, d), self.ssr_shape)
-        table = self._baked_fused
-        z = gather_interp(table, idx, w.to(table.dtype))                # (M, hidden)
+        z = self._baked_features(x.reshape(B * N, d))                    # (B*N, hidden)
         pre = z.reshape(B, N, -1) + self.cond_bias(c)[:, None, :]
         return self._head(pre)
 
@@ -524,7 +387,7 @@ class DRRNet(nn.Module):
         c = c.reshape(1, -1).to(dev, torch.float32)
         P = math.prod(shape)
         res = out.reshape(-1) if out is not None else torch.empty(P, device=dev, dtype=torch.float32)
-        use_fast = fast and self.use_pi and self._baked and self._baked_fused is not None
+        use_fast = fast and self.use_pi and self.is_baked and self._baked_fused is not None
         if not use_fast:
             q = GridQuery(shape, shape, dev)
             coord_axes = [self._axis_coords(n, dev) for n in shape]
@@ -564,13 +427,11 @@ class DRRNet(nn.Module):
                     h = torch.addmm(wb[2 * i + 1], h, w_t[i])
                     if i < len(lins) - 1:
                         h = h.relu_()
-            res[s:e] = self._activate(h[:, 0].float())
+            res[s:e] = output_activation(h[:, 0].float(), self.out_activation)
         return res.reshape(shape)
 
     @staticmethod
     def _axis_coords(n: int, dev) -> Tensor:
-        from util.sampling import axis_coords
-        import numpy as np
         return torch.from_numpy(axis_coords(n).astype(np.float32)).to(dev)
 
     @staticmethod
@@ -606,40 +467,18 @@ class DRRNet(nn.Module):
         self.unbake()
         refine = self.refine_at_inference
         if self.use_pi:
-            self._baked_grid = self.spatial_lattice(refine, chunk_size).contiguous()
-            if fold:
-                self._baked_fused = self._fold_lattice(self._baked_grid, chunk_size)
+            self._bake_lattice(refine, chunk_size, self._fusion_parts()[0] if fold else None)
         if self.cond_refiner is not None:
             self._baked_lines = self.cond_line_set(refine).contiguous()
-        self._baked = True
-
-    @torch.no_grad()
-    def _fold_lattice(self, grid: Tensor, chunk_size: int) -> Tensor:
-        """(D_sp, *R) -> W_sp G' as a contiguous channels-last table (prod(R), hidden)."""
-        rows = to_rows(grid)                                          # (P, D_sp) view
-        w_sp, _, _ = self._fusion_parts()
-        out = rows.new_empty(rows.shape[0], w_sp.shape[0])
-        for i in range(0, rows.shape[0], chunk_size):
-            torch.mm(rows[i:i + chunk_size], w_sp.t(), out=out[i:i + chunk_size])
-        return out
+        super().bake()                                                 # marks the model baked
 
     def unbake(self) -> None:
         """Drop the cache; ``forward`` recomputes pi and the refiners again."""
+        super().unbake()
         self._baked_grid = None
         self._baked_fused = None
         self._lowp_cache = {}
         self._baked_lines = None
-        self._baked = False
-
-    @property
-    def is_baked(self) -> bool:
-        return self._baked
-
-    def train(self, mode: bool = True):
-        """``nn.Module.train``; entering training mode drops the bake cache."""
-        if mode:
-            self.unbake()
-        return super().train(mode)
 
     @staticmethod
     def _drop_cache_on_load(module: "DRRNet", *args, **kwargs) -> None:

@@ -5,21 +5,23 @@ Spatial feature: a coarse dense grid times three fine axis-aligned planes (Hadam
 the product of one feature line per condition parameter; the two are concatenated and decoded by a ReLU MLP with
 a sigmoid. Facts: spec/baselines.md section 2; quirks: section 5 items 6-7.
 
-Also holds :func:`lerp_lines`, the 1-D line lookup shared with FA-INR.
+Built from models/components: the planes are :class:`~models.components.grids.Planes`, the condition feature
+:func:`~models.components.grids.line_product`, the decoder an :class:`~models.components.mlp.MLP` with the
+reference's Xavier-normal init.
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from typing import Sequence, Union
 
 import torch
-from torch import nn
 
-from models.kplanes import FlatInputModel, _as_list
-from models.layers import check_init_output_mean, init_output_bias
+from models.components.flat import FlatInputModel
+from models.components.grids import Planes, line_product, per_axis, uniform_parameter
+from models.components.mlp import AUTO_OUTPUT_MEAN, MLP, check_init_output_mean, init_output_bias, output_activation
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
 
-__all__ = ["ExplorableINR", "PAPER_CONFIGS", "lerp_lines", "xavier_mlp"]
+__all__ = ["ExplorableINR", "PAPER_CONFIGS"]
 
 # Paper configurations (configs/*/baselines.yaml, config_id 1): constructor kwargs plus the data's cond_dim.
 # Parameters: nyx 14,720,257, mpas 14,720,513, clover 4,464,641 (spec 2.3).
@@ -28,47 +30,6 @@ PAPER_CONFIGS = {
     "mpas": dict(cond_dim=4, grid_size=64, plane_size=256, line_size=16),
     "clover": dict(cond_dim=6, grid_size=48, plane_size=96, line_size=16),
 }
-
-
-def lerp_lines(lines: Sequence[torch.Tensor], c: torch.Tensor, clamp: bool = False) -> torch.Tensor:
-    """Hadamard product over k of the linear lookups lerp(line_k, c_k) (align_corners=True).
-
-    With s = p (L-1), i0 = floor(s), i1 = min(i0 + 1, L-1), w = s - i0: lerp = (1-w) line[i0] + w line[i1].
-    As in the reference, i0 is not clamped: p < 0 indexes from the end of the line (wraps), and p beyond
-    1 + 1/(L-1) raises IndexError. Written with gathers so that fvcore counts no flops for it (as in the
-    reference).
-
-    Args:
-        lines: d_c tensors, line k of shape (L_k, F).
-        c: (n, >= d_c) positions in [0, 1]; column k is looked up in line k.
-        clamp: clamp the positions to [0, 1] first (corrected behaviour, spec 5.7).
-
-    Returns:
-        (n, F) product of the d_c looked-up features.
-    """
-    out = None
-    for k, line in enumerate(lines):
-        p = c[:, k].to(line.dtype)
-        if clamp:
-            p = p.clamp(0.0, 1.0)
-        L = line.shape[0]
-        s = p * (L - 1)
-        i0 = torch.floor(s)
-        w = (s - i0)[:, None]
-        i0 = i0.long()
-        i1 = torch.clamp(i0 + 1, max=L - 1)
-        v = (1 - w) * line[i0] + w * line[i1]
-        out = v if out is None else out * v
-    return out
-
-
-def xavier_mlp(mlp: nn.Module, bias_std: float = 1e-3) -> None:
-    """Xavier-normal weights and N(0, bias_std) biases for every nn.Linear in ``mlp`` (reference decoder init)."""
-    for m in mlp.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_normal_(m.weight)
-            if m.bias is not None:
-                nn.init.normal_(m.bias, 0.0, bias_std)
 
 
 @register("model", "explorable_inr")
@@ -129,42 +90,31 @@ class ExplorableINR(FlatInputModel):
         self.spatial_dims, self.cond_dim = spatial_dims, cond_dim
         self.out_sigmoid = out_sigmoid
         self.clamp_conditions = clamp_conditions
-        G = _as_list(grid_size, spatial_dims, "model.grid_size")
-        H = _as_list(plane_size, spatial_dims, "model.plane_size")
-        L = _as_list(line_size, cond_dim, "model.line_size")
-        self.grid = nn.Parameter(torch.empty(grid_features, *G).uniform_(-1e-3, 1e-3))  # (F3, G0, G1[, G2])
+        G = per_axis(grid_size, spatial_dims, "model.grid_size")
+        H = per_axis(plane_size, spatial_dims, "model.plane_size")
+        L = per_axis(line_size, cond_dim, "model.line_size", "one value per condition parameter")
+        self.grid = uniform_parameter((grid_features, *G), -1e-3, 1e-3)  # (F3, G0, G1[, G2])
         if spatial_dims == 3:
             # (array axes of the plane, coordinate columns it is sampled at): z<->H0, y<->H1, x<->H2.
             layout = [((0, 1), (1, 2)), ((0, 2), (0, 2)), ((1, 2), (0, 1))]
         else:
             layout = [((0, 1), (0, 1))]
-        self.plane_cols: List[List[int]] = [list(cols) for _, cols in layout]
-        self.planes = nn.ParameterList([
-            nn.Parameter(torch.empty(plane_features, H[i], H[j]).uniform_(0.999, 1.001))  # (F2, H_i, H_j)
-            for (i, j), _ in layout])
-        self.lines = nn.ParameterList([
-            nn.Parameter(torch.empty(Lk, line_features).uniform_(0.01, 0.25)) for Lk in L])  # (L_k, F1)
-        w = decoder_width
-        layers: List[nn.Module] = [nn.Linear(grid_features + line_features, w), nn.ReLU(), nn.Linear(w, w), nn.ReLU(),
-                                   nn.Linear(w, w), nn.ReLU()]
-        if dropout > 0:
-            layers.append(nn.Dropout(dropout))
-        layers.append(nn.Linear(w, 1))
-        self.decoder = nn.Sequential(*layers)
-        xavier_mlp(self.decoder)
-        if check_init_output_mean(init_output_mean) not in (None, "auto"):
+        self.planes = Planes([torch.empty(plane_features, H[i], H[j]).uniform_(0.999, 1.001)  # (F2, H_i, H_j)
+                              for (i, j), _ in layout], [cols for _, cols in layout], padding_mode="zeros")
+        self.lines = torch.nn.ParameterList([uniform_parameter((Lk, line_features), 0.01, 0.25) for Lk in L])
+        w = decoder_width  # fc1..fc4; Xavier-normal weights, N(0, 1e-3) biases
+        self.decoder = MLP([grid_features + line_features, w, w, w, 1], dropout=dropout, init="xavier_normal")
+        if check_init_output_mean(init_output_mean) not in (None, AUTO_OUTPUT_MEAN):
             init_output_bias(self.decoder[-1], init_output_mean, sigmoid=self.out_sigmoid)
 
     def encode(self, u: torch.Tensor) -> torch.Tensor:
         """Encoder output [s ; q]: (n, d + d_c) -> (n, F3 + F1)."""
         x = u[None, :, :self.spatial_dims]  # (1, n, d)
-        s = sample_grid(self.grid, x, padding_mode="zeros")[0]  # (n, F3)
-        for plane, cols in zip(self.planes, self.plane_cols):
-            s = s * sample_grid(plane, x[..., cols], padding_mode="zeros")[0]
-        q = lerp_lines(self.lines, u[:, self.spatial_dims:], clamp=self.clamp_conditions)  # (n, F1)
+        s = sample_grid(self.grid, x, padding_mode="zeros")  # (1, n, F3)
+        s = self.planes.product(x, start=s)[0]               # (n, F3)
+        q = line_product(self.lines, u[:, self.spatial_dims:], clamp=self.clamp_conditions)  # (n, F1)
         return torch.cat([s, q.to(s.dtype)], dim=-1)
 
     def forward_flat(self, u: torch.Tensor) -> torch.Tensor:
         """u: (n, spatial_dims + cond_dim) -> (n, 1)."""
-        out = self.decoder(self.encode(u))
-        return torch.sigmoid(out) if self.out_sigmoid else out
+        return output_activation(self.decoder(self.encode(u)), "sigmoid" if self.out_sigmoid else "none")

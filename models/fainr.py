@@ -11,16 +11,17 @@ import math
 from typing import Dict, List, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from models.explorable_inr import lerp_lines, xavier_mlp
-from models.kplanes import FlatInputModel
-from models.layers import check_init_output_mean, init_output_bias
+from models.components.encodings import positional_encoding
+from models.components.flat import FlatInputModel
+from models.components.grids import line_product, uniform_parameter
+from models.components.mlp import AUTO_OUTPUT_MEAN, MLP, check_init_output_mean, init_output_bias
+from models.components.siren import SirenMLP
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
 
-__all__ = ["FAINR", "PAPER_CONFIGS", "PAPER_ENCODER_LR", "positional_encoding"]
+__all__ = ["FAINR", "MemoryExpert", "PAPER_CONFIGS", "PAPER_ENCODER_LR", "ENCODER_INITS"]
 
 # Paper configurations (configs/*/baselines.yaml, config_id 2): constructor kwargs plus the data's cond_dim.
 # Parameters: nyx 9,520,329, mpas 969,462, clover 970,102 (spec 3.6).
@@ -42,77 +43,29 @@ PAPER_ENCODER_LR = {"nyx": 1e-5, "mpas": None, "clover": 1e-5}
 ENCODER_INITS = ("reference", "siren", "xavier")
 
 
-def positional_encoding(x: torch.Tensor, n_freqs: int = 10) -> torch.Tensor:
-    """gamma(x) = [x, then for i = 0..n_freqs-1, for each axis j: sin(2^i pi x_j), cos(2^i pi x_j)].
-
-    Args:
-        x: (n, d) coordinates.
-    Returns:
-        (n, d + 2 d n_freqs); frequencies outer, axes inner, (sin, cos) innermost (63 columns for d = 3).
-    """
-    freqs = (2.0 ** torch.arange(n_freqs, device=x.device, dtype=x.dtype)) * math.pi  # (n_freqs,)
-    arg = x[:, None, :] * freqs[None, :, None]  # (n, n_freqs, d)
-    enc = torch.stack([torch.sin(arg), torch.cos(arg)], dim=-1).reshape(x.shape[0], -1)
-    return torch.cat([x, enc], dim=-1)
-
-
-class SirenEncoder(nn.Module):
-    """h_0 = sin(w0 (x W_0 + b_0)), h_i = sin(w0 (h_{i-1} W_i + b_i)) for i = 1..hidden_layers, out = h W_out + b_out.
-
-    Raw weight matrices (no nn.Linear), as in the reference. ``init``:
-      - 'reference' (paper): every matrix, first and output included, U(+-sqrt(6/fan_in)/w0); biases 0.
-        (The reference's Xavier re-init acts only on nn.Linear modules and is a no-op, spec 5.3.)
-      - 'siren': the SIREN rule, first layer U(+-1/fan_in), the others U(+-sqrt(6/fan_in)/w0); biases 0.
-      - 'xavier': Xavier-uniform on every matrix (what the reference's re-init intends); biases 0.
-    """
-
-    def __init__(self, in_dim: int, width: int, hidden_layers: int, out_dim: int, omega_0: float = 30.0,
-                 init: str = "reference"):
-        super().__init__()
-        self.omega_0 = omega_0
-        dims = [in_dim] + [width] * (hidden_layers + 1) + [out_dim]
-        self.weights = nn.ParameterList()
-        self.biases = nn.ParameterList()
-        for i, (fi, fo) in enumerate(zip(dims[:-1], dims[1:])):
-            w = torch.empty(fo, fi)  # (out, in), F.linear layout
-            if init == "xavier":
-                nn.init.xavier_uniform_(w)
-            elif init == "siren" and i == 0:
-                nn.init.uniform_(w, -1.0 / fi, 1.0 / fi)
-            else:
-                bound = math.sqrt(6.0 / fi) / omega_0
-                nn.init.uniform_(w, -bound, bound)
-            self.weights.append(nn.Parameter(w))
-            self.biases.append(nn.Parameter(torch.zeros(fo)))
-
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        """h: (n, in_dim) -> (n, out_dim)."""
-        last = len(self.weights) - 1
-        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
-            h = F.linear(h, w, b)
-            if i < last:
-                h = torch.sin(self.omega_0 * h)
-        return h
-
-
 class MemoryExpert(nn.Module):
     """One FA-INR expert: SIREN encoder, top-K key-value memory cross-attention, condition value adapter.
 
     m = encoder(pe); Q = W_q LN(m) (LN shared, passed in); K~ = M_K W_k^T, V~ = M_V W_v^T (re-projected each
     call); the top-K entries by unscaled Q.K~_j (exact global top-K; computed per key chunk, then over the
     union); V'_j = V~_j + LN_a(W_2 ReLU(W_1 [V~_j ; q] + b_1) + b_2); out = softmax(Q K~_S^T / sqrt(d)) V' + m.
+
+    The encoder is a :class:`~models.components.siren.SirenMLP` (raw weight matrices as in the reference, biases
+    0). ``encoder_init`` 'reference' (paper): every matrix, first and output included, U(+-sqrt(6/fan_in)/w0)
+    (the reference's Xavier re-init acts only on nn.Linear modules and is a no-op, spec 5.3); 'siren': first
+    layer U(+-1/fan_in); 'xavier': Xavier-uniform (what the reference's re-init intends). Adapter: an
+    :class:`~models.components.mlp.MLP` with Xavier-normal weights and N(0, 1e-3) biases.
     """
 
     def __init__(self, in_dim: int, d: int, d1: int, enc_width: int, enc_hidden_layers: int, num_entries: int,
                  top_k: int, chunk_size: int, adapter_width: int, omega_0: float, encoder_init: str):
         super().__init__()
         self.top_k, self.chunk_size, self.d = top_k, chunk_size, d
-        self.encoder = SirenEncoder(in_dim, enc_width, enc_hidden_layers, d, omega_0, encoder_init)
+        self.encoder = SirenMLP(in_dim, enc_width, enc_hidden_layers, d, omega_0, encoder_init, bias_init="zeros")
         self.w_q = nn.Linear(d, d, bias=False)
         self.w_k = nn.Linear(d, d, bias=False)
         self.w_v = nn.Linear(d, d, bias=False)
-        self.adapter = nn.Sequential(nn.Linear(d + d1, adapter_width), nn.ReLU(), nn.Linear(adapter_width, d))
-        xavier_mlp(self.adapter)
+        self.adapter = MLP([d + d1, adapter_width, d], init="xavier_normal")
         self.adapter_norm = nn.LayerNorm(d)
         self.mem_keys = nn.Parameter(torch.empty(num_entries, d))  # (E, key_dim = d)
         nn.init.kaiming_uniform_(self.mem_keys, nonlinearity="relu")  # U(+-sqrt(6 / d))
@@ -191,7 +144,7 @@ class FAINR(FlatInputModel):
         pe_frequencies: positional-encoding frequencies. Paper: 10.
         omega_0: SIREN frequency factor. Paper: 30.
         adapter_width: hidden width of the value adapter (hard-coded 64 in the reference). Paper: 64.
-        encoder_init: 'reference' (paper), 'siren' or 'xavier'; see :class:`SirenEncoder`.
+        encoder_init: 'reference' (paper), 'siren' or 'xavier'; see :class:`~models.components.siren.SirenMLP`.
         clamp_conditions: clamp c to [0, 1] before the line lookups (corrected, spec 5.7). Paper: False.
         init_output_mean: None (default: the reference init), a number, or "auto" (the training mean of the
             normalized values, supplied by the program): the last decoder bias starts where the output equals
@@ -223,10 +176,9 @@ class FAINR(FlatInputModel):
         self.clamp_conditions = clamp_conditions
         d, d1 = feature_dim_3d, feature_dim_1d
         lo, hi = 0.01 ** (1.0 / cond_dim), 0.02 ** (1.0 / cond_dim)
-        self.lines = nn.ParameterList([
-            nn.Parameter(torch.empty(cond_hidden_dims, d1).uniform_(lo, hi)) for _ in range(cond_dim)])  # (L, d1)
-        self.manager = nn.Parameter(
-            torch.empty(manager_features, *([manager_res] * spatial_dims)).uniform_(-1e-3, 1e-3))  # (16, R, R[, R])
+        self.lines = nn.ParameterList([uniform_parameter((cond_hidden_dims, d1), lo, hi)
+                                       for _ in range(cond_dim)])  # (L, d1)
+        self.manager = uniform_parameter((manager_features, *([manager_res] * spatial_dims)), -1e-3, 1e-3)  # (16, R..)
         self.gate = nn.Linear(manager_features, n_experts)
         nn.init.orthogonal_(self.gate.weight)
         nn.init.zeros_(self.gate.bias)
@@ -237,10 +189,8 @@ class FAINR(FlatInputModel):
             for _ in range(n_experts)])
         self.query_norm = nn.LayerNorm(d)  # shared by all experts
         h = mlp_hidden_dim
-        self.decoder = nn.Sequential(nn.Linear(d, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h),
-                                     nn.ReLU(), nn.Linear(h, 1))
-        xavier_mlp(self.decoder)
-        if check_init_output_mean(init_output_mean) not in (None, "auto"):
+        self.decoder = MLP([d, h, h, h, 1], init="xavier_normal")
+        if check_init_output_mean(init_output_mean) not in (None, AUTO_OUTPUT_MEAN):
             init_output_bias(self.decoder[-1], init_output_mean, sigmoid=True)
         self._route_fraction: Optional[torch.Tensor] = None  # (n_experts,), last training-mode forward
 
@@ -258,12 +208,12 @@ class FAINR(FlatInputModel):
     def forward_flat(self, u: torch.Tensor) -> torch.Tensor:
         """u: (n, spatial_dims + cond_dim) -> (n, 1)."""
         x = u[:, :self.spatial_dims]
-        q = lerp_lines(self.lines, u[:, self.spatial_dims:], clamp=self.clamp_conditions)  # (n, d1)
+        q = line_product(self.lines, u[:, self.spatial_dims:], clamp=self.clamp_conditions)  # (n, d1)
         w, top_i, _ = self.route(x)
         if self.training:
             counts = torch.bincount(top_i.reshape(-1), minlength=self.n_experts)
             self._route_fraction = counts.detach().float() / max(u.shape[0], 1)
-        pe = positional_encoding(x, self.pe_frequencies)
+        pe = positional_encoding(x, self.pe_frequencies, include_input=True, layout="frequency")  # gamma(x)
         z = None
         for e, expert in enumerate(self.experts):
             hit = top_i == e  # (n, k)

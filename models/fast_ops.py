@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import cpu_kernels
+from models.components.mlp import output_activation
 
 __all__ = ["strides_of", "corner_stencil", "gather_interp", "resize_stencil", "GridQuery", "to_rows", "touched_mask",
            "vertex_pipeline", "fused_head"]
@@ -539,7 +540,7 @@ def vertex_pipeline(u: Tensor, pe, refiner, w_fold, chunk: int = 2048, keep_byte
     """
     coeff, include_input = None, False
     if pe is not None:
-        coeff = (math.pi * pe.scale) * torch.pow(2.0, torch.arange(pe.num_freqs, device=u.device, dtype=u.dtype))
+        coeff = pe.coefficients(u.device, u.dtype)                   # (K,) = scale pi 2^k
         include_input = bool(pe.include_input)
     weights, eps = [], 1e-6
     blocks = list(refiner.blocks) if refiner is not None else []
@@ -625,7 +626,7 @@ def _head_chunk(z, cb, b0, b1, s, e, activation, wb):
             hs.append(h)
         else:
             a = torch.addmm(wb[i + 1], h, wb[i].t())
-    out = _activate(a, activation)
+    out = output_activation(a, activation)
     return hs, (out if activation == "sigmoid" else a), out
 
 
@@ -641,14 +642,6 @@ def _head_segments(B: int, n_per: int, chunk: int):
         for b in range(B):
             for s in range(b * n_per, (b + 1) * n_per, chunk):
                 yield b, b + 1, s, min(s + chunk, (b + 1) * n_per)
-
-
-def _activate(a: Tensor, activation: str) -> Tensor:
-    if activation == "sigmoid":
-        return torch.sigmoid(a)
-    if activation == "clamp":
-        return a.clamp(0.0, 1.0)
-    return a
 
 
 def fused_head(z: Tensor, cb: Tensor, linears, activation: str, chunk: int = 4096) -> Tensor:

@@ -4,8 +4,9 @@ Every axis of the flat input u = [x, c] (spatial_dims + cond_dim axes) is a grid
 unordered axis pair, at several spatial scales; planes are multiplied within a scale and the scales are
 concatenated, then a ReLU MLP decodes one value. Facts: spec/baselines.md section 1; quirks: section 5 items 1-2.
 
-Also holds :func:`flat_input` and :class:`FlatInputModel`, the reference forward wrapper shared by the three
-baselines.
+Built from models/components: the planes are :class:`~models.components.grids.Planes`, the decoder an
+:class:`~models.components.mlp.MLP`, the flat input ``u = [x, c]`` that of
+:class:`~models.components.flat.FlatInputModel` (shared by the three baselines).
 Grid lookups go through ``util.sampling.sample_grid`` (bilinear/trilinear, align_corners=True).
 """
 from __future__ import annotations
@@ -16,10 +17,12 @@ from typing import List, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from models.components.flat import FlatInputModel, flat_input  # noqa: F401  (flat_input: public here too)
+from models.components.grids import Planes, per_axis
+from models.components.mlp import MLP, output_activation
 from util.registry import ConfigError, register
-from util.sampling import sample_grid
 
-__all__ = ["KPlanes", "PAPER_CONFIGS", "flat_input", "FlatInputModel", "mlp_decoder"]
+__all__ = ["KPlanes", "PAPER_CONFIGS"]
 
 # Paper configurations (configs/*/baselines.yaml, config_id 0): constructor kwargs plus the data's cond_dim.
 # Trainable parameters: nyx 12,101,505, mpas 13,493,505, clover 6,794,625 (spec 1.5).
@@ -28,50 +31,6 @@ PAPER_CONFIGS = {
     "mpas": dict(cond_dim=4, spatial_resolution=32, cond_resolution=25, feature_dim=32, multiscale=(1, 2, 4, 8)),
     "clover": dict(cond_dim=6, spatial_resolution=16, cond_resolution=25, feature_dim=32, multiscale=(1, 2, 4, 8)),
 }
-
-
-def flat_input(x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-    """The reference surrogate wrapper's input: repeat c along the points, concatenate, flatten.
-
-    Args:
-        x: (B, N, d) coordinates in [-1, 1], column 0 = last array axis (grid_sample order).
-        c: (B, d_c) conditions, normally in [0, 1].
-
-    Returns:
-        u: (B*N, d + d_c), spatial columns first.
-    """
-    B, N, _ = x.shape
-    return torch.cat([x, c[:, None, :].expand(B, N, c.shape[-1]).to(x.dtype)], dim=-1).reshape(B * N, -1)
-
-
-class FlatInputModel(nn.Module):
-    """Base of the baselines, which (as the reference wrapper) work on flat per-point inputs ``u = [x, c]``:
-    a subclass defines ``forward_flat(u) -> (n, 1)``."""
-
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x: (B, N, d) in [-1, 1] (column 0 = W axis); c: (B, d_c) in [0, 1] -> (B, N, 1)."""
-        B, N, _ = x.shape
-        return self.forward_flat(flat_input(x, c)).reshape(B, N, 1)
-
-
-def _as_list(v: Union[int, Sequence[int]], n: int, name: str) -> List[int]:
-    if isinstance(v, int):
-        return [v] * n
-    v = [int(a) for a in v]
-    if len(v) != n:
-        raise ConfigError(f"{name}: expected an int or {n} values, got {v}")
-    return v
-
-
-def mlp_decoder(in_dim: int, width: int, hidden_layers: int, out_dim: int = 1) -> nn.Sequential:
-    """Linear(in, w)-ReLU, (hidden_layers - 1) x [Linear(w, w)-ReLU], Linear(w, out); PyTorch default init."""
-    layers: List[nn.Module] = []
-    d = in_dim
-    for _ in range(hidden_layers):
-        layers += [nn.Linear(d, width), nn.ReLU()]
-        d = width
-    layers.append(nn.Linear(d, out_dim))
-    return nn.Sequential(*layers)
 
 
 @register("model", "kplanes")
@@ -131,43 +90,36 @@ class KPlanes(FlatInputModel):
         self.output_sigmoid = output_sigmoid
         self.concat_features = concat_features
         self.multiscale = [int(m) for m in multiscale]
-        res = _as_list(spatial_resolution, spatial_dims, "model.spatial_resolution") + \
-            _as_list(cond_resolution, cond_dim, "model.cond_resolution")
+        res = per_axis(spatial_resolution, spatial_dims, "model.spatial_resolution") + \
+            per_axis(cond_resolution, cond_dim, "model.cond_resolution", "one value per condition parameter")
         D = spatial_dims + cond_dim
         self.pairs: List[Tuple[int, int]] = list(itertools.combinations(range(D), 2))
         lo, hi = float(init_range[0]), float(init_range[1])
-        self.scales = nn.ModuleList()
+        self.scales = nn.ModuleList()  # scales[s]: Planes, plane i (F, R_b, R_a) sampled at (u_a, u_b)
         for m in self.multiscale:
             r = [res[a] * m if a < spatial_dims else res[a] for a in range(D)]
-            planes = nn.ParameterList()
+            planes = []
             for a, b in self.pairs:
-                p = torch.empty(feature_dim, r[b], r[a])  # (F, R_b, R_a), sampled at (u_a, u_b)
+                p = torch.empty(feature_dim, r[b], r[a])
                 if plane_init == "ones":
                     nn.init.uniform_(p, 0.9, 1.1)
                 elif plane_init == "kplanes" and b >= spatial_dims:
                     nn.init.ones_(p)
                 else:
                     nn.init.uniform_(p, lo, hi)
-                planes.append(nn.Parameter(p))
-            self.scales.append(planes)
+                planes.append(p)
+            self.scales.append(Planes(planes, self.pairs, padding_mode="border"))
         in_dim = feature_dim * (len(self.multiscale) if concat_features else 1)
-        self.decoder = mlp_decoder(in_dim, decoder_width, decoder_layers)
+        self.decoder = MLP([in_dim] + [decoder_width] * decoder_layers + [1])  # PyTorch's default init
 
     def features(self, u: torch.Tensor) -> torch.Tensor:
         """Plane features f of flat inputs u: (n, D) -> (n, F * n_scales) (or (n, F) when summed)."""
         if self.cond_mapping == "full":
             u = torch.cat([u[:, :self.spatial_dims], 2 * u[:, self.spatial_dims:] - 1], dim=-1)
         u = u[None]  # (1, n, D)
-        feats = []
-        for planes in self.scales:
-            f = None
-            for (a, b), plane in zip(self.pairs, planes):
-                v = sample_grid(plane, u[..., [a, b]], padding_mode="border")[0]  # (n, F)
-                f = v if f is None else f * v
-            feats.append(f)
+        feats = [planes.product(u)[0] for planes in self.scales]  # (n, F) each
         return torch.cat(feats, dim=-1) if self.concat_features else torch.stack(feats).sum(0)
 
     def forward_flat(self, u: torch.Tensor) -> torch.Tensor:
         """u: (n, spatial_dims + cond_dim) -> (n, 1)."""
-        out = self.decoder(self.features(u))
-        return torch.sigmoid(out) if self.output_sigmoid else out
+        return output_activation(self.decoder(self.features(u)), "sigmoid" if self.output_sigmoid else "none")

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 import models.explorable_inr as xinr
 import models.fainr as fainr
 import models.kplanes as kplanes
+from models.components.encodings import positional_encoding
+from models.components.grids import line_product
 from util.flops import count_flops
 from util.optim import group_parameters
 from util.registry import ConfigError, build
@@ -194,23 +196,23 @@ def test_explorable_vertex_lookup_2d():
     assert torch.allclose(model.encode(u)[0, :2], V[:, 1, 3] * P[:, 1, 3])
 
 
-def test_lerp_lines():
+def test_line_product():
     """align_corners=True linear interpolation; as in the reference, p < 0 wraps to the end of the line
     unless clamp=True (spec 0, 5.7)."""
     line = torch.arange(8.0).reshape(4, 2)  # L = 4, F = 2
     c = torch.tensor([[0.0], [1 / 3], [0.5], [1.0]])
-    assert torch.allclose(xinr.lerp_lines([line], c), torch.tensor([[0.0, 1], [2, 3], [3, 4], [6, 7]]))
+    assert torch.allclose(line_product([line], c), torch.tensor([[0.0, 1], [2, 3], [3, 4], [6, 7]]))
     neg = torch.tensor([[-1 / 6]])  # s = -0.5: i0 = -1 (the last texel), i1 = 0, w = 0.5
-    assert torch.allclose(xinr.lerp_lines([line], neg), 0.5 * (line[-1] + line[0]))
-    assert torch.allclose(xinr.lerp_lines([line], neg, clamp=True), line[0])
+    assert torch.allclose(line_product([line], neg), 0.5 * (line[-1] + line[0]))
+    assert torch.allclose(line_product([line], neg, clamp=True), line[0])
     two = torch.tensor([[0.5, 1.0]])
-    assert torch.allclose(xinr.lerp_lines([line, line], two), torch.tensor([[3.0 * 6, 4 * 7]]))
+    assert torch.allclose(line_product([line, line], two), torch.tensor([[3.0 * 6, 4 * 7]]))
 
 
 # ---------------------------------------------------------------------------------------------- FA-INR
 def test_fainr_positional_encoding_order():
     x = torch.tensor([[0.1, -0.2, 0.3]])
-    pe = fainr.positional_encoding(x, 10)
+    pe = positional_encoding(x, 10, include_input=True, layout="frequency")
     assert pe.shape == (1, 63)
     assert torch.allclose(pe[0, :3], x[0])
     i, j = 2, 1  # frequency 2^2, axis y: columns 3 + 6 i + 2 j (sin) and + 1 (cos)
@@ -255,9 +257,9 @@ def test_fainr_matches_per_point_loop():
     u = torch.cat([torch.rand(40, 3) * 2 - 1, torch.rand(40, 2)], dim=-1)
     fast = model.forward_flat(u)
     x = u[:, :3]
-    q = xinr.lerp_lines(model.lines, u[:, 3:])
+    q = line_product(model.lines, u[:, 3:])
     w, top_i, _ = model.route(x)
-    pe = fainr.positional_encoding(x)
+    pe = positional_encoding(x, 10, include_input=True, layout="frequency")
     z = torch.zeros(40, 8)
     for i in range(40):
         for k in range(2):

@@ -1,4 +1,4 @@
-"""DRR-Net (models/drrnet.py) and its blocks (models/layers.py): stage shapes, hand-computed PE / line /
+"""DRR-Net (models/drrnet.py) and its blocks (models/components/): stage shapes, hand-computed PE / line /
 SSR values, baking, ablation variants, paper parameter counts and a small overfit run."""
 import math
 
@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from models.drrnet import PAPER_CONFIGS, PAPER_PARAM_COUNTS, VARIANTS, DRRNet, build_paper_model
-from models.layers import (ConditionLines, GLUBlock, GLURefiner, MLPDecoder, RMSNorm, lerp_lines,
-                           positional_encoding, resample_line, upsample_grid)
+from models.components.encodings import positional_encoding
+from models.components.grids import ConditionLines, lerp_lines, resample_line, upsample_grid
+from models.components.mlp import MLPDecoder
+from models.components.refiners import GLUBlock, GLURefiner, RMSNorm
 from util.registry import ConfigError, build
 from util.sampling import grid_coords
 

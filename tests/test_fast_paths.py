@@ -9,8 +9,10 @@ import torch.nn.functional as F
 from models.drrnet import DRRNet
 from models.fast_ops import (GridQuery, corner_stencil, fused_head, gather_interp, resize_stencil, to_rows,
                              vertex_pipeline)
-from models.layers import FeatureUpsamplingPE, GLURefiner, MLPDecoder
-from models.layers import upsample_grid
+from models.components.encodings import FeatureUpsamplingPE
+from models.components.grids import upsample_grid
+from models.components.mlp import MLPDecoder
+from models.components.refiners import GLURefiner
 from util.sampling import grid_coords, sample_grid
 
 RTOL = 1e-5

@@ -455,7 +455,9 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
         shape = tuple(dataset.spatial_shape if res == "full" else dataset.train_shape)
         get_gt: Callable[[int], torch.Tensor] = dataset.full_field if res == "full" else dataset.train_field
         # gridded data: every vertex of the grid; unstructured data supplies its own vertex coordinates
-        use_grid_path = (not hasattr(dataset, "eval_coords") and hasattr(model, "predict_grid")
+        # (every model has the contract's predict_grid; only a baked model with fast paths (DRR-Net's folded
+        # lattice) reconstructs through its own, the others go through forward as before)
+        use_grid_path = (not hasattr(dataset, "eval_coords") and getattr(model, "fast_paths", False)
                          and getattr(model, "is_baked", False))
         grid_chunk = tc.chunk_size if device.type == "cuda" else min(tc.chunk_size, 8192)
         coords = None
