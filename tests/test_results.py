@@ -348,3 +348,97 @@ def test_old_metrics_without_wins_and_runs_scored_with_a_checkpoint(tmp_path, fa
     assert len(warned) == 1 and "'ck'" in warned[0] and "checkpoint step_0000004 (step 4 of 10)" in warned[0]
     assert any("'ck'" in m and "final model.pt" in m for m in caplog.messages)
     assert not any("'old'" in m for m in caplog.messages)
+
+
+# ------------------------------------------------------------------------------------------------ images
+def image_row(resolution, psnr, ssim, lpips=float("nan"), ssim_raster=float("nan"), psnr_chunked=float("nan"),
+              infer_s=2.5, bake_s=0.5, params=123456, protocol="tiles", weights="model.pt", step=10):
+    """A metrics.csv row as tasks/image.py writes it."""
+    return dict(predictor="model", split="image", resolution=resolution, height=20, width=30, channels=3, psnr=psnr,
+                ssim=ssim, lpips=lpips, mse=10 ** (-psnr / 10), psnr_chunked=psnr_chunked, ssim_raster=ssim_raster,
+                lpips_raster=float("nan"), ssim_protocol=protocol, ssim_tile=512, bake_s=bake_s, forward_s=infer_s - bake_s,
+                infer_s=infer_s, points_per_s=1e6, chunk_size=262144, params=params, weights=weights, step=step,
+                total_steps=10)
+
+
+def make_image_run(root, name, model_type, rows, downsample=1, image="/data/pearl.png"):
+    from tasks.image import IMAGE_FIELDS
+
+    d = root / name
+    (d / "eval").mkdir(parents=True)
+    ds = dict(type="image", path=image)
+    if downsample > 1:
+        ds["downsample"] = downsample
+    cfg = dict(name=name, task=dict(type="image"), model=dict(type=model_type), dataset=ds,
+               train=dict(max_steps=10, log_dir=str(root)))
+    (d / "config.yaml").write_text(yaml.safe_dump(cfg))
+    (d / "meta.json").write_text(json.dumps(dict(task="image", model_inputs=dict(cond_dim=0, spatial_dims=2,
+                                                                                 out_dim=3))))
+    (d / "timing.json").write_text(json.dumps(dict(estimated_train_h=0.5)))
+    (d / "finished.json").write_text(json.dumps(dict(steps=10)))
+    with open(d / "eval" / "metrics.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=IMAGE_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if isinstance(v, float) and math.isnan(v) else (f"{v:.6g}" if isinstance(v, float)
+                                                                                else v)) for k, v in r.items()})
+    return str(d)
+
+
+def test_image_runs_get_a_table_of_their_own(tmp_path, fake_loader, capsys):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    make_run(runs, "ens", "drrnet", cond_rows(0.03, 44.0, 0.98, 1.0))
+    make_image_run(runs, "pearl_grid", "grid", [image_row("full", 30.126, 0.8512, infer_s=1.25, bake_s=0.0)])
+    make_image_run(runs, "pearl_drr", "mrgrid_drr", [image_row("full", 31.254, 0.9123, lpips=0.1234, infer_s=1.5)])
+    make_image_run(runs, "pearl_sr", "ngp", [image_row("train", 35.0, 0.95), image_row("full", 28.5, 0.75)],
+                   downsample=2)
+    make_image_run(runs, "tokyo_siren", "siren", [image_row("full", 25.0, 0.6)], image="/data/tokyo.jpg")
+    assert R.main([str(runs), "--out_dir", str(tmp_path / "res")]) == 0
+    out = capsys.readouterr().out
+    sections = {sec.split("\n", 1)[0]: sec for sec in out.split("# Results: ")[1:]}
+    assert set(sections) == {"demo_blast", "image_pearl", "image_tokyo"}
+    assert "Images" not in sections["demo_blast"] and "Conditional generalization" in sections["demo_blast"]
+    pearl = sections["image_pearl"]
+    assert "Conditional generalization" not in pearl and "Spatio-conditional" not in pearl
+    header, rows = table_lines(pearl, "Images: image_pearl")
+    # no run was scored with the raster protocol / chunked PSNR: those columns are left out
+    assert header == ["dataset", "model", "trained at", "resolution", "PSNR", "SSIM", "LPIPS", "infer s", "bake s",
+                      "training h", "params"]
+    # paper order of the image configs: MRGrid+DRR, Grid, NGP; the SR run's full resolution first
+    assert [r[1:4] for r in rows] == [["MRGrid+DRR", "full", "full"], ["Grid", "full", "full"],
+                                      ["NGP", "1/2", "full"], ["NGP", "1/2", "train (1/2)"]]
+    assert rows[0][4:] == ["31.25", ".912", ".123", "1.5", "0.5", "0.5", "10"]  # params from the (fake) model
+    assert rows[1][4:7] == ["30.13", ".851", "-"] and rows[1][8] == "0"
+    assert rows[2][4:6] == ["28.50", ".750"] and rows[3][4:6] == ["35.00", ".950"]
+    _, rows = table_lines(sections["image_tokyo"], "Images: image_tokyo")
+    assert [r[1] for r in rows] == ["SIREN"]
+    with open(tmp_path / "res" / "results_image_pearl.csv") as f:
+        crows = list(csv.DictReader(f))
+    assert {r["table"] for r in crows} == {"image"} and len(crows) == 4
+    drr = next(r for r in crows if r["model_type"] == "mrgrid_drr")
+    assert float(drr["lpips"]) == pytest.approx(0.1234) and float(drr["psnr"]) == pytest.approx(31.254)
+    assert drr["height"] == "20" and drr["weights"] == "model.pt" and drr["lpips"] != ""
+
+
+def test_image_table_reference_protocol_columns_params_from_csv_and_checkpoint_warning(tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    make_image_run(runs, "a", "grid_drr", [image_row("full", 30.0, 0.9, ssim_raster=0.8771, psnr_chunked=30.5,
+                                                     protocol="both", params=4_700)])
+    make_image_run(runs, "b", "grid", [image_row("full", 29.0, 0.85, weights="checkpoint step_0000004", step=4)])
+    found, skipped = R.collect_runs([str(runs)])
+    assert not skipped and all(r.is_image and not r.spatio for r in found)
+    assert R.conditional_table(found[0].group, found) is None and R.spatio_table(found[0].group, found) is None
+    t = R.image_table(found[0].group, found)
+    headers = [c.header for c in t.columns]
+    assert "SSIM (raster)" in headers and "PSNR (chunked)" in headers
+    cells = dict(zip([r["model"] for r in t.rows], t.cells()))
+    col = {h: i for i, h in enumerate(headers)}
+    assert cells["Grid+DRR"][col["SSIM (raster)"]] == ".877" and cells["Grid+DRR"][col["PSNR (chunked)"]] == "30.50"
+    assert cells["Grid"][col["SSIM (raster)"]] == "-"
+    assert cells["Grid+DRR"][col["params"]] == "4.7K"  # no model loaded: the params column of metrics.csv
+    assert any("raster" in n for n in t.notes) and any("both" in n for n in t.notes)
+    warned = [n for n in t.notes if n.startswith("WARNING")]
+    assert len(warned) == 1 and "'b'" in warned[0] and "checkpoint step_0000004" in warned[0]
+    assert R.dataset_label(dict(dataset=dict(type="image", path="/x/y/pearl.png"))) == "image_pearl"

@@ -22,6 +22,13 @@ from the run's config.yaml (``--group_by`` picks another config key, or ``none``
 2. Spatio-conditional (runs with dataset.downsample > 1, or whose metrics.csv has resolution=train rows):
    "unseen fields" (split=test, with member-mean PSNR and wins vs IDW) and "trained fields" (split=train) side
    by side, at full resolution and, when evaluated, at the training resolution.
+3. Images (runs of task ``image``, evaluated by tasks/image.py; they form their own group, labelled
+   ``image_<file stem>`` of ``dataset.path``, and are in neither table above): one row per run and evaluated
+   resolution: the training resolution (``full``, or ``1/k`` for the super-resolution protocol,
+   dataset.downsample = k), PSNR over the whole image, SSIM on true tiles, LPIPS (``-`` when its weights were
+   not available), and where evaluated the reference's raster-chunk SSIM and chunk-averaged PSNR (spec 1.4);
+   inference time (bake + forward chunks), bake time, training time, parameters (from the loaded model, else
+   the ``params`` column of metrics.csv).
 
 A run whose metrics.csv says it was scored with other weights than its final model.pt (test.py
 ``--checkpoint``; column ``weights``) is named in a note and a warning.
@@ -53,14 +60,17 @@ from util.config import yaml_load
 log = logging.getLogger("results")
 
 __all__ = ["RunResult", "Table", "find_run_dirs", "collect_runs", "dataset_label", "read_metrics",
-           "add_model_stats", "conditional_table", "spatio_table", "group_report", "make_reports",
+           "add_model_stats", "conditional_table", "spatio_table", "image_table", "group_report", "make_reports",
            "write_reports", "fmt_rel_l2", "fmt_psnr", "fmt_ssim", "fmt_params", "fmt_float", "fmt_wins", "model_display_name",
            "reference_display_name", "main"]
 
 METRICS_REL = os.path.join("eval", "metrics.csv")
 
 #: display names of the registered model types, in the paper's row order
-MODEL_NAMES = {"kplanes": "K-Planes", "fainr": "FA-INR", "explorable_inr": "Explorable-INR", "drrnet": "DRR-Net"}
+MODEL_NAMES = {"kplanes": "K-Planes", "fainr": "FA-INR", "explorable_inr": "Explorable-INR", "drrnet": "DRR-Net",
+               # image models, in the order of the paper's image configs (ids 0-5, spec vision 2.2)
+               "mrgrid_drr": "MRGrid+DRR", "mrgrid": "MRGrid", "grid_drr": "Grid+DRR", "grid": "Grid", "ngp": "NGP",
+               "siren": "SIREN"}
 MODEL_ORDER = list(MODEL_NAMES)
 REFERENCE_NAMES = {"mean_field": "Mean field", "nearest_member": "Nearest member"}
 #: data_dir / root basenames too generic to name a dataset alone (the parent folder is prepended)
@@ -70,9 +80,12 @@ GENERIC_DIR_NAMES = {"data", "train", "test", "fields", "members", "volumes", "r
 CSV_FIELDS = ["table", "dataset", "model", "run", "model_type", "predictor", "fields", "split", "resolution",
               "members", "rel_l2", "psnr", "psnr_member_mean", "ssim", "md", "wins_vs_mean", "wins_vs_nearest",
               "wins_vs_idw", "wins_of", "tflops_per_1e9_points", "infer_s", "bake_s", "train_h", "params", "weights",
-              "step"]
-#: metrics.csv columns read as integers (util.evaluation.DATASET_FIELDS)
-INT_KEYS = ("members", "wins_vs_mean", "wins_vs_nearest", "wins_vs_idw", "wins_of", "step", "total_steps")
+              "step", "lpips", "ssim_raster", "psnr_chunked", "height", "width"]
+#: metrics.csv columns read as integers (util.evaluation.DATASET_FIELDS, tasks.image.IMAGE_FIELDS)
+INT_KEYS = ("members", "wins_vs_mean", "wins_vs_nearest", "wins_vs_idw", "wins_of", "step", "total_steps", "height",
+            "width", "channels", "params", "ssim_tile", "chunk_size")
+#: metrics.csv columns kept as text
+TEXT_KEYS = ("predictor", "split", "resolution", "weights", "ssim_protocol")
 
 
 # ------------------------------------------------------------------------------------------------ formatting
@@ -208,13 +221,22 @@ class RunResult:
         return out
 
     @property
+    def task_type(self) -> str:
+        return str((self.config.get("task") or {}).get("type", "ensemble"))
+
+    @property
+    def is_image(self) -> bool:
+        """A run of the image task (config task.type image, or an image metrics.csv: split=image rows)."""
+        return self.task_type == "image" or any(r.get("split") == "image" for r in self.metrics)
+
+    @property
     def spatio(self) -> bool:
         """Part of the spatio-conditional task: trained downsampled, or evaluated at the training resolution."""
-        return self.downsample > 1 or self.has_resolution("train")
+        return not self.is_image and (self.downsample > 1 or self.has_resolution("train"))
 
 
 def _parse_value(k: str, v: str):
-    if k in ("predictor", "split", "resolution", "weights"):
+    if k in TEXT_KEYS:
         return v
     if v is None or v.strip() == "":
         return float("nan")
@@ -321,6 +343,10 @@ def dataset_label(config: Dict[str, Any], group_by: str = "auto") -> str:
         base = _dir_label(src)
         if base and base != typ:
             parts.append(base)
+    elif isinstance(ds.get("path"), str) and ds["path"]:  # a one-file dataset (image): the file's stem
+        stem = os.path.splitext(os.path.basename(os.path.normpath(ds["path"])))[0]
+        if stem and stem != typ:
+            parts.append(stem)
     return _safe("_".join(parts))
 
 
@@ -397,7 +423,7 @@ def _load_model(run: RunResult):
         first = e
     try:
         meta = _read_json(os.path.join(run.path, "meta.json"))
-        model = runs_mod.build_model(run.config, meta["cond_dim"], int(meta.get("spatial_dims", len(meta["spatial_shape"]))))
+        model = runs_mod.build_model(run.config, inputs=runs_mod.model_inputs_of(meta))
         log.warning("run '%s': trained model not loadable (%s); counting on the architecture built from "
                     "config.yaml and meta.json", run.name, first)
         return model, meta
@@ -420,8 +446,11 @@ def add_model_stats(runs: Sequence[RunResult], flops: bool = False, n_cond: int 
             from util.flops import count_flops
 
             try:
-                res = count_flops(model, int(meta["cond_dim"]), int(meta.get("spatial_dims", len(meta["spatial_shape"]))), n_cond=n_cond,
-                                  n_points=n_points)
+                from util.runs import model_inputs_of
+
+                inputs = model_inputs_of(meta)
+                res = count_flops(model, int(inputs["cond_dim"]), int(inputs["spatial_dims"]),
+                                  n_cond=1 if int(inputs["cond_dim"]) == 0 else n_cond, n_points=n_points)
                 r.tflops = float(res["tflops_per_1e9_points"])
                 r.flops_uncounted = list(res.get("uncounted", []))
             except Exception as e:  # noqa: BLE001
@@ -596,7 +625,7 @@ COND_COLUMNS = [Column("dataset", "dataset", numeric=False), Column("model", "mo
 def conditional_table(group: str, runs: Sequence[RunResult], flops: bool = False) -> Optional[Table]:
     """Paper Table 2 (conditional generalization) for the runs of one dataset trained at full resolution:
     split=test, resolution=full; the reference predictors below the models. None if no such run."""
-    runs = sorted([r for r in runs if r.downsample <= 1], key=_order_key)
+    runs = sorted([r for r in runs if r.downsample <= 1 and not r.is_image], key=_order_key)
     if not runs:
         return None
     names = _model_names(runs)
@@ -708,6 +737,79 @@ def spatio_table(group: str, runs: Sequence[RunResult], flops: bool = False) -> 
     return t
 
 
+IMAGE_COLUMNS = [Column("dataset", "dataset", numeric=False), Column("model", "model", numeric=False),
+                 Column("trained_at", "trained at", numeric=False), Column("resolution", "resolution", numeric=False),
+                 Column("psnr", "PSNR", fmt_psnr), Column("ssim", "SSIM", fmt_ssim), Column("lpips", "LPIPS", fmt_ssim),
+                 Column("ssim_raster", "SSIM (raster)", fmt_ssim), Column("psnr_chunked", "PSNR (chunked)", fmt_psnr),
+                 Column("tflops", "TFLOPs/1e9 pts", fmt_float), Column("infer_s", "infer s", fmt_float),
+                 Column("bake_s", "bake s", fmt_float), Column("train_h", "training h", fmt_float),
+                 Column("params", "params", fmt_params)]
+#: image columns shown only when some row has a value
+IMAGE_OPTIONAL = ("ssim_raster", "psnr_chunked", "tflops")
+
+
+def _image_resolution_label(res: str, run: RunResult) -> str:
+    if res == "train" and run.downsample > 1:
+        return f"train (1/{run.downsample})"
+    return res
+
+
+def image_table(group: str, runs: Sequence[RunResult], flops: bool = False) -> Optional[Table]:
+    """The image table of one group: per image run (model order of the paper's image configs) and evaluated
+    resolution (full first), the metrics of tasks/image.py. None if the group holds no image run."""
+    runs = sorted([r for r in runs if r.is_image], key=_order_key)
+    if not runs:
+        return None
+    names = _model_names(runs)
+    rows, csv_rows = [], []
+    for r in runs:
+        model_rows = sorted((m for m in r.metrics if m.get("predictor") == "model"),
+                            key=lambda m: (m.get("resolution") != "full", str(m.get("resolution"))))
+        if not model_rows:
+            log.warning("run '%s' has no model row in its metrics.csv", r.name)
+            continue
+        params = r.params if r.params is not None else _v(model_rows[0], "params")
+        for m in model_rows:
+            res = str(m.get("resolution", "full"))
+            rows.append(dict(dataset=group, model=names[r.path],
+                             trained_at="full" if r.downsample <= 1 else f"1/{r.downsample}",
+                             resolution=_image_resolution_label(res, r), psnr=_v(m, "psnr"), ssim=_v(m, "ssim"),
+                             lpips=_v(m, "lpips"), ssim_raster=_v(m, "ssim_raster"),
+                             psnr_chunked=_v(m, "psnr_chunked"), tflops=r.tflops, infer_s=_v(m, "infer_s"),
+                             bake_s=_v(m, "bake_s"), train_h=r.train_h, params=params))
+            csv_rows.append(dict(table="image", dataset=group, model=names[r.path], run=r.path,
+                                 model_type=r.model_type, predictor="model", fields="image",
+                                 split=m.get("split", "image"), resolution=res, psnr=_v(m, "psnr"),
+                                 ssim=_v(m, "ssim"), lpips=_v(m, "lpips"), ssim_raster=_v(m, "ssim_raster"),
+                                 psnr_chunked=_v(m, "psnr_chunked"), height=_v(m, "height"), width=_v(m, "width"),
+                                 tflops_per_1e9_points=r.tflops, infer_s=_v(m, "infer_s"), bake_s=_v(m, "bake_s"),
+                                 train_h=r.train_h, params=params, weights=_v(m, "weights"), step=_v(m, "step")))
+    if not rows:
+        return None
+    shown = [c for c in IMAGE_COLUMNS if c.key not in IMAGE_OPTIONAL or any(x.get(c.key) is not None for x in rows)]
+    t = Table("image", f"Images: {group}", shown, rows=rows, csv_rows=csv_rows)
+    protocols = sorted({str(m.get("ssim_protocol")) for r in runs for m in r.metrics
+                        if m.get("predictor") == "model" and isinstance(m.get("ssim_protocol"), str)})
+    tiles = sorted({int(m["ssim_tile"]) for r in runs for m in r.metrics
+                    if m.get("predictor") == "model" and isinstance(m.get("ssim_tile"), int)})
+    t.notes.append("PSNR over the whole image, normalized values (data range 1); SSIM and LPIPS (VGG) on true "
+                   f"image tiles{' of at most ' + '/'.join(str(x) for x in tiles) + ' pixels a side' if tiles else ''}"
+                   "; LPIPS '-': its weights were not available where the run was evaluated. trained at: the "
+                   "training image (1/k: the x1/k bilinear downsample, super-resolution protocol); resolution: "
+                   "where it was scored.")
+    if any(c.key in ("ssim_raster", "psnr_chunked") for c in shown):
+        t.notes.append("SSIM (raster), PSNR (chunked): the reference implementation's protocols (raster chunks "
+                       "re-wrapped to a window, chunk-averaged MSE), to compare with the paper's numbers.")
+    if protocols and protocols != ["tiles"]:
+        t.notes.append(f"SSIM protocols used: {', '.join(protocols)}.")
+    t.notes.append("infer s: bake + all forward chunks of the full reconstruction at that resolution; bake s: the "
+                   "bake alone; training h: timing.json.")
+    if not flops:
+        t.notes.append("TFLOPs/1e9 pts not computed (pass --flops).")
+    t.notes += _weights_notes(runs)
+    return t
+
+
 @dataclass
 class GroupReport:
     group: str
@@ -718,8 +820,9 @@ class GroupReport:
 
 def group_report(group: str, runs: Sequence[RunResult], title: Optional[str] = None, flops: bool = False,
                  skipped: Sequence[Tuple[str, str]] = ()) -> GroupReport:
-    """Both tables of one dataset as Markdown (with a title) and as CSV rows."""
-    tables = [t for t in (conditional_table(group, runs, flops), spatio_table(group, runs, flops)) if t is not None]
+    """The tables of one dataset (conditional, spatio-conditional, image) as Markdown (with a title) and as CSV rows."""
+    tables = [t for t in (conditional_table(group, runs, flops), spatio_table(group, runs, flops),
+                          image_table(group, runs, flops)) if t is not None]
     head = f"# {title}: {group}" if title else f"# Results: {group}"
     parts = [head, "", f"Runs: {', '.join(sorted(r.name for r in runs))}."]
     if skipped:
