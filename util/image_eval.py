@@ -420,7 +420,9 @@ def evaluate_image(model_fn: ModelFn, truth, chunk_size: int = DEFAULT_CHUNK, de
                    prefix: str = "image", error_gain: float = 10.0, colormap: str = "hot") -> Dict[str, Any]:
     """Reconstruct the full image in chunks and score it, streaming band by band (gigapixel-safe).
 
-    Equals the pure functions on the whole arrays: ``psnr``, ``chunked_mse`` (chunk ``mse_chunk``),
+    The image is processed in bands of rows (the tile rows with the tile protocol, else about ``chunk_size``
+    pixels); forward chunks never span two bands, so the last chunk of each band may be short (the timing counts
+    every call). Equals the pure functions on the whole arrays: ``psnr``, ``chunked_mse`` (chunk ``mse_chunk``),
     ``ssim_tiles`` (``tile``), ``ssim_raster`` (window ``raster_window(H, W, raster_chunk)``), ``lpips_tiles``,
     ``lpips_raster``.
 
