@@ -97,11 +97,15 @@ class MoEINR(FieldModel):
             (the paper does not say).
         cond_dim: condition columns appended to the coordinates (injected from the data; 0 for one volume).
         spatial_dims: coordinate columns (injected; 4 = x, y, z, t).
+        out_dim: output channels (injected; must be 1: one scalar variable per network, as the paper).
     """
 
     def __init__(self, M: int = 87, k: int = 7, omega0: float = 30.0, mode: str = "top1", average_experts: int = 0,
-                 res_activation: str = "sin", cond_dim: int = 0, spatial_dims: int = 4):
+                 res_activation: str = "sin", cond_dim: int = 0, spatial_dims: int = 4, out_dim: int = 1):
         super().__init__()
+        if out_dim != 1:
+            raise ConfigError(f"model moe_inr decodes one scalar variable (out_dim 1); the data has {out_dim} "
+                              f"channels: compress each variable with its own network")
         if not _is_int(M) or M < 1:
             raise ConfigError(f"model.M must be an integer >= 1, got {M!r}")
         if not _is_int(k) or k < 1:
@@ -232,7 +236,11 @@ class MoEINR(FieldModel):
         var = ((values - mean) ** 2).mean(dim=-1, keepdim=True)
         return mean, var
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+    def forward(self, x: Tensor, c: Tensor, all_experts: bool = False):
+        """(B, N, 1) output of the configured mode; ``all_experts=True`` returns :meth:`forward_all`'s dict
+        (the training path, callable through a DistributedDataParallel wrapper)."""
+        if all_experts:
+            return self.forward_all(x, c)
         if self.mode == "top1":
             return self.forward_top1(x, c)
         return self.mean_var(x, c)[0]
