@@ -4,3 +4,4 @@ evaluation of a trained run; the one training loop (util/training.py) knows noth
 Importing the package registers every task type (kind ``task``).
 """
 import tasks.field  # noqa: F401  (registers "ensemble")
+import tasks.terrain  # noqa: F401,E402  (registers "terrain")

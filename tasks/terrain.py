@@ -1,0 +1,484 @@
+"""The terrain task (``task: {type: terrain}``): amortized INRs of DEM tiles (spec huvr 1-5).
+
+Training: a batch is B normalized tiles (``datasets.terrain``); the loss is the MSE of the model's
+reconstruction (each method's own encoder or inner loop, then its decoder) plus the model's extra terms
+(HUVR's distillation when a teacher is set). Logged terms: ``mse`` (gives the logged PSNR) and the extra terms.
+
+Evaluation (:meth:`TerrainTask.evaluate`, :func:`benchmark`): every method is scored on the same tiles (the
+split of the run's dataset config, or another source via ``test.data_path``):
+
+- ``psnr``: per tile on the normalized tile, peak = the ground-truth tile's range (spec 3), mean over tiles;
+- ``rmse_z_m``: RMSE in metres over every pixel of every tile (pooled; aggregation NR);
+- ``rmse_grad``: RMSE (m/px) of the gradient vector vs central differences of the ground truth, on interior
+  pixels (the 1-px border is excluded; NR); prediction by autodiff of the coordinate network for continuous
+  decoders (Functa, HUVR+SIREN; chain rule to m/px), central differences of the raster otherwise (spec 3);
+  ``rmse_lap``: the same for the Laplacian (m/px^2; 5-point stencil vs the autodiff Hessian trace);
+  ``max_grad`` / ``max_lap``: the worst tile's RMSE; ``slope_mae_deg``: mean absolute slope-angle error (degrees,
+  with the dataset's gsd);
+- seams (patch models): ``seam_dpsnr`` = PSNR of pixels within ``seam_width`` px of an internal patch border minus
+  PSNR of the other pixels (spec 7), ``seam_step_m`` / ``step_m``: RMSE (m) of the height step between adjacent
+  pixels across a patch border / elsewhere, minus the ground truth's step;
+- ``bpp``: 32 x payload floats / pixels (fp32 payload);
+- ``enc_ms`` / ``dec_ms``: wall time per tile of encoding (Functa: its inner loop) and of decoding a payload;
+- ``gflops_enc`` / ``gflops_dec`` / ``gflops_infer`` per tile and ``kflops_px_dec`` / ``kflops_px_infer`` per
+  pixel, from fvcore counts times 2 (the paper's 2 FLOPs per multiply-add; fvcore counts one); Functa's infer =
+  (1 + 3 inner_steps) decoder passes (forward + 2 x backward per step, then the final forward; spec 4).
+
+Post-training quantization (``test.ptq_bits``, spec 5): the payload is quantized per dimension (models/terrain/
+quant.py) and decoded; rows give bits, BPP uncompressed and entropy-coded, PSNR, RMSE_z, RMSE_grad, RMSE_lap and
+whether the row dominates the fp32 payload in rate-distortion. ``test.quantize_decoder`` (bits) also
+fake-quantizes the shared decoder's weight matrices per output row.
+
+Files written to ``<run_dir>/eval`` (or ``out_dir``): ``metrics.csv`` (the fp32 row), ``ptq.csv``, ``tiles.csv``
+(per-tile PSNR / RMSE_z / gradient RMSE, for terrain-regime bins).
+
+    python -m tasks.terrain RUN_DIR [RUN_DIR ...]     # evaluate several runs and print one table
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from tasks.base import StepOutput, Task
+from util.registry import ConfigError, register
+
+__all__ = ["TerrainTask", "TerrainTestConfig", "benchmark", "tile_metrics", "seam_masks", "count_flops_terrain",
+           "format_rows"]
+
+
+@dataclass
+class TerrainTestConfig:
+    """Keys of the ``test`` section of terrain runs.
+
+    Attributes:
+        split: tiles evaluated: ``test``, ``val`` or ``train`` of the run's dataset (ignored with data_path).
+        max_tiles: evaluate at most this many tiles (evenly spaced over the split; null = all).
+        batch_size: tiles per encode / decode call.
+        data_path: evaluate on another terrain source instead (a file, folder or named source such as
+            ``mpl:jacksboro_fault_dem``; every tile of it, out of domain), tiled like the run's dataset.
+        derivatives: ``auto`` (autodiff for continuous decoders, spec 3) or ``fd`` (central differences of the
+            decoded raster for every method).
+        seam_width: pixels on each side of an internal patch border counted as seam pixels.
+        ptq_bits: payload bit widths of the post-training quantization table (empty: no table).
+        ptq_scope: ``tile`` (per-tile per-dimension scales, 16-bit side information) or ``dataset`` (one scale
+            per dimension over the evaluated tiles, no per-tile side bits).
+        quantize_decoder: bits of the shared decoder's weights in the PTQ rows (null: kept in fp32).
+        timing_repeats: timed passes (after one warm-up pass) of encode and decode; the median is reported.
+        flops: count FLOPs with fvcore.
+    """
+
+    split: str = "test"
+    max_tiles: Optional[int] = 64
+    batch_size: int = 8
+    data_path: Optional[str] = None
+    derivatives: str = "auto"
+    seam_width: int = 1
+    ptq_bits: List[int] = field(default_factory=lambda: [16, 8, 6, 4, 2])
+    ptq_scope: str = "tile"
+    quantize_decoder: Optional[int] = None
+    timing_repeats: int = 3
+    flops: bool = True
+
+    def __post_init__(self):
+        from util.config import _check_dataclass_fields
+
+        _check_dataclass_fields(self, "test")
+        for key, val, allowed in (("split", self.split, ("test", "val", "train")),
+                                  ("derivatives", self.derivatives, ("auto", "fd")),
+                                  ("ptq_scope", self.ptq_scope, ("tile", "dataset"))):
+            if val not in allowed:
+                raise ConfigError(f"test.{key} must be one of {', '.join(allowed)}; got {val!r}")
+        for key, lo in (("batch_size", 1), ("seam_width", 1), ("timing_repeats", 1)):
+            if getattr(self, key) < lo:
+                raise ConfigError(f"test.{key} must be >= {lo}, got {getattr(self, key)}")
+        if self.max_tiles is not None and self.max_tiles < 1:
+            raise ConfigError(f"test.max_tiles must be null or >= 1, got {self.max_tiles}")
+        if any(b < 2 or b > 32 for b in self.ptq_bits):
+            raise ConfigError(f"test.ptq_bits must be integers in 2..32, got {self.ptq_bits}")
+        if self.quantize_decoder is not None and not 2 <= self.quantize_decoder <= 16:
+            raise ConfigError(f"test.quantize_decoder must be null or 2..16 bits, got {self.quantize_decoder}")
+
+
+@register("task", "terrain")
+class TerrainTask(Task):
+    """Amortized terrain INRs: tiles -> payload -> tiles, MSE loss (plus the model's distillation terms).
+
+    Args:
+        dataset: the run's dataset (injected; a ``terrain`` dataset).
+    """
+
+    test_config = TerrainTestConfig
+    model_arguments = ("spatial_dims", "tile_size")
+
+    def __init__(self, dataset):
+        super().__init__(dataset)
+        if not hasattr(dataset, "tile_size") or not hasattr(dataset, "tiles"):
+            raise ConfigError(f"task type 'terrain' needs a dataset of type 'terrain', got {type(dataset).__name__}")
+
+    def model_inputs(self) -> Dict[str, int]:
+        return {"spatial_dims": 2, "tile_size": int(self.dataset.tile_size)}
+
+    @classmethod
+    def model_inputs_without_data(cls, exp: Dict[str, Any]) -> Optional[Dict[str, int]]:
+        return {"spatial_dims": 2, "tile_size": int((exp.get("dataset") or {}).get("tile_size", 256))}
+
+    @property
+    def output_mean(self) -> Optional[float]:
+        return 0.0
+
+    def training_step(self, model, batch: Dict[str, Tensor], step: int) -> Optional[StepOutput]:
+        tiles = batch["tile"]
+        recon, extra = model.training_outputs(tiles)
+        mse = F.mse_loss(recon.float(), tiles.float())
+        loss = mse
+        terms = {"mse": mse.detach()}
+        for k, v in extra.items():
+            loss = loss + v.float()
+            terms[k] = v.detach()
+        return StepOutput(loss, terms, recon)
+
+    # --------------------------------------------------------------------------------------- evaluation
+    @classmethod
+    def evaluate(cls, run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
+                 overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device: Optional[str] = None,
+                 progress: bool = True) -> List[Dict[str, Any]]:
+        from util.runs import build_dataset, load_trained_model
+
+        model, exp, _ = load_trained_model(run_dir, checkpoint=checkpoint)
+        tc = TerrainTestConfig(**{**(exp.get("test") or {}), **(overrides or {})})
+        out_dir = out_dir or os.path.join(run_dir, "eval")
+        targets = [os.path.join(out_dir, n) for n in ("metrics.csv", "ptq.csv", "tiles.csv")]
+        if not overwrite and any(os.path.exists(t) for t in targets):
+            raise FileExistsError(f"results already in '{out_dir}'; pass --overwrite or --out_dir")
+        if tc.data_path is not None:
+            ds_cfg = {k: v for k, v in exp["dataset"].items() if k not in ("type", "path", "split_by")}
+            from datasets.terrain import TerrainDataset
+
+            dataset = TerrainDataset(path=tc.data_path, split_by="none", **ds_cfg)
+            split, label = "test", tc.data_path
+        else:
+            dataset = build_dataset(exp)
+            split, label = tc.split, f"{exp['dataset'].get('path', '')}:{tc.split}"
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        name = exp.get("name") or os.path.basename(os.path.normpath(run_dir))
+        res = benchmark(model.to(dev), dataset, tc, split=split, device=dev, name=name)
+        res["row"]["data"] = label
+        os.makedirs(out_dir, exist_ok=True)
+        _write_csv(targets[0], [res["row"]])
+        _write_csv(targets[1], res["ptq"])
+        _write_csv(targets[2], res["tiles"])
+        return [res["row"]] + res["ptq"]
+
+    @staticmethod
+    def format_table(rows: List[Dict[str, Any]]) -> str:
+        return format_rows(rows)
+
+
+def _write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
+    keys: List[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+def seam_masks(T: int, p: int, w: int, device=None):
+    """(seam pixel mask (T, T), seam column-step mask (T, T-1)): pixels within w of an internal patch border,
+    and the horizontal steps (j -> j+1) that cross a border (the vertical ones are the transpose)."""
+    i = torch.arange(T, device=device)
+    near = torch.zeros(T, dtype=torch.bool, device=device)
+    for k in range(1, T // p):
+        near |= (i >= k * p - w) & (i <= k * p + w - 1)
+    pix = near[:, None] | near[None, :]
+    j = torch.arange(T - 1, device=device)
+    cross = ((j + 1) % p == 0)[None, :].expand(T, -1)
+    return pix, cross
+
+
+def _psnr(mse: Tensor, peak: Tensor) -> Tensor:
+    return 10.0 * torch.log10(peak ** 2 / mse.clamp_min(1e-20))
+
+
+def _autodiff_derivatives(model, z: Tensor, T: int) -> tuple:
+    """Gradient (d/drow, d/dcol) and Laplacian of the normalized output on interior pixels, per pixel units."""
+    from models.terrain.common import pixel_coords
+
+    B = z.shape[0]
+    x = pixel_coords(T, device=z.device).reshape(T, T, 2)[1:-1, 1:-1].reshape(1, -1, 2).expand(B, -1, -1)
+    x = x.clone().requires_grad_(True)
+    k = 2.0 / (T - 1)  # d(coordinate)/d(pixel)
+    with torch.enable_grad():
+        y = model.decode_points(z.detach(), x)
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        lap = 0.0
+        for a in range(2):
+            (h,) = torch.autograd.grad(g[..., a].sum(), x, retain_graph=True)
+            lap = lap + h[..., a]
+    shape = (B, T - 2, T - 2)
+    return ((g[..., 1] * k).reshape(shape).detach(), (g[..., 0] * k).reshape(shape).detach(),
+            (lap * k * k).reshape(shape).detach())
+
+
+def tile_metrics(pred_n: Tensor, gt: Dict[str, Tensor], gsd: float, patch: Optional[int], seam_width: int,
+                 deriv_n: Optional[tuple] = None) -> Dict[str, Tensor]:
+    """Per-tile metrics of normalized predictions (B, 1, T, T) against the ground truth dict of dataset.tiles().
+
+    ``deriv_n``: autodiff (d/drow, d/dcol, Laplacian) of the normalized prediction on interior pixels (per pixel
+    units); None: central differences of the prediction.
+
+    Returns per-tile (B,) float64 tensors: mse_n, peak_n, mse_m, grad_se (mean squared gradient error, m/px),
+    lap_se, slope_ae (mean absolute slope-angle error, degrees) and, with ``patch``, seam / interior mse_n and
+    seam / other step squared errors (m).
+    """
+    from datasets.terrain import central_gradient, laplacian_5pt
+
+    t_n = gt["tile"][:, 0].double().to(pred_n.device)
+    p_n = pred_n[:, 0].double()
+    mu = gt["mu"].double().to(pred_n.device)[:, None, None]
+    sd = gt["sigma"].double().to(pred_n.device)[:, None, None]
+    t_m, p_m = t_n * sd + mu, p_n * sd + mu
+    out = {"mse_n": ((p_n - t_n) ** 2).mean(dim=(1, 2)), "peak_n": t_n.amax(dim=(1, 2)) - t_n.amin(dim=(1, 2)),
+           "mse_m": ((p_m - t_m) ** 2).mean(dim=(1, 2))}
+    gr, gc = central_gradient(t_m)
+    lt = laplacian_5pt(t_m)
+    if deriv_n is None:
+        pr, pc = central_gradient(p_m)
+        lp = laplacian_5pt(p_m)
+    else:
+        pr, pc, lp = (d.double() * sd for d in deriv_n)
+    out["grad_se"] = ((pr - gr) ** 2 + (pc - gc) ** 2).mean(dim=(1, 2))
+    out["lap_se"] = ((lp - lt) ** 2).mean(dim=(1, 2))
+    ang = lambda a, b: torch.rad2deg(torch.atan(torch.sqrt(a ** 2 + b ** 2) / gsd))  # noqa: E731
+    out["slope_ae"] = (ang(pr, pc) - ang(gr, gc)).abs().mean(dim=(1, 2))
+    if patch is not None and t_n.shape[-1] // patch >= 2:
+        pix, cross = seam_masks(t_n.shape[-1], patch, seam_width, device=pred_n.device)
+        se = (p_n - t_n) ** 2
+        out["seam_mse_n"] = se[:, pix].mean(dim=1)
+        out["inner_mse_n"] = se[:, ~pix].mean(dim=1)
+        dstep_c = (p_m[..., 1:] - p_m[..., :-1]) - (t_m[..., 1:] - t_m[..., :-1])  # (B, T, T-1)
+        dstep_r = ((p_m[..., 1:, :] - p_m[..., :-1, :]) - (t_m[..., 1:, :] - t_m[..., :-1, :])).transpose(1, 2)
+        st = torch.cat([dstep_c, dstep_r], dim=1) ** 2
+        cr = torch.cat([cross, cross], dim=0)
+        out["seam_step_se"] = st[:, cr].mean(dim=1)
+        out["step_se"] = st[:, ~cr].mean(dim=1)
+    return out
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def count_flops_terrain(model, tile_size: int, device=None) -> Dict[str, float]:
+    """fvcore multiply-add counts x 2 (GFLOPs per tile) of encode, hypernetwork decode, coordinate decode, infer."""
+    from util.flops import _quiet_fvcore
+
+    with _quiet_fvcore():
+        from fvcore.nn import FlopCountAnalysis
+
+    def count(mod, inp) -> float:
+        fca = FlopCountAnalysis(mod, (inp,))
+        fca.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        with _quiet_fvcore():
+            return 2.0 * float(fca.total())
+
+    dev = device or next(model.parameters()).device
+    tiles = torch.zeros(1, 1, tile_size, tile_size, device=dev)
+    model.eval()
+    model.set_sdpa(False)
+    try:
+        with torch.no_grad():
+            z = model.encode(tiles) if type(model).__name__ != "Functa" else torch.zeros(1, *model.payload_shape,
+                                                                                        device=dev)
+            mods = model.flop_modules()
+            out = {"enc": 0.0, "dec": 0.0, "neudec": 0.0}
+            if "enc" in mods:
+                out["enc"] = count(mods["enc"], tiles)
+            if "dec" in mods:
+                out["dec"] = count(mods["dec"], z)
+                out["neudec"] = count(mods["neudec"], model.hyper_decode(z))
+            else:
+                out["neudec"] = count(mods["neudec"], z)
+    finally:
+        model.set_sdpa(True)
+    steps = getattr(model, "inner_steps", 0)
+    inner = 3.0 * steps * out["neudec"] if type(model).__name__ == "Functa" else 0.0
+    out["infer"] = out["enc"] + out["dec"] + out["neudec"] + inner
+    return {k: v / 1e9 for k, v in out.items()}
+
+
+def _decoder_modules(model) -> List[torch.nn.Module]:
+    """The shared decoder: every child module except the encoder parts."""
+    skip = {"encoder", "bottleneck", "embed", "blocks", "norm", "head_enc"}
+    return [m for n, m in model.named_children() if n not in skip]
+
+
+@torch.no_grad()
+def _run(model, dataset, idx: np.ndarray, tc: TerrainTestConfig, dev, payload_fn=None, timing: bool = False):
+    """Encode / (quantize) / decode / score tiles in batches -> (per-tile metrics, timings, extra)."""
+    patch = getattr(model, "patch_size", None)
+    use_ad = tc.derivatives == "auto" and getattr(model, "continuous", False)
+    per: Dict[str, List[Tensor]] = {}
+    enc_t, dec_t, extra = [], [], {"ent_bits": [], "side_bits": 0}
+    for s in range(0, len(idx), tc.batch_size):
+        gt = dataset.tiles(idx[s:s + tc.batch_size])
+        tiles = gt["tile"].to(dev)
+        if timing:
+            reps_e, reps_d = [], []
+            for r in range(tc.timing_repeats + 1):
+                _sync(dev)
+                t0 = time.perf_counter()
+                z = model.encode(tiles)
+                _sync(dev)
+                t1 = time.perf_counter()
+                pred = model.decode(z)
+                _sync(dev)
+                t2 = time.perf_counter()
+                if r > 0 or tc.timing_repeats == 0:
+                    reps_e.append((t1 - t0) / len(tiles))
+                    reps_d.append((t2 - t1) / len(tiles))
+            enc_t.append(float(np.median(reps_e)))
+            dec_t.append(float(np.median(reps_d)))
+        else:
+            z = model.encode(tiles)
+        if payload_fn is not None:
+            z, info = payload_fn(z)
+            extra["ent_bits"].append(info["ent_bits"])
+            extra["side_bits"] = info["side_bits"]
+        if not timing or payload_fn is not None:
+            pred = model.decode(z)
+        deriv = _autodiff_derivatives(model, z, dataset.tile_size) if use_ad else None
+        m = tile_metrics(pred, gt, dataset.gsd, patch, tc.seam_width, deriv)
+        for k, v in m.items():
+            per.setdefault(k, []).append(v.cpu())
+    per_t = {k: torch.cat(v) for k, v in per.items()}
+    return per_t, (float(np.mean(enc_t)) if enc_t else None, float(np.mean(dec_t)) if dec_t else None), extra
+
+
+def _summary(per: Dict[str, Tensor]) -> Dict[str, float]:
+    out = {"psnr": float(_psnr(per["mse_n"], per["peak_n"]).mean()),
+           "rmse_z_m": math.sqrt(float(per["mse_m"].mean())),
+           "rmse_grad": math.sqrt(float(per["grad_se"].mean())),
+           "rmse_lap": math.sqrt(float(per["lap_se"].mean())),
+           "max_grad": float(per["grad_se"].sqrt().max()), "max_lap": float(per["lap_se"].sqrt().max()),
+           "slope_mae_deg": float(per["slope_ae"].mean())}
+    if "seam_mse_n" in per:
+        out["seam_dpsnr"] = float((_psnr(per["seam_mse_n"], per["peak_n"]) - _psnr(per["inner_mse_n"],
+                                                                                   per["peak_n"])).mean())
+        out["seam_step_m"] = math.sqrt(float(per["seam_step_se"].mean()))
+        out["step_m"] = math.sqrt(float(per["step_se"].mean()))
+    return out
+
+
+def benchmark(model, dataset, tc: Optional[TerrainTestConfig] = None, split: str = "test", device=None,
+              name: str = "") -> Dict[str, Any]:
+    """Score one model on a terrain dataset's split (see the module docstring).
+
+    Returns:
+        {"row": fp32 summary row, "ptq": [one row per payload bit width], "tiles": [per-tile rows]}.
+    """
+    tc = tc or TerrainTestConfig()
+    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    model.eval()
+    idx = dataset.split_indices(split)
+    if len(idx) == 0:
+        raise ValueError(f"the {split} split of {dataset!r} holds no tiles")
+    if tc.max_tiles is not None and len(idx) > tc.max_tiles:
+        idx = idx[np.linspace(0, len(idx) - 1, tc.max_tiles).round().astype(np.int64)]
+    T = dataset.tile_size
+    px = T * T
+    per, (enc_s, dec_s), _ = _run(model, dataset, idx, tc, dev, timing=True)
+    row: Dict[str, Any] = {"method": name or type(model).__name__, "model": type(model).__name__, "bits": 32,
+                           "tiles": int(len(idx)), "floats": model.payload_floats,
+                           "bpp": 32.0 * model.payload_floats / px, **_summary(per),
+                           "enc_ms": 1e3 * enc_s, "dec_ms": 1e3 * dec_s,
+                           "derivatives": "autodiff" if tc.derivatives == "auto" and model.continuous else "fd"}
+    if tc.flops:
+        fl = count_flops_terrain(model, T, dev)
+        row.update({"gflops_enc": fl["enc"], "gflops_dec": fl["dec"] + fl["neudec"], "gflops_infer": fl["infer"],
+                    "kflops_px_dec": 1e6 * (fl["dec"] + fl["neudec"]) / px, "kflops_px_infer": 1e6 * fl["infer"] / px})
+    tiles_rows = [{"index": int(i), "region": dataset.region_names[int(dataset.region_of_tile[i])],
+                   "psnr": float(_psnr(per["mse_n"][k], per["peak_n"][k])),
+                   "rmse_z_m": math.sqrt(float(per["mse_m"][k])), "rmse_grad": math.sqrt(float(per["grad_se"][k]))}
+                  for k, i in enumerate(idx)]
+    ptq_rows = []
+    if tc.ptq_bits:
+        from models.terrain.quant import entropy_bits, quantize_payload, quantize_weights_
+
+        qmodel = model
+        if tc.quantize_decoder is not None:
+            qmodel = copy.deepcopy(model)
+            for m in _decoder_modules(qmodel):
+                quantize_weights_(m, tc.quantize_decoder)
+        for bits in tc.ptq_bits:
+            def fn(z, bits=bits):
+                zq, q, _, side = quantize_payload(z, bits, tc.ptq_scope)
+                return zq.to(z.dtype), {"ent_bits": entropy_bits(q), "side_bits": side}
+
+            per_q, _, extra = _run(qmodel, dataset, idx, tc, dev, payload_fn=fn)
+            s = _summary(per_q)
+            n_vals = model.payload_floats
+            bpp_u = (n_vals * bits + extra["side_bits"]) / px
+            bpp_e = float((torch.cat(extra["ent_bits"]) + extra["side_bits"]).mean()) / px
+            ptq_rows.append({"method": row["method"], "model": row["model"], "bits": bits,
+                             "decoder_bits": tc.quantize_decoder or 32, "bpp": bpp_u, "bpp_ent": bpp_e,
+                             "psnr": s["psnr"], "rmse_z_m": s["rmse_z_m"], "rmse_grad": s["rmse_grad"],
+                             "rmse_lap": s["rmse_lap"],
+                             "dominates_fp32": bool(bpp_e <= row["bpp"] and s["psnr"] >= row["psnr"]
+                                                    and (bpp_e < row["bpp"] or s["psnr"] > row["psnr"]))})
+    return {"row": row, "ptq": ptq_rows, "tiles": tiles_rows}
+
+
+_COLS = [("method", "{}"), ("bits", "{}"), ("floats", "{}"), ("bpp", "{:.3f}"), ("bpp_ent", "{:.3f}"),
+         ("psnr", "{:.2f}"), ("rmse_z_m", "{:.3f}"), ("rmse_grad", "{:.4f}"), ("rmse_lap", "{:.4f}"),
+         ("slope_mae_deg", "{:.2f}"), ("seam_dpsnr", "{:+.2f}"), ("seam_step_m", "{:.3f}"), ("step_m", "{:.3f}"),
+         ("enc_ms", "{:.2f}"), ("dec_ms", "{:.2f}"), ("kflops_px_dec", "{:.1f}"), ("kflops_px_infer", "{:.1f}")]
+
+
+def format_rows(rows: List[Dict[str, Any]]) -> str:
+    """Plain-text table of benchmark rows (columns present in any row; '-' where a row lacks one)."""
+    cols = [(k, f) for k, f in _COLS if any(k in r for r in rows)]
+    cells = [[k for k, _ in cols]] + [[f.format(r[k]) if r.get(k) is not None else "-" for k, f in cols]
+                                      for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="Evaluate terrain runs on their tiles and print one table")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="test-section override")
+    p.add_argument("--out_dir_name", default="eval", help="result folder inside each run")
+    p.add_argument("--overwrite", action="store_true")
+    a = p.parse_args(argv)
+    import yaml
+
+    ov = {}
+    for s in a.set:
+        k, _, v = s.partition("=")
+        ov[k.replace("test.", "")] = yaml.safe_load(v)
+    rows = []
+    for r in a.runs:
+        rows += TerrainTask.evaluate(r, out_dir=os.path.join(r, a.out_dir_name), overrides=ov, overwrite=a.overwrite)
+    fp = [r for r in rows if "floats" in r]
+    print(format_rows(fp))
+    print()
+    print(format_rows([r for r in rows if "floats" not in r]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Terrain task: training step, metrics against hand computations (analytic surfaces, known offsets, seams),
+autodiff derivatives against closed forms, the benchmark rows, and train.py / test.py end to end on tiny data."""
+import csv
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from datasets.terrain import TerrainDataset
+from tasks.terrain import (TerrainTask, TerrainTestConfig, _autodiff_derivatives, benchmark, seam_masks,
+                           tile_metrics)
+from util.registry import ConfigError, build
+
+TINY = dict(patch_size=4, latent_dim=6, enc_width=16, enc_depth=1, enc_heads=2, dec_width=16, dec_depth=1, dec_heads=2)
+
+
+def _data(tmp_path, n=4, size=32, T=16, **kw):
+    from datasets.terrain_gen import fractal_surface
+
+    for i in range(n):
+        np.save(tmp_path / f"r{i}.npy", (200.0 * fractal_surface(size, seed=i) + 50 * i).astype(np.float32))
+    return TerrainDataset(str(tmp_path), tile_size=T, val_fraction=0.25, test_fraction=0.25, batch_size=4, **kw)
+
+
+def _gt(t_n, mu=10.0, sd=2.0):
+    B = t_n.shape[0]
+    return {"tile": t_n, "mu": torch.full((B,), mu, dtype=torch.float64), "sigma": torch.full((B,), sd,
+                                                                                             dtype=torch.float64)}
+
+
+def test_metrics_by_hand():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(2, 1, 8, 8, generator=g)
+    m = tile_metrics(t.clone(), _gt(t), gsd=1.0, patch=4, seam_width=1)
+    for k in ("mse_n", "mse_m", "grad_se", "lap_se", "slope_ae", "seam_step_se", "step_se"):
+        assert float(m[k].abs().max()) < 1e-12, k
+    # a constant offset c (normalized): mse c^2, PSNR 10 log10(R^2 / c^2), metres: (c sigma)^2; derivatives exact
+    m = tile_metrics(t + 0.1, _gt(t), gsd=1.0, patch=4, seam_width=1)
+    R = (t.amax(dim=(1, 2, 3)) - t.amin(dim=(1, 2, 3))).double()
+    torch.testing.assert_close(m["mse_n"], torch.full((2,), 0.01, dtype=torch.float64))
+    torch.testing.assert_close(10 * torch.log10(m["peak_n"] ** 2 / m["mse_n"]), 10 * torch.log10(R ** 2 / 0.01))
+    torch.testing.assert_close(m["mse_m"], torch.full((2,), 0.04, dtype=torch.float64))
+    assert float(m["grad_se"].max()) < 1e-10
+    # a jump of 0.5 (normalized) on the right half: only steps across the seam at column 3|4 differ
+    p = t.clone()
+    p[..., 4:] += 0.5
+    m = tile_metrics(p, _gt(t), gsd=1.0, patch=4, seam_width=1)
+    # seam steps: the 8 rows' column steps 3->4 (error 0.5 * sigma = 1 m) among 8 + 8 crossing steps
+    torch.testing.assert_close(m["seam_step_se"], torch.full((2,), 8 * 1.0 / 16, dtype=torch.float64))
+    assert float(m["step_se"].max()) < 1e-10
+    assert torch.all(m["seam_mse_n"] >= 0) and torch.all(m["inner_mse_n"] > 0)
+
+
+def test_seam_masks():
+    pix, cross = seam_masks(8, 4, 1)
+    near = [3, 4]
+    for i in range(8):
+        for j in range(8):
+            assert bool(pix[i, j]) == (i in near or j in near)
+    assert cross[0].tolist() == [False, False, False, True, False, False, False]
+
+
+class _Analytic(torch.nn.Module):
+    """decode_points(z, x) = z0 * x0^2 + sin(3 x1) (x0 = column, x1 = row coordinate)."""
+
+    def decode_points(self, z, x):
+        return (z[:, :1, :1] * x[..., :1] ** 2 + torch.sin(3 * x[..., 1:]))
+
+
+def test_autodiff_derivatives_against_closed_form():
+    T = 9
+    z = torch.full((1, 1, 1), 2.0)
+    g_r, g_c, lap = _autodiff_derivatives(_Analytic(), z, T)
+    a = torch.linspace(-1, 1, T)[1:-1]
+    k = 2.0 / (T - 1)  # coordinate units per pixel
+    rows, cols = torch.meshgrid(a, a, indexing="ij")
+    torch.testing.assert_close(g_c[0], 4 * cols * k)
+    torch.testing.assert_close(g_r[0], 3 * torch.cos(3 * rows) * k)
+    torch.testing.assert_close(lap[0], (4 - 9 * torch.sin(3 * rows)) * k * k)
+
+
+def test_training_step_and_benchmark(tmp_path):
+    ds = _data(tmp_path)
+    task = TerrainTask(ds)
+    assert task.model_inputs() == {"spatial_dims": 2, "tile_size": 16}
+    torch.manual_seed(0)
+    model = build("model", "huvr_siren", injected=task.model_inputs(), siren_width=16, **TINY)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    batch = task.batch(0, 0, "cpu")
+    first = task.training_step(model, batch, 0)
+    assert set(first.terms) == {"mse"} and first.output.shape == (4, 1, 16, 16)
+    for s in range(30):
+        out = task.training_step(model, batch, s)
+        opt.zero_grad()
+        out.loss.backward()
+        opt.step()
+    assert out.loss.item() < 0.7 * first.loss.item()
+    res = benchmark(model, ds, TerrainTestConfig(max_tiles=3, ptq_bits=[8, 2], flops=True, timing_repeats=1))
+    row = res["row"]
+    assert row["tiles"] == 3 and row["floats"] == 17 * 6 and row["bpp"] == pytest.approx(32 * 102 / 256)
+    assert row["derivatives"] == "autodiff" and row["gflops_infer"] > 0 and math.isfinite(row["seam_dpsnr"])
+    p8, p2 = res["ptq"]
+    assert p8["bpp"] == pytest.approx((102 * 8 + 6 * 16) / 256) and p8["bpp_ent"] <= p8["bpp"]
+    assert abs(p8["psnr"] - row["psnr"]) < 0.5 and p2["psnr"] < p8["psnr"]
+    assert len(res["tiles"]) == 3
+
+
+def test_terrain_task_rejects_other_data_and_bad_test_keys():
+    with pytest.raises(ConfigError, match="needs a dataset of type 'terrain'"):
+        TerrainTask(object())
+    with pytest.raises(ConfigError, match="test.derivatives"):
+        TerrainTestConfig(derivatives="spline")
+    with pytest.raises(ConfigError, match="test.ptq_bits"):
+        TerrainTestConfig(ptq_bits=[1])
+
+
+def test_train_and_test_end_to_end(tmp_path, monkeypatch):
+    from test import main as test_main
+    from train import main as train_main
+
+    (tmp_path / "dem").mkdir()
+    _data(tmp_path / "dem")
+    cfg = [{"name": "tiny_huvr", "task": {"type": "terrain"},
+            "model": {"type": "huvr", "mlp_width": 8, "mlp_depth": 1, "upsampler_channels": 4, **TINY},
+            "dataset": {"type": "terrain", "path": str(tmp_path / "dem"), "tile_size": 16, "val_fraction": 0.25,
+                        "test_fraction": 0.25, "batch_size": 4},
+            "optim": {"type": "adam", "lr": 1e-3}, "scheduler": {"type": "constant"},
+            "train": {"max_steps": 6, "log_every": 3, "log_dir": str(tmp_path / "runs")},
+            "test": {"max_tiles": 4, "ptq_bits": [8], "timing_repeats": 1, "flops": False}}]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    train_main(["--config", str(path), "--no_progress"])
+    run = tmp_path / "runs" / "tiny_huvr"
+    assert (run / "finished.json").is_file()
+    test_main(["--run", str(run), "--no_progress"])
+    with open(run / "eval" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert rows[0]["model"] == "HUVR" and int(rows[0]["tiles"]) == 4 and float(rows[0]["psnr"]) > 0
+    assert (run / "eval" / "ptq.csv").is_file()
