@@ -442,3 +442,4 @@ def test_image_table_reference_protocol_columns_params_from_csv_and_checkpoint_w
     warned = [n for n in t.notes if n.startswith("WARNING")]
     assert len(warned) == 1 and "'b'" in warned[0] and "checkpoint step_0000004" in warned[0]
     assert R.dataset_label(dict(dataset=dict(type="image", path="/x/y/pearl.png"))) == "image_pearl"
+    assert R.dataset_label(dict(dataset=dict(type="image_demo", photo="coffee", data_dir="d/img"))) == "image_demo_coffee"

@@ -320,6 +320,9 @@ def _dir_label(path: str) -> str:
 def dataset_label(config: Dict[str, Any], group_by: str = "auto") -> str:
     """The group (dataset) label of a run, safe as a file name part.
 
+    ``auto`` labels: ``demo_blast`` (type + data_dir/root basename), ``image_pearl`` (type + the stem of
+    dataset.path), ``image_demo_astronaut`` (type + dataset.photo).
+
     Args:
         config: the run's config.yaml.
         group_by: ``auto`` = dataset.type plus the basename of dataset.data_dir, else of dataset.root (the type
@@ -339,7 +342,9 @@ def dataset_label(config: Dict[str, Any], group_by: str = "auto") -> str:
     typ = str(ds.get("type", "unknown"))
     src = ds.get("data_dir") or ds.get("root")
     parts = [typ]
-    if src:
+    if isinstance(ds.get("photo"), str) and ds["photo"]:  # image_demo: the bundled photo's name
+        parts.append(ds["photo"])
+    elif src:
         base = _dir_label(src)
         if base and base != typ:
             parts.append(base)
