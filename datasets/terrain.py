@@ -24,7 +24,7 @@ Spec ``huvr.md`` 1, 3 and 8:
 
 Batches (``sample_batch(step, rank)``, a function of (seed, step, rank) only): ``tile`` (B, 1, T, T) float32
 normalized training tiles drawn with replacement, ``mu`` / ``sigma`` (B,) float32 metres, ``index`` (B,) int64
-rows of the training split; ``augment: dihedral`` applies a random rotation by k x 90 degrees and a random
+rows of the training split; ``tile_augment: dihedral`` applies a random rotation by k x 90 degrees and a random
 flip per tile (HUVR's augmentation policy is NR in the paper; this is our choice).
 """
 from __future__ import annotations
@@ -266,7 +266,7 @@ class TerrainDataset:
         test_fraction: fraction of regions (or tiles) in the test split.
         split_seed: seed of the split shuffle (independent of the batch seed).
         batch_size: tiles per training batch (the paper: 8 for TransINR / Functa, 32 for HUVR).
-        augment: ``none`` or ``dihedral`` (random k x 90 degree rotation and flip per tile; HUVR's policy is NR).
+        tile_augment: ``none`` or ``dihedral`` (random k x 90 degree rotation and flip per tile; HUVR's policy is NR).
         nodata: height value marking missing pixels (besides NaN / Inf); windows holding it are dropped.
             Default: the GeoTIFF's GDAL_NODATA tag when present, else none.
         raw_shape: [rows, columns] of raw (.raw/.bin/.dat) files.
@@ -283,11 +283,11 @@ class TerrainDataset:
 
     def __init__(self, path: str = "demo", tile_size: int = 256, split_by: str = "region",
                  val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0, batch_size: int = 8,
-                 augment: str = "none", nodata: Optional[float] = None, raw_shape: Optional[List[int]] = None,
+                 tile_augment: str = "none", nodata: Optional[float] = None, raw_shape: Optional[List[int]] = None,
                  raw_dtype: str = "float32", gsd: Optional[float] = None, min_sigma: float = 1e-3,
                  max_tiles_per_region: Optional[int] = None, demo_root: str = os.path.join("data", "terrain_demo"),
                  demo_regions: int = 12, demo_size: int = 384, seed: int = 0):
-        for key, val, allowed in (("split_by", split_by, SPLIT_MODES), ("augment", augment, TERRAIN_AUGMENT_MODES)):
+        for key, val, allowed in (("split_by", split_by, SPLIT_MODES), ("tile_augment", tile_augment, TERRAIN_AUGMENT_MODES)):
             if val not in allowed:
                 raise ConfigError(f"dataset.{key} must be one of {', '.join(allowed)}; got {val!r}")
         for key, val, lo in (("tile_size", tile_size, 4), ("batch_size", batch_size, 1), ("split_seed", split_seed, 0),
@@ -308,7 +308,7 @@ class TerrainDataset:
         except TypeError:
             raise ConfigError(f"dataset.raw_dtype: {raw_dtype!r} is not a numpy dtype") from None
         self.path, self.tile_size, self.split_by = str(path), int(tile_size), split_by
-        self.batch_size, self.augment, self.seed = int(batch_size), augment, int(seed)
+        self.batch_size, self.augment, self.seed = int(batch_size), tile_augment, int(seed)
         self.min_sigma = float(min_sigma)
 
         sources = self._sources(raw_shape, raw_dtype, demo_root, demo_regions, demo_size)

@@ -76,7 +76,7 @@ def test_dataset_per_tile_normalization_and_batches(tmp_path):
     assert not torch.equal(d.sample_batch(8)["index"], b1["index"]) or not torch.equal(d.sample_batch(9)["index"],
                                                                                        b1["index"])
     # dihedral augmentation keeps the values of each tile (a permutation of its pixels)
-    da = TerrainDataset(str(tmp_path), tile_size=8, batch_size=5, augment="dihedral", seed=1, val_fraction=0.25,
+    da = TerrainDataset(str(tmp_path), tile_size=8, batch_size=5, tile_augment="dihedral", seed=1, val_fraction=0.25,
                         test_fraction=0.25)
     ba = da.sample_batch(7)
     torch.testing.assert_close(ba["tile"].flatten(1).sort(dim=1).values, b1["tile"].flatten(1).sort(dim=1).values)
@@ -109,7 +109,7 @@ def test_bad_inputs(tmp_path):
     np.save(sub / "s.npy", np.zeros((5, 5), np.float32))
     with pytest.raises(DataError, match="no complete 8 x 8 tile"):
         TerrainDataset(str(sub), tile_size=8)
-    for key, val in (("tile_size", 2), ("split_by", "rows"), ("augment", "flip"), ("test_fraction", 1.0),
+    for key, val in (("tile_size", 2), ("split_by", "rows"), ("tile_augment", "flip"), ("test_fraction", 1.0),
                      ("batch_size", 0), ("min_sigma", 0)):
         with pytest.raises(ConfigError, match=f"dataset.{key}"):
             TerrainDataset(str(sub), **{key: val})
