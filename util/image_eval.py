@@ -36,9 +36,10 @@ CUDA synchronized around each call; coordinate generation, device-to-host copies
 reference reports it.
 
 Memory of ``evaluate_image``: one band of rows at a time (band height = the tile height, or chunk_size / W rows
-without tiles): prediction and truth float32 (2 x band x W x C x 4 bytes; Pearl with 512-pixel tiles: ~0.25 GB),
-the raster buffer (< 2 raster chunks), and with ``out_dir`` the uint8 prediction (H W C bytes, Pearl 1.41 GB)
-and error image (H W bytes); saving a PNG makes Pillow hold one more copy.
+without tiles): prediction and truth float32 (2 x band x W x C x 4 bytes; Pearl with 512-pixel tiles: ~0.25 GB)
+plus float64 temporaries of the same band (the difference, the dataset's read of the rows: ~0.5 GB more for
+Pearl), the raster buffer (< 2 raster chunks), and with ``out_dir`` the uint8 prediction (H W C bytes, Pearl
+1.41 GB) and error image ("hot": 3 H W bytes, "gray": H W); saving a PNG makes Pillow hold one more copy.
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
