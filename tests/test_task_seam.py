@@ -201,3 +201,38 @@ def test_test_py_dispatches_to_the_runs_task(tmp_path, capsys, monkeypatch):
     main(["--run", rd, "--no_progress"])
     assert calls["run"] == rd and calls["kw"]["overrides"] == {}
     assert "l1" in capsys.readouterr().out
+
+
+def test_ensemble_mode_rules_do_not_apply_to_other_dataset_types_and_components_declare_rules(tmp_path):
+    """dataset.augment of the ensemble family is checked for those types only; a component's own
+    ``config_rules`` are checked at load."""
+    from util.config import validate_experiment
+
+    with pytest.raises(ConfigError, match="dataset.augment"):
+        validate_experiment(dict(model=dict(type="drrnet"), dataset=dict(type="demo", augment="tile_flip")))
+    ToyTargetsRules.config_rules = {"scale": lambda v: None if v > 0 else "must be > 0"}
+    try:
+        exp = validate_experiment(dict(task=dict(type="_toy_l1"), model=dict(type="_toy_const"),
+                                       dataset=dict(type="_toy_rules", augment="tile_flip", scale=2.0)))
+        assert exp["dataset"]["augment"] == "tile_flip"
+        with pytest.raises(ConfigError, match="dataset.scale.*must be > 0"):
+            validate_experiment(dict(task=dict(type="_toy_l1"), model=dict(type="_toy_const"),
+                                     dataset=dict(type="_toy_rules", augment="x", scale=-1.0)))
+    finally:
+        ToyTargetsRules.config_rules = None
+
+
+@register("dataset", "_toy_rules")
+class ToyTargetsRules(ToyTargets):
+    """ToyTargets with two keys of its own.
+
+    Args:
+        augment: any string (this type's own modes).
+        scale: a positive number.
+        seed: injected.
+    """
+
+    config_rules = None
+
+    def __init__(self, augment: str = "none", scale: float = 1.0, seed: int = 0):
+        super().__init__(seed)

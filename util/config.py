@@ -315,15 +315,18 @@ _VERTICES = _at_least(2)  # a grid axis or line needs >= 2 vertices to interpola
 
 RANGE_RULES: Dict[str, Dict[str, Any]] = {
     "model": dict(init_output_mean=_number_or_auto),
-    "dataset": dict(importance=_choices("datasets.ensemble", "IMPORTANCE_MODES"),
-                    storage=_choices("datasets.ensemble", "STORAGE_MODES"),
-                    augment=_choices("datasets.augment", "MODES"), cond_batch=_POS, spatial_log2batch=_in_range(0, 30, hi_inclusive=True), impsmp_bins=_POS,
+    "dataset": dict(cond_batch=_POS, spatial_log2batch=_in_range(0, 30, hi_inclusive=True), impsmp_bins=_POS,
                     impsmp_cluster_size=_POS, vp_k=_POS, vp_power=_above(0), downsample=_POS, dims=_POS,
                     sigma_x=_NONNEG, tau_x=_NONNEG, sigma_c=_NONNEG, tau_c=_NONNEG),
     "optim": dict(lr=_above(0), eps=_NONNEG, weight_decay=_NONNEG, betas=_betas),
     "scheduler": dict(warmup_steps=_NONNEG, eta_min=_NONNEG),
 }
 """Range rules of component keys that mean the same for every type of a section: {section: {key: rule}}."""
+
+_ENSEMBLE_DATA_RULES = dict(importance=_choices("datasets.ensemble", "IMPORTANCE_MODES"),
+                            storage=_choices("datasets.ensemble", "STORAGE_MODES"),
+                            augment=_choices("datasets.augment", "MODES"))
+"""Mode keys of the ensemble dataset family (other dataset types check their own modes)."""
 
 TYPE_RANGE_RULES: Dict[tuple, Dict[str, Any]] = {
     ("model", "drrnet"): dict(
@@ -346,11 +349,17 @@ TYPE_RANGE_RULES: Dict[tuple, Dict[str, Any]] = {
         spatial_resolution=_VERTICES, cond_resolution=_VERTICES, feature_dim=_POS, multiscale=_POS,
         decoder_width=_POS, decoder_layers=_NONNEG, init_range=_low_high,
         plane_init=_one_of("reference", "kplanes", "ones"), cond_mapping=_one_of("reference", "full")),
-    ("dataset", "unstructured"): dict(augment=_choices("datasets.unstructured", "UNSTRUCTURED_AUGMENT_MODES"),
+    ("dataset", "ensemble"): _ENSEMBLE_DATA_RULES,
+    ("dataset", "demo"): _ENSEMBLE_DATA_RULES,
+    ("dataset", "unstructured"): dict(_ENSEMBLE_DATA_RULES,
+                                      augment=_choices("datasets.unstructured", "UNSTRUCTURED_AUGMENT_MODES"),
                                       downsample=_one_of(1)),
-    ("dataset", "demo"): dict(n_train=_POS, n_test=_NONNEG, resolution=_VERTICES, spatial_dims=_one_of(2, 3)),
 }
-"""Range rules of one component type: {(section, type): {key: rule}} (checked after the section's rules)."""
+TYPE_RANGE_RULES[("dataset", "demo")] = dict(_ENSEMBLE_DATA_RULES, n_train=_POS, n_test=_NONNEG,
+                                             resolution=_VERTICES, spatial_dims=_one_of(2, 3))
+"""Range rules of one component type: {(section, type): {key: rule}} (checked after the section's rules).
+A registered component may also declare its own rules as a class attribute ``config_rules`` ({key: rule}, a
+rule returns None or what the value must be), checked last."""
 
 
 def _annotations(target) -> Dict[str, Any]:
@@ -412,7 +421,8 @@ def check_component_values(section: str, kind: str, typ: str, body: Dict[str, An
         if key in hints:
             value = check_value(value, hints[key], f"{section}.{key}", defaults.get(key, inspect.Parameter.empty),
                                 where)
-        for rules in (RANGE_RULES.get(section, {}), TYPE_RANGE_RULES.get((section, typ), {})):
+        for rules in (RANGE_RULES.get(section, {}), TYPE_RANGE_RULES.get((section, typ), {}),
+                      getattr(get(kind, typ), "config_rules", None) or {}):
             _check_range(rules, section, key, value, loc)
         out[key] = value
     return out
