@@ -362,27 +362,15 @@ def evaluate_volumes(pred_steps: Sequence[np.ndarray], gt_steps: Sequence[np.nda
 
 
 def _load_run(run_dir: str, checkpoint: Optional[str], device):
-    from util.registry import build
-    from util.runs import load_experiment, read_json
+    """(model in eval mode, experiment) of a trained run (util.runs.load_trained_model)."""
+    from util.runs import load_trained_model
 
-    exp = load_experiment(run_dir)
-    try:
-        from util.runs import load_trained_model
-
-        model, exp, _ = load_trained_model(run_dir, checkpoint)
-    except TypeError:  # pragma: no cover - a refactored loader signature: build and load here
-        from util.config import section_kwargs
-        from util.runs import _load_default_weights, load_weights
-
-        model = build("model", exp["model"]["type"], section="model",
-                      injected={"cond_dim": 0, "spatial_dims": 4}, **section_kwargs(exp, "model"))
-        state = load_weights(checkpoint) if checkpoint else _load_default_weights(run_dir, "cpu")[1]
-        model.load_state_dict(state)
+    model, exp, _ = load_trained_model(run_dir, checkpoint)
     return model, exp
 
 
 def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
-                 overrides: Optional[Sequence[str]] = None, overwrite: bool = False, device=None,
+                 overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device=None,
                  progress: bool = True) -> List[Dict[str, Any]]:
     """Evaluate a trained MoE-INR run (test.py for task ``moe_inr``).
 
@@ -392,14 +380,20 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
     Returns:
         rows: one for the INR (method "moe_inr") and one per matched baseline compressor.
     """
+    from dataclasses import fields
+
     from tasks.moe import MoETestConfig
-    from util.config import apply_overrides
     from util.runs import build_dataset
 
     model, exp = _load_run(run_dir, checkpoint, device)
-    if overrides:
-        exp = apply_overrides(exp, list(overrides))
-    tc = MoETestConfig(**(exp.get("test") or {}))
+    test_keys = dict(exp.get("test") or {})
+    known = {f.name for f in fields(MoETestConfig)}
+    for key, val in (overrides or {}).items():
+        if key in known:
+            test_keys[key] = val
+        else:
+            log.warning("test.%s does not apply to task moe_inr (ignored)", key)
+    tc = MoETestConfig(**test_keys)
     out_dir = out_dir or os.path.join(run_dir, "eval")
     if os.path.isfile(os.path.join(out_dir, "metrics.json")) and not overwrite:
         raise FileExistsError(f"{out_dir} already holds metrics.json; pass overwrite to replace it")

@@ -5,3 +5,4 @@ Importing the package registers every task type (kind ``task``).
 """
 import tasks.field  # noqa: F401  (registers "ensemble")
 import tasks.terrain  # noqa: F401,E402  (registers "terrain")
+import tasks.moe  # noqa: F401,E402  (registers "moe_inr")

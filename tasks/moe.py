@@ -37,7 +37,7 @@ range 2), so the logged PSNR equals the PSNR with peak = the data range.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from datasets.timevolume import time_coords
-from tasks.base import Task
+from tasks.base import StepOutput, Task
 from util.registry import ConfigError, register
 
 __all__ = ["MoETask", "MoETestConfig", "PRETRAIN_SCHEMES", "kmeans_fit", "KMEANS_FEATURES"]
@@ -266,14 +266,19 @@ class MoETask(Task):
         return 1 if step < self.stage1_steps else 2
 
     def model_inputs(self) -> Dict[str, int]:
+        """One scalar field over (x, y, z, t): cond_dim 0, spatial_dims 4, out_dim 1."""
+        return {"cond_dim": 0, "spatial_dims": 4, "out_dim": 1}
+
+    @classmethod
+    def model_inputs_without_data(cls, exp: Dict[str, Any]) -> Optional[Dict[str, int]]:
+        """The same for every time-varying volume (no data needed)."""
         return {"cond_dim": 0, "spatial_dims": 4, "out_dim": 1}
 
     def _expert_err(self, values: Tensor, v: Tensor) -> Tensor:
         d = values - v
         return d.abs() if self.expert_loss == "l1" else d * d
 
-    def training_step(self, model, batch: Dict[str, Tensor], step: int
-                      ) -> Optional[Tuple[Tensor, Dict[str, Tensor], Optional[Tensor]]]:
+    def training_step(self, model, batch: Dict[str, Tensor], step: int) -> Optional[StepOutput]:
         """(loss, terms, top-1 prediction (B, N, 1)) of the batch at ``step``; see the module docstring."""
         raw = _unwrap(model)
         if getattr(raw, "k", self.k) != self.k:
@@ -317,7 +322,7 @@ class MoETask(Task):
         terms["loss"] = loss.detach()
         terms["stage"] = torch.tensor(float(stage))
         terms["mse"] = (torch.mean((pred.detach() - v) ** 2) / 4.0)
-        return loss, terms, pred.detach().reshape(batch["v"].shape)
+        return StepOutput(loss, terms, pred.detach().reshape(batch["v"].shape))
 
     # --------------------------------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
@@ -337,7 +342,7 @@ class MoETask(Task):
     # --------------------------------------------------------------------------------------- evaluation
     @classmethod
     def evaluate(cls, run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
-                 overrides=None, overwrite: bool = False, device=None, progress: bool = True) -> List[Dict[str, Any]]:
+                 overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device=None, progress: bool = True) -> List[Dict[str, Any]]:
         from compress.moe_eval import evaluate_run
 
         return evaluate_run(run_dir, out_dir=out_dir, checkpoint=checkpoint, overrides=overrides,

@@ -102,3 +102,11 @@ def test_registry_and_config_errors():
         MoEINR(M=0)
     with pytest.raises(ValueError, match="coordinate columns"):
         MoEINR(M=2, k=2)(torch.rand(1, 3, 3), torch.zeros(1, 0))
+
+
+def test_init_output_mean_sets_expert_biases():
+    m = MoEINR(M=2, k=3, init_output_mean=-0.8)
+    assert all(float(ex.bias) == pytest.approx(-0.8) for ex in m.experts)
+    assert MoEINR(M=2, k=3, init_output_mean=None).experts[0].bias.abs().item() < 1 / (16 ** 0.5) + 1e-6
+    with pytest.raises(ConfigError, match="init_output_mean"):
+        MoEINR(M=2, k=3, init_output_mean="mean")

@@ -1,0 +1,52 @@
+"""MoE-INR end to end through the one training loop (util.training.train: both stages in one run, the task's
+state in the checkpoint) and the task's evaluation (fp16 artifact, metrics files), on a tiny volume."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import tasks.moe  # noqa: F401  (registers task moe_inr until tasks/__init__.py lists it)
+from compress.moe_eval import load_fp16
+from tasks.moe import MoETask
+from util.config import load_config
+from util.training import train
+
+
+def test_train_and_evaluate(tmp_path):
+    t, z, y, x = np.meshgrid(np.arange(3), np.arange(6), np.arange(7), np.arange(8), indexing="ij")
+    a = (np.exp(-((x - 2 - t) ** 2 + (y - 3) ** 2 + (z - 3) ** 2) / 5.0)).astype(np.float32)
+    np.save(tmp_path / "v.npy", a)
+    cfg = [{"name": "moe_tiny",
+            "task": {"type": "moe_inr", "k": 3, "stage1_steps": 4, "kmeans_samples": 300},
+            "model": {"type": "moe_inr", "M": 3, "k": 3},
+            "dataset": {"type": "time_volume", "path": str(tmp_path / "v.npy"), "batch_size": 128},
+            "optim": {"type": "adam", "lr": 1e-3},
+            "scheduler": {"type": "constant"},
+            "train": {"max_steps": 8, "log_every": 2, "checkpoint_every_steps": 4, "log_dir": str(tmp_path / "runs"),
+                      "collapse_check_steps": 0},
+            "test": {"isovalues": [0.0], "ssim": False, "chunk_size": 500}}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = train(load_config(str(path)), progress=False)
+    meta = json.load(open(os.path.join(run, "meta.json")))
+    assert meta["shape"] == [3, 6, 7, 8] and meta["task"] == "moe_inr"
+    rows = MoETask.evaluate(run)
+    inr = rows[0]
+    n = 77 * 9 + 35 * 3 + 17 * 9 + 6
+    assert inr["params"] == n
+    assert inr["cr_params"] == pytest.approx(a.size * 4 / (2 * n))
+    art = os.path.join(run, "eval", "weights_fp16.bin")
+    assert inr["file_bytes"] == os.path.getsize(art)
+    assert np.isfinite(inr["psnr"]) and inr["decompress_s"] > 0
+    # the evaluated weights are the fp16 artifact's values
+    trained = torch.load(os.path.join(run, "model.pt"), map_location="cpu")
+    stored = load_fp16(art)
+    assert torch.equal(stored["fourier.weight"], trained["fourier.weight"].half().float())
+    lines = open(os.path.join(run, "eval", "per_step.csv")).read().splitlines()
+    assert len(lines) == 1 + 3 and lines[0].startswith("t,")
+    with pytest.raises(FileExistsError):
+        MoETask.evaluate(run)
+    assert "moe_inr" in MoETask.format_table(rows)
