@@ -21,3 +21,5 @@ import datasets.timevolume  # noqa: F401,E402  (registers the "time_volume" type
 import datasets.taylor_green  # noqa: F401,E402  (registers the "taylor_green" type)
 import datasets.terrain  # noqa: F401,E402  (registers the "terrain" type)
 import datasets.image_demo  # noqa: F401,E402  (registers the "image_demo" type)
+import datasets.blender  # noqa: F401,E402  (registers the "blender" type)
+import datasets.nerf_demo  # noqa: F401,E402  (registers the "nerf_demo" type)

@@ -67,6 +67,8 @@ class OccupancyGrid(nn.Module):
         if int(resolution) < 1:
             raise ValueError(f"resolution must be >= 1, got {resolution}")
         self.resolution = int(resolution)
+        #: target cells per axis of the coarse pass that narrows each ray's range (:meth:`_coarse_ranges`)
+        self.coarse_resolution = 32
         R = self.resolution
         self.register_buffer("aabb", aabb)
         self.register_buffer("occs", torch.zeros(R ** 3))
@@ -146,6 +148,65 @@ class OccupancyGrid(nn.Module):
         cmax = torch.stack(maxs).to(lo.dtype)
         return torch.cat([lo + cmin / R * size, lo + cmax / R * size])
 
+    def _coarse_ranges(self, rays_o: Tensor, rays_d: Tensor, t0: Tensor, t1: Tensor, hit: Tensor,
+                       max_candidates: int) -> Tuple[Tensor, Tensor, Tensor]:
+        """Narrow each ray's [t0, t1] to the stretch that can meet occupied cells (no sample is lost).
+
+        A coarse copy of ``binaries`` (cells of ``f^3`` fine cells, about ``coarse_resolution`` per axis) is dilated by one coarse
+        cell and probed along each ray at spatial spacing ``h`` below the coarse cell size: any point of an
+        occupied fine cell lies within ``h / 2`` of a probe, and that probe lies in the same coarse cell or a
+        neighbour, which the dilation marks. The range becomes [first marked probe - h, last marked probe + h].
+        """
+        R = self.resolution
+        f = max(1, R // self.coarse_resolution)
+        if f == 1:
+            return t0, t1, hit
+        Rc = -(-R // f)
+        occ = self.binaries
+        pad = Rc * f - R
+        if pad:
+            occ = torch.nn.functional.pad(occ, (0, pad, 0, pad, 0, pad))
+        coarse = occ.reshape(Rc, f, Rc, f, Rc, f).any(dim=5).any(dim=3).any(dim=1)
+        coarse = torch.nn.functional.max_pool3d(coarse[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0
+        flat = coarse.reshape(-1)
+        dtype = rays_o.dtype
+        lo = self.aabb[:3].to(dtype)
+        csize = (self.aabb[3:] - self.aabb[:3]).to(dtype) * (f / R)  # coarse cell size per axis (last may be cut)
+        dn = torch.linalg.vector_norm(rays_d, dim=-1)
+        h = 0.9 * float(csize.min()) / dn.clamp_min(1e-12)  # t spacing of the probes
+        n_probe = torch.where(hit, torch.floor((t1 - t0) / h) + 2, torch.zeros_like(t0)).long()
+        new0, new1 = t0.clone(), t1.clone()
+        found = torch.zeros_like(hit)
+        ends = torch.cumsum(n_probe, 0)
+        n = rays_o.shape[0]
+        start = 0
+        while start < n:
+            base = int(ends[start - 1]) if start > 0 else 0
+            stop = min(n, max(int(torch.searchsorted(ends, base + max_candidates, right=True)), start + 1))
+            cnt = n_probe[start:stop]
+            total = int(cnt.sum())
+            if total:
+                rid = torch.repeat_interleave(torch.arange(start, stop, device=rays_o.device), cnt)
+                offs = torch.cumsum(cnt, 0) - cnt
+                j = torch.arange(total, device=rays_o.device) - torch.repeat_interleave(offs, cnt)
+                t = torch.minimum(t0[rid] + j.to(dtype) * h[rid], t1[rid])
+                p = rays_o[rid] + rays_d[rid] * t[:, None]
+                c = torch.floor((p - lo) / csize).long().clamp_(0, Rc - 1)
+                m = flat[(c[:, 0] * Rc + c[:, 1]) * Rc + c[:, 2]]
+                r_hit, t_hit = rid[m], t[m]
+                if r_hit.numel():
+                    first = torch.full((n,), float("inf"), dtype=dtype, device=t.device)
+                    last = torch.full((n,), -float("inf"), dtype=dtype, device=t.device)
+                    first.scatter_reduce_(0, r_hit, t_hit, reduce="amin")
+                    last.scatter_reduce_(0, r_hit, t_hit, reduce="amax")
+                    sel = torch.zeros(n, dtype=torch.bool, device=t.device)
+                    sel[r_hit] = True
+                    new0 = torch.where(sel, torch.maximum(t0, first - h), new0)
+                    new1 = torch.where(sel, torch.minimum(t1, last + h), new1)
+                    found |= sel
+            start = stop
+        return new0, new1, hit & found
+
     @torch.no_grad()
     def march(self, rays_o: Tensor, rays_d: Tensor, near_plane: float = 0.0, far_plane: float = 1e10,
               render_step_size: float = 5e-3, stratified: bool = False,
@@ -175,6 +236,7 @@ class OccupancyGrid(nn.Module):
         if box is None or n == 0:
             return empty
         t0, t1, hit = ray_aabb_intersect(rays_o, rays_d, box.to(dtype), 0.0, float(far_plane))
+        t0, t1, hit = self._coarse_ranges(rays_o, rays_d, t0, t1, hit, max_candidates)
         # midpoints t_k + dt/2 in [t0, t1] with t_k >= near, t_k + dt <= far
         base = nears.double()
         k_lo = torch.ceil((t0.double() - base) / dt - 0.5).clamp_min(0)
