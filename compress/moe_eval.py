@@ -56,7 +56,7 @@ from util.metrics import psnr as _psnr
 from util.metrics import ssim as _ssim
 
 __all__ = ["save_fp16", "load_fp16", "compression_ratios", "decompress_step", "psnr_steps", "slice_ssim",
-           "isosurface", "chamfer_distance", "pearson", "jaccard_tolerance", "SZ3Compressor", "ZFPCompressor",
+           "isosurface", "chamfer_distance", "pearson", "PearsonSums", "jaccard_tolerance", "SZ3Compressor", "ZFPCompressor",
            "get_compressor", "match_psnr", "evaluate_volumes", "evaluate_run", "format_table", "DATA_RANGE"]
 
 log = logging.getLogger(__name__)
@@ -187,6 +187,32 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / den) if den > 0 else math.nan
 
 
+class PearsonSums:
+    """Pearson correlation accumulated over chunks (float64 sums), equal to :func:`pearson` of the
+    concatenation."""
+
+    def __init__(self):
+        self.n, self.a, self.b, self.aa, self.bb, self.ab = 0, 0.0, 0.0, 0.0, 0.0, 0.0
+
+    def add(self, a: np.ndarray, b: np.ndarray) -> None:
+        a = np.asarray(a, dtype=np.float64).ravel()
+        b = np.asarray(b, dtype=np.float64).ravel()
+        self.n += a.size
+        self.a += float(a.sum())
+        self.b += float(b.sum())
+        self.aa += float(a @ a)
+        self.bb += float(b @ b)
+        self.ab += float(a @ b)
+
+    def value(self) -> float:
+        n = self.n
+        if n == 0:
+            return math.nan
+        cov = self.ab - self.a * self.b / n
+        va, vb = self.aa - self.a ** 2 / n, self.bb - self.b ** 2 / n
+        return float(cov / math.sqrt(va * vb)) if va > 0 and vb > 0 else math.nan
+
+
 def jaccard_tolerance(var: np.ndarray, err: np.ndarray, quantile: float = 0.9, tolerance: int = 1) -> float:
     """Jaccard index with spatial tolerance between the high-variance and high-error voxel sets (module doc)."""
     from scipy.ndimage import binary_dilation
@@ -255,9 +281,10 @@ def get_compressor(name: str):
 
 
 def _run_compressor(comp, steps: Sequence[np.ndarray], eb: float, keep: bool = False) -> Dict[str, Any]:
-    nbytes, psnrs, max_err, t_c, t_d, recon = 0, [], 0.0, 0.0, 0.0, []
+    nbytes, psnrs, max_err, t_c, t_d, recon, raw = 0, [], 0.0, 0.0, 0.0, [], 0
     for a in steps:
         a = np.ascontiguousarray(a, dtype=np.float32)
+        raw += 4 * a.size
         t0 = time.perf_counter()
         blob = comp.compress(a, eb)
         t1 = time.perf_counter()
@@ -269,7 +296,6 @@ def _run_compressor(comp, steps: Sequence[np.ndarray], eb: float, keep: bool = F
         max_err = max(max_err, float(np.abs(r.astype(np.float64) - a).max()))
         if keep:
             recon.append(r)
-    raw = 4 * sum(int(np.prod(np.shape(a))) for a in steps)
     out = {"error_bound": float(eb), "psnr": float(np.mean(psnrs)), "psnr_steps": psnrs, "bytes": nbytes,
            "cr": raw / max(1, nbytes), "compress_s": t_c, "decompress_s": t_d, "max_error": max_err}
     if keep:
@@ -329,36 +355,68 @@ def _cd_for(pred: np.ndarray, gt: np.ndarray, levels: Sequence[float], max_point
     return out
 
 
-def evaluate_volumes(pred_steps: Sequence[np.ndarray], gt_steps: Sequence[np.ndarray], isovalues: Sequence[float],
-                     cd_steps: Sequence[int] = (), cd_max_points: int = 20000, with_ssim: bool = True
-                     ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
-    """Metrics of a reconstruction against the truth (lists of normalized [Z, Y, X] steps).
+def _step_row(p: np.ndarray, g: np.ndarray, t: int, isovalues: Sequence[float], with_cd: bool,
+              cd_max_points: int, with_ssim: bool) -> Dict[str, Any]:
+    """Metrics of one time step; CD entries are (distance or None, prediction surface missing)."""
+    row: Dict[str, Any] = {"t": t, "psnr": psnr_steps([p], [g])[0]}
+    if with_ssim:
+        row["ssim"] = slice_ssim(p, g)
+    if with_cd:
+        for lv, pair in _cd_for(p, g, isovalues, cd_max_points).items():
+            row[f"cd@{lv:g}"] = pair
+    return row
 
-    Returns:
-        (summary: psnr (mean over steps), psnr_min, ssim, cd@<iso>, cd_missing; per-step rows).
-    """
-    rows, cd_acc = [], {lv: [] for lv in isovalues}
-    missing = 0
-    steps = set(int(s) for s in cd_steps) if cd_steps else set(range(len(gt_steps)))
-    for t, (p, g) in enumerate(zip(pred_steps, gt_steps)):
-        row: Dict[str, Any] = {"t": t, "psnr": psnr_steps([p], [g])[0]}
-        if with_ssim:
-            row["ssim"] = slice_ssim(p, g)
-        if t in steps:
-            for lv, (d, miss) in _cd_for(p, g, isovalues, cd_max_points).items():
-                row[f"cd@{lv:g}"] = d
-                if d is not None:
-                    cd_acc[lv].append(d)
-                    missing += int(miss)
-        rows.append(row)
+
+def _summarize(rows: List[Dict[str, Any]], isovalues: Sequence[float], with_ssim: bool
+               ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
     summary: Dict[str, Any] = {"psnr": float(np.mean([r["psnr"] for r in rows])),
                                "psnr_min": float(np.min([r["psnr"] for r in rows]))}
     if with_ssim:
         summary["ssim"] = float(np.mean([r["ssim"] for r in rows]))
-    for lv, vals in cd_acc.items():
-        summary[f"cd@{lv:g}"] = float(np.mean(vals)) if vals else None
+    missing = 0
+    for lv in isovalues:
+        key = f"cd@{lv:g}"
+        vals = []
+        for r in rows:
+            if key in r:
+                d, miss = r[key]
+                r[key] = d
+                if d is not None:
+                    vals.append(d)
+                    missing += int(miss)
+        summary[key] = float(np.mean(vals)) if vals else None
     summary["cd_missing"] = missing
     return summary, rows
+
+
+def evaluate_volumes(pred_steps: Sequence[np.ndarray], gt_steps: Sequence[np.ndarray], isovalues: Sequence[float],
+                     cd_steps: Sequence[int] = (), cd_max_points: int = 20000, with_ssim: bool = True
+                     ) -> Tuple[Dict[str, Any], List[Dict[str, Any]]]:
+    """Metrics of a reconstruction against the truth (sequences of normalized [Z, Y, X] steps, read one at a
+    time).
+
+    Returns:
+        (summary: psnr (mean over steps), psnr_min, ssim, cd@<iso>, cd_missing; per-step rows).
+    """
+    steps = set(int(s) for s in cd_steps) if cd_steps else set(range(len(gt_steps)))
+    rows = [_step_row(pred_steps[t], gt_steps[t], t, isovalues, t in steps, cd_max_points, with_ssim)
+            for t in range(len(gt_steps))]
+    return _summarize(rows, isovalues, with_ssim)
+
+
+class _Steps:
+    """The dataset's normalized time steps as a lazy sequence (each read from the file when indexed)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return self.dataset.shape[0]
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        if not 0 <= t < len(self):
+            raise IndexError(t)
+        return self.dataset.volume(t)
 
 
 def _load_run(run_dir: str, checkpoint: Optional[str], device):
@@ -373,6 +431,9 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
                  overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device=None,
                  progress: bool = True) -> List[Dict[str, Any]]:
     """Evaluate a trained MoE-INR run (test.py for task ``moe_inr``).
+
+    Memory: the INR is decompressed and scored one time step at a time (ground truth read from the dataset's
+    memory map per step); the baseline compressors keep their reconstructed steps in memory.
 
     Writes into ``out_dir`` (default ``<run_dir>/eval``): ``weights_fp16.bin`` (the artifact), ``metrics.json``
     (the rows), ``per_step.csv`` and, with ``test.save_volume``, ``decompressed.npy``.
@@ -408,32 +469,44 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
     average = getattr(model, "mode", "top1") == "average"
 
     T = dataset.shape[0]
-    gt = [dataset.volume(t) for t in range(T)]
-    preds, variances = [], []
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for t in range(T):
+    gt = _Steps(dataset)
+    cd_set = set(int(s) for s in tc.cd_steps) if tc.cd_steps else set(range(T))
+    saved = None
+    if tc.save_volume:
+        saved = np.lib.format.open_memmap(os.path.join(out_dir, "decompressed.npy"), mode="w+", dtype=np.float32,
+                                          shape=tuple(dataset.shape))
+    rows_t, dec_s = [], 0.0
+    pc = PearsonSums()
+    ji = []
+    for t in range(T):  # one time step in memory at a time; decompression timed alone
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
         out = decompress_step(model, dataset.shape, t, tc.chunk_size, device, with_var=average)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dec_s += time.perf_counter() - t0
+        pred, var = out if average else (out, None)
+        g = gt[t]
+        rows_t.append(_step_row(pred, g, t, tc.isovalues, t in cd_set, tc.cd_max_points, tc.ssim))
+        if saved is not None:
+            saved[t] = pred
         if average:
-            preds.append(out[0])
-            variances.append(out[1])
-        else:
-            preds.append(out)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    dec_s = time.perf_counter() - t0
-    summary, per_step = evaluate_volumes(preds, gt, tc.isovalues, tc.cd_steps, tc.cd_max_points, tc.ssim)
+            err = np.abs(pred.astype(np.float64) - g)
+            v64 = var.astype(np.float64)
+            pc.add(v64, err)
+            ji.append(jaccard_tolerance(v64, err, tc.ji_quantile, tc.ji_tolerance))
+    if saved is not None:
+        saved.flush()
+        del saved
+    summary, per_step = _summarize(rows_t, tc.isovalues, tc.ssim)
     row: Dict[str, Any] = {"method": "moe_inr", **summary, "params": n_params, "file_bytes": art["file_bytes"],
                            "raw_bytes": dataset.raw_nbytes,
                            **compression_ratios(dataset.raw_nbytes, n_params, art["file_bytes"]),
                            "decompress_s": dec_s}
     if average:
-        var = np.stack(variances)
-        err = np.abs(np.stack(preds).astype(np.float64) - np.stack(gt))
-        row["pc"] = pearson(var, err)
-        row["ji_st"] = float(np.mean([jaccard_tolerance(v, e, tc.ji_quantile, tc.ji_tolerance)
-                                      for v, e in zip(var, err)]))
+        row["pc"] = pc.value()
+        row["ji_st"] = float(np.mean(ji))
     timing = os.path.join(run_dir, "timing.json")
     if os.path.isfile(timing):
         with open(timing) as f:
@@ -451,8 +524,6 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
         rows.append({"method": name, **s, "cr_params": m["cr"], "bytes": m["bytes"],
                      "error_bound": m["error_bound"], "max_error": m["max_error"], "compress_s": m["compress_s"],
                      "decompress_s": m["decompress_s"], "matched": m["matched"], "iterations": m["iterations"]})
-    if tc.save_volume:
-        np.save(os.path.join(out_dir, "decompressed.npy"), np.stack(preds))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(rows, f, indent=1)
     keys = sorted({k for r in per_step for k in r}, key=lambda k: (k != "t", k))

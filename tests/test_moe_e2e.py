@@ -15,10 +15,15 @@ from util.config import load_config
 from util.training import train
 
 
-def test_train_and_evaluate(tmp_path):
+def _volume(tmp_path):
     t, z, y, x = np.meshgrid(np.arange(3), np.arange(6), np.arange(7), np.arange(8), indexing="ij")
     a = (np.exp(-((x - 2 - t) ** 2 + (y - 3) ** 2 + (z - 3) ** 2) / 5.0)).astype(np.float32)
     np.save(tmp_path / "v.npy", a)
+    return a
+
+
+def test_train_and_evaluate(tmp_path):
+    a = _volume(tmp_path)
     cfg = [{"name": "moe_tiny",
             "task": {"type": "moe_inr", "k": 3, "stage1_steps": 4, "kmeans_samples": 300},
             "model": {"type": "moe_inr", "M": 3, "k": 3},
@@ -50,3 +55,20 @@ def test_train_and_evaluate(tmp_path):
     with pytest.raises(FileExistsError):
         MoETask.evaluate(run)
     assert "moe_inr" in MoETask.format_table(rows)
+
+
+def test_average_mode_evaluation(tmp_path):
+    _volume(tmp_path)
+    cfg = [{"name": "moe_avg", "task": {"type": "moe_inr", "k": 3, "pretrain": "none", "var_weight": 0.1},
+            "model": {"type": "moe_inr", "M": 3, "k": 3, "mode": "average"},
+            "dataset": {"type": "time_volume", "path": str(tmp_path / "v.npy"), "batch_size": 64},
+            "optim": {"type": "adam", "lr": 1e-3}, "scheduler": {"type": "constant"},
+            "train": {"max_steps": 2, "log_every": 1, "log_dir": str(tmp_path / "runs"), "collapse_check_steps": 0},
+            "test": {"isovalues": [], "ssim": False, "save_volume": True}}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = train(load_config(str(path)), progress=False)
+    row = MoETask.evaluate(run)[0]
+    assert -1.0 <= row["pc"] <= 1.0 and 0.0 <= row["ji_st"] <= 1.0
+    vol = np.load(os.path.join(run, "eval", "decompressed.npy"))
+    assert vol.shape == (3, 6, 7, 8) and np.isfinite(vol).all()

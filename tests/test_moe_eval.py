@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from compress.moe_eval import (chamfer_distance, compression_ratios, evaluate_volumes, get_compressor,
+from compress.moe_eval import (PearsonSums, chamfer_distance, compression_ratios, evaluate_volumes, get_compressor,
                                isosurface, jaccard_tolerance, load_fp16, match_psnr, pearson, save_fp16)
 from models.moe_inr import MoEINR
 
@@ -106,6 +106,12 @@ def test_uncertainty_metrics():
     e = rng.random((10, 10, 10))
     assert pearson(e, 2 * e + 1) == pytest.approx(1.0)
     assert pearson(e, -e) == pytest.approx(-1.0)
+    f = e ** 2 + 0.3 * rng.random(e.shape)
+    acc = PearsonSums()
+    for i in range(10):  # chunked sums equal the one-shot coefficient
+        acc.add(e[i], f[i])
+    assert acc.value() == pytest.approx(pearson(e, f), rel=1e-9)
+    assert 0.5 < pearson(e, f) < 1.0
     u = rng.random((10, 10, 10))
     U, E = u > np.quantile(u, 0.9), e > np.quantile(e, 0.9)
     assert jaccard_tolerance(u, e, 0.9, 0) == pytest.approx((U & E).sum() / (U | E).sum())
