@@ -9,3 +9,4 @@ from models import kplanes  # noqa: F401
 from models import moe_inr  # noqa: F401
 from models import image  # noqa: F401
 from models import terrain  # noqa: F401  (transinr, functa, huvr, huvr_siren)
+from models import nerf  # noqa: F401
