@@ -75,17 +75,21 @@ class FieldModel(nn.Module):
 
     # ------------------------------------------------------------------------------------------ queries
     def predict_grid(self, shape: Sequence[int], c: Tensor, chunk_size: int = 1 << 16,
-                     out: Optional[Tensor] = None) -> Tensor:
-        """One field on the vertices of the lattice ``shape`` (array order), in flat C order.
+                     dtype: Optional[torch.dtype] = None, out: Optional[Tensor] = None) -> Tensor:
+        """One field on the vertices of the lattice ``shape`` (array order).
+
+        Same values as ``forward(grid_coords(shape)[None], c)`` reshaped to the lattice, computed in chunks;
+        coordinates are generated per chunk, never all at once.
 
         Args:
             shape: lattice shape, ``(D, H, W)`` or ``(H, W)``.
             c: condition of the field, ``(d_c,)`` or ``(1, d_c)`` (``d_c`` may be 0).
-            chunk_size: points per ``forward`` call; coordinates are generated per chunk.
-            out: optional preallocated ``(prod(shape), C)`` tensor to fill.
+            chunk_size: points per ``forward`` call.
+            dtype: reduced compute precision (autocast to this dtype; None: the model's own).
+            out: optional preallocated result tensor to fill.
 
         Returns:
-            ``(prod(shape), C)`` tensor on the model's device.
+            ``shape`` for a single-channel field, ``(*shape, C)`` otherwise, on the model's device.
         """
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -102,12 +106,18 @@ class FieldModel(nn.Module):
             acc *= s
         strides = strides[::-1]
         axes = [torch.from_numpy(axis_coords(s).astype(np.float32)).to(device) for s in shape]
+        flat = None
         for start in range(0, n, chunk_size):
             idx = torch.arange(start, min(start + chunk_size, n), device=device)
             cols = [axes[a][(idx // strides[a]) % shape[a]] for a in range(len(shape))]
             x = torch.stack(cols[::-1], dim=-1)  # column 0 = last array axis
-            y = self(x[None], c)[0]
-            if out is None:
-                out = torch.empty(n, y.shape[-1], dtype=y.dtype, device=y.device)
-            out[start:start + len(idx)] = y
-        return out
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                y = self(x[None], c)[0]
+            if flat is None:
+                flat = torch.empty(n, y.shape[-1], dtype=y.dtype, device=y.device)
+            flat[start:start + len(idx)] = y
+        res = flat.reshape(*shape) if flat.shape[-1] == 1 else flat.reshape(*shape, flat.shape[-1])
+        if out is not None:
+            out.copy_(res)
+            return out
+        return res

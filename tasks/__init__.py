@@ -1,8 +1,10 @@
 """Tasks: what a run learns. A task supplies the model's program-set arguments, the loss of a batch and the
 evaluation of a trained run; the one training loop (util/training.py) knows nothing else about them.
 
-Importing the package registers every task type (kind ``task``).
+Importing the package registers every task type (kind ``task``); list each task module here.
 """
 import tasks.field  # noqa: F401  (registers "ensemble")
-import tasks.terrain  # noqa: F401,E402  (registers "terrain")
-import tasks.moe  # noqa: F401,E402  (registers "moe_inr")
+import tasks.image  # noqa: F401  (registers "image")
+import tasks.moe  # noqa: F401  (registers "moe_inr")
+import tasks.nerf  # noqa: F401  (registers "nerf")
+import tasks.terrain  # noqa: F401  (registers "terrain")

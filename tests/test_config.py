@@ -5,11 +5,23 @@ import pytest
 import torch
 
 from util.config import ConfigError, TrainConfig, load_config, run_name, yaml_load
+from models.base import FieldModel
 from util.registry import build, names, register
 
 
+class _Net(FieldModel):
+    """A FieldModel around a Sequential (optimizers take models of the contract)."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        self.net = torch.nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
 @register("model", "_cfgtest_model")
-class _TinyModel(torch.nn.Module):
+class _TinyModel(FieldModel):
     def __init__(self, cond_dim: int, spatial_dims: int = 3, width: int = 4, depth: int = 1, required_key=None):
         super().__init__()
         self.width, self.depth = width, depth
@@ -180,11 +192,11 @@ def test_bad_yaml_and_missing_file(tmp_path):
 def test_param_group_numbers_from_yaml_strings():
     from util.optim import adam
 
-    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
-    opt = adam(m, lr="1e-3", param_groups={"0": {"lr": "3e-4"}})  # YAML reads 3e-4 as a string
+    m = _Net(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    opt = adam(m, lr="1e-3", param_groups={"net.0": {"lr": "3e-4"}})  # YAML reads 3e-4 as a string
     assert opt.param_groups[0]["lr"] == 3e-4 and opt.param_groups[1]["lr"] == 1e-3
-    with pytest.raises(ConfigError, match=r"optim\.param_groups\.0\.lr"):
-        adam(m, param_groups={"0": {"lr": "fast"}})
+    with pytest.raises(ConfigError, match=r"optim\.param_groups\.net\.0\.lr"):
+        adam(m, param_groups={"net.0": {"lr": "fast"}})
     with pytest.raises(ConfigError, match="matches no trainable parameter"):
         adam(m, param_groups={"nope": {"lr": 1.0}})
 
@@ -211,10 +223,10 @@ def test_fused_adam_default_matches_multi_tensor(name):
     from util import optim
 
     torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+    base = _Net(torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
     models, opts = {}, {}
     for fused in (None, False):
-        m = torch.nn.Sequential(*[torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)])
+        m = _Net(*[torch.nn.Linear(5, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1)])
         m.load_state_dict(base.state_dict())
         models[fused], opts[fused] = m, getattr(optim, name)(m, lr=1e-2, fused=fused)
     assert opts[None].param_groups[0]["fused"] is True and not opts[False].param_groups[0]["fused"]
@@ -226,7 +238,7 @@ def test_fused_adam_default_matches_multi_tensor(name):
             opts[k].step()
     for a, b in zip(models[None].parameters(), models[False].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert not torch.equal(models[None][0].weight, base[0].weight)             # it did train
+    assert not torch.equal(models[None].net[0].weight, base.net[0].weight)             # it did train
 
 
 # --- issue 11: run names, value checks, duplicate keys ------------------------------------------------------

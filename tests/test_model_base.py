@@ -23,7 +23,8 @@ def test_predict_grid_default_equals_forward_on_grid_coords_for_every_chunk_size
     want = m(grid_coords(shape)[None], c[None])[0]
     for chunk in (1, 7, 60, 1000):
         got = m.predict_grid(shape, c, chunk_size=chunk)
-        assert got.shape == (60, 2)
+        assert got.shape == (3, 4, 5, 2)
+        got = got.reshape(60, 2)
         torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # matmul blocking may differ per chunk size
 
 
@@ -35,3 +36,17 @@ def test_bake_default_sets_eval_and_train_unbakes():
     m.train()
     assert not m.is_baked
     assert m.param_groups() == {} and m.training_stats() == {}
+
+
+def test_predict_grid_single_channel_has_the_lattice_shape():
+    class _One(_Affine):
+        def forward(self, x, c):
+            return super().forward(x, c)[..., :1]
+
+    torch.manual_seed(0)
+    m = _One()
+    c = torch.rand(2)
+    want = m(grid_coords((2, 4, 5))[None], c[None])[0, :, 0].reshape(2, 4, 5)
+    got = m.predict_grid((2, 4, 5), c, chunk_size=7)
+    assert got.shape == (2, 4, 5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)

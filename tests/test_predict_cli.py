@@ -7,13 +7,14 @@ import pytest
 from torch import nn
 
 import predict
+from models.base import FieldModel
 import util.query
 
 META = dict(param_names=["a", "b"], param_min=[0.0, 0.0], param_max=[1.0, 1.0], cond_dim=2,
             spatial_shape=[3, 4, 5], value_min=0.0, value_max=2.0, log_transform=False)
 
 
-class ConstStub(nn.Module):
+class ConstStub(FieldModel):
     def forward(self, x, c):  # (1, N, d), (1, d_c) -> (1, N, 1)
         return x[..., :1] * 0 + 0.25
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from torch import nn
 
+from models.base import FieldModel
 from util.query import Surrogate, denormalize
 
 
-class LinearStub(nn.Module):
+class LinearStub(FieldModel):
     """f(x, c) = 0.5 + sum_k A[k] x_k + sum_j B[j] c_j: distinct weights per column, so any swap of
     coordinate columns, array axes or conditions changes the output."""
 

@@ -424,7 +424,7 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
 
     model, exp, meta = load_trained_model(run_dir, checkpoint)
     # the path really loaded when load_trained_model records it (its default rule may skip a damaged file)
-    weights = scored_weights(run_dir, getattr(model, "weights_path", None) or checkpoint)
+    weights = scored_weights(run_dir, model.weights_path or checkpoint)
     _warn_if_not_final(run_dir, weights)
     tc = TestConfig(**{**exp.get("test", {}), **(overrides or {})})
     out_dir = out_dir or os.path.join(run_dir, "eval")
@@ -438,8 +438,8 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
     autocast = device.type == "cuda" and exp["train"].get("mixed_precision", "auto") in ("auto", "fp16")
     _sync(device)
     t0 = time.perf_counter()
-    if hasattr(model, "bake"):
-        model.bake()
+    # every model has bake() (models.base.FieldModel; a no-op when there is nothing to cache)
+    model.bake()
     _sync(device)
     bake_s = time.perf_counter() - t0
     log.info("bake: %.3f s", bake_s)
@@ -457,8 +457,7 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
         # gridded data: every vertex of the grid; unstructured data supplies its own vertex coordinates
         # (every model has the contract's predict_grid; only a baked model with fast paths (DRR-Net's folded
         # lattice) reconstructs through its own, the others go through forward as before)
-        use_grid_path = (not hasattr(dataset, "eval_coords") and getattr(model, "fast_paths", False)
-                         and getattr(model, "is_baked", False))
+        use_grid_path = (not hasattr(dataset, "eval_coords") and model.fast_paths and model.is_baked)
         grid_chunk = tc.chunk_size if device.type == "cuda" else min(tc.chunk_size, 8192)
         coords = None
         if not use_grid_path:

@@ -38,10 +38,10 @@ def count_flops(model: torch.nn.Module, cond_dim: int, spatial_dims: int, n_cond
 
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     model.eval()
-    if plain and hasattr(model, "fast_paths"):
+    if plain:  # FieldModel.fast_paths (False already on models without a fast path)
         model.fast_paths = False
-    if hasattr(model, "bake"):
-        model.bake()
+    # FieldModel.bake
+    model.bake()
     g = torch.Generator().manual_seed(seed)
     x = torch.rand(n_cond, n_points, spatial_dims, generator=g) * 2 - 1
     c = torch.rand(n_cond, cond_dim, generator=g)

@@ -38,10 +38,10 @@ def group_parameters(model: nn.Module, param_groups: Optional[Dict[str, dict]] =
     param_groups = dict(param_groups or {})
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     by_model_group: Dict[int, str] = {}
-    if hasattr(model, "param_groups"):
-        for gname, params in model.param_groups().items():
-            for p in params:
-                by_model_group.setdefault(id(p), gname)
+    # models.base.FieldModel.param_groups (empty by default)
+    for gname, params in model.param_groups().items():
+        for p in params:
+            by_model_group.setdefault(id(p), gname)
     assigned: Dict[str, List[nn.Parameter]] = {g: [] for g in param_groups}
     rest: List[nn.Parameter] = []
     for pname, p in named:

@@ -48,8 +48,8 @@ class Surrogate:
         self.device = torch.device(device)
         self.chunk_size = int(chunk_size)
         self.model.to(self.device)
-        if hasattr(self.model, "bake"):
-            self.model.bake()
+        # FieldModel.bake: a no-op for models without a cache
+        self.model.bake()
         self.param_names = meta.get("param_names")
         self.spatial_shape = tuple(meta["spatial_shape"])
         self.spatial_dims = int(meta.get("spatial_dims", len(self.spatial_shape)))

@@ -246,7 +246,7 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
                         writer.add_scalar(f"train/{k}", val, done)
                     for g, g_lr in zip(optimizer.param_groups, step_lrs):
                         writer.add_scalar(f"lr/{g.get('name', 'default')}", g_lr, done)
-                    for k, val in getattr(raw_model, "training_stats", dict)().items():  # TODO: FieldModel
+                    for k, val in raw_model.training_stats().items():
                         writer.add_scalar(k, val, done)
                 bar.set_postfix(loss=f"{mean_loss:.3e}", psnr=f"{psnr:.2f}")
                 if echo:
