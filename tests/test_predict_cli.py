@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import pytest
-from torch import nn
 
 import predict
 from models.base import FieldModel
