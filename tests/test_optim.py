@@ -91,3 +91,21 @@ def test_training_loop_applies_the_schedule_at_every_step(tmp_path, monkeypatch)
     expect = [b * (s + 1) / W if s < W else e + (b - e) * 0.5 * (1 + math.cos(math.pi * (s - W) / (T - W)))
               for s in range(T)]
     assert [row[0] for row in seen] == pytest.approx(expect, rel=1e-9)
+
+
+def test_multistep_halves_at_fraction_and_step_milestones():
+    import torch
+
+    from util.optim import multistep
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.8)
+    sch = multistep(opt, total_steps=10, milestones=[0.3, 8], gamma=0.5)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sch.step()
+    assert lrs == pytest.approx([0.8, 0.8, 0.8, 0.4, 0.4, 0.4, 0.4, 0.4, 0.2, 0.2])
+    with pytest.raises(Exception, match="milestones must increase"):
+        multistep(torch.optim.SGD([p], lr=1.0), total_steps=10, milestones=[8, 0.3])

@@ -167,3 +167,32 @@ def constant(optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: i
         warmup_steps: linear warm-up steps.
     """
     return _lambda_scheduler(optimizer, lambda s: min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0)
+
+
+@register("scheduler", "multistep")
+def multistep(optimizer: torch.optim.Optimizer, total_steps: int, milestones: List[float] = (0.5, 0.75),
+              gamma: float = 0.5, warmup_steps: int = 0):
+    """Step decay: the learning rate is multiplied by ``gamma`` at each milestone (MoE-INR's halving schedule).
+
+    Args:
+        optimizer, total_steps: injected by the program.
+        milestones: increasing milestones; a value < 1 is a fraction of the total steps, a value >= 1 a step
+            number. From the milestone's step on, the lr is multiplied by one more ``gamma``.
+        gamma: factor applied at each milestone (0.5 halves the lr).
+        warmup_steps: linear warm-up steps before the first milestone.
+    """
+    steps = []
+    for m in milestones:
+        if not isinstance(m, (int, float)) or isinstance(m, bool) or m <= 0:
+            raise ConfigError(f"scheduler.milestones must be positive numbers, got {list(milestones)}")
+        steps.append(int(round(m * total_steps)) if m < 1 else int(m))
+    if steps != sorted(steps):
+        raise ConfigError(f"scheduler.milestones must increase, got {list(milestones)}")
+    if not gamma > 0:
+        raise ConfigError(f"scheduler.gamma must be > 0, got {gamma}")
+
+    def f(s):
+        warm = min(1.0, (s + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * gamma ** sum(1 for m in steps if s >= m)
+
+    return _lambda_scheduler(optimizer, f)
