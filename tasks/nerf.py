@@ -1,6 +1,8 @@
 """The NeRF task: a radiance field of one scene from posed views (spec vision 3.4-3.5), and its evaluation.
 
-Per training step (``training_step``), as ``train_ngp_nerf_occ.py`` / ``train_mlp_nerf.py``:
+Per training step (``training_step``), as ``train_ngp_nerf_occ.py`` / ``train_mlp_nerf.py`` (the model's
+``begin_step(step)`` runs first: the DRR grid fields refine their lattice once per step, shared by the grid
+update, the visibility pass and the rendering pass, models/nerf.py):
 
 1. occupancy-grid update (``update_every_n_steps``: every ``update_every`` steps, all cells before
    ``warmup_steps``, EMA ``ema_decay``, threshold ``occ_thre``) with ``occ_eval_fn(x) = density(x) *
@@ -219,6 +221,7 @@ class NeRFTask(Task):
         g = self._generator(step, device)
         self.grid.to(device)
         if training:
+            _unwrap(model).begin_step(step)   # a per-step cache (the DRR grids' refined lattice) starts afresh
             self.update_grid(model, step, g)
         out = self.render(model, batch["rays_o"], batch["rays_d"], stratified=training, generator=g)
         n_samples = int(out["n_samples"])
