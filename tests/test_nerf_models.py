@@ -315,7 +315,8 @@ def test_nerf_configs_validate_and_paper_ids_follow_spec():
             assert [e["model"]["type"] for e in exps] == [d["type"] for d in PAPER_NERF_MODELS]
             wd = 1e-5 if name == "drums.yaml" else 1e-6
             for i, e in enumerate(exps):
-                assert e["task"]["loss_scale"] == 1024
+                assert e["task"]["loss_scale"] == (1.0 if i == 3 else 1024)   # vanilla: no GradScaler
+                assert e["task"]["target_samples"] == 1 << 16 and e["task"]["grid_resolution"] == 128
                 if i == 3:                                            # vanilla NeRF (train_mlp_nerf.py)
                     assert e["train"]["max_steps"] == 50_000 and e["optim"]["lr"] == 5e-4
                 else:
