@@ -39,9 +39,13 @@ def _metrics(run_dir):
 
 
 def _step_time(config, cid, photo, log_dir, probe_steps):
-    """Mean step time of a short probe run (steps probe_steps/2..probe_steps, data included)."""
+    """Mean step time of the equal-steps run of (photo, id) when there is one in log_dir, else of a short probe
+    run (steps probe_steps/2..probe_steps, data included)."""
     name = f"probe_{photo}_{cid}"
     rd = os.path.join(log_dir, name)
+    done = os.path.join(log_dir, f"{photo}_{cid}_scfg", "timing.json")
+    if os.path.isfile(done):
+        rd = os.path.dirname(done)
     if not os.path.isfile(os.path.join(rd, "timing.json")):
         _run(["train.py", "--config", config, "--config_id", str(cid), "--no_progress", "--overwrite",
               "--set", f"dataset.photo={photo}", "--set", f"train.run_name={name}", "--set", f"train.log_dir={log_dir}",
@@ -58,7 +62,7 @@ def main(argv=None):
     p.add_argument("--ids", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5])
     p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the config's)")
     p.add_argument("--budget_s", type=float, default=None,
-                   help="equal wall time: steps = budget / the model's step time (measured by a 40-step probe)")
+                   help="equal wall time: steps = budget / the model's step time (from its equal-steps run in --log_dir, else a 40-step probe)")
     p.add_argument("--log_dir", default="runs/image_check")
     p.add_argument("--out", default=None, help="also write the markdown table here")
     args = p.parse_args(argv)
