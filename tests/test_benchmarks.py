@@ -68,3 +68,23 @@ def test_peak_memory_sees_an_allocation():
 def test_bench_rejects_missing_model_source():
     with pytest.raises(SystemExit):
         bench_train.main(["--steps", "1"])
+
+
+def test_image_configs_in_test_flops_and_bench_compare(capsys):
+    """Image configs need no data for FLOPs / timing (the image task knows the model inputs): MRGrid's
+    parameters by hand: grids (8^2 + 16^2 + 32^2 + 64^2 + 128^2) x 3 channels, bias-free decoder
+    15 -> 128 -> 128 -> 3."""
+    from test_flops import main as flops_main
+
+    cfg = os.path.join(ROOT, "configs/image/demo.yaml")
+    flops_main(["--config", cfg, "--config_id", "1"])
+    out = capsys.readouterr().out
+    grids = (8 ** 2 + 16 ** 2 + 32 ** 2 + 64 ** 2 + 128 ** 2) * 3
+    decoder = 15 * 128 + 128 * 128 + 128 * 3
+    assert f"{grids + decoder:,}" in out and "mrgrid" in out
+    bench_inference.main(["--config", cfg, "--compare", "1,3", "--resolution", "16", "--members", "1",
+                          "--repeats", "1", "--threads", "1"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("model=")]
+    assert [fields(ln)["model"] for ln in lines] == ["1:mrgrid", "3:grid"]
+    assert int(fields(lines[0])["params"]) == grids + decoder
+    assert float(fields(lines[0])["ratio_vs_first"]) == 1.0 and float(fields(lines[1])["infer_s"]) > 0
