@@ -51,6 +51,7 @@ from typing import Dict, Optional, Sequence
 import numpy as np
 
 from datasets.ensemble import HDFieldDataset
+from util.config import NON_NEGATIVE, POSITIVE, VERTICES, one_of
 from util.registry import ConfigError, register
 
 __all__ = ["PARAM_NAMES", "PARAM_RANGES", "GENERATOR_VERSION", "demo_field", "demo_params", "generate_demo",
@@ -338,3 +339,8 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     main()
+
+
+demo.config_rules = dict(HDFieldDataset.config_rules, n_train=POSITIVE, n_test=NON_NEGATIVE, resolution=VERTICES,
+                         spatial_dims=one_of(2, 3))
+"""Range rules of the demo's config keys (checked when a config is loaded)."""

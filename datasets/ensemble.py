@@ -39,6 +39,7 @@ import torch
 
 from datasets.augment import MODES as AUGMENT_MODES
 from datasets.augment import apply_augmentation, make_augmentation
+from util.config import one_of
 from util.errors import DataError
 from util.registry import ConfigError, register
 from util.sampling import index_to_coords, interp_gather_index
@@ -328,6 +329,10 @@ class HDFieldDataset:
             (n - 1) // downsample + 1 vertices per axis; full_field still gives full resolution.
         seed: batch seed: batch = f(seed, step, rank).
     """
+
+    config_rules = dict(importance=one_of(*IMPORTANCE_MODES), storage=one_of(*STORAGE_MODES),
+                        augment=one_of(*AUGMENT_MODES))
+    """Range rules of the config keys (checked when a config is loaded)."""
 
     def __init__(self, data_dir: str, cond_path: str, cond_split_path: str, dims: Optional[Sequence[int]] = None,
                  h5_key: str = "data", file_ext: Optional[str] = None, file_pattern: Optional[str] = None,

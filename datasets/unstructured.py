@@ -41,6 +41,7 @@ import torch
 
 from datasets.augment import make_augmentation
 from datasets.ensemble import HDFieldDataset, _as_float, _is_int
+from util.config import one_of
 from util.errors import DataError
 from util.sampling import normalize_vertex_coords  # noqa: F401  (its home is util/sampling.py)
 from util.registry import ConfigError, register
@@ -97,6 +98,9 @@ class UnstructuredDataset(HDFieldDataset):
         downsample: must be 1 (no resampling on a mesh; the spatio-conditional task needs gridded data).
         seed: batch seed: batch = f(seed, step, rank).
     """
+
+    config_rules = dict(HDFieldDataset.config_rules, augment=one_of(*UNSTRUCTURED_AUGMENT_MODES), downsample=one_of(1))
+    """Range rules of the config keys (checked when a config is loaded)."""
 
     def __init__(self, data_dir: str, coords_path: str, cond_path: str, cond_split_path: str,
                  coords_spherical: bool = False, reverse_columns: bool = True, h5_key: str = "data",

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from models.base import FieldModel
 from models.components.grids import ConditionLines, per_axis
 from models.components.lattice import SPARSE_REFINE, RefinedLatticeMixin
+from util.config import NON_NEGATIVE, POSITIVE, VERTICES, above, in_range, one_of
 from models.components.mlp import (AUTO_OUTPUT_MEAN, OUT_ACTIVATIONS, MLPDecoder, check_init_output_mean,
                                    init_output_bias, output_activation)
 from models.components.refiners import GLURefiner
@@ -158,6 +159,15 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
     the PE phase jumps are not the cause), and ``out_activation: none`` avoids the dead zero but trains
     unstably.
     """
+
+    config_rules = dict(
+        spatial_resolutions=VERTICES, cond_resolutions=VERTICES, ssr_resolution=VERTICES, spatial_channels=POSITIVE,
+        cond_channels=POSITIVE, pe_frequencies=NON_NEGATIVE, pe_scale=above(0), spatial_refiner_layers=NON_NEGATIVE,
+        cond_refiner_layers=NON_NEGATIVE, spatial_hidden_mult=above(0), cond_hidden_mult=above(0),
+        hidden_dim=POSITIVE, decoder_layers=POSITIVE, out_dim=POSITIVE, init_range=above(0),
+        sparse_refine_ratio=in_range(0, 1, True), out_activation=one_of(*OUT_ACTIVATIONS),
+        variant=one_of(*VARIANTS), sparse_refine=one_of(*SPARSE_REFINE), fused_refiner=one_of(*SPARSE_REFINE))
+    """Range rules of the config keys (checked when a config is loaded, before any data is read)."""
 
     def __init__(
         self,

@@ -18,6 +18,7 @@ import torch
 from models.components.flat import FlatInputModel
 from models.components.grids import Planes, line_product, per_axis, uniform_parameter
 from models.components.mlp import AUTO_OUTPUT_MEAN, MLP, check_init_output_mean, init_output_bias, output_activation
+from util.config import POSITIVE, VERTICES, in_range
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
 
@@ -72,6 +73,11 @@ class ExplorableINR(FlatInputModel):
             normalized values, supplied by the program): the last decoder bias starts where the output equals
             it (logit, through the sigmoid). The guard against an early collapse of the sigmoid output.
     """
+
+    config_rules = dict(
+        grid_size=VERTICES, plane_size=VERTICES, line_size=VERTICES, grid_features=POSITIVE,
+        plane_features=POSITIVE, line_features=POSITIVE, decoder_width=POSITIVE, dropout=in_range(0, 1))
+    """Range rules of the config keys (checked when a config is loaded)."""
 
     def __init__(self, cond_dim: int, spatial_dims: int = 3, grid_size: Union[int, Sequence[int]] = 64,
                  plane_size: Union[int, Sequence[int]] = 256, line_size: Union[int, Sequence[int]] = 16,

@@ -18,6 +18,7 @@ from models.components.flat import FlatInputModel
 from models.components.grids import line_product, uniform_parameter
 from models.components.mlp import AUTO_OUTPUT_MEAN, MLP, check_init_output_mean, init_output_bias
 from models.components.siren import SirenMLP
+from util.config import NON_NEGATIVE, POSITIVE, VERTICES, above, one_of
 from util.registry import ConfigError, register
 from util.sampling import sample_grid
 
@@ -150,6 +151,14 @@ class FAINR(FlatInputModel):
             normalized values, supplied by the program): the last decoder bias starts where the output equals
             it (logit, through the sigmoid). The guard against an early collapse of the sigmoid output.
     """
+
+    config_rules = dict(
+        cond_hidden_dims=VERTICES, num_entries=POSITIVE, feature_dim_3d=POSITIVE, feature_dim_1d=POSITIVE,
+        top_k=POSITIVE, chunk_size=POSITIVE, num_hidden_layers=NON_NEGATIVE, mlp_encoder_dim=POSITIVE,
+        mlp_hidden_dim=POSITIVE, n_experts=POSITIVE, manager_res=VERTICES, manager_features=POSITIVE,
+        gate_top_k=POSITIVE, pe_frequencies=NON_NEGATIVE, omega_0=above(0), adapter_width=POSITIVE,
+        encoder_init=one_of(*ENCODER_INITS))
+    """Range rules of the config keys (checked when a config is loaded)."""
 
     def __init__(self, cond_dim: int, spatial_dims: int = 3, cond_hidden_dims: int = 16, num_entries: int = 1024,
                  feature_dim_3d: int = 32, feature_dim_1d: int = 64, top_k: int = 16,

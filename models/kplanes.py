@@ -20,6 +20,7 @@ from torch import nn
 from models.components.flat import FlatInputModel, flat_input  # noqa: F401  (flat_input: public here too)
 from models.components.grids import Planes, per_axis
 from models.components.mlp import MLP, output_activation
+from util.config import NON_NEGATIVE, POSITIVE, VERTICES, low_high, one_of
 from util.registry import ConfigError, register
 
 __all__ = ["KPlanes", "PAPER_CONFIGS"]
@@ -71,6 +72,12 @@ class KPlanes(FlatInputModel):
             half of each condition axis (texels (R-1)/2 .. R-1, spec 5.1). 'full': use 2c - 1, the whole axis.
         output_sigmoid: end with a sigmoid (the other two baselines do; the paper's K-Planes does not).
     """
+
+    config_rules = dict(
+        spatial_resolution=VERTICES, cond_resolution=VERTICES, feature_dim=POSITIVE, multiscale=POSITIVE,
+        decoder_width=POSITIVE, decoder_layers=NON_NEGATIVE, init_range=low_high,
+        plane_init=one_of("reference", "kplanes", "ones"), cond_mapping=one_of("reference", "full"))
+    """Range rules of the config keys (checked when a config is loaded)."""
 
     def __init__(self, cond_dim: int, spatial_dims: int = 3, spatial_resolution: Union[int, Sequence[int]] = 32,
                  cond_resolution: Union[int, Sequence[int]] = 25, feature_dim: int = 32,

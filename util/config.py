@@ -22,7 +22,6 @@ from __future__ import annotations
 import collections.abc
 import copy
 import dataclasses
-import importlib
 import inspect
 import math
 import os
@@ -282,15 +281,6 @@ def _one_of(*allowed):
     return rule
 
 
-def _choices(module: str, name: str):
-    """One of the names in ``module.name`` (a tuple or the keys of a dict), read when the rule runs."""
-    def rule(value):
-        allowed = tuple(getattr(importlib.import_module(module), name))
-        if value not in allowed:
-            return f"must be one of {', '.join(map(str, allowed))}"
-    return rule
-
-
 def _number_or_auto(value):
     if isinstance(value, str) and value != "auto":
         return "must be a number, 'auto' or null"
@@ -323,43 +313,14 @@ RANGE_RULES: Dict[str, Dict[str, Any]] = {
 }
 """Range rules of component keys that mean the same for every type of a section: {section: {key: rule}}."""
 
-_ENSEMBLE_DATA_RULES = dict(importance=_choices("datasets.ensemble", "IMPORTANCE_MODES"),
-                            storage=_choices("datasets.ensemble", "STORAGE_MODES"),
-                            augment=_choices("datasets.augment", "MODES"))
-"""Mode keys of the ensemble dataset family (other dataset types check their own modes)."""
+TYPE_RANGE_RULES: Dict[tuple, Dict[str, Any]] = {}
+"""Range rules of one component type kept here: {(section, type): {key: rule}} (checked after the section's
+rules). Components declare their own as a class (or function) attribute ``config_rules`` ({key: rule}; a rule
+returns None or what the value must be, built with the public helpers below), checked last."""
 
-TYPE_RANGE_RULES: Dict[tuple, Dict[str, Any]] = {
-    ("model", "drrnet"): dict(
-        spatial_resolutions=_VERTICES, cond_resolutions=_VERTICES, ssr_resolution=_VERTICES, spatial_channels=_POS,
-        cond_channels=_POS, pe_frequencies=_NONNEG, pe_scale=_above(0), spatial_refiner_layers=_NONNEG,
-        cond_refiner_layers=_NONNEG, spatial_hidden_mult=_above(0), cond_hidden_mult=_above(0), hidden_dim=_POS,
-        decoder_layers=_POS, out_dim=_POS, init_range=_above(0), sparse_refine_ratio=_in_range(0, 1, True),
-        out_activation=_choices("models.drrnet", "OUT_ACTIVATIONS"), variant=_choices("models.drrnet", "VARIANTS"),
-        sparse_refine=_choices("models.drrnet", "SPARSE_REFINE"), fused_refiner=_choices("models.drrnet",
-                                                                                         "SPARSE_REFINE")),
-    ("model", "explorable_inr"): dict(
-        grid_size=_VERTICES, plane_size=_VERTICES, line_size=_VERTICES, grid_features=_POS, plane_features=_POS,
-        line_features=_POS, decoder_width=_POS, dropout=_in_range(0, 1)),
-    ("model", "fainr"): dict(
-        cond_hidden_dims=_VERTICES, num_entries=_POS, feature_dim_3d=_POS, feature_dim_1d=_POS, top_k=_POS,
-        chunk_size=_POS, num_hidden_layers=_NONNEG, mlp_encoder_dim=_POS, mlp_hidden_dim=_POS, n_experts=_POS,
-        manager_res=_VERTICES, manager_features=_POS, gate_top_k=_POS, pe_frequencies=_NONNEG, omega_0=_above(0),
-        adapter_width=_POS, encoder_init=_choices("models.fainr", "ENCODER_INITS")),
-    ("model", "kplanes"): dict(
-        spatial_resolution=_VERTICES, cond_resolution=_VERTICES, feature_dim=_POS, multiscale=_POS,
-        decoder_width=_POS, decoder_layers=_NONNEG, init_range=_low_high,
-        plane_init=_one_of("reference", "kplanes", "ones"), cond_mapping=_one_of("reference", "full")),
-    ("dataset", "ensemble"): _ENSEMBLE_DATA_RULES,
-    ("dataset", "demo"): _ENSEMBLE_DATA_RULES,
-    ("dataset", "unstructured"): dict(_ENSEMBLE_DATA_RULES,
-                                      augment=_choices("datasets.unstructured", "UNSTRUCTURED_AUGMENT_MODES"),
-                                      downsample=_one_of(1)),
-}
-TYPE_RANGE_RULES[("dataset", "demo")] = dict(_ENSEMBLE_DATA_RULES, n_train=_POS, n_test=_NONNEG,
-                                             resolution=_VERTICES, spatial_dims=_one_of(2, 3))
-"""Range rules of one component type: {(section, type): {key: rule}} (checked after the section's rules).
-A registered component may also declare its own rules as a class attribute ``config_rules`` ({key: rule}, a
-rule returns None or what the value must be), checked last."""
+# public rule helpers for components' ``config_rules``
+at_least, above, in_range, one_of, low_high = _at_least, _above, _in_range, _one_of, _low_high
+POSITIVE, NON_NEGATIVE, VERTICES = _POS, _NONNEG, _VERTICES
 
 
 def _annotations(target) -> Dict[str, Any]:
