@@ -9,7 +9,7 @@ import torch
 import yaml
 
 import tasks.moe  # noqa: F401  (registers task moe_inr until tasks/__init__.py lists it)
-from compress.moe_eval import load_fp16
+from tasks.moe_eval import load_fp16
 from tasks.moe import MoETask
 from util.config import load_config
 from util.training import train
