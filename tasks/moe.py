@@ -103,6 +103,8 @@ class MoETestConfig:
         cd_max_points: isosurface vertices kept per surface (random subsample, seed 0) for the KD-tree distances.
         cd_steps: time steps whose isosurfaces are compared (empty: every step).
         ssim: SSIM (data range 2) on the middle slice of each spatial axis, every time step.
+        lpips: LPIPS-VGG on the same slices (values mapped to [0, 1], gray repeated to RGB) when the lpips
+            package and its VGG weights are on this machine; otherwise one log line says why (never downloads).
         baselines: error-bounded compressors matched to the INR's mean PSNR: any of "sz3" (package pysz),
             "zfp" (package zfpy).
         psnr_tol: bisection stops when the compressor's mean PSNR is within this many dB of the target.
@@ -118,6 +120,7 @@ class MoETestConfig:
     cd_max_points: int = 20000
     cd_steps: List[int] = field(default_factory=list)
     ssim: bool = True
+    lpips: bool = True
     baselines: List[str] = field(default_factory=list)
     psnr_tol: float = 0.05
     bisect_iters: int = 40

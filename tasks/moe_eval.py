@@ -152,6 +152,20 @@ def slice_ssim(pred: np.ndarray, gt: np.ndarray) -> float:
     return float(np.mean(vals))
 
 
+def slice_lpips(pred: np.ndarray, gt: np.ndarray, model, device="cpu") -> float:
+    """Mean LPIPS of the middle slices along each axis of a [Z, Y, X] step (values in [-1, 1] -> [0, 1], gray
+    repeated to three channels, lpips' own rescale to [-1, 1])."""
+    from util.image_eval import _lpips_one
+
+    vals = []
+    for axis in range(3):
+        i = pred.shape[axis] // 2
+        a = (np.take(pred, i, axis)[..., None] + 1.0) / 2.0
+        b = (np.take(gt, i, axis)[..., None] + 1.0) / 2.0
+        vals.append(_lpips_one(model, a, b, True, device))
+    return float(np.mean(vals))
+
+
 def isosurface(vol: np.ndarray, level: float, max_points: Optional[int] = None, seed: int = 0) -> Optional[np.ndarray]:
     """Marching-cubes vertices (n, 3) in voxel units (array axis order), None when the volume does not cross
     ``level``; subsampled to ``max_points`` (seed) when larger."""
@@ -476,6 +490,11 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
         saved = np.lib.format.open_memmap(os.path.join(out_dir, "decompressed.npy"), mode="w+", dtype=np.float32,
                                           shape=tuple(dataset.shape))
     rows_t, dec_s = [], 0.0
+    lpips_model = None
+    if tc.lpips:
+        from util.image_eval import load_lpips
+
+        lpips_model = load_lpips(device)  # None (and one log line saying why) without local weights
     pc = PearsonSums()
     ji = []
     for t in range(T):  # one time step in memory at a time; decompression timed alone
@@ -489,6 +508,8 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
         pred, var = out if average else (out, None)
         g = gt[t]
         rows_t.append(_step_row(pred, g, t, tc.isovalues, t in cd_set, tc.cd_max_points, tc.ssim))
+        if lpips_model is not None:
+            rows_t[-1]["lpips"] = slice_lpips(pred, g, lpips_model, device)
         if saved is not None:
             saved[t] = pred
         if average:
@@ -503,7 +524,8 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
     row: Dict[str, Any] = {"method": "moe_inr", **summary, "params": n_params, "file_bytes": art["file_bytes"],
                            "raw_bytes": dataset.raw_nbytes,
                            **compression_ratios(dataset.raw_nbytes, n_params, art["file_bytes"]),
-                           "decompress_s": dec_s}
+                           "decompress_s": dec_s,
+                           "lpips": float(np.mean([r["lpips"] for r in rows_t])) if lpips_model is not None else None}
     if average:
         row["pc"] = pc.value()
         row["ji_st"] = float(np.mean(ji))

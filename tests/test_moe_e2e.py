@@ -72,3 +72,40 @@ def test_average_mode_evaluation(tmp_path):
     assert -1.0 <= row["pc"] <= 1.0 and 0.0 <= row["ji_st"] <= 1.0
     vol = np.load(os.path.join(run, "eval", "decompressed.npy"))
     assert vol.shape == (3, 6, 7, 8) and np.isfinite(vol).all()
+
+
+def test_lpips_on_slices_when_available_and_one_line_otherwise(tmp_path, monkeypatch, caplog):
+    """Without local LPIPS weights the column is empty and one log line names why; with an LPIPS model (a
+    stand-in: mean absolute difference of its inputs) it is the mean over time steps and the three middle
+    slices of the [0, 1]-mapped values, computed here from the raw volume (global min-max to [-1, 1])."""
+    import logging
+
+    import util.image_eval as ie
+
+    a = _volume(tmp_path).astype(np.float64)
+    cfg = [{"name": "moe_lp", "task": {"type": "moe_inr", "k": 2, "pretrain": "none"},
+            "model": {"type": "moe_inr", "M": 3, "k": 2},
+            "dataset": {"type": "time_volume", "path": str(tmp_path / "v.npy"), "batch_size": 64},
+            "optim": {"type": "adam", "lr": 1e-3}, "scheduler": {"type": "constant"},
+            "train": {"max_steps": 2, "log_every": 1, "log_dir": str(tmp_path / "runs"), "collapse_check_steps": 0},
+            "test": {"isovalues": [], "ssim": False, "save_volume": True}}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = train(load_config(str(path)), progress=False)
+    with caplog.at_level(logging.INFO):
+        row = MoETask.evaluate(run)[0]
+    assert row["lpips"] is None
+    assert sum("LPIPS skipped" in r.getMessage() for r in caplog.records) == 1
+
+    class StandIn:
+        def __call__(self, x, y, normalize=False):
+            assert normalize and x.shape[1] == 3
+            return (x - y).abs().mean()
+
+    monkeypatch.setattr(ie, "load_lpips", lambda device="cpu": StandIn())
+    row = MoETask.evaluate(run, overwrite=True)[0]
+    pred = np.load(os.path.join(run, "eval", "decompressed.npy")).astype(np.float64)
+    gt = 2 * (a - a.min()) / (a.max() - a.min()) - 1
+    want = np.mean([np.mean([np.abs((np.take(p, p.shape[ax] // 2, ax) - np.take(g, g.shape[ax] // 2, ax)) / 2).mean()
+                             for ax in range(3)]) for p, g in zip(pred, gt)])
+    assert row["lpips"] == pytest.approx(want, rel=1e-5)
