@@ -50,6 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+if __name__ == "__main__":  # python -m tasks.terrain: run the package module's main so the task registers once
+    import sys
+
+    from tasks.terrain import main as _package_main
+
+    sys.exit(_package_main())
+
 from tasks.base import StepOutput, Task
 from util.registry import ConfigError, register
 

@@ -140,3 +140,12 @@ def test_train_and_test_end_to_end(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert rows[0]["model"] == "HUVR" and int(rows[0]["tiles"]) == 4 and float(rows[0]["psnr"]) > 0
     assert (run / "eval" / "ptq.csv").is_file()
+    # the documented command line for several runs: run as __main__, the task must register once
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    res = subprocess.run([sys.executable, "-m", "tasks.terrain", str(run), "--out_dir_name", "eval_cli"], cwd=root,
+                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert (run / "eval_cli" / "metrics.csv").is_file() and "tiny_huvr" in res.stdout
