@@ -236,3 +236,12 @@ class ToyTargetsRules(ToyTargets):
 
     def __init__(self, augment: str = "none", scale: float = 1.0, seed: int = 0):
         super().__init__(seed)
+
+
+def test_empty_list_allowed_only_where_empty_means_something(tmp_path):
+    """test.ptq_bits: [] (no quantization table) loads; an empty list elsewhere is still an error."""
+    from util.config import check_value
+
+    assert check_value([], "List[int]", "test.ptq_bits") == []
+    with pytest.raises(ConfigError, match="must not be an empty list"):
+        check_value([], "List[int]", "model.spatial_resolutions")

@@ -240,7 +240,7 @@ def check_value(value, annotation, key: str, default=inspect.Parameter.empty, wh
     return out
 
 
-EMPTY_LIST_OK = {"test.dump_members"}
+EMPTY_LIST_OK = {"test.dump_members", "test.ptq_bits", "test.cd_steps", "test.baselines", "test.isovalues"}
 """Config keys whose value may be an empty list."""
 
 
