@@ -148,6 +148,11 @@ class ImageField(FieldModel):
         if c.dim() != 2 or c.shape[0] != x.shape[0] or c.shape[1] != 0:
             raise ValueError(f"{type(self).__name__}: c must be ({x.shape[0]}, 0), got {tuple(c.shape)}")
 
+    def forward(self, x: Tensor, c: Tensor) -> Tensor:
+        """x (B, N, d) in [-1, 1], c (B, 0) -> (B, N, out_dim): ``decoder(features(x))``."""
+        self._check_inputs(x, c)
+        return self.decoder(self.features(x))
+
 
 # ----------------------------------------------------------------------------------------------------
 # dense grids without refinement: MRGrid, Grid
@@ -198,11 +203,6 @@ class GridField(ImageField):
             idx, w = fast_ops.corner_stencil(flat, shape)
             feats.append(fast_ops.gather_interp(fast_ops.to_rows(g), idx, w))
         return torch.cat(feats, dim=-1).reshape(B, N, -1)
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x (B, N, d) in [-1, 1], c (B, 0) -> (B, N, out_dim)."""
-        self._check_inputs(x, c)
-        return self.decoder(self.features(x))
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """``spatial_grids`` and ``decoder``."""
@@ -516,11 +516,6 @@ class NGPField(ImageField):
     def features(self, x: Tensor) -> Tensor:
         """x (B, N, d) in [-1, 1] -> (B, N, L * F) hash-grid features (level-major)."""
         return self.encoding((x + 1) * 0.5 if self.input_mapping == "unit" else x)
-
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x (B, N, d) in [-1, 1], c (B, 0) -> (B, N, out_dim)."""
-        self._check_inputs(x, c)
-        return self.decoder(self.features(x))
 
     def param_groups(self) -> Dict[str, List[nn.Parameter]]:
         """``hash_grid`` and ``decoder``."""
