@@ -4,13 +4,20 @@ Spec ``huvr.md`` 1, 3 and 8:
 
 - **Sources** (``path``): one heightfield file, a folder of them (each file is a *region*), or a named source:
   ``demo`` (the generated terrain of :mod:`datasets.terrain_gen`, written on first use under ``demo_root``),
-  ``mpl:jacksboro_fault_dem`` / ``mpl:topobathy`` (matplotlib's sample DEMs, when matplotlib is installed),
+  ``mpl:jacksboro_fault_dem`` / ``mpl:topobathy`` (matplotlib's sample DEMs: real elevation models in
+  geographic coordinates, ~92.7 x 74.4 m and ~2.43 x 2.43 km pixels),
   ``skimage:motorcycle_disp`` (scikit-image's stereo disparity map: a measured 2.5-D range field, not an
   elevation model; the only elevation-like real sample that ships with an installed dependency here).
   File formats: ``.npy`` (2-D, or 3-D with one channel), ``.npz`` (the array under ``elevation`` / ``topo`` /
   ``dem`` / ``z`` / ``arr_0`` or the only 2-D array), GeoTIFF ``.tif/.tiff`` (needs ``tifffile``; the pixel
   size is read from ModelPixelScaleTag and the nodata value from GDAL_NODATA when present), raw
   ``.raw/.bin/.dat`` (needs ``raw_shape``, dtype ``raw_dtype``).
+- **Pixel size** (metres, per region, rows and columns apart: slope angles need it): ``dataset.gsd`` when set,
+  else read from the file (:func:`read_heightfield`): .npz ``latitude`` / ``longitude`` axis arrays (degrees,
+  matplotlib's ``topobathy``), ``dx`` / ``dy`` (metres; degrees when the file also holds ``ymin`` / ``ymax``
+  and ``dx`` < 0.01, matplotlib's Jacksboro DEM), ``gsd`` / ``pixel_size``; GeoTIFF ModelPixelScaleTag (degrees
+  converted when the GeoKey directory says the model is geographic). Degrees become metres on a spherical Earth
+  (:func:`geographic_pixel_m`, within ~0.5% of the ellipsoid). Unknown: 1 m, with a warning.
 - **Tiling**: non-overlapping ``tile_size`` x ``tile_size`` windows in row-major order from the top-left corner
   (a remainder narrower than a tile is dropped); windows holding NaN / Inf / ``nodata`` are dropped.
 - **Splits** (``split_by``): ``region`` (default; regions shuffled with ``split_seed``, the last
@@ -32,7 +39,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -41,7 +48,7 @@ from util.errors import DataError
 from util.registry import ConfigError, register
 
 __all__ = ["TerrainDataset", "read_heightfield", "cut_tiles", "split_tiles", "central_gradient", "laplacian_5pt",
-           "slope_degrees", "SPLITS", "SPLIT_MODES", "TERRAIN_AUGMENT_MODES", "NAMED_SOURCES"]
+           "slope_degrees", "slope_angle", "geographic_pixel_m", "pixel_pair", "SPLITS", "SPLIT_MODES", "TERRAIN_AUGMENT_MODES", "NAMED_SOURCES"]
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +58,76 @@ TERRAIN_AUGMENT_MODES = ("none", "dihedral")
 NAMED_SOURCES = ("demo", "mpl:jacksboro_fault_dem", "mpl:topobathy", "skimage:motorcycle_disp")
 HEIGHT_EXTS = (".npy", ".npz", ".tif", ".tiff", ".raw", ".bin", ".dat")
 _NPZ_KEYS = ("elevation", "topo", "dem", "z", "height", "arr_0")
+EARTH_RADIUS_M = 6_371_008.8  # mean Earth radius (IUGG), metres
+PixelSize = Tuple[float, float]  # (row spacing, column spacing) in metres
 
 
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def pixel_pair(gsd, what: str = "gsd") -> PixelSize:
+    """A pixel size as (row, column) metres from a number or a [row, column] pair (ValueError naming ``what``)."""
+    vals = list(gsd) if isinstance(gsd, (list, tuple, np.ndarray)) else [gsd]
+    if len(vals) == 1:
+        vals = vals * 2
+    ok = len(vals) == 2 and all(isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+                                and math.isfinite(float(v)) and float(v) > 0 for v in vals)
+    if not ok:
+        raise ValueError(f"{what} must be a number > 0 or a [row, column] pair of them (metres per pixel), "
+                         f"got {gsd!r}")
+    return float(vals[0]), float(vals[1])
+
+
+def geographic_pixel_m(d_lat_deg: float, d_lon_deg: float, lat_deg: float) -> PixelSize:
+    """(row, column) metres of a pixel d_lat x d_lon degrees wide at latitude ``lat_deg`` (spherical Earth).
+
+    A degree of latitude is R pi / 180 = 111.195 km; a degree of longitude that times cos(latitude). Within
+    ~0.5% of the WGS84 ellipsoid, which is below what a slope-angle comparison between methods can notice.
+    """
+    m = EARTH_RADIUS_M * math.pi / 180.0
+    return abs(float(d_lat_deg)) * m, abs(float(d_lon_deg)) * m * math.cos(math.radians(float(lat_deg)))
+
+
 # ------------------------------------------------------------------------------------------------ reading
+def _npz_pixel_m(name: str, npz, shape: Tuple[int, int]) -> Optional[PixelSize]:
+    """The pixel size an .npz declares (see the module docstring), or None."""
+    f = npz.files
+    scalar = lambda k: k in f and np.size(npz[k]) == 1 and float(np.asarray(npz[k]).ravel()[0]) != 0  # noqa: E731
+    if "latitude" in f and "longitude" in f:
+        lat, lon = np.asarray(npz["latitude"], np.float64), np.asarray(npz["longitude"], np.float64)
+        if lat.ndim == 1 and lon.ndim == 1 and (len(lat), len(lon)) == tuple(shape) and min(shape) >= 2:
+            return geographic_pixel_m(np.abs(np.diff(lat)).mean(), np.abs(np.diff(lon)).mean(), lat.mean())
+    if scalar("dx"):
+        dx = abs(float(npz["dx"]))
+        dy = abs(float(npz["dy"])) if scalar("dy") else dx
+        if dx < 0.01 and scalar("ymin") and scalar("ymax"):
+            lat = 0.5 * (float(npz["ymin"]) + float(npz["ymax"]))
+            if abs(lat) <= 90.0:
+                log.info("%s: dx = %g with ymin / ymax bounds: read as degrees at latitude %.3f", name, dx, lat)
+                return geographic_pixel_m(dy, dx, lat)
+        return dy, dx
+    for k in ("gsd", "pixel_size"):
+        if k in f and np.size(npz[k]) in (1, 2):
+            try:
+                return pixel_pair(np.asarray(npz[k], np.float64).ravel().tolist(), f"{name}: {k}")
+            except ValueError as e:
+                raise DataError(str(e)) from None
+    return None
+
+
+def _geotiff_geographic(page) -> bool:
+    """True when the GeoKey directory declares a geographic model (GTModelTypeGeoKey 1024 = 2)."""
+    tag = page.tags.get("GeoKeyDirectoryTag") or page.tags.get(34735)
+    if tag is None:
+        return False
+    v = [int(x) for x in tag.value]
+    for i in range(4, len(v) - 3, 4):
+        if v[i] == 1024 and v[i + 1] == 0:
+            return v[i + 3] == 2
+    return False
+
+
 def _npz_array(path: str, npz) -> np.ndarray:
     name = os.path.basename(path)
     for k in _NPZ_KEYS:
@@ -70,7 +140,7 @@ def _npz_array(path: str, npz) -> np.ndarray:
                     f"expected one named {' / '.join(_NPZ_KEYS)} or a single 2-D array")
 
 
-def _read_tiff(path: str) -> Tuple[np.ndarray, Optional[float], Optional[float]]:
+def _read_tiff(path: str) -> Tuple[np.ndarray, Optional[PixelSize], Optional[float]]:
     try:
         import tifffile
     except ImportError:
@@ -80,9 +150,20 @@ def _read_tiff(path: str) -> Tuple[np.ndarray, Optional[float], Optional[float]]
         page = tf.pages[0]
         arr = page.asarray()
         gsd = nodata = None
-        tag = page.tags.get("ModelPixelScaleTag")
-        if tag is not None:
-            gsd = float(abs(tag.value[0]))
+        tag = page.tags.get("ModelPixelScaleTag") or page.tags.get(33550)
+        if tag is not None and len(tag.value) >= 2 and tag.value[0] and tag.value[1]:
+            sx, sy = abs(float(tag.value[0])), abs(float(tag.value[1]))
+            if _geotiff_geographic(page):
+                tie = page.tags.get("ModelTiepointTag") or page.tags.get(33922)
+                if tie is not None and len(tie.value) >= 6:
+                    # tie point (I, J, K, X, Y, Z): pixel row J sits at latitude Y; rows go south
+                    lat = float(tie.value[4]) - sy * (arr.shape[0] / 2.0 - float(tie.value[1]))
+                    gsd = geographic_pixel_m(sy, sx, lat)
+                else:
+                    log.warning("%s: geographic GeoTIFF without a tie point: pixel size unknown (set dataset.gsd)",
+                                os.path.basename(path))
+            else:
+                gsd = (sy, sx)
         tag = page.tags.get("GDAL_NODATA") or page.tags.get(42113)
         if tag is not None:
             try:
@@ -93,8 +174,8 @@ def _read_tiff(path: str) -> Tuple[np.ndarray, Optional[float], Optional[float]]
 
 
 def read_heightfield(path: str, raw_shape: Optional[Sequence[int]] = None,
-                     raw_dtype: str = "float32") -> Tuple[np.ndarray, Optional[float], Optional[float]]:
-    """One heightfield file -> (2-D float array, pixel size in metres or None, nodata value or None).
+                     raw_dtype: str = "float32") -> Tuple[np.ndarray, Optional[PixelSize], Optional[float]]:
+    """One heightfield file -> (2-D array, (row, column) pixel size in metres or None, nodata value or None).
 
     Raises:
         DataError naming the file: unknown extension, not 2-D, raw size mismatch, unreadable, missing tifffile.
@@ -108,9 +189,8 @@ def read_heightfield(path: str, raw_shape: Optional[Sequence[int]] = None,
         elif ext == ".npz":
             with np.load(path) as npz:
                 arr = _npz_array(path, npz)
-                for k in ("dx", "gsd", "pixel_size"):
-                    if k in npz.files and np.size(npz[k]) == 1:
-                        gsd = float(npz[k])
+                shape2 = arr.shape if arr.ndim == 2 else tuple(d for d in arr.shape if d != 1)[:2]
+                gsd = _npz_pixel_m(name, npz, shape2)
         elif ext in (".tif", ".tiff"):
             arr, gsd, nodata = _read_tiff(path)
         elif ext in (".raw", ".bin", ".dat"):
@@ -139,23 +219,24 @@ def read_heightfield(path: str, raw_shape: Optional[Sequence[int]] = None,
     return arr, gsd, nodata
 
 
-def _named_source(path: str, demo_root: str, demo_regions: int, demo_size: int) -> List[Tuple[str, np.ndarray, Optional[float]]]:
-    """(name, array, gsd) of the named sources."""
+def _named_source(path: str, demo_root: str, demo_regions: int,
+                  demo_size: int) -> List[Tuple[str, np.ndarray, Optional[PixelSize]]]:
+    """(name, array, (row, column) pixel metres or None) of the named sources."""
     if path == "demo":
         from datasets.terrain_gen import GSD_M, generate_terrain_demo
 
         files = generate_terrain_demo(demo_root, regions=demo_regions, size=demo_size)
-        return [(os.path.basename(f), np.load(f, mmap_mode="r"), GSD_M) for f in files]
+        return [(os.path.basename(f), np.load(f, mmap_mode="r"), (GSD_M, GSD_M)) for f in files]
     if path.startswith("mpl:"):
         try:
             from matplotlib import cbook
         except ImportError:
-            raise DataError(f"dataset.path '{path}': matplotlib's sample DEMs need the optional package matplotlib "
-                            f"(pip install matplotlib); it is not installed") from None
+            raise DataError(f"dataset.path '{path}': matplotlib's sample DEMs need matplotlib (in requirements.txt; "
+                            f"pip install matplotlib); it is not installed") from None
         stem = path[4:]
         with cbook.get_sample_data(f"{stem}.npz") as npz:
             arr = _npz_array(stem, npz)
-            gsd = float(npz["dx"]) if "dx" in npz.files else None
+            gsd = _npz_pixel_m(stem, npz, arr.shape)
         return [(stem, np.asarray(arr, dtype=np.float64), gsd)]
     if path == "skimage:motorcycle_disp":
         try:
@@ -166,7 +247,7 @@ def _named_source(path: str, demo_root: str, demo_regions: int, demo_size: int) 
         if not os.path.isfile(f):
             raise DataError(f"dataset.path 'skimage:motorcycle_disp': {f} is not part of this scikit-image install")
         arr, _, _ = read_heightfield(f)
-        return [("motorcycle_disp", arr, None)]
+        return [("motorcycle_disp", arr, (1.0, 1.0))]  # disparity units per pixel: slope angles are nominal
     raise DataError(f"dataset.path '{path}': unknown named source; expected a file, a folder or one of "
                     f"{', '.join(NAMED_SOURCES)}")
 
@@ -241,12 +322,22 @@ def laplacian_5pt(h, spacing: float = 1.0):
     return (h[..., 2:, 1:-1] + h[..., :-2, 1:-1] + h[..., 1:-1, 2:] + h[..., 1:-1, :-2] - 4.0 * c) / (spacing ** 2)
 
 
-def slope_degrees(h, gsd: float):
-    """Slope angle in degrees on interior pixels of a heightfield in metres with pixel size ``gsd`` metres."""
-    g_row, g_col = central_gradient(h, 1.0)
+def slope_angle(g_row, g_col, gsd_row, gsd_col):
+    """Slope angle in degrees from height steps per pixel (metres / px) and the pixel size (metres) per axis.
+
+    ``gsd_row`` / ``gsd_col``: numbers or arrays broadcasting against the gradients (per-tile sizes).
+    """
     if isinstance(g_row, torch.Tensor):
-        return torch.rad2deg(torch.atan(torch.sqrt(g_row ** 2 + g_col ** 2) / gsd))
-    return np.degrees(np.arctan(np.sqrt(g_row ** 2 + g_col ** 2) / gsd))
+        return torch.rad2deg(torch.atan(torch.sqrt((g_row / gsd_row) ** 2 + (g_col / gsd_col) ** 2)))
+    return np.degrees(np.arctan(np.sqrt((g_row / gsd_row) ** 2 + (g_col / gsd_col) ** 2)))
+
+
+def slope_degrees(h, gsd):
+    """Slope angle in degrees on interior pixels of a heightfield in metres; ``gsd``: metres per pixel, a number
+    or a (row, column) pair."""
+    g_row, g_col = central_gradient(h, 1.0)
+    sr, sc = pixel_pair(gsd)
+    return slope_angle(g_row, g_col, sr, sc)
 
 
 # ------------------------------------------------------------------------------------------------ dataset
@@ -257,7 +348,7 @@ class TerrainDataset:
     Args:
         path: a heightfield file (.npy / .npz / .tif / .tiff / .raw), a folder of them (one region per file,
             sorted by name), or a named source: ``demo`` (generated terrain, written on first use under
-            ``demo_root``), ``mpl:jacksboro_fault_dem``, ``mpl:topobathy`` (need matplotlib),
+            ``demo_root``), ``mpl:jacksboro_fault_dem``, ``mpl:topobathy`` (matplotlib's sample DEMs),
             ``skimage:motorcycle_disp`` (a stereo disparity map; real but not an elevation model).
         tile_size: tile side T in pixels (the paper: 256).
         split_by: ``region`` (whole files per split, spec 3), ``tile`` (tiles shuffled into splits) or ``none``
@@ -271,8 +362,9 @@ class TerrainDataset:
             Default: the GeoTIFF's GDAL_NODATA tag when present, else none.
         raw_shape: [rows, columns] of raw (.raw/.bin/.dat) files.
         raw_dtype: numpy dtype of raw files.
-        gsd: ground sampling distance in metres per pixel for slope angles; default: from the file
-            (GeoTIFF ModelPixelScaleTag, .npz ``dx``, 2 m for ``demo``), else 1.
+        gsd: ground sampling distance in metres per pixel for slope angles: a number or a [row, column] pair,
+            for every region; default: from each file (GeoTIFF ModelPixelScaleTag, .npz ``dx`` / ``dy`` or
+            ``latitude`` / ``longitude``, degrees converted to metres; 2 m for ``demo``), else 1 with a warning.
         min_sigma: floor of the per-tile standard deviation in metres (flat tiles).
         max_tiles_per_region: keep at most this many tiles of each region (evenly spaced; null = all).
         demo_root: folder of the generated terrain for ``path: demo``.
@@ -284,7 +376,7 @@ class TerrainDataset:
     def __init__(self, path: str = "demo", tile_size: int = 256, split_by: str = "region",
                  val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0, batch_size: int = 8,
                  tile_augment: str = "none", nodata: Optional[float] = None, raw_shape: Optional[List[int]] = None,
-                 raw_dtype: str = "float32", gsd: Optional[float] = None, min_sigma: float = 1e-3,
+                 raw_dtype: str = "float32", gsd: Optional[Union[float, List[float]]] = None, min_sigma: float = 1e-3,
                  max_tiles_per_region: Optional[int] = None, demo_root: str = os.path.join("data", "terrain_demo"),
                  demo_regions: int = 12, demo_size: int = 384, seed: int = 0):
         for key, val, allowed in (("split_by", split_by, SPLIT_MODES), ("tile_augment", tile_augment, TERRAIN_AUGMENT_MODES)):
@@ -301,8 +393,11 @@ class TerrainDataset:
                 raise ConfigError(f"dataset.{key} must be a number in [0, 1), got {val!r}")
         if isinstance(min_sigma, bool) or not isinstance(min_sigma, (int, float)) or not min_sigma > 0:
             raise ConfigError(f"dataset.min_sigma must be a number > 0 (metres), got {min_sigma!r}")
-        if gsd is not None and (isinstance(gsd, bool) or not isinstance(gsd, (int, float)) or not gsd > 0):
-            raise ConfigError(f"dataset.gsd must be null or a number > 0 (metres per pixel), got {gsd!r}")
+        if gsd is not None:
+            try:
+                gsd = pixel_pair(gsd, "dataset.gsd")
+            except ValueError as e:
+                raise ConfigError(f"{e} (or null: read from the files)") from None
         try:
             np.dtype(raw_dtype)
         except TypeError:
@@ -331,8 +426,13 @@ class TerrainDataset:
                             f"missing values ({shapes}); lower dataset.tile_size or check nodata")
         self.origins = np.concatenate(origins)
         self.region_of_tile = np.concatenate(regions)
-        known = [g for g in gsds if g is not None]
-        self.gsd = float(gsd) if gsd is not None else (float(known[0]) if known else 1.0)
+        unknown = [n for n, g in zip(self.region_names, gsds) if g is None]
+        if gsd is None and unknown:
+            log.warning("terrain %s: pixel size unknown for %s; slope angles assume 1 m per pixel (set dataset.gsd)",
+                        self.path, ", ".join(unknown[:3]) + (f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""))
+        #: (regions, 2) metres per pixel along rows and columns (dataset.gsd, else each file's own)
+        self.pixel_m = np.array([gsd if gsd is not None else (g if g is not None else (1.0, 1.0)) for g in gsds],
+                                dtype=np.float64).reshape(len(gsds), 2)
         mu = self.tiles_m.reshape(len(self.tiles_m), -1).astype(np.float64).mean(axis=1)
         sd = self.tiles_m.reshape(len(self.tiles_m), -1).astype(np.float64).std(axis=1)
         self.mu = mu.astype(np.float64)
@@ -341,12 +441,14 @@ class TerrainDataset:
                                   int(split_seed))
         if split_by != "none" and len(self.splits["train"]) == 0:
             raise DataError(f"dataset.path '{self.path}': the training split is empty")
-        log.info("terrain %s: %d regions, %d tiles of %d x %d (train %d, val %d, test %d), gsd %g m", self.path,
+        px = np.unique(self.pixel_m.round(4), axis=0)
+        px_s = " x ".join(f"{v:g}" for v in px[0]) + " m" if len(px) == 1 else f"{len(px)} sizes"
+        log.info("terrain %s: %d regions, %d tiles of %d x %d (train %d, val %d, test %d), pixel %s", self.path,
                  len(sources), len(self.tiles_m), self.tile_size, self.tile_size, len(self.splits["train"]),
-                 len(self.splits["val"]), len(self.splits["test"]), self.gsd)
+                 len(self.splits["val"]), len(self.splits["test"]), px_s)
 
     def _sources(self, raw_shape, raw_dtype, demo_root, demo_regions, demo_size):
-        """[(name, 2-D array, gsd or None, nodata or None)] of the configured path."""
+        """[(name, 2-D array, (row, column) pixel metres or None, nodata or None)] of the configured path."""
         p = self.path
         if p in NAMED_SOURCES or p.startswith(("mpl:", "skimage:")):
             return [(n, a, g, None) for n, a, g in _named_source(p, demo_root, demo_regions, demo_size)]
@@ -394,11 +496,11 @@ class TerrainDataset:
         return 0.0
 
     def meta(self) -> dict:
-        """JSON-serializable facts of the data (path, tile_size, tile counts per split, gsd, region names)."""
+        """JSON-serializable facts of the data (path, tile_size, tile counts per split, pixel sizes, region names)."""
         return {"path": self.path, "tile_size": self.tile_size, "spatial_shape": [self.tile_size, self.tile_size],
                 "spatial_dims": 2, "cond_dim": 0, "out_dim": 1, "split_by": self.split_by,
                 "n_tiles": int(len(self.tiles_m)), **{f"n_{k}": int(len(v)) for k, v in self.splits.items()},
-                "gsd": self.gsd, "regions": self.region_names, "batch_size": self.batch_size,
+                "pixel_m": self.pixel_m.tolist(), "regions": self.region_names, "batch_size": self.batch_size,
                 "steps_per_epoch": self.steps_per_epoch, "augment": self.augment, "train_value_mean": 0.0}
 
     # ----------------------------------------------------------------------------------------- access
@@ -408,13 +510,15 @@ class TerrainDataset:
         return self.splits[split]
 
     def tiles(self, idx: np.ndarray) -> Dict[str, torch.Tensor]:
-        """Tiles by global index: ``tile`` (n, 1, T, T) normalized, ``metres`` (n, T, T), ``mu``, ``sigma`` (n,)."""
+        """Tiles by global index: ``tile`` (n, 1, T, T) normalized, ``metres`` (n, T, T), ``mu``, ``sigma`` (n,),
+        ``pixel_m`` (n, 2) metres per pixel along rows and columns."""
         idx = np.asarray(idx, dtype=np.int64)
         m = self.tiles_m[idx].astype(np.float64)
         mu, sd = self.mu[idx], self.sigma[idx]
         t = (m - mu[:, None, None]) / sd[:, None, None]
         return {"tile": torch.from_numpy(t.astype(np.float32))[:, None], "metres": torch.from_numpy(m),
-                "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sd), "index": torch.from_numpy(idx)}
+                "mu": torch.from_numpy(mu), "sigma": torch.from_numpy(sd), "index": torch.from_numpy(idx),
+                "pixel_m": torch.from_numpy(self.pixel_m[self.region_of_tile[idx]])}
 
     def sample_batch(self, step: int, rank: int = 0) -> Dict[str, torch.Tensor]:
         """The training batch of (seed, step, rank): ``tile`` (B, 1, T, T), ``mu``, ``sigma`` (B,), ``index`` (B,)."""

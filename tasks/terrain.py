@@ -14,7 +14,7 @@ split of the run's dataset config, or another source via ``test.data_path``):
   decoders (Functa, HUVR+SIREN; chain rule to m/px), central differences of the raster otherwise (spec 3);
   ``rmse_lap``: the same for the Laplacian (m/px^2; 5-point stencil vs the autodiff Hessian trace);
   ``max_grad`` / ``max_lap``: the worst tile's RMSE; ``slope_mae_deg``: mean absolute slope-angle error (degrees,
-  with the dataset's gsd);
+  with each tile's pixel size in metres along rows and columns, ``pixel_m`` of the dataset);
 - seams (patch models): ``seam_dpsnr`` = PSNR of pixels within ``seam_width`` px of an internal patch border minus
   PSNR of the other pixels (spec 7), ``seam_step_m`` / ``step_m``: RMSE (m) of the height step between adjacent
   pixels across a patch border / elsewhere, minus the ground truth's step;
@@ -24,8 +24,9 @@ split of the run's dataset config, or another source via ``test.data_path``):
   pixel, from fvcore counts times 2 (the paper's 2 FLOPs per multiply-add; fvcore counts one); Functa's infer =
   (1 + 3 inner_steps) decoder passes (forward + 2 x backward per step, then the final forward; spec 4).
 
-Post-training quantization (``test.ptq_bits``, spec 5): the payload is quantized per dimension (models/terrain/
-quant.py) and decoded; rows give bits, BPP uncompressed and entropy-coded, PSNR, RMSE_z, RMSE_grad, RMSE_lap and
+Post-training quantization (``test.ptq_bits``, spec 5): the fp32 pass's payloads are quantized per dimension
+(models/terrain/quant.py; scales per tile, or over the evaluated set for one-token payloads: ``test.ptq_scope``)
+and decoded; rows give bits, scope, BPP uncompressed and entropy-coded, PSNR, RMSE_z, RMSE_grad, RMSE_lap and
 whether the row dominates the fp32 payload in rate-distortion. ``test.quantize_decoder`` (bits) also
 fake-quantizes the shared decoder's weight matrices per output row.
 
@@ -78,8 +79,11 @@ class TerrainTestConfig:
             decoded raster for every method).
         seam_width: pixels on each side of an internal patch border counted as seam pixels.
         ptq_bits: payload bit widths of the post-training quantization table (empty: no table).
-        ptq_scope: ``tile`` (per-tile per-dimension scales, 16-bit side information) or ``dataset`` (one scale
-            per dimension over the evaluated tiles, no per-tile side bits).
+        ptq_scope: ``auto`` (``tile`` for payloads of several tokens per tile, ``dataset`` for one token per
+            tile: Functa), ``tile`` (per-tile per-dimension scales, d x 16 side bits per tile, entropy coders fit
+            per tile) or ``dataset`` (one scale per dimension over the evaluated tiles, stored once, entropy
+            coders fit on the evaluated set). Per-tile scales on a one-token payload store every value as its
+            own scale: lossless, and dearer than fp16.
         quantize_decoder: bits of the shared decoder's weights in the PTQ rows (null: kept in fp32).
         timing_repeats: timed passes (after one warm-up pass) of encode and decode; the median is reported.
         flops: count FLOPs with fvcore.
@@ -92,7 +96,7 @@ class TerrainTestConfig:
     derivatives: str = "auto"
     seam_width: int = 1
     ptq_bits: List[int] = field(default_factory=lambda: [16, 8, 6, 4, 2])
-    ptq_scope: str = "tile"
+    ptq_scope: str = "auto"
     quantize_decoder: Optional[int] = None
     timing_repeats: int = 3
     flops: bool = True
@@ -103,7 +107,7 @@ class TerrainTestConfig:
         _check_dataclass_fields(self, "test")
         for key, val, allowed in (("split", self.split, ("test", "val", "train")),
                                   ("derivatives", self.derivatives, ("auto", "fd")),
-                                  ("ptq_scope", self.ptq_scope, ("tile", "dataset"))):
+                                  ("ptq_scope", self.ptq_scope, ("auto", "tile", "dataset"))):
             if val not in allowed:
                 raise ConfigError(f"test.{key} must be one of {', '.join(allowed)}; got {val!r}")
         for key, lo in (("batch_size", 1), ("seam_width", 1), ("timing_repeats", 1)):
@@ -240,10 +244,12 @@ def _autodiff_derivatives(model, z: Tensor, T: int) -> tuple:
             (lap * k * k).reshape(shape).detach())
 
 
-def tile_metrics(pred_n: Tensor, gt: Dict[str, Tensor], gsd: float, patch: Optional[int], seam_width: int,
+def tile_metrics(pred_n: Tensor, gt: Dict[str, Tensor], gsd, patch: Optional[int], seam_width: int,
                  deriv_n: Optional[tuple] = None) -> Dict[str, Tensor]:
     """Per-tile metrics of normalized predictions (B, 1, T, T) against the ground truth dict of dataset.tiles().
 
+    ``gsd``: metres per pixel for slope angles: None (the tiles' own ``gt["pixel_m"]``, per tile and axis), a
+    number or a (row, column) pair.
     ``deriv_n``: autodiff (d/drow, d/dcol, Laplacian) of the normalized prediction on interior pixels (per pixel
     units); None: central differences of the prediction.
 
@@ -251,7 +257,7 @@ def tile_metrics(pred_n: Tensor, gt: Dict[str, Tensor], gsd: float, patch: Optio
     lap_se, slope_ae (mean absolute slope-angle error, degrees) and, with ``patch``, seam / interior mse_n and
     seam / other step squared errors (m).
     """
-    from datasets.terrain import central_gradient, laplacian_5pt
+    from datasets.terrain import central_gradient, laplacian_5pt, pixel_pair, slope_angle
 
     t_n = gt["tile"][:, 0].double().to(pred_n.device)
     p_n = pred_n[:, 0].double()
@@ -269,8 +275,12 @@ def tile_metrics(pred_n: Tensor, gt: Dict[str, Tensor], gsd: float, patch: Optio
         pr, pc, lp = (d.double() * sd for d in deriv_n)
     out["grad_se"] = ((pr - gr) ** 2 + (pc - gc) ** 2).mean(dim=(1, 2))
     out["lap_se"] = ((lp - lt) ** 2).mean(dim=(1, 2))
-    ang = lambda a, b: torch.rad2deg(torch.atan(torch.sqrt(a ** 2 + b ** 2) / gsd))  # noqa: E731
-    out["slope_ae"] = (ang(pr, pc) - ang(gr, gc)).abs().mean(dim=(1, 2))
+    if gsd is None:
+        px = gt["pixel_m"].double().to(pred_n.device)
+        s_r, s_c = px[:, 0, None, None], px[:, 1, None, None]
+    else:
+        s_r, s_c = pixel_pair(gsd)
+    out["slope_ae"] = (slope_angle(pr, pc, s_r, s_c) - slope_angle(gr, gc, s_r, s_c)).abs().mean(dim=(1, 2))
     if patch is not None and t_n.shape[-1] // patch >= 2:
         pix, cross = seam_masks(t_n.shape[-1], patch, seam_width, device=pred_n.device)
         se = (p_n - t_n) ** 2
@@ -335,16 +345,24 @@ def _decoder_modules(model) -> List[torch.nn.Module]:
 
 
 @torch.no_grad()
-def _run(model, dataset, idx: np.ndarray, tc: TerrainTestConfig, dev, payload_fn=None, timing: bool = False):
-    """Encode / (quantize) / decode / score tiles in batches -> (per-tile metrics, timings, extra)."""
+def _run(model, dataset, idx: np.ndarray, tc: TerrainTestConfig, dev, payloads: Optional[Tensor] = None,
+         timing: bool = False):
+    """Encode / decode / score tiles in batches -> (per-tile metrics, (encode s, decode s) per tile, payloads).
+
+    ``payloads``: (len(idx), n, d) payloads to decode instead of encoding the tiles (the quantized rows);
+    returned: the payloads decoded, (len(idx), n, d) on the CPU.
+    """
     patch = getattr(model, "patch_size", None)
     use_ad = tc.derivatives == "auto" and getattr(model, "continuous", False)
     per: Dict[str, List[Tensor]] = {}
-    enc_t, dec_t, extra = [], [], {"ent_bits": [], "side_bits": 0}
+    enc_t, dec_t, zs = [], [], []
     for s in range(0, len(idx), tc.batch_size):
         gt = dataset.tiles(idx[s:s + tc.batch_size])
         tiles = gt["tile"].to(dev)
-        if timing:
+        if payloads is not None:
+            z = payloads[s:s + tc.batch_size].to(dev)
+            pred = model.decode(z)
+        elif timing:
             reps_e, reps_d = [], []
             for r in range(tc.timing_repeats + 1):
                 _sync(dev)
@@ -362,18 +380,14 @@ def _run(model, dataset, idx: np.ndarray, tc: TerrainTestConfig, dev, payload_fn
             dec_t.append(float(np.median(reps_d)))
         else:
             z = model.encode(tiles)
-        if payload_fn is not None:
-            z, info = payload_fn(z)
-            extra["ent_bits"].append(info["ent_bits"])
-            extra["side_bits"] = info["side_bits"]
-        if not timing or payload_fn is not None:
             pred = model.decode(z)
+        zs.append(z.detach().float().cpu())
         deriv = _autodiff_derivatives(model, z, dataset.tile_size) if use_ad else None
-        m = tile_metrics(pred, gt, dataset.gsd, patch, tc.seam_width, deriv)
+        m = tile_metrics(pred, gt, None, patch, tc.seam_width, deriv)
         for k, v in m.items():
             per.setdefault(k, []).append(v.cpu())
     per_t = {k: torch.cat(v) for k, v in per.items()}
-    return per_t, (float(np.mean(enc_t)) if enc_t else None, float(np.mean(dec_t)) if dec_t else None), extra
+    return per_t, (float(np.mean(enc_t)) if enc_t else None, float(np.mean(dec_t)) if dec_t else None), torch.cat(zs)
 
 
 def _summary(per: Dict[str, Tensor]) -> Dict[str, float]:
@@ -408,7 +422,7 @@ def benchmark(model, dataset, tc: Optional[TerrainTestConfig] = None, split: str
         idx = idx[np.linspace(0, len(idx) - 1, tc.max_tiles).round().astype(np.int64)]
     T = dataset.tile_size
     px = T * T
-    per, (enc_s, dec_s), _ = _run(model, dataset, idx, tc, dev, timing=True)
+    per, (enc_s, dec_s), z_all = _run(model, dataset, idx, tc, dev, timing=True)
     row: Dict[str, Any] = {"method": name or type(model).__name__, "model": type(model).__name__, "bits": 32,
                            "tiles": int(len(idx)), "floats": model.payload_floats,
                            "bpp": 32.0 * model.payload_floats / px, **_summary(per),
@@ -424,24 +438,26 @@ def benchmark(model, dataset, tc: Optional[TerrainTestConfig] = None, split: str
                   for k, i in enumerate(idx)]
     ptq_rows = []
     if tc.ptq_bits:
-        from models.terrain.quant import entropy_bits, quantize_payload, quantize_weights_
+        from models.terrain.quant import (default_scope, entropy_bits, entropy_bits_shared, quantize_payload,
+                                          quantize_weights_)
 
         qmodel = model
         if tc.quantize_decoder is not None:
             qmodel = copy.deepcopy(model)
             for m in _decoder_modules(qmodel):
                 quantize_weights_(m, tc.quantize_decoder)
+        # the fp32 pass's payloads, quantized over every evaluated tile at once (so ``dataset`` scales and coders
+        # are those of the whole set, not of one batch); encoders are deterministic, so nothing is re-encoded
+        scope = default_scope(z_all.shape[1]) if tc.ptq_scope == "auto" else tc.ptq_scope
         for bits in tc.ptq_bits:
-            def fn(z, bits=bits):
-                zq, q, _, side = quantize_payload(z, bits, tc.ptq_scope)
-                return zq.to(z.dtype), {"ent_bits": entropy_bits(q), "side_bits": side}
-
-            per_q, _, extra = _run(qmodel, dataset, idx, tc, dev, payload_fn=fn)
+            zq, q, _, side = quantize_payload(z_all, bits, scope)
+            code = entropy_bits(q) if scope == "tile" else entropy_bits_shared(q)
+            per_q, _, _ = _run(qmodel, dataset, idx, tc, dev, payloads=zq)
             s = _summary(per_q)
             n_vals = model.payload_floats
-            bpp_u = (n_vals * bits + extra["side_bits"]) / px
-            bpp_e = float((torch.cat(extra["ent_bits"]) + extra["side_bits"]).mean()) / px
-            ptq_rows.append({"method": row["method"], "model": row["model"], "bits": bits,
+            bpp_u = (n_vals * bits + side) / px
+            bpp_e = float((code + side).mean()) / px
+            ptq_rows.append({"method": row["method"], "model": row["model"], "bits": bits, "scope": scope,
                              "decoder_bits": tc.quantize_decoder or 32, "bpp": bpp_u, "bpp_ent": bpp_e,
                              "psnr": s["psnr"], "rmse_z_m": s["rmse_z_m"], "rmse_grad": s["rmse_grad"],
                              "rmse_lap": s["rmse_lap"],
@@ -450,7 +466,7 @@ def benchmark(model, dataset, tc: Optional[TerrainTestConfig] = None, split: str
     return {"row": row, "ptq": ptq_rows, "tiles": tiles_rows}
 
 
-_COLS = [("method", "{}"), ("bits", "{}"), ("floats", "{}"), ("bpp", "{:.3f}"), ("bpp_ent", "{:.3f}"),
+_COLS = [("method", "{}"), ("bits", "{}"), ("scope", "{}"), ("floats", "{}"), ("bpp", "{:.3f}"), ("bpp_ent", "{:.3f}"),
          ("psnr", "{:.2f}"), ("rmse_z_m", "{:.3f}"), ("rmse_grad", "{:.4f}"), ("rmse_lap", "{:.4f}"),
          ("slope_mae_deg", "{:.2f}"), ("seam_dpsnr", "{:+.2f}"), ("seam_step_m", "{:.3f}"), ("step_m", "{:.3f}"),
          ("enc_ms", "{:.2f}"), ("dec_ms", "{:.2f}"), ("kflops_px_dec", "{:.1f}"), ("kflops_px_infer", "{:.1f}")]

@@ -1,5 +1,5 @@
 """Terrain tiles: tiler, splits, per-tile normalization, derivative ground truth, bad inputs, the generator."""
-import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -113,9 +113,23 @@ def test_bad_inputs(tmp_path):
                      ("batch_size", 0), ("min_sigma", 0)):
         with pytest.raises(ConfigError, match=f"dataset.{key}"):
             TerrainDataset(str(sub), **{key: val})
-    if importlib.util.find_spec("matplotlib") is None:
-        with pytest.raises(DataError, match="matplotlib"):
-            TerrainDataset("mpl:jacksboro_fault_dem")
+
+
+def test_matplotlib_sample_dems_are_real_tiles_with_metre_pixels(monkeypatch):
+    ds = TerrainDataset("mpl:jacksboro_fault_dem", tile_size=64, split_by="none")
+    # 344 x 403 int16 elevations in metres -> 5 x 6 whole tiles, every one a test tile
+    assert len(ds) == 30 and len(ds.split_indices("test")) == 30 and ds.region_names == ["jacksboro_fault_dem"]
+    assert 236 <= ds.tiles_m.min() and ds.tiles_m.max() <= 1076
+    # 3 arc-second pixels at ~36.6 N: ~92.7 m along rows (north-south), ~74.4 m along columns
+    np.testing.assert_allclose(ds.pixel_m[0], [92.66, 74.41], atol=0.1)
+    topo = TerrainDataset("mpl:topobathy", tile_size=32, split_by="none")
+    assert len(topo) == 2 * 3  # 91 x 120
+    # 1.968 deg of latitude over 90 row steps, 3.967 deg of longitude over 119 column steps, at 49.0 N: ~2.43 km
+    np.testing.assert_allclose(topo.pixel_m[0], [2431.5, 2431.5], rtol=3e-3)
+    # without matplotlib the message names it
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(DataError, match="need matplotlib"):
+        TerrainDataset("mpl:jacksboro_fault_dem")
 
 
 def test_generator_deterministic_with_valleys(tmp_path):

@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from models.terrain.huvr import HUVR, HUVRSiren
-from models.terrain.quant import entropy_bits, quantize_payload, quantize_weights_
+from models.terrain.quant import (default_scope, entropy_bits, entropy_bits_shared, quantize_payload,
+                                  quantize_weights_)
 from util.registry import ConfigError, build
 
 TINY = dict(patch_size=4, latent_dim=6, enc_width=16, enc_depth=1, enc_heads=2, dec_width=16, dec_depth=1, dec_heads=2)
@@ -111,7 +112,19 @@ def test_ptq_round_trip_error_bound(bits):
     exact = z.abs().amax(dim=1, keepdim=True) / qmax
     assert torch.all(scale >= exact) and torch.all(scale <= exact * (1 + 2 ** -9))
     zd, _, sd, side_d = quantize_payload(z, bits, "dataset")
-    assert sd.shape == (1, 1, 5) and side_d == 0 and torch.all((z - zd).abs() <= sd / 2 + 1e-7)
+    # one scale per dimension over the 3 tiles, stored once: its 5 x 16 bits shared by the 3 tiles
+    assert sd.shape == (1, 1, 5) and side_d == pytest.approx(5 * 16 / 3) and torch.all((z - zd).abs() <= sd / 2 + 1e-7)
+    torch.testing.assert_close(sd[0, 0], scale.amax(dim=(0, 1)))
+
+
+def test_single_token_payload_needs_dataset_scope():
+    # one token per tile (Functa): per-tile scales make every value its own scale -> lossless, all symbols +-qmax
+    z = torch.randn(6, 1, 4, generator=torch.Generator().manual_seed(0))
+    zq, q, _, side = quantize_payload(z, 4, "tile")
+    assert torch.all(q.abs() == 7) and side == 4 * 16 and torch.allclose(zq, z, rtol=2 ** -10)
+    assert default_scope(1) == "dataset" and default_scope(257) == "tile"
+    zd, qd, _, _ = quantize_payload(z, 4, "dataset")
+    assert not torch.allclose(zd, z, rtol=2 ** -10) and len(torch.unique(qd)) > 2
 
 
 def test_entropy_bits_by_hand():
@@ -119,6 +132,17 @@ def test_entropy_bits_by_hand():
     q[0, :, 1] = torch.arange(8)  # 8 distinct symbols: 3 bits each
     q[1, :4, 2] = 1  # half and half: 1 bit each
     torch.testing.assert_close(entropy_bits(q), torch.tensor([24.0, 8.0], dtype=torch.float64))
+
+
+def test_shared_entropy_bits_by_hand():
+    # 4 tiles, 1 token, 2 dims. dim 0: symbols 0, 0, 0, 1 (p = 3/4, 1/4); dim 1: all 5 (0 bits)
+    q = torch.tensor([[[0, 5]], [[0, 5]], [[0, 5]], [[1, 5]]])
+    import math
+    want = torch.tensor([-math.log2(0.75)] * 3 + [2.0], dtype=torch.float64)
+    torch.testing.assert_close(entropy_bits_shared(q), want)
+    # the mean is n sum_j H_j of the pooled symbols
+    H = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
+    assert float(entropy_bits_shared(q).mean()) == pytest.approx(H)
 
 
 def test_weight_quantization_per_row_bound():

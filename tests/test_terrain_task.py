@@ -105,7 +105,28 @@ def test_training_step_and_benchmark(tmp_path):
     p8, p2 = res["ptq"]
     assert p8["bpp"] == pytest.approx((102 * 8 + 6 * 16) / 256) and p8["bpp_ent"] <= p8["bpp"]
     assert abs(p8["psnr"] - row["psnr"]) < 0.5 and p2["psnr"] < p8["psnr"]
-    assert len(res["tiles"]) == 3
+    assert p8["scope"] == "tile" and len(res["tiles"]) == 3
+    # 16 bits: the decoded payloads are the fp32 pass's, so the quality is the fp32 row's to ~1e-3 dB
+    p16 = benchmark(model, ds, TerrainTestConfig(max_tiles=3, ptq_bits=[16], flops=False, timing_repeats=1))["ptq"][0]
+    assert abs(p16["psnr"] - row["psnr"]) < 1e-2
+
+
+def test_one_token_payload_is_quantized_over_the_evaluated_set(tmp_path):
+    # Functa's payload is one vector per tile: ptq_scope auto picks dataset scales, shared by every evaluated
+    # tile (5 tiles in batches of 2: the side bits are shared by 5, not 2) and an entropy coder fit on the set
+    ds = _data(tmp_path, n=4, size=48, T=16, split_by="none")
+    torch.manual_seed(0)
+    model = build("model", "functa", injected=TerrainTask(ds).model_inputs(), latent_dim=8, width=16,
+                  hidden_layers=1, omega_0=10.0, inner_steps=2, inner_lr_init=1.0)
+    tc = TerrainTestConfig(max_tiles=5, batch_size=2, ptq_bits=[4], flops=False, timing_repeats=1)
+    p4 = benchmark(model, ds, tc)["ptq"][0]
+    assert p4["scope"] == "dataset" and p4["bpp"] == pytest.approx((8 * 4 + 8 * 16 / 5) / 256)
+    assert p4["bpp_ent"] < p4["bpp"]
+    # per-tile scales on one token: every value is its own scale -> lossless at any width, 16 side bits per value
+    tc.ptq_scope = "tile"
+    t4 = benchmark(model, ds, tc)
+    assert t4["ptq"][0]["scope"] == "tile" and t4["ptq"][0]["bpp"] == pytest.approx((8 * 4 + 8 * 16) / 256)
+    assert abs(t4["ptq"][0]["psnr"] - t4["row"]["psnr"]) < 1e-2
 
 
 def test_terrain_task_rejects_other_data_and_bad_test_keys():

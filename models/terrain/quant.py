@@ -1,13 +1,20 @@
 """Post-training quantization of the payload (spec huvr 5) and, optionally, of the shared decoder weights.
 
 Payload tokens z (B, n, d): symmetric per-dimension min-max scales, per tile (``scope: tile``, the spec's
-reading: 512 side bits per tile = d scales x 16 bit) or over the whole evaluated set (``scope: dataset``):
+reading: 512 side bits per tile = d scales x 16 bit) or over the whole evaluated set (``scope: dataset``, the
+d scales stored once and their bits shared by the B tiles):
 scale_j = max|z_.j| / (2^(b-1) - 1), q = clip(round(z / scale_j), -(2^(b-1) - 1), 2^(b-1) - 1), z_hat = q scale_j.
 Scales are stored as float16, rounded up (so no value clips and |z - z_hat| <= scale_j / 2 exactly).
 
-Bits per pixel: uncompressed = (n d b + side bits) / pixels; entropy = (sum_j n H_j + side bits) / pixels with
-H_j the empirical entropy (bits) of dimension j's n symbols in the tile (the Shannon bound of independent
-per-dimension coders fit per tile).
+Per-tile scales only make sense for payloads of several tokens per tile (HUVR's 257, TransINR's). A payload of
+one token per tile (Functa's modulation vector) with per-tile per-dimension scales stores every value as its own
+scale (q = +-qmax, lossless, 16 side bits per value): use ``dataset`` scope there; :func:`default_scope` picks it.
+
+Bits per pixel: uncompressed = (n d b + side bits) / pixels; entropy = (code bits + side bits) / pixels, the
+Shannon bound of independent per-dimension coders: fit per tile (``tile``: sum_j n H_j with H_j the empirical
+entropy of dimension j's n symbols in the tile, :func:`entropy_bits`) or over the evaluated set (``dataset``:
+the tile's ideal code length -sum log2 p_j(q) under dimension j's symbol frequencies over all B tiles,
+:func:`entropy_bits_shared`). Code tables are not counted in either (a lower bound, as the spec's BPP_ent).
 """
 from __future__ import annotations
 
@@ -17,7 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["quantize_payload", "entropy_bits", "quantize_weights_", "SCALE_BITS", "SCOPES"]
+__all__ = ["quantize_payload", "entropy_bits", "entropy_bits_shared", "default_scope", "quantize_weights_",
+           "SCALE_BITS", "SCOPES"]
 
 SCALE_BITS = 16
 SCOPES = ("tile", "dataset")
@@ -31,16 +39,22 @@ def _fp16_up(s: Tensor) -> Tensor:
     return h.float()
 
 
-def quantize_payload(z: Tensor, bits: int, scope: str = "tile") -> Tuple[Tensor, Tensor, Tensor, int]:
+def default_scope(tokens_per_tile: int) -> str:
+    """``tile`` for payloads of several tokens per tile, ``dataset`` for one token per tile (see the module doc)."""
+    return "tile" if tokens_per_tile > 1 else "dataset"
+
+
+def quantize_payload(z: Tensor, bits: int, scope: str = "tile") -> Tuple[Tensor, Tensor, Tensor, float]:
     """Symmetric per-dimension quantization of payload tokens.
 
     Args:
         z: (B, n, d) payload.
         bits: bits per value, >= 2.
-        scope: ``tile`` (scales per tile and dimension) or ``dataset`` (one scale per dimension over the batch).
+        scope: ``tile`` (scales per tile and dimension) or ``dataset`` (one scale per dimension over the B tiles).
 
     Returns:
-        (z_hat (B, n, d) float32, integer symbols q (B, n, d), scales (B or 1, 1, d), side bits per tile).
+        (z_hat (B, n, d) float32, integer symbols q (B, n, d), scales (B or 1, 1, d), side bits per tile:
+        d x 16 for ``tile``, d x 16 / B for ``dataset``).
     """
     if isinstance(bits, bool) or not isinstance(bits, int) or bits < 2:
         raise ValueError(f"bits must be an integer >= 2, got {bits!r}")
@@ -54,8 +68,8 @@ def quantize_payload(z: Tensor, bits: int, scope: str = "tile") -> Tuple[Tensor,
     scale = _fp16_up(amax / qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     q = torch.clamp(torch.round(z / scale), -qmax, qmax)
-    side = z.shape[2] * SCALE_BITS if scope == "tile" else 0
-    return q * scale, q.to(torch.int64), scale, side
+    side = z.shape[2] * SCALE_BITS / (1 if scope == "tile" else z.shape[0])
+    return q * scale, q.to(torch.int64), scale, float(side)
 
 
 def entropy_bits(q: Tensor) -> Tensor:
@@ -75,6 +89,27 @@ def entropy_bits(q: Tensor) -> Tensor:
             _, counts = np.unique(qn[b, :, j], return_counts=True)
             p = counts / n
             out[b] += -n * float(np.sum(p * np.log2(p)))
+    return torch.from_numpy(out)
+
+
+def entropy_bits_shared(q: Tensor) -> Tensor:
+    """Per tile: ideal code length -sum_(i, j) log2 p_j(q_bij) under dimension j's symbol frequencies over all
+    B tiles (independent per-dimension coders fit on the evaluated set). Its mean over tiles is n sum_j H_j.
+
+    Args:
+        q: (B, n, d) integer symbols.
+
+    Returns:
+        (B,) float64 bits.
+    """
+    qn = q.detach().cpu().numpy()
+    B, n, d = qn.shape
+    out = np.zeros(B)
+    for j in range(d):
+        sym = qn[:, :, j]
+        vals, inv, counts = np.unique(sym, return_inverse=True, return_counts=True)
+        bits = -np.log2(counts / sym.size)
+        out += bits[inv.reshape(B, n)].sum(axis=1)
     return torch.from_numpy(out)
 
 
