@@ -438,8 +438,7 @@ def benchmark(model, dataset, tc: Optional[TerrainTestConfig] = None, split: str
                   for k, i in enumerate(idx)]
     ptq_rows = []
     if tc.ptq_bits:
-        from models.terrain.quant import (default_scope, entropy_bits, entropy_bits_shared, quantize_payload,
-                                          quantize_weights_)
+        from models.terrain.quant import default_scope, entropy_bits, quantize_payload, quantize_weights_
 
         qmodel = model
         if tc.quantize_decoder is not None:
@@ -451,7 +450,7 @@ def benchmark(model, dataset, tc: Optional[TerrainTestConfig] = None, split: str
         scope = default_scope(z_all.shape[1]) if tc.ptq_scope == "auto" else tc.ptq_scope
         for bits in tc.ptq_bits:
             zq, q, _, side = quantize_payload(z_all, bits, scope)
-            code = entropy_bits(q) if scope == "tile" else entropy_bits_shared(q)
+            code = entropy_bits(q, scope)
             per_q, _, _ = _run(qmodel, dataset, idx, tc, dev, payloads=zq)
             s = _summary(per_q)
             n_vals = model.payload_floats

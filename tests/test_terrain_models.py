@@ -8,8 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from models.terrain.huvr import HUVR, HUVRSiren
-from models.terrain.quant import (default_scope, entropy_bits, entropy_bits_shared, quantize_payload,
-                                  quantize_weights_)
+from models.terrain.quant import default_scope, entropy_bits, quantize_payload, quantize_weights_
 from util.registry import ConfigError, build
 
 TINY = dict(patch_size=4, latent_dim=6, enc_width=16, enc_depth=1, enc_heads=2, dec_width=16, dec_depth=1, dec_heads=2)
@@ -132,6 +131,8 @@ def test_entropy_bits_by_hand():
     q[0, :, 1] = torch.arange(8)  # 8 distinct symbols: 3 bits each
     q[1, :4, 2] = 1  # half and half: 1 bit each
     torch.testing.assert_close(entropy_bits(q), torch.tensor([24.0, 8.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="scope"):
+        entropy_bits(q, "batch")
 
 
 def test_shared_entropy_bits_by_hand():
@@ -139,10 +140,10 @@ def test_shared_entropy_bits_by_hand():
     q = torch.tensor([[[0, 5]], [[0, 5]], [[0, 5]], [[1, 5]]])
     import math
     want = torch.tensor([-math.log2(0.75)] * 3 + [2.0], dtype=torch.float64)
-    torch.testing.assert_close(entropy_bits_shared(q), want)
+    torch.testing.assert_close(entropy_bits(q, "dataset"), want)
     # the mean is n sum_j H_j of the pooled symbols
     H = -(0.75 * math.log2(0.75) + 0.25 * math.log2(0.25))
-    assert float(entropy_bits_shared(q).mean()) == pytest.approx(H)
+    assert float(entropy_bits(q, "dataset").mean()) == pytest.approx(H)
 
 
 def test_weight_quantization_per_row_bound():

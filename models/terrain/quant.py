@@ -12,9 +12,8 @@ scale (q = +-qmax, lossless, 16 side bits per value): use ``dataset`` scope ther
 
 Bits per pixel: uncompressed = (n d b + side bits) / pixels; entropy = (code bits + side bits) / pixels, the
 Shannon bound of independent per-dimension coders: fit per tile (``tile``: sum_j n H_j with H_j the empirical
-entropy of dimension j's n symbols in the tile, :func:`entropy_bits`) or over the evaluated set (``dataset``:
-the tile's ideal code length -sum log2 p_j(q) under dimension j's symbol frequencies over all B tiles,
-:func:`entropy_bits_shared`). Code tables are not counted in either (a lower bound, as the spec's BPP_ent).
+entropy of dimension j's n symbols in the tile) or over the evaluated set (``dataset``: the tile's ideal code
+length -sum log2 p_j(q) under dimension j's symbol frequencies over all B tiles); both :func:`entropy_bits`. Code tables are not counted in either (a lower bound, as the spec's BPP_ent).
 """
 from __future__ import annotations
 
@@ -24,8 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-__all__ = ["quantize_payload", "entropy_bits", "entropy_bits_shared", "default_scope", "quantize_weights_",
-           "SCALE_BITS", "SCOPES"]
+__all__ = ["quantize_payload", "entropy_bits", "default_scope", "quantize_weights_", "SCALE_BITS", "SCOPES"]
 
 SCALE_BITS = 16
 SCOPES = ("tile", "dataset")
@@ -72,45 +70,37 @@ def quantize_payload(z: Tensor, bits: int, scope: str = "tile") -> Tuple[Tensor,
     return q * scale, q.to(torch.int64), scale, float(side)
 
 
-def entropy_bits(q: Tensor) -> Tensor:
-    """Per tile: sum over dimensions j of n H_j (H_j the empirical entropy of the n symbols of dimension j).
-
-    Args:
-        q: (B, n, d) integer symbols.
-
-    Returns:
-        (B,) float64 bits.
-    """
-    qn = q.detach().cpu().numpy()
-    B, n, d = qn.shape
-    out = np.zeros(B)
-    for b in range(B):
-        for j in range(d):
-            _, counts = np.unique(qn[b, :, j], return_counts=True)
-            p = counts / n
-            out[b] += -n * float(np.sum(p * np.log2(p)))
-    return torch.from_numpy(out)
-
-
-def entropy_bits_shared(q: Tensor) -> Tensor:
-    """Per tile: ideal code length -sum_(i, j) log2 p_j(q_bij) under dimension j's symbol frequencies over all
-    B tiles (independent per-dimension coders fit on the evaluated set). Its mean over tiles is n sum_j H_j.
-
-    Args:
-        q: (B, n, d) integer symbols.
-
-    Returns:
-        (B,) float64 bits.
-    """
-    qn = q.detach().cpu().numpy()
+def _code_bits(qn: np.ndarray) -> np.ndarray:
+    """(B, n, d) symbols -> (B,) ideal code lengths under per-dimension frequencies counted over all B tiles."""
     B, n, d = qn.shape
     out = np.zeros(B)
     for j in range(d):
         sym = qn[:, :, j]
-        vals, inv, counts = np.unique(sym, return_inverse=True, return_counts=True)
-        bits = -np.log2(counts / sym.size)
-        out += bits[inv.reshape(B, n)].sum(axis=1)
-    return torch.from_numpy(out)
+        _, inv, counts = np.unique(sym, return_inverse=True, return_counts=True)
+        out += (-np.log2(counts / sym.size))[inv.reshape(B, n)].sum(axis=1)
+    return out
+
+
+def entropy_bits(q: Tensor, scope: str = "tile") -> Tensor:
+    """Per tile: the ideal code length of its symbols under independent per-dimension coders.
+
+    ``tile``: coders fit per tile, sum_j n H_j (H_j the empirical entropy of the tile's n symbols of dimension
+    j); ``dataset``: coders fit on all B tiles, -sum_(i, j) log2 p_j(q_bij) (its mean over tiles is n sum_j H_j
+    of the pooled symbols).
+
+    Args:
+        q: (B, n, d) integer symbols.
+        scope: ``tile`` or ``dataset``.
+
+    Returns:
+        (B,) float64 bits.
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    qn = q.detach().cpu().numpy()
+    if scope == "dataset":
+        return torch.from_numpy(_code_bits(qn))
+    return torch.from_numpy(np.concatenate([_code_bits(qn[b:b + 1]) for b in range(qn.shape[0])]))
 
 
 @torch.no_grad()
