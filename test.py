@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Evaluate a trained run (spec 5): ``python test.py --run runs/NAME`` or ``--config FILE --config_id N``.
+"""Evaluate trained runs (spec 5): ``python test.py --run runs/NAME [runs/OTHER ...]`` or ``--config FILE --config_id N``.
+
+``--test KEY=VALUE`` changes a key of the run's ``test`` section for this evaluation (repeatable; value parsed
+as YAML), e.g. ``--test data_path=mpl:jacksboro_fault_dem`` for a terrain run. Several runs of one task print
+one table; each writes into its own ``<run>/<--out_name>``.
 
 The run's task (config section ``task``, default ``ensemble``) does the evaluation; for the ensemble task:
 it bakes the model (timed), reconstructs every test and train member at full resolution in chunks, scores the
@@ -21,14 +25,17 @@ from util.runs import run_dir_of
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", help="run directory written by train.py")
+    src.add_argument("--run", nargs="+", help="run directories written by train.py (several: one table)")
     src.add_argument("--config", help="config file; the run directory is derived from it as in train.py")
     p.add_argument("--config_id", "--config-id", type=int, default=0)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="with --config: the same overrides given to train.py (they can change the run name)")
     p.add_argument("--checkpoint", help="weights to evaluate: a checkpoint folder or a .pt file "
                                         "(default: the final model.pt, else the latest checkpoint)")
-    p.add_argument("--out_dir", help="output folder (default: <run>/eval)")
+    p.add_argument("--test", dest="test_overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a key of the run's test section for this evaluation (YAML value; repeatable)")
+    p.add_argument("--out_dir", help="output folder (default: <run>/eval; one run only)")
+    p.add_argument("--out_name", default="eval", help="output folder inside each run (default: eval)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
     p.add_argument("--chunk_size", type=int, help="points per forward call (overrides test.chunk_size)")
     p.add_argument("--splits", nargs="+", choices=["test", "train"], help="members to reconstruct")
@@ -48,18 +55,49 @@ def main(argv=None):
     from util.runs import load_experiment, task_type_of
 
     try:
-        run = args.run or run_dir_of(load_config(args.config, args.config_id, args.overrides))
-        task_cls = get("task", task_type_of(load_experiment(run)))
-        ov = {k: v for k, v in dict(chunk_size=args.chunk_size, splits=args.splits, resolutions=args.resolutions,
-                                    dump_members=args.dump_members).items() if v is not None}
+        runs = args.run or [run_dir_of(load_config(args.config, args.config_id, args.overrides))]
+        if len(runs) > 1 and (args.out_dir or args.checkpoint):
+            raise ConfigError("--out_dir and --checkpoint name one run's files; with several runs use --out_name")
+        types = {r: task_type_of(load_experiment(r)) for r in runs}
+        if len(set(types.values())) > 1:
+            raise ConfigError("the runs belong to different tasks (" + ", ".join(f"{r}: {t}" for r, t in
+                                                                                  types.items()) + "); "
+                              "evaluate them separately")
+        task_cls = get("task", types[runs[0]])
+        ov = test_overrides(args.test_overrides)
+        ov.update({k: v for k, v in dict(chunk_size=args.chunk_size, splits=args.splits, resolutions=args.resolutions,
+                                         dump_members=args.dump_members).items() if v is not None})
         if args.no_reference:
             ov["reference"] = False
-        rows = task_cls.evaluate(run, out_dir=args.out_dir, checkpoint=args.checkpoint, overrides=ov,
-                                 overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
+        rows, outs = [], []
+        for run in runs:
+            outs.append(args.out_dir or os.path.join(run, args.out_name))
+            rows += task_cls.evaluate(run, out_dir=outs[-1], checkpoint=args.checkpoint, overrides=ov,
+                                      overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:  # ValueError: DataError and kin
         sys.exit(f"error: {e}")
     print(task_cls.format_table(rows))
-    print(f"results written to {os.path.abspath(args.out_dir or os.path.join(run, 'eval'))}")
+    for out in outs:
+        print(f"results written to {os.path.abspath(out)}")
+
+
+def test_overrides(items):
+    """``KEY=VALUE`` strings (``test.`` prefix optional) -> {key: YAML-parsed value}; ConfigError if malformed."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, eq, val = item.partition("=")
+        key = key.strip()
+        key = key[len("test."):] if key.startswith("test.") else key
+        if not eq or not key or "." in key:
+            raise ConfigError(f"--test {item!r}: expected KEY=VALUE with a key of the test section (e.g. "
+                              f"--test max_tiles=32)")
+        try:
+            out[key] = yaml.safe_load(val)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--test {item!r}: the value is not valid YAML ({e})") from None
+    return out
 
 
 if __name__ == "__main__":

@@ -31,14 +31,14 @@ import csv
 import logging
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
 from tasks.base import Task
-from util.config import _check_dataclass_fields
+from util.config import _check_dataclass_fields, merge_test_config
 from util.registry import ConfigError, register
 
 log = logging.getLogger("test")
@@ -123,15 +123,6 @@ class ImageTestConfig:
             raise ConfigError(f"test.error_colormap must be one of {', '.join(COLORMAPS)}, "
                               f"got {self.error_colormap!r}")
 
-
-def _test_config(section: Dict[str, Any], overrides: Optional[Dict[str, Any]]) -> ImageTestConfig:
-    merged = {**(section or {}), **(overrides or {})}
-    known = {f.name for f in fields(ImageTestConfig)}
-    unknown = sorted(k for k in merged if k not in known)
-    if unknown:
-        raise ConfigError(f"unknown key 'test.{unknown[0]}' for task type 'image'; accepted keys: "
-                          f"{', '.join(sorted(known))}")
-    return ImageTestConfig(**merged)
 
 
 def image_channels_from_header(path: str) -> Optional[int]:
@@ -320,7 +311,7 @@ class ImageTask(Task):
         from util.runs import build_dataset, load_trained_model
 
         model, exp, _meta = load_trained_model(run_dir, checkpoint)
-        tc = _test_config(exp.get("test", {}), overrides)
+        tc = merge_test_config(ImageTestConfig, exp.get("test"), overrides, "image")
         out_dir = out_dir or os.path.join(run_dir, "eval")
         targets = [os.path.join(out_dir, "metrics.csv")]
         if tc.save_png:

@@ -455,20 +455,12 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
     Returns:
         rows: one for the INR (method "moe_inr") and one per matched baseline compressor.
     """
-    from dataclasses import fields
-
     from tasks.moe import MoETestConfig
+    from util.config import merge_test_config
     from util.runs import build_dataset
 
     model, exp = _load_run(run_dir, checkpoint, device)
-    test_keys = dict(exp.get("test") or {})
-    known = {f.name for f in fields(MoETestConfig)}
-    for key, val in (overrides or {}).items():
-        if key in known:
-            test_keys[key] = val
-        else:
-            log.warning("test.%s does not apply to task moe_inr (ignored)", key)
-    tc = MoETestConfig(**test_keys)
+    tc = merge_test_config(MoETestConfig, exp.get("test"), overrides, "moe_inr")
     out_dir = out_dir or os.path.join(run_dir, "eval")
     if os.path.isfile(os.path.join(out_dir, "metrics.json")) and not overwrite:
         raise FileExistsError(f"{out_dir} already holds metrics.json; pass overwrite to replace it")

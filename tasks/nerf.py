@@ -34,7 +34,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -323,13 +323,9 @@ class NeRFTask(Task):
         from util.runs import build_dataset, build_task, checkpoint_dirs, load_trained_model
 
         model, exp, _meta = load_trained_model(run_dir, checkpoint)
-        merged = {**(exp.get("test") or {}), **(overrides or {})}
-        known = {f.name for f in fields(NeRFTestConfig)}
-        unknown = sorted(k for k in merged if k not in known)
-        if unknown:
-            raise ConfigError(f"unknown key 'test.{unknown[0]}' for task type 'nerf'; accepted keys: "
-                              f"{', '.join(sorted(known))}")
-        tc = NeRFTestConfig(**merged)
+        from util.config import merge_test_config
+
+        tc = merge_test_config(NeRFTestConfig, exp.get("test"), overrides, "nerf")
         out_dir = out_dir or os.path.join(run_dir, "eval")
         metrics = os.path.join(out_dir, "metrics.csv")
         if os.path.exists(metrics) and not overwrite:

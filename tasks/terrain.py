@@ -33,30 +33,22 @@ fake-quantizes the shared decoder's weight matrices per output row.
 Files written to ``<run_dir>/eval`` (or ``out_dir``): ``metrics.csv`` (the fp32 row), ``ptq.csv``, ``tiles.csv``
 (per-tile PSNR / RMSE_z / gradient RMSE, for terrain-regime bins).
 
-    python -m tasks.terrain RUN_DIR [RUN_DIR ...]     # evaluate several runs and print one table
+    python test.py --run RUN_DIR [RUN_DIR ...] [--test KEY=VALUE ...]   # several runs: one table
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-if __name__ == "__main__":  # python -m tasks.terrain: run the package module's main so the task registers once
-    import sys
-
-    from tasks.terrain import main as _package_main
-
-    sys.exit(_package_main())
 
 from tasks.base import StepOutput, Task
 from util.registry import ConfigError, register
@@ -167,7 +159,9 @@ class TerrainTask(Task):
         from util.runs import build_dataset, load_trained_model
 
         model, exp, _ = load_trained_model(run_dir, checkpoint=checkpoint)
-        tc = TerrainTestConfig(**{**(exp.get("test") or {}), **(overrides or {})})
+        from util.config import merge_test_config
+
+        tc = merge_test_config(TerrainTestConfig, exp.get("test"), overrides, "terrain")
         out_dir = out_dir or os.path.join(run_dir, "eval")
         targets = [os.path.join(out_dir, n) for n in ("metrics.csv", "ptq.csv", "tiles.csv")]
         if not overwrite and any(os.path.exists(t) for t in targets):
@@ -193,7 +187,10 @@ class TerrainTask(Task):
 
     @staticmethod
     def format_table(rows: List[Dict[str, Any]]) -> str:
-        return format_rows(rows)
+        """The fp32 rows (one per run), then the quantization rows."""
+        fp = [r for r in rows if "floats" in r]
+        q = [r for r in rows if "floats" not in r]
+        return format_rows(fp) + ("\n\npost-training quantization of the payload:\n" + format_rows(q) if q else "")
 
 
 def _write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
@@ -478,29 +475,3 @@ def format_rows(rows: List[Dict[str, Any]]) -> str:
                                       for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
-
-
-def main(argv: Optional[List[str]] = None) -> None:
-    p = argparse.ArgumentParser(description="Evaluate terrain runs on their tiles and print one table")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="test-section override")
-    p.add_argument("--out_dir_name", default="eval", help="result folder inside each run")
-    p.add_argument("--overwrite", action="store_true")
-    a = p.parse_args(argv)
-    import yaml
-
-    ov = {}
-    for s in a.set:
-        k, _, v = s.partition("=")
-        ov[k.replace("test.", "")] = yaml.safe_load(v)
-    rows = []
-    for r in a.runs:
-        rows += TerrainTask.evaluate(r, out_dir=os.path.join(r, a.out_dir_name), overrides=ov, overwrite=a.overwrite)
-    fp = [r for r in rows if "floats" in r]
-    print(format_rows(fp))
-    print()
-    print(format_rows([r for r in rows if "floats" not in r]))
-
-
-if __name__ == "__main__":
-    main()

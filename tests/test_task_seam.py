@@ -245,3 +245,18 @@ def test_empty_list_allowed_only_where_empty_means_something(tmp_path):
     assert check_value([], "List[int]", "test.ptq_bits") == []
     with pytest.raises(ConfigError, match="must not be an empty list"):
         check_value([], "List[int]", "model.spatial_resolutions")
+
+
+def test_every_task_refuses_unknown_test_overrides():
+    # test.py --test KEY=VALUE reaches each task as overrides; a misspelt key must be named, never ignored
+    import tasks  # noqa: F401  (registers every task)
+    from util.config import merge_test_config
+    from util.registry import get, names
+
+    for name in names("task"):
+        cls = get("task", name).test_config
+        with pytest.raises(ConfigError, match=f"test.bogus_key' for task type '{name}'"):
+            merge_test_config(cls, {}, {"bogus_key": 1}, name)
+        field = dataclasses.fields(cls)[0]
+        ok = merge_test_config(cls, {}, {field.name: getattr(cls(), field.name)}, name)
+        assert isinstance(ok, cls)

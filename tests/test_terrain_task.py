@@ -161,12 +161,22 @@ def test_train_and_test_end_to_end(tmp_path, monkeypatch):
         rows = list(csv.DictReader(f))
     assert rows[0]["model"] == "HUVR" and int(rows[0]["tiles"]) == 4 and float(rows[0]["psnr"]) > 0
     assert (run / "eval" / "ptq.csv").is_file()
-    # the documented command line for several runs: run as __main__, the task must register once
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    res = subprocess.run([sys.executable, "-m", "tasks.terrain", str(run), "--out_dir_name", "eval_cli"], cwd=root,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert (run / "eval_cli" / "metrics.csv").is_file() and "tiny_huvr" in res.stdout
+    # several runs in one table, test-section overrides from the command line (out of domain: another source)
+    cfg_b = [{**cfg[0], "name": "tiny_huvr_b", "train": {**cfg[0]["train"], "max_steps": 3}}]
+    (tmp_path / "cfg_b.yaml").write_text(yaml.safe_dump(cfg_b))
+    train_main(["--config", str(tmp_path / "cfg_b.yaml"), "--no_progress"])
+    run_b = tmp_path / "runs" / "tiny_huvr_b"
+    (tmp_path / "ood").mkdir()
+    np.save(tmp_path / "ood" / "x.npy", np.linspace(0, 50, 48 * 48, dtype=np.float32).reshape(48, 48))
+    test_main(["--run", str(run), str(run_b), "--test", f"data_path={tmp_path / 'ood'}", "--test", "ptq_bits=[6, 4]",
+               "--test", "test.max_tiles=2", "--out_name", "eval_ood", "--no_progress"])
+    for r in (run, run_b):
+        with open(r / "eval_ood" / "metrics.csv") as f:
+            row = next(csv.DictReader(f))
+        assert int(row["tiles"]) == 2 and row["data"] == str(tmp_path / "ood")
+        with open(r / "eval_ood" / "ptq.csv") as f:
+            assert [int(q["bits"]) for q in csv.DictReader(f)] == [6, 4]
+    for bad, msg in ((["--test", "model.width=3"], "key of the test section"), (["--test", "max_tiles"], "KEY=VALUE"),
+                     (["--test", "no_such_key=1"], "no_such_key"), (["--out_dir", str(tmp_path / "x")], "--out_name")):
+        with pytest.raises(SystemExit, match=msg):
+            test_main(["--run", str(run), str(run_b), *bad, "--overwrite", "--no_progress"])

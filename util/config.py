@@ -416,6 +416,18 @@ def _check_dataclass_fields(obj, section: str) -> None:
         setattr(obj, f.name, check_value(value, hints[f.name], f"{section}.{f.name}", default))
 
 
+def merge_test_config(cls, section: Optional[Dict[str, Any]], overrides: Optional[Dict[str, Any]], task: str):
+    """A task's test-config dataclass from the run's ``test`` section updated with ``overrides`` (test.py --test
+    and flags); an unknown key is a ConfigError naming it, the task and the accepted keys."""
+    merged = {**(section or {}), **(overrides or {})}
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(k for k in merged if k not in known)
+    if unknown:
+        raise ConfigError(f"unknown key 'test.{unknown[0]}' for task type '{task}'; accepted keys: "
+                          f"{', '.join(sorted(known))}")
+    return cls(**merged)
+
+
 @dataclass
 class TrainConfig:
     """Keys of the ``train`` section.

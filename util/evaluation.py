@@ -48,7 +48,7 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from util.config import TestConfig
+from util.config import TestConfig, merge_test_config
 from util.metrics import count_wins, dataset_metrics, is_constant, member_metrics
 from util.reference import IDWPredictor, MeanFieldPredictor, NearestMemberPredictor
 from util.runs import build_dataset, latest_checkpoint, load_trained_model, read_json
@@ -426,7 +426,7 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
     # the path really loaded when load_trained_model records it (its default rule may skip a damaged file)
     weights = scored_weights(run_dir, model.weights_path or checkpoint)
     _warn_if_not_final(run_dir, weights)
-    tc = TestConfig(**{**exp.get("test", {}), **(overrides or {})})
+    tc = merge_test_config(TestConfig, exp.get("test"), overrides, "ensemble")
     out_dir = out_dir or os.path.join(run_dir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     targets = [os.path.join(out_dir, n) for n in ("metrics.csv", "members.csv")]
