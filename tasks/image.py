@@ -27,7 +27,6 @@ util/evaluation.py: which weights were scored).
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -39,6 +38,7 @@ import torch
 
 from tasks.base import Task
 from util.config import _check_dataclass_fields, merge_test_config
+from util.tables import fmt_cell, text_table, write_csv
 from util.registry import ConfigError, register
 
 log = logging.getLogger("test")
@@ -216,49 +216,26 @@ def evaluate_model(model, dataset, test_config: Optional[ImageTestConfig] = None
                          points_per_s=r["points_per_s"], chunk_size=chunk, params=params,
                          pred_png=r["pred_png"], error_png=r["error_png"]))
         info("%s: PSNR %.3f dB, SSIM %s, inference %.3f s (bake %.3f s)", res, r["psnr"],
-                 _fmt(r["ssim"] if tc.ssim_protocol != "raster" else r["ssim_raster"]), r["infer_s"], r["bake_s"])
+                 fmt_cell(r["ssim"] if tc.ssim_protocol != "raster" else r["ssim_raster"]), r["infer_s"], r["bake_s"])
     return rows
 
 
 def write_metrics(path: str, rows: List[Dict[str, Any]]) -> None:
     """metrics.csv of an image run (:data:`IMAGE_FIELDS`; floats with 6 significant digits, empty for None/NaN),
     written atomically."""
-    tmp = path + ".tmp"
-
-    def cell(v):
-        if v is None or (isinstance(v, float) and math.isnan(v)):
-            return ""
-        return f"{v:.6g}" if isinstance(v, float) else v
-
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=IMAGE_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: cell(v) for k, v in r.items()})
-    os.replace(tmp, path)
-
-
-def _fmt(v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
-    return str(v)
+    write_csv(path, rows, IMAGE_FIELDS, nan_cell="")
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
     """Plain-text table of image evaluation rows (one per resolution); a last line names the weights scored."""
     cols = ["resolution", "height", "width", "psnr", "ssim", "ssim_raster", "lpips", "psnr_chunked", "bake_s",
             "infer_s", "params"]
-    table = [cols] + [[_fmt(r.get(c)) for c in cols] for r in rows]
-    widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
-    lines = ["  ".join(s.ljust(w) for s, w in zip(t, widths)).rstrip() for t in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
+    table = text_table([cols] + [[fmt_cell(r.get(c)) for c in cols] for r in rows], rule=True)
     if rows and "weights" in rows[0]:
         from util.evaluation import weights_line
 
-        lines.append(weights_line(rows[0]))
-    return "\n".join(lines)
+        table += "\n" + weights_line(rows[0])
+    return table
 
 
 @register("task", "image")

@@ -38,7 +38,6 @@ A missing package raises an ImportError naming it.
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import logging
@@ -54,6 +53,7 @@ import torch
 from datasets.timevolume import time_coords
 from util.metrics import psnr as _psnr
 from util.metrics import ssim as _ssim
+from util.tables import text_table, write_csv
 
 __all__ = ["save_fp16", "load_fp16", "compression_ratios", "decompress_step", "psnr_steps", "slice_ssim",
            "isosurface", "chamfer_distance", "pearson", "PearsonSums", "jaccard_tolerance", "SZ3Compressor", "ZFPCompressor",
@@ -541,10 +541,7 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(rows, f, indent=1)
     keys = sorted({k for r in per_step for k in r}, key=lambda k: (k != "t", k))
-    with open(os.path.join(out_dir, "per_step.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(per_step)
+    write_csv(os.path.join(out_dir, "per_step.csv"), per_step, keys)
     return rows
 
 
@@ -561,11 +558,8 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
             return f"{v:.4g}"
         return str(v)
 
-    table = [cols] + [[fmt(r.get(c)) for c in cols] for r in rows]
-    width = [max(len(line[i]) for line in table) for i in range(len(cols))]
     buf = io.StringIO()
-    for line in table:
-        buf.write("  ".join(s.rjust(w) for s, w in zip(line, width)) + "\n")
+    buf.write(text_table([cols] + [[fmt(r.get(c)) for c in cols] for r in rows], align="right") + "\n")
     for r in rows:
         if "error" in r:
             buf.write(f"{r['method']}: {r['error']}\n")

@@ -28,7 +28,6 @@ gets a grid rebuilt from the trained density (all cells, ``rebuild_updates`` war
 """
 from __future__ import annotations
 
-import csv
 import glob
 import logging
 import math
@@ -45,6 +44,7 @@ from rendering.occupancy import OccupancyGrid
 from rendering.renderer import BACKENDS, render_rays
 from tasks.base import StepOutput, Task
 from util.config import _check_dataclass_fields
+from util.tables import text_table, write_csv
 from util.registry import ConfigError, register
 
 log = logging.getLogger("test")
@@ -354,20 +354,12 @@ class NeRFTask(Task):
         rows = task.evaluate_model(model, tc, out_dir, device_t, progress)
         for r in rows:
             r.update(weights)
-        tmp = metrics + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=NERF_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            for r in rows:
-                w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-        os.replace(tmp, metrics)
+        write_csv(metrics, rows, NERF_FIELDS)
         return rows
 
     @staticmethod
     def format_table(rows: List[Dict[str, Any]]) -> str:
         mean = [r for r in rows if r.get("view") == "mean"]
         cols = ["view", "psnr", "ssim", "render_s", "n_samples", "bake_s", "params"]
-        table = [cols] + [[(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in cols]
-                          for r in mean]
-        widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
-        return "\n".join("  ".join(s.ljust(w) for s, w in zip(t, widths)).rstrip() for t in table)
+        return text_table([cols] + [[(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")))
+                                     for c in cols] for r in mean])

@@ -38,7 +38,6 @@ Files written to ``<run_dir>/eval`` (or ``out_dir``): ``metrics.csv`` (the fp32 
 from __future__ import annotations
 
 import copy
-import csv
 import math
 import os
 import time
@@ -51,6 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tasks.base import StepOutput, Task
+from util.tables import text_table, write_csv
 from util.registry import ConfigError, register
 
 __all__ = ["TerrainTask", "TerrainTestConfig", "benchmark", "tile_metrics", "seam_masks", "count_flops_terrain",
@@ -180,9 +180,9 @@ class TerrainTask(Task):
         res = benchmark(model.to(dev), dataset, tc, split=split, device=dev, name=name)
         res["row"]["data"] = label
         os.makedirs(out_dir, exist_ok=True)
-        _write_csv(targets[0], [res["row"]])
-        _write_csv(targets[1], res["ptq"])
-        _write_csv(targets[2], res["tiles"])
+        write_csv(targets[0], [res["row"]])
+        write_csv(targets[1], res["ptq"])
+        write_csv(targets[2], res["tiles"])
         return [res["row"]] + res["ptq"]
 
     @staticmethod
@@ -191,16 +191,6 @@ class TerrainTask(Task):
         fp = [r for r in rows if "floats" in r]
         q = [r for r in rows if "floats" not in r]
         return format_rows(fp) + ("\n\npost-training quantization of the payload:\n" + format_rows(q) if q else "")
-
-
-def _write_csv(path: str, rows: List[Dict[str, Any]]) -> None:
-    keys: List[str] = []
-    for r in rows:
-        keys += [k for k in r if k not in keys]
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -473,5 +463,4 @@ def format_rows(rows: List[Dict[str, Any]]) -> str:
     cols = [(k, f) for k, f in _COLS if any(k in r for r in rows)]
     cells = [[k for k, _ in cols]] + [[f.format(r[k]) if r.get(k) is not None else "-" for k, f in cols]
                                       for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(cols))]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells)
+    return text_table(cells, align="right")

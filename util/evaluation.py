@@ -38,7 +38,6 @@ units (normalization undone).
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import os
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 
 from util.config import TestConfig, merge_test_config
+from util.tables import fmt_cell, text_table, write_csv
 from util.metrics import count_wins, dataset_metrics, is_constant, member_metrics
 from util.reference import IDWPredictor, MeanFieldPredictor, NearestMemberPredictor
 from util.runs import build_dataset, latest_checkpoint, load_trained_model, read_json
@@ -119,16 +119,6 @@ def _summary(sc: _Scorer, bake_s: float, n_points: int) -> Dict[str, Any]:
     return out
 
 
-def _write_csv(path: str, fields: List[str], rows: List[Dict[str, Any]]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(tmp, path)
-
-
 def wins_key(predictor: str) -> Optional[str]:
     """Short name of a reference predictor in the wins columns: mean_field -> mean, nearest_member -> nearest,
     idw_k8_p2 -> idw; None for anything else."""
@@ -163,22 +153,13 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     weights scored."""
     cols = ["predictor", "split", "resolution", "members", "rel_l2", "psnr_dataset", "psnr_member_mean", "ssim",
             "md"] + [f"wins_vs_{k}" for k in WINS_REFERENCES] + ["bake_s", "infer_s"]
+
     def fmt(r, c):
         if c.startswith("wins_vs_"):
             return _fmt_wins(r, c)
-        v = r.get(c, "")
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return "-" if math.isnan(v) else (f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}")
-        return str(v)
-    table = [cols] + [[fmt(r, c) for c in cols] for r in rows]
-    widths = [max(len(t[i]) for t in table) for i in range(len(cols))]
-    lines = ["  ".join(s.ljust(w) for s, w in zip(t, widths)).rstrip() for t in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    if rows and "weights" in rows[0]:
-        lines.append(weights_line(rows[0]))
-    return "\n".join(lines)
+        return "" if r.get(c) is None else fmt_cell(r[c])
+    table = text_table([cols] + [[fmt(r, c) for c in cols] for r in rows], rule=True)
+    return table + ("\n" + weights_line(rows[0]) if rows and "weights" in rows[0] else "")
 
 
 def scored_weights(run_dir: str, checkpoint: Optional[str] = None) -> Dict[str, Any]:
@@ -501,8 +482,8 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
         r.update(weights)
     for sc in scorers:
         member_rows += sc.rows
-    _write_csv(targets[0], DATASET_FIELDS, results)
-    _write_csv(targets[1], MEMBER_FIELDS, member_rows)
+    write_csv(targets[0], results, DATASET_FIELDS)
+    write_csv(targets[1], member_rows, MEMBER_FIELDS)
     for p in _write_scatters(out_dir, scorers):
         log.info("PSNR scatter: %s", p)
     if n_pred and constant_members == n_pred:
