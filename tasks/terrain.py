@@ -176,7 +176,7 @@ class TerrainTask(Task):
             dataset = build_dataset(exp)
             split, label = tc.split, f"{exp['dataset'].get('path', '')}:{tc.split}"
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        name = exp.get("name") or os.path.basename(os.path.normpath(run_dir))
+        name = os.path.basename(os.path.normpath(run_dir))  # the run directory: unique even with train.run_name
         res = benchmark(model.to(dev), dataset, tc, split=split, device=dev, name=name)
         res["row"]["data"] = label
         os.makedirs(out_dir, exist_ok=True)

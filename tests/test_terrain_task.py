@@ -173,7 +173,7 @@ def test_train_and_test_end_to_end(tmp_path, monkeypatch):
     for r in (run, run_b):
         with open(r / "eval_ood" / "metrics.csv") as f:
             row = next(csv.DictReader(f))
-        assert int(row["tiles"]) == 2 and row["data"] == str(tmp_path / "ood")
+        assert int(row["tiles"]) == 2 and row["data"] == str(tmp_path / "ood") and row["method"] == r.name
         with open(r / "eval_ood" / "ptq.csv") as f:
             assert [int(q["bits"]) for q in csv.DictReader(f)] == [6, 4]
     for bad, msg in ((["--test", "model.width=3"], "key of the test section"), (["--test", "max_tiles"], "KEY=VALUE"),
