@@ -30,8 +30,9 @@ and decoded; rows give bits, scope, BPP uncompressed and entropy-coded, PSNR, RM
 whether the row dominates the fp32 payload in rate-distortion. ``test.quantize_decoder`` (bits) also
 fake-quantizes the shared decoder's weight matrices per output row.
 
-Files written to ``<run_dir>/eval`` (or ``out_dir``): ``metrics.csv`` (the fp32 row), ``ptq.csv``, ``tiles.csv``
-(per-tile PSNR / RMSE_z / gradient RMSE, for terrain-regime bins).
+Files written to ``<run_dir>/eval`` (or ``out_dir``): ``metrics.csv`` (the fp32 row, with the data evaluated and
+its pixel size), ``ptq.csv``, ``tiles.csv`` (per-tile PSNR / RMSE_z / gradient RMSE, for terrain-regime bins) and
+``tiles.png`` (``test.figure_tiles`` tiles: truth, reconstruction, error and both slope-angle maps).
 
     python test.py --run RUN_DIR [RUN_DIR ...] [--test KEY=VALUE ...]   # several runs: one table
 """
@@ -79,6 +80,8 @@ class TerrainTestConfig:
         quantize_decoder: bits of the shared decoder's weights in the PTQ rows (null: kept in fp32).
         timing_repeats: timed passes (after one warm-up pass) of encode and decode; the median is reported.
         flops: count FLOPs with fvcore.
+        figure_tiles: tiles drawn in ``tiles.png`` (evenly spaced over the evaluated ones; 0: no figure): heights
+            of the truth and the reconstruction, the error, and both slope-angle maps.
     """
 
     split: str = "test"
@@ -92,6 +95,7 @@ class TerrainTestConfig:
     quantize_decoder: Optional[int] = None
     timing_repeats: int = 3
     flops: bool = True
+    figure_tiles: int = 4
 
     def __post_init__(self):
         from util.config import _check_dataclass_fields
@@ -102,7 +106,7 @@ class TerrainTestConfig:
                                   ("ptq_scope", self.ptq_scope, ("auto", "tile", "dataset"))):
             if val not in allowed:
                 raise ConfigError(f"test.{key} must be one of {', '.join(allowed)}; got {val!r}")
-        for key, lo in (("batch_size", 1), ("seam_width", 1), ("timing_repeats", 1)):
+        for key, lo in (("batch_size", 1), ("seam_width", 1), ("timing_repeats", 1), ("figure_tiles", 0)):
             if getattr(self, key) < lo:
                 raise ConfigError(f"test.{key} must be >= {lo}, got {getattr(self, key)}")
         if self.max_tiles is not None and self.max_tiles < 1:
@@ -163,11 +167,13 @@ class TerrainTask(Task):
 
         tc = merge_test_config(TerrainTestConfig, exp.get("test"), overrides, "terrain")
         out_dir = out_dir or os.path.join(run_dir, "eval")
-        targets = [os.path.join(out_dir, n) for n in ("metrics.csv", "ptq.csv", "tiles.csv")]
+        targets = [os.path.join(out_dir, n) for n in ("metrics.csv", "ptq.csv", "tiles.csv", "tiles.png")]
         if not overwrite and any(os.path.exists(t) for t in targets):
             raise FileExistsError(f"results already in '{out_dir}'; pass --overwrite or --out_dir")
         if tc.data_path is not None:
-            ds_cfg = {k: v for k, v in exp["dataset"].items() if k not in ("type", "path", "split_by")}
+            # the other source's own pixel size and nodata value, not the training data's
+            ds_cfg = {k: v for k, v in exp["dataset"].items()
+                      if k not in ("type", "path", "split_by", "gsd", "nodata")}
             from datasets.terrain import TerrainDataset
 
             dataset = TerrainDataset(path=tc.data_path, split_by="none", **ds_cfg)
@@ -179,10 +185,17 @@ class TerrainTask(Task):
         name = os.path.basename(os.path.normpath(run_dir))  # the run directory: unique even with train.run_name
         res = benchmark(model.to(dev), dataset, tc, split=split, device=dev, name=name)
         res["row"]["data"] = label
+        sizes = np.unique(dataset.pixel_m[dataset.region_of_tile[[r["index"] for r in res["tiles"]]]], axis=0)
+        res["row"]["pixel_m"] = "; ".join(f"{a:.4g} x {b:.4g}" for a, b in sizes)  # rows x columns, metres
         os.makedirs(out_dir, exist_ok=True)
         write_csv(targets[0], [res["row"]])
         write_csv(targets[1], res["ptq"])
         write_csv(targets[2], res["tiles"])
+        if tc.figure_tiles:
+            rows = res["tiles"]
+            pick = np.linspace(0, len(rows) - 1, min(tc.figure_tiles, len(rows))).round().astype(np.int64)
+            write_tile_figure(targets[3], model, dataset, np.array([rows[k]["index"] for k in pick]), dev,
+                              f"{name} on {label}")
         return [res["row"]] + res["ptq"]
 
     @staticmethod
@@ -280,6 +293,49 @@ def tile_metrics(pred_n: Tensor, gt: Dict[str, Tensor], gsd, patch: Optional[int
         out["seam_step_se"] = st[:, cr].mean(dim=1)
         out["step_se"] = st[:, ~cr].mean(dim=1)
     return out
+
+
+@torch.no_grad()
+def write_tile_figure(path: str, model, dataset, idx: np.ndarray, dev, title: str = "") -> None:
+    """PNG of tiles ``idx``: truth and reconstruction heights (m, one colour range per tile), absolute error (m),
+    and the slope angle (degrees) of both, with each tile's pixel size."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from datasets.terrain import slope_degrees
+
+    gt = dataset.tiles(idx)
+    pred_n = model.decode(model.encode(gt["tile"].to(dev)))[:, 0].double().cpu()
+    sd, mu = gt["sigma"][:, None, None], gt["mu"][:, None, None]
+    truth, pred = gt["metres"].numpy(), (pred_n * sd + mu).numpy()
+    cols = ("truth (m)", "reconstruction (m)", "|error| (m)", "slope, truth (deg)", "slope, reconstruction (deg)")
+    fig = Figure(figsize=(3.0 * len(cols), 2.7 * len(idx) + 0.5))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(idx), len(cols), squeeze=False)
+    for r, i in enumerate(idx):
+        px = gt["pixel_m"][r].tolist()
+        s_t, s_p = slope_degrees(truth[r], px), slope_degrees(pred[r], px)
+        lo, hi = float(truth[r].min()), float(truth[r].max())
+        smax = float(max(s_t.max(), s_p.max()))
+        psnr = float(_psnr(torch.tensor(((pred_n[r] - gt["tile"][r, 0].double()) ** 2).mean().item()),
+                           torch.tensor(float(gt["tile"][r].max() - gt["tile"][r].min()))))
+        panels = ((truth[r], "terrain", lo, hi), (pred[r], "terrain", lo, hi),
+                  (np.abs(pred[r] - truth[r]), "magma", 0.0, None), (s_t, "viridis", 0.0, smax),
+                  (s_p, "viridis", 0.0, smax))
+        for c, (img, cmap, vmin, vmax) in enumerate(panels):
+            ax = axes[r, c]
+            im = ax.imshow(img, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(cols[c], fontsize=9)
+        region = dataset.region_names[int(dataset.region_of_tile[i])]
+        axes[r, 0].set_ylabel(f"tile {int(i)} ({region})\n{psnr:.2f} dB", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
 
 
 def _sync(dev: torch.device) -> None:

@@ -147,7 +147,7 @@ def test_train_and_test_end_to_end(tmp_path, monkeypatch):
     cfg = [{"name": "tiny_huvr", "task": {"type": "terrain"},
             "model": {"type": "huvr", "mlp_width": 8, "mlp_depth": 1, "upsampler_channels": 4, **TINY},
             "dataset": {"type": "terrain", "path": str(tmp_path / "dem"), "tile_size": 16, "val_fraction": 0.25,
-                        "test_fraction": 0.25, "batch_size": 4},
+                        "test_fraction": 0.25, "batch_size": 4, "gsd": 3.0},
             "optim": {"type": "adam", "lr": 1e-3}, "scheduler": {"type": "constant"},
             "train": {"max_steps": 6, "log_every": 3, "log_dir": str(tmp_path / "runs")},
             "test": {"max_tiles": 4, "ptq_bits": [8], "timing_repeats": 1, "flops": False}}]
@@ -160,20 +160,26 @@ def test_train_and_test_end_to_end(tmp_path, monkeypatch):
     with open(run / "eval" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["model"] == "HUVR" and int(rows[0]["tiles"]) == 4 and float(rows[0]["psnr"]) > 0
+    assert rows[0]["pixel_m"] == "3 x 3"  # dataset.gsd
     assert (run / "eval" / "ptq.csv").is_file()
+    with open(run / "eval" / "tiles.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # several runs in one table, test-section overrides from the command line (out of domain: another source)
     cfg_b = [{**cfg[0], "name": "tiny_huvr_b", "train": {**cfg[0]["train"], "max_steps": 3}}]
     (tmp_path / "cfg_b.yaml").write_text(yaml.safe_dump(cfg_b))
     train_main(["--config", str(tmp_path / "cfg_b.yaml"), "--no_progress"])
     run_b = tmp_path / "runs" / "tiny_huvr_b"
     (tmp_path / "ood").mkdir()
-    np.save(tmp_path / "ood" / "x.npy", np.linspace(0, 50, 48 * 48, dtype=np.float32).reshape(48, 48))
+    np.savez(tmp_path / "ood" / "x.npz", elevation=np.linspace(0, 50, 48 * 48, dtype=np.float32).reshape(48, 48),
+             dx=5.0, dy=4.0)
     test_main(["--run", str(run), str(run_b), "--test", f"data_path={tmp_path / 'ood'}", "--test", "ptq_bits=[6, 4]",
-               "--test", "test.max_tiles=2", "--out_name", "eval_ood", "--no_progress"])
+               "--test", "test.max_tiles=2", "--test", "figure_tiles=0", "--out_name", "eval_ood", "--no_progress"])
     for r in (run, run_b):
         with open(r / "eval_ood" / "metrics.csv") as f:
             row = next(csv.DictReader(f))
         assert int(row["tiles"]) == 2 and row["data"] == str(tmp_path / "ood") and row["method"] == r.name
+        assert row["pixel_m"] == "4 x 5"  # the other source's own pixel size, not the training data's gsd
+        assert not (r / "eval_ood" / "tiles.png").exists()
         with open(r / "eval_ood" / "ptq.csv") as f:
             assert [int(q["bits"]) for q in csv.DictReader(f)] == [6, 4]
     for bad, msg in ((["--test", "model.width=3"], "key of the test section"), (["--test", "max_tiles"], "KEY=VALUE"),
