@@ -49,9 +49,16 @@ class Task:
         test_config: dataclass of the ``test:`` section's keys (validated when the config is loaded).
         model_arguments: model constructor arguments the program sets from the data (never from a config);
             :meth:`model_inputs` gives their values, injected where the model's signature accepts them.
+        ddp_find_unused_parameters: True when some parameters get no gradient in some steps (e.g. MoE-INR's
+            experts in its label pre-training): multi-process training then tells DDP to look for them.
+
+    Multi-process training (``accelerate launch``): :meth:`training_step` receives the DDP-wrapped model and must
+    run every forward pass through it (``model(...)``), never through the unwrapped module, or the processes'
+    gradients are not averaged; the loop checks at every checkpoint that all processes hold the same weights.
     """
 
     test_config: Optional[type] = None
+    ddp_find_unused_parameters: bool = False
     model_arguments = ("cond_dim", "spatial_dims", "out_dim")
 
     def __init__(self, dataset):

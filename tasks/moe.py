@@ -177,6 +177,7 @@ class MoETask(Task):
     """
 
     test_config = MoETestConfig
+    ddp_find_unused_parameters = True  # stage 1 trains on expert labels: the experts get no gradient there
 
     def __init__(self, dataset, pretrain: str = "kmeans", stage1_epochs: float = 30.0,
                  stage1_steps: Optional[int] = None, k: int = 7, expert_loss: str = "l1",

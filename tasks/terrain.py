@@ -146,7 +146,7 @@ class TerrainTask(Task):
 
     def training_step(self, model, batch: Dict[str, Tensor], step: int) -> Optional[StepOutput]:
         tiles = batch["tile"]
-        recon, extra = model.training_outputs(tiles)
+        recon, extra = model(tiles=tiles)  # through the (DDP) wrapper: gradients synchronized across processes
         mse = F.mse_loss(recon.float(), tiles.float())
         loss = mse
         terms = {"mse": mse.detach()}

@@ -96,3 +96,80 @@ def test_single_process_gradient_is_its_rank_0_batch(tmp_path):
     ds = build_dataset(load_experiment(rd))
     assert rel_err(used, batch_gradient(model, ds.sample_batch(1, rank=0))) < 1e-5
     assert rel_err(used, batch_gradient(model, ds.sample_batch(1, rank=1))) > 0.05
+
+
+class _FakeAccelerator:
+    """gather() of two processes whose second one holds ``other``'s weights."""
+
+    def __init__(self, other):
+        self.num_processes, self.device, self.other = 2, torch.device("cpu"), other
+
+    def gather(self, t):
+        from util.training import weights_fingerprint
+
+        return torch.cat([t, weights_fingerprint(self.other)[None]])
+
+
+def test_processes_holding_different_weights_are_an_error():
+    from util.training import check_processes_agree
+
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    b = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    b.load_state_dict(a.state_dict())
+    check_processes_agree(_FakeAccelerator(b), a, 5, "toy")  # equal weights: fine
+    with torch.no_grad():  # two values swapped within a tensor: sum and |sum| agree, the weighted sum does not
+        b[1].bias.copy_(a[1].bias.flip(0))
+    assert not torch.equal(b[1].bias, a[1].bias)
+    with pytest.raises(RuntimeError, match="after step 5 the 2 processes hold different weights.*task 'toy'"):
+        check_processes_agree(_FakeAccelerator(b), a, 5, "toy")
+    with torch.no_grad():  # one value off by a rounding step
+        b.load_state_dict(a.state_dict())
+        b[0].weight[2, 1] = torch.nextafter(b[0].weight[2, 1], torch.tensor(1.0)) * (1 + 1e-6)
+    with pytest.raises(RuntimeError, match="different weights"):
+        check_processes_agree(_FakeAccelerator(b), a, 5, "toy")
+
+
+def _launch_two(cfg, tmp_path, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port()), "train.py", "--config", str(cfg), "--no_progress",
+                           *extra], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test written for linux")
+def test_two_processes_train_terrain_and_moe_inr(tmp_path):
+    """Tasks whose model call is not the plain f(x, c): terrain (encode + decode through forward(tiles=)) and
+    MoE-INR (experts without gradient in stage 1, then with) train in 2 processes, and the loop's check that all
+    processes hold the same weights passes at every checkpoint."""
+    import numpy as np
+    import yaml
+
+    from datasets.terrain_gen import fractal_surface
+
+    (tmp_path / "dem").mkdir()
+    for i in range(4):
+        np.save(tmp_path / "dem" / f"r{i}.npy", (100.0 * fractal_surface(32, seed=i)).astype(np.float32))
+    t, z, y, x = np.meshgrid(np.arange(3), np.arange(6), np.arange(7), np.arange(8), indexing="ij")
+    np.save(tmp_path / "v.npy", np.exp(-((x - 2 - t) ** 2 + (y - 3) ** 2 + (z - 3) ** 2) / 5.0).astype(np.float32))
+    common = {"optim": {"type": "adam", "lr": 1e-3}, "scheduler": {"type": "constant"}}
+    train = {"max_steps": 4, "log_every": 2, "checkpoint_every_steps": 2, "log_dir": str(tmp_path / "runs"),
+             "collapse_check_steps": 0}
+    cfg = [{"name": "terrain2", "task": {"type": "terrain"},
+            "model": {"type": "functa", "latent_dim": 4, "width": 8, "hidden_layers": 1, "omega_0": 5.0,
+                      "inner_steps": 2, "inner_lr_init": 1.0},
+            "dataset": {"type": "terrain", "path": str(tmp_path / "dem"), "tile_size": 16, "batch_size": 2,
+                        "val_fraction": 0.25, "test_fraction": 0.25},
+            "train": train, **common},
+           {"name": "moe2", "task": {"type": "moe_inr", "k": 3, "stage1_steps": 2, "kmeans_samples": 300},
+            "model": {"type": "moe_inr", "M": 3, "k": 3},
+            "dataset": {"type": "time_volume", "path": str(tmp_path / "v.npy"), "batch_size": 64},
+            "train": train, **common}]
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    for i, name in enumerate(("terrain2", "moe2")):
+        r = _launch_two(path, tmp_path, "--config_id", str(i))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "2 processes" in r.stderr
+        assert os.path.isfile(tmp_path / "runs" / name / "finished.json")

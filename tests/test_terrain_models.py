@@ -180,8 +180,16 @@ def test_teacher_distillation_path(tmp_path):
     path = tmp_path / "teacher.pt"
     torch.jit.trace(StubTeacher(), torch.zeros(1, 3, 16, 16)).save(str(path))
     m = _build("huvr", mlp_width=8, mlp_depth=1, upsampler_channels=4, teacher=str(path), distill_loss="mse", **TINY)
-    recon, terms = m.training_outputs(torch.randn(2, 1, 16, 16))
+    tiles = torch.randn(2, 1, 16, 16)
+    recon, terms = m.training_outputs(tiles)
     assert set(terms) == {"distill_enc", "distill_dec"} and recon.shape == (2, 1, 16, 16)
+    # forward(tiles=) is the same call (the route the task takes, through the DDP wrapper)
+    recon2, terms2 = m(tiles=tiles)
+    assert torch.equal(recon2, recon) and all(torch.equal(terms2[k], terms[k]) for k in terms)
+    with pytest.raises(ValueError, match="either"):
+        m(torch.zeros(2, 5, 2), torch.zeros(2, m.payload_floats), tiles=tiles)
+    with pytest.raises(ValueError, match="needs coordinates"):
+        m()
     sum(terms.values()).backward()
     assert m.head_enc.weight.grad.abs().sum() > 0 and m.encoder.embed.weight.grad.abs().sum() > 0
     assert not any(k.startswith("_teacher") for k in m.state_dict())

@@ -13,12 +13,12 @@ import math
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 import torch
 
 from util.config import TrainConfig, section_kwargs
-from util.registry import build
+from util.registry import build, get
 from util.runs import (CKPT_DIR, LATEST, RunLock, atomic_torch_save, atomic_write_text, build_components,
                        check_run_dir, checkpoint_dirs, clear_run_dir, load_resume_state, run_dir_of,
                        save_experiment, task_type_of)
@@ -98,6 +98,31 @@ class _Checkpointed:
         self.task.load_state_dict(state)
 
 
+@torch.no_grad()
+def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
+    """Three float64 numbers that differ when any parameter value differs or moves (plain sum, absolute sum,
+    and a sum weighted by position within and across tensors)."""
+    out = torch.zeros(3, dtype=torch.float64)
+    for i, p in enumerate(model.parameters()):
+        v = p.detach().double().flatten().cpu()
+        w = (torch.arange(v.numel(), dtype=torch.float64) % 97 + 1) * (1 + i % 7)
+        out += torch.stack([v.sum(), v.abs().sum(), (v * w).sum()])
+    return out
+
+
+def check_processes_agree(accelerator, model: torch.nn.Module, step: int, task: str = "") -> None:
+    """Multi-process training: every process must hold the same weights (DDP averages the gradients, so the
+    optimizer steps are identical). A mismatch means a forward pass bypassed the DDP wrapper (gradients not
+    averaged); RuntimeError naming the task. One process: nothing to check."""
+    if accelerator.num_processes < 2:
+        return
+    every = accelerator.gather(weights_fingerprint(model).to(accelerator.device)[None]).cpu()
+    if not torch.allclose(every, every[:1].expand_as(every), rtol=1e-9, atol=1e-12):
+        raise RuntimeError(f"after step {step} the {accelerator.num_processes} processes hold different weights "
+                           f"(fingerprints {every.tolist()}): task '{task}' runs a forward pass outside the DDP "
+                           f"wrapper, so its gradients are not averaged (see tasks/base.py: Task)")
+
+
 def _truncate_log(path: str, step: int) -> None:
     """Keep the rows of log.csv with step <= ``step`` (a resumed run rewrites what follows)."""
     if not os.path.isfile(path):
@@ -133,9 +158,13 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from accelerate.utils import DistributedDataParallelKwargs
+
     tc = TrainConfig(**exp["train"])
     cuda = torch.cuda.is_available()
-    accelerator = Accelerator(mixed_precision=resolve_precision(tc.mixed_precision, cuda), cpu=not cuda)
+    unused = bool(get("task", task_type_of(exp)).ddp_find_unused_parameters)
+    accelerator = Accelerator(mixed_precision=resolve_precision(tc.mixed_precision, cuda), cpu=not cuda,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
     run_dir = run_dir_of(exp)
     if accelerator.is_main_process:
         lock.acquire()  # creates the run directory; nothing is deleted yet
@@ -254,6 +283,7 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
                           flush=True)
         bar.update(1)
         if done % ckpt_every == 0 or done == total:
+            check_processes_agree(accelerator, raw_model, done, task_type_of(exp))
             _save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints,
                              dict(total_steps=total, steps_per_epoch=steps_per_epoch))
     bar.close()

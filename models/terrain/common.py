@@ -251,8 +251,19 @@ class AmortizedTerrainINR(FieldModel):
         out = F.grid_sample(img, x[:, :, None, :].to(img.dtype), mode="bilinear", align_corners=True)
         return out[:, :, :, 0].transpose(1, 2)
 
-    def forward(self, x: Tensor, c: Tensor) -> Tensor:
-        """x (B, N, 2), c = flattened payload (B, n_tokens * token_dim) -> (B, N, 1)."""
+    def forward(self, x: Optional[Tensor] = None, c: Optional[Tensor] = None, *, tiles: Optional[Tensor] = None):
+        """Points: x (B, N, 2), c = flattened payload (B, n_tokens * token_dim) -> (B, N, 1).
+
+        Training: ``tiles=`` (B, 1, T, T) -> :meth:`training_outputs` (the terrain task calls the model this
+        way, so that under multi-process training the call goes through the DDP wrapper and gradients are
+        synchronized across processes).
+        """
+        if tiles is not None:
+            if x is not None or c is not None:
+                raise ValueError(f"{type(self).__name__}.forward: pass either (x, c) or tiles=, not both")
+            return self.training_outputs(tiles)
+        if x is None or c is None:
+            raise ValueError(f"{type(self).__name__}.forward: needs coordinates x and the payload c (or tiles=)")
         if c.shape[-1] != self.payload_floats:
             raise ValueError(f"{type(self).__name__}.forward: c must hold the payload ({self.payload_floats} floats "
                              f"per tile), got shape {list(c.shape)}")
