@@ -173,3 +173,21 @@ def test_two_processes_train_terrain_and_moe_inr(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         assert "2 processes" in r.stderr
         assert os.path.isfile(tmp_path / "runs" / name / "finished.json")
+
+
+def test_a_step_skipped_by_one_process_is_skipped_by_all():
+    from util.training import skip_together
+
+    class Acc:
+        def __init__(self, n, others_skip):
+            self.num_processes, self.device, self.others = n, torch.device("cpu"), others_skip
+
+        def reduce(self, t, reduction):
+            assert reduction == "sum"
+            return t + float(self.others)
+
+    out = object()
+    assert skip_together(Acc(1, 0), out) is out and skip_together(Acc(1, 0), None) is None
+    assert skip_together(Acc(2, 0), out) is out  # nobody skips
+    assert skip_together(Acc(2, 1), out) is None  # the other process skips: this one too
+    assert skip_together(Acc(2, 0), None) is None

@@ -98,6 +98,15 @@ class _Checkpointed:
         self.task.load_state_dict(state)
 
 
+def skip_together(accelerator, out):
+    """A step one process skips (training_step returned None, e.g. a NeRF batch without samples) is skipped by
+    every process: a lone skipper would leave the others waiting in the gradient all-reduce. One process: as is."""
+    if accelerator.num_processes < 2:
+        return out
+    skipped = accelerator.reduce(torch.tensor(float(out is None), device=accelerator.device), reduction="sum")
+    return None if float(skipped) > 0 else out
+
+
 @torch.no_grad()
 def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
     """Three float64 numbers that differ when any parameter value differs or moves (plain sum, absolute sum,
@@ -230,6 +239,7 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
         batch = task.batch(step, accelerator.process_index, accelerator.device)
         with accelerator.autocast():
             out = task.training_step(model, batch, step)
+        out = skip_together(accelerator, out)
         logging_step = (step + 1) % tc.log_every == 0 or step + 1 == total
         if logging_step:  # the learning rates this step uses (log.csv records these, not the next step's)
             step_lrs = [g["lr"] for g in optimizer.param_groups]
