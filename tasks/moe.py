@@ -105,8 +105,9 @@ class MoETestConfig:
         ssim: SSIM (data range 2) on the middle slice of each spatial axis, every time step.
         lpips: LPIPS-VGG on the same slices (values mapped to [0, 1], gray repeated to RGB) when the lpips
             package and its VGG weights are on this machine; otherwise one log line says why (never downloads).
-        baselines: error-bounded compressors matched to the INR's mean PSNR: any of "sz3" (package pysz),
-            "zfp" (package zfpy).
+        baselines: compressors matched to the INR's mean PSNR: any of "sz3" (package pysz, error bound),
+            "zfp" (package zfpy, fixed accuracy: its tolerance moves in powers of two, so the match is often
+            missed by several dB), "zfp_rate" (zfpy fixed rate, bits per value: matches closely).
         psnr_tol: bisection stops when the compressor's mean PSNR is within this many dB of the target.
         bisect_iters: at most this many bisection steps.
         ji_quantile: uncertainty mode: voxels above this quantile of variance / of error form the two sets of
@@ -134,8 +135,8 @@ class MoETestConfig:
         if int(self.cd_max_points) < 1:
             raise ConfigError(f"test.cd_max_points must be >= 1, got {self.cd_max_points}")
         for b in self.baselines:
-            if b not in ("sz3", "zfp"):
-                raise ConfigError(f"test.baselines: unknown compressor '{b}', expected 'sz3' and/or 'zfp'")
+            if b not in ("sz3", "zfp", "zfp_rate"):
+                raise ConfigError(f"test.baselines: unknown compressor '{b}', expected any of sz3, zfp, zfp_rate")
         if not self.psnr_tol > 0:
             raise ConfigError(f"test.psnr_tol must be > 0, got {self.psnr_tol}")
         if int(self.bisect_iters) < 1:

@@ -30,9 +30,10 @@ Metrics (normalized [-1, 1] values; "NR" choices of the paper are documented her
 
 Error-bounded compressors (spec 9)
 ----------------------------------
-SZ3 (package ``pysz``, absolute error bound) and ZFP (package ``zfpy``, fixed-accuracy tolerance) compress each
-normalized float32 time step separately (the paper does not say per step or 4-D). :func:`match_psnr` bisects
-the error bound on a log scale until the mean PSNR is within ``psnr_tol`` dB of the target (the INR's), then
+SZ3 (package ``pysz``, absolute error bound), ZFP (package ``zfpy``, fixed-accuracy tolerance) and ZFP in
+fixed-rate mode (``zfp_rate``, bits per value) compress each normalized float32 time step separately (the paper
+does not say per step or 4-D). :func:`match_psnr` bisects the error bound (or the rate) on a log scale until the
+mean PSNR is within ``psnr_tol`` dB of the target (the INR's), then
 reports CR (raw float32 bytes / compressed bytes), compression and decompression time and the maximum error.
 A missing package raises an ImportError naming it.
 """
@@ -244,9 +245,13 @@ def jaccard_tolerance(var: np.ndarray, err: np.ndarray, quantile: float = 0.9, t
 
 # ---------------------------------------------------------------------------------------- compressors
 class SZ3Compressor:
-    """SZ3 with an absolute error bound (package ``pysz``)."""
+    """SZ3 with an absolute error bound (package ``pysz``).
+
+    Every compressor names the ``setting`` :func:`match_psnr` bisects, its ``setting_range`` and whether quality
+    rises with it (``quality_up``)."""
 
     name, package = "sz3", "pysz"
+    setting, setting_range, quality_up = "error_bound", (1e-8 * DATA_RANGE, DATA_RANGE), False
 
     def __init__(self):
         try:
@@ -266,9 +271,12 @@ class SZ3Compressor:
 
 
 class ZFPCompressor:
-    """ZFP fixed-accuracy mode (``tolerance`` = absolute error bound; package ``zfpy``)."""
+    """ZFP fixed-accuracy mode (``tolerance`` = absolute error bound; package ``zfpy``). ZFP rounds the
+    tolerance to a power of two, so the PSNR moves in ~6 dB steps and a target in between is not reached; the
+    fixed-rate mode (:class:`ZFPRateCompressor`) moves in steps of 1/64 bit per value."""
 
     name, package = "zfp", "zfpy"
+    setting, setting_range, quality_up = "error_bound", (1e-8 * DATA_RANGE, DATA_RANGE), False
 
     def __init__(self):
         try:
@@ -284,17 +292,30 @@ class ZFPCompressor:
         return np.asarray(self._zfpy.decompress_numpy(blob)).reshape(shape)
 
 
-_COMPRESSORS = {"sz3": SZ3Compressor, "zfp": ZFPCompressor}
+class ZFPRateCompressor(ZFPCompressor):
+    """ZFP fixed-rate mode (``rate`` = bits per value; package ``zfpy``): no error bound, but a size set in
+    1/64-bit steps (3-D blocks of 4^3 values), so a PSNR target is met closely."""
+
+    name = "zfp_rate"
+    setting, setting_range, quality_up = "rate", (0.05, 32.0), True
+
+    def compress(self, a: np.ndarray, rate: float) -> bytes:
+        return self._zfpy.compress_numpy(np.ascontiguousarray(a, dtype=np.float32), rate=float(rate))
+
+
+_COMPRESSORS = {"sz3": SZ3Compressor, "zfp": ZFPCompressor, "zfp_rate": ZFPRateCompressor}
 
 
 def get_compressor(name: str):
-    """An error-bounded compressor by name ("sz3", "zfp"); ImportError naming the package when missing."""
+    """A compressor by name ("sz3", "zfp", "zfp_rate"); ImportError naming the package when missing."""
     if name not in _COMPRESSORS:
         raise ValueError(f"unknown compressor '{name}', expected one of {', '.join(_COMPRESSORS)}")
     return _COMPRESSORS[name]()
 
 
 def _run_compressor(comp, steps: Sequence[np.ndarray], eb: float, keep: bool = False) -> Dict[str, Any]:
+    """Compress and decompress every step with setting ``eb`` (the compressor's ``setting``: an error bound or
+    a rate); the result holds it under that name."""
     nbytes, psnrs, max_err, t_c, t_d, recon, raw = 0, [], 0.0, 0.0, 0.0, [], 0
     for a in steps:
         a = np.ascontiguousarray(a, dtype=np.float32)
@@ -310,26 +331,31 @@ def _run_compressor(comp, steps: Sequence[np.ndarray], eb: float, keep: bool = F
         max_err = max(max_err, float(np.abs(r.astype(np.float64) - a).max()))
         if keep:
             recon.append(r)
-    out = {"error_bound": float(eb), "psnr": float(np.mean(psnrs)), "psnr_steps": psnrs, "bytes": nbytes,
+    out = {getattr(comp, "setting", "error_bound"): float(eb), "psnr": float(np.mean(psnrs)), "psnr_steps": psnrs, "bytes": nbytes,
            "cr": raw / max(1, nbytes), "compress_s": t_c, "decompress_s": t_d, "max_error": max_err}
     if keep:
         out["recon"] = recon
     return out
 
 
-def match_psnr(comp, steps: Sequence[np.ndarray], target: float, tol: float = 0.05, iters: int = 40,
-               eb_range: Tuple[float, float] = (1e-8, 1.0)) -> Dict[str, Any]:
-    """Bisect the error bound (log scale, within ``eb_range`` x data range) until the mean PSNR over ``steps``
-    is within ``tol`` dB of ``target``.
+def match_psnr(comp, steps: Sequence[np.ndarray], target: float, tol: float = 0.05, iters: int = 40
+               ) -> Dict[str, Any]:
+    """Bisect the compressor's setting (log scale within its ``setting_range``; default: an error bound in
+    [1e-8, 1] x the data range, quality falling as it grows) until the mean PSNR over ``steps`` is within
+    ``tol`` dB of ``target``.
 
     Returns:
-        the run at the chosen bound: error_bound, psnr, psnr_steps, bytes, cr, compress_s, decompress_s,
-        max_error, recon (the reconstructed steps), iterations, matched (whether |psnr - target| <= tol).
-        Without a match the closest run with PSNR >= target is returned (else the closest one).
+        the run at the chosen setting: the setting (``error_bound`` or ``rate``), psnr, psnr_steps, bytes, cr,
+        compress_s, decompress_s, max_error, recon (the reconstructed steps), iterations, matched (whether
+        |psnr - target| <= tol). Without a match the closest run with PSNR >= target is returned (else the
+        closest one).
     """
     if not math.isfinite(target):
         raise ValueError(f"target PSNR must be finite, got {target}")
-    lo, hi = math.log(eb_range[0] * DATA_RANGE), math.log(eb_range[1] * DATA_RANGE)
+    key = getattr(comp, "setting", "error_bound")
+    s_lo, s_hi = getattr(comp, "setting_range", (1e-8 * DATA_RANGE, DATA_RANGE))
+    up = bool(getattr(comp, "quality_up", False))
+    lo, hi = math.log(s_lo), math.log(s_hi)
     best, tried = None, []
     for it in range(1, int(iters) + 1):
         mid = 0.5 * (lo + hi)
@@ -339,15 +365,15 @@ def match_psnr(comp, steps: Sequence[np.ndarray], target: float, tol: float = 0.
         if abs(run["psnr"] - target) <= tol:
             best = run
             break
-        if run["psnr"] > target:
-            lo = mid  # quality to spare: a larger bound
+        if (run["psnr"] > target) != up:
+            lo = mid  # quality to spare with a bound (or too little with a rate): a larger setting
         else:
             hi = mid
     if best is None:
         above = [r for r in tried if r["psnr"] >= target]
         pool = above or tried
         best = min(pool, key=lambda r: abs(r["psnr"] - target))
-    final = _run_compressor(comp, steps, best["error_bound"], keep=True)
+    final = _run_compressor(comp, steps, best[key], keep=True)
     final["iterations"] = len(tried)
     final["matched"] = abs(final["psnr"] - target) <= tol
     return final
@@ -536,7 +562,7 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
         m = match_psnr(comp, gt, row["psnr"], tc.psnr_tol, tc.bisect_iters)
         s, _ = evaluate_volumes(m["recon"], gt, tc.isovalues, tc.cd_steps, tc.cd_max_points, tc.ssim)
         rows.append({"method": name, **s, "cr_params": m["cr"], "bytes": m["bytes"],
-                     "error_bound": m["error_bound"], "max_error": m["max_error"], "compress_s": m["compress_s"],
+                     "error_bound": m.get("error_bound"), "rate": m.get("rate"), "max_error": m["max_error"], "compress_s": m["compress_s"],
                      "decompress_s": m["decompress_s"], "matched": m["matched"], "iterations": m["iterations"]})
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(rows, f, indent=1)

@@ -92,6 +92,26 @@ def test_bisection_hits_target_psnr():
     assert hi["error_bound"] < lo["error_bound"] and hi["bytes"] > lo["bytes"]
 
 
+class RateQuantizer(Quantizer):
+    """Stand-in fixed-rate compressor: quality rises with the setting (step 2^-rate), as ZFP's fixed rate."""
+
+    setting, setting_range, quality_up = "rate", (0.05, 32.0), True
+
+    def compress(self, a, rate):
+        return super().compress(a, 2.0 ** -rate)
+
+
+def test_bisection_follows_the_direction_of_a_rate_setting():
+    z, y, x = np.meshgrid(*(np.linspace(-1, 1, 20),) * 3, indexing="ij")
+    steps = [(np.sin(3 * x + t) * np.cos(2 * y) * 0.9).astype(np.float32) for t in range(2)]
+    lo, hi = (match_psnr(RateQuantizer(), steps, t, tol=0.05) for t in (30.0, 45.0))
+    for r, t in ((lo, 30.0), (hi, 45.0)):
+        assert r["matched"] and abs(r["psnr"] - t) <= 0.05 and "error_bound" not in r
+        # step 2^-rate, error ~ U(-2^-rate, 2^-rate): PSNR = 20 log10(2 sqrt 3 2^rate)
+        assert r["psnr"] == pytest.approx(20 * math.log10(2 * math.sqrt(3) * 2 ** r["rate"]), abs=0.5)
+    assert hi["rate"] > lo["rate"] and hi["bytes"] > lo["bytes"]
+
+
 def test_missing_compressor_package_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "pysz", None)
     monkeypatch.setitem(sys.modules, "zfpy", None)
@@ -99,6 +119,8 @@ def test_missing_compressor_package_is_named(monkeypatch):
         get_compressor("sz3")
     with pytest.raises(ImportError, match="zfpy"):
         get_compressor("zfp")
+    with pytest.raises(ImportError, match="zfpy"):
+        get_compressor("zfp_rate")
 
 
 def test_uncertainty_metrics():
