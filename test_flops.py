@@ -2,7 +2,8 @@
 """FLOPs and parameter counts (spec 6): ``python test_flops.py --config FILE [--config_id N ...]``.
 
 Builds each model of the file on CPU, bakes it when it has a bake step, and prints fvcore TFLOPs per 1e9 points
-(100 conditions x 1000 coordinates, one multiply-add = one flop) and the parameter count.
+(100 conditions x 1000 coordinates, one multiply-add = one flop) and the parameter count. The run's task decides
+what a point costs (``Task.count_flops``): terrain counts a tile's encode + decode per pixel.
 
 The model's data-derived arguments (cond_dim, spatial_dims, out_dim) come from --cond_dim / --spatial_dims /
 --out_dim, else from the task when it knows them without data (e.g. the image task: 2D, no condition, the
@@ -43,8 +44,8 @@ def model_inputs(exp, args):
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    from util.flops import count_flops
-    from util.runs import build_model
+    from util.registry import get
+    from util.runs import build_model, task_type_of
 
     try:
         ids = args.config_id if args.config_id else list(range(len(read_config_file(args.config))))
@@ -53,7 +54,7 @@ def main(argv=None):
             exp = load_config(args.config, i, args.overrides)
             inputs = model_inputs(exp, args)
             model = build_model(exp, inputs=inputs)
-            r = count_flops(model, inputs["cond_dim"], inputs["spatial_dims"], args.n_cond, args.n_points)
+            r = get("task", task_type_of(exp)).count_flops(model, inputs, args.n_cond, args.n_points)
             rows.append((i, exp["model"]["type"], r))
     except (ConfigError, FileNotFoundError, ValueError) as e:
         sys.exit(f"error: {e}")

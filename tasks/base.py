@@ -109,6 +109,15 @@ class Task:
         """
         return self.loss(self.predict(model, batch), batch)
 
+    @classmethod
+    def count_flops(cls, model, inputs: Dict[str, Any], n_cond: int = 100, n_points: int = 1000) -> Dict[str, Any]:
+        """test_flops.py's row for one model: fvcore multiply-adds of one query per point, as
+        ``{"tflops_per_1e9_points", "params", "uncounted"}`` (default: f(x, c) on ``n_cond`` conditions x
+        ``n_points`` coordinates, util.flops.count_flops); tasks whose query is not f(x, c) override it."""
+        from util.flops import count_flops
+
+        return count_flops(model, inputs["cond_dim"], inputs["spatial_dims"], n_cond, n_points)
+
     # --------------------------------------------------------------------------------------------- state
     def state_dict(self) -> Dict[str, Any]:
         """Task state saved in every checkpoint (default: none)."""

@@ -144,6 +144,17 @@ class TerrainTask(Task):
     def output_mean(self) -> Optional[float]:
         return 0.0
 
+    @classmethod
+    def count_flops(cls, model, inputs: Dict[str, Any], n_cond: int = 100, n_points: int = 1000) -> Dict[str, Any]:
+        """Per pixel of a tile, encode + decode (Functa: with its inner loop), in multiply-adds (the evaluation's
+        GFLOPs columns count 2 per multiply-add, as the paper)."""
+        T = int(inputs["tile_size"])
+        model.eval()
+        fl = count_flops_terrain(model, T)
+        per_px = fl["infer"] * 1e9 / 2.0 / (T * T)
+        return {"tflops_per_1e9_points": per_px * 1e9 / 1e12,
+                "params": sum(p.numel() for p in model.parameters() if p.requires_grad), "uncounted": []}
+
     def training_step(self, model, batch: Dict[str, Tensor], step: int) -> Optional[StepOutput]:
         tiles = batch["tile"]
         recon, extra = model(tiles=tiles)  # through the (DDP) wrapper: gradients synchronized across processes

@@ -88,3 +88,24 @@ def test_image_configs_in_test_flops_and_bench_compare(capsys):
     assert [fields(ln)["model"] for ln in lines] == ["1:mrgrid", "3:grid"]
     assert int(fields(lines[0])["params"]) == grids + decoder
     assert float(fields(lines[0])["ratio_vs_first"]) == 1.0 and float(fields(lines[1])["infer_s"]) > 0
+
+
+def test_terrain_configs_in_test_flops(tmp_path, capsys):
+    """Terrain models cost per pixel of a tile (Task.count_flops): a Functa with width 8, one hidden layer,
+    latent 4 on 16 x 16 tiles and 2 inner steps, in multiply-adds by hand: per pixel the SIREN's linear layers
+    2*8 + 8*8 + 8*1 = 88, the shift maps 4 * (2 * 8) = 64 per tile = 0.25 per pixel; the inner loop runs
+    forward + 2 x backward per step, then the final decode: (1 + 3 * 2) x 88.25 = 617.75 per pixel."""
+    import yaml
+
+    from test_flops import main as flops_main
+
+    cfg = [{"name": "f", "task": {"type": "terrain"},
+            "model": {"type": "functa", "latent_dim": 4, "width": 8, "hidden_layers": 1, "inner_steps": 2},
+            "dataset": {"type": "terrain", "path": str(tmp_path / "absent"), "tile_size": 16},
+            "optim": {"type": "adam", "lr": 1e-3}, "scheduler": {"type": "constant"}, "train": {"max_steps": 1}}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    flops_main(["--config", str(tmp_path / "c.yaml")])
+    row = [ln.split() for ln in capsys.readouterr().out.splitlines() if "functa" in ln][0]
+    assert float(row[2]) == pytest.approx(617.75e9 / 1e12, abs=0.006)
+    params = (2 * 8 + 8) + (8 * 8 + 8) + (8 + 1) + (4 * 16 + 16) + 4
+    assert row[3] == f"{params:,}"
