@@ -58,6 +58,14 @@ def config_model_inputs(exp, args) -> Dict[str, int]:
     return dict(inputs)
 
 
+# tasks whose models are fields f(x, c) queried on points, which these benchmarks time; the others are timed by
+# their evaluation
+BENCHMARKED_TASKS = ("ensemble", "image")
+TIMED_ELSEWHERE = {"terrain": "test.py (encode / decode ms per tile, medians) and test_flops.py (FLOPs per pixel)",
+                   "nerf": "test.py (render seconds per test view after the bake) and train.py's timing.json",
+                   "moe_inr": "test.py (decompression seconds) and train.py's timing.json"}
+
+
 def build_from_args(args):
     """(model, exp-or-None, description) from the model arguments; the model is on ``args.device``."""
     from util.config import yaml_load
@@ -81,7 +89,14 @@ def build_from_args(args):
         from util.config import load_config
         from util.runs import build_model
 
+        from util.runs import task_type_of
+
         exp = load_config(args.config, args.config_id)
+        task = task_type_of(exp)
+        if task not in BENCHMARKED_TASKS:
+            raise SystemExit(f"{os.path.basename(sys.argv[0])}: {args.config}#{args.config_id} is a '{task}' run; these "
+                             f"benchmarks time field models f(x, c) ({', '.join(BENCHMARKED_TASKS)} tasks); "
+                             f"'{task}' is timed by {TIMED_ELSEWHERE.get(task, 'its evaluation (test.py)')}")
         exp["model"].update(overrides)
         model = build_model(exp, inputs=config_model_inputs(exp, args))
         desc = f"{args.config}#{args.config_id}"
