@@ -186,3 +186,8 @@ def test_train_and_test_end_to_end(tmp_path, monkeypatch):
                      (["--test", "no_such_key=1"], "no_such_key"), (["--out_dir", str(tmp_path / "x")], "--out_name")):
         with pytest.raises(SystemExit, match=msg):
             test_main(["--run", str(run), str(run_b), *bad, "--overwrite", "--no_progress"])
+    # predict.py predicts ensemble members: a terrain run is refused with one line saying what to use
+    from predict import main as predict_main
+
+    with pytest.raises(SystemExit, match="'terrain' run: predict.py .* test.py"):
+        predict_main(["--run", str(run), "--values", "0.5", "--out", str(tmp_path / "p.npy")])
