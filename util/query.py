@@ -18,7 +18,7 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from util.runs import load_experiment, load_trained_model, task_type_of
+from util.runs import load_trained_model
 from util.sampling import grid_coords
 
 log = logging.getLogger("predict")
@@ -58,12 +58,12 @@ class Surrogate:
     @classmethod
     def load(cls, run_dir: str, checkpoint: Optional[str] = None, device: Optional[str] = None,
              chunk_size: int = 262144) -> "Surrogate":
-        task = task_type_of(load_experiment(run_dir))
+        model, _, meta = load_trained_model(run_dir, checkpoint)
+        task = meta.get("task", "ensemble")  # meta.json records the task (runs from before tasks: ensemble)
         if task != "ensemble":
             raise ValueError(f"'{run_dir}' is a '{task}' run: predict.py and Surrogate predict ensemble members at "
                              f"new parameters; evaluate a '{task}' run with test.py (and load its model with "
                              f"util.runs.load_trained_model)")
-        model, _, meta = load_trained_model(run_dir, checkpoint)
         return cls(model, meta, device or ("cuda" if torch.cuda.is_available() else "cpu"), chunk_size)
 
     # -- conditions -------------------------------------------------------------------------------------
