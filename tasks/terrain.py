@@ -80,6 +80,8 @@ class TerrainTestConfig:
         quantize_decoder: bits of the shared decoder's weights in the PTQ rows (null: kept in fp32).
         timing_repeats: timed passes (after one warm-up pass) of encode and decode; the median is reported.
         flops: count FLOPs with fvcore.
+        encode_steps: inner-loop steps when encoding with a model fitted by gradient steps (Functa); null: the
+            model's own ``inner_steps``. More steps cost more encoding time (and FLOPs) and may fit better.
         figure_tiles: tiles drawn in ``tiles.png`` (evenly spaced over the evaluated ones; 0: no figure): heights
             of the truth and the reconstruction, the error, and both slope-angle maps.
     """
@@ -96,6 +98,7 @@ class TerrainTestConfig:
     timing_repeats: int = 3
     flops: bool = True
     figure_tiles: int = 4
+    encode_steps: Optional[int] = None
 
     def __post_init__(self):
         from util.config import _check_dataclass_fields
@@ -109,6 +112,8 @@ class TerrainTestConfig:
         for key, lo in (("batch_size", 1), ("seam_width", 1), ("timing_repeats", 1), ("figure_tiles", 0)):
             if getattr(self, key) < lo:
                 raise ConfigError(f"test.{key} must be >= {lo}, got {getattr(self, key)}")
+        if self.encode_steps is not None and self.encode_steps < 1:
+            raise ConfigError(f"test.encode_steps must be null or >= 1, got {self.encode_steps}")
         if self.max_tiles is not None and self.max_tiles < 1:
             raise ConfigError(f"test.max_tiles must be null or >= 1, got {self.max_tiles}")
         if any(b < 2 or b > 32 for b in self.ptq_bits):
@@ -206,7 +211,7 @@ class TerrainTask(Task):
             rows = res["tiles"]
             pick = np.linspace(0, len(rows) - 1, min(tc.figure_tiles, len(rows))).round().astype(np.int64)
             write_tile_figure(targets[3], model, dataset, np.array([rows[k]["index"] for k in pick]), dev,
-                              f"{name} on {label}")
+                              f"{name} on {label}", tc)
         return [res["row"]] + res["ptq"]
 
     @staticmethod
@@ -307,7 +312,8 @@ def tile_metrics(pred_n: Tensor, gt: Dict[str, Tensor], gsd, patch: Optional[int
 
 
 @torch.no_grad()
-def write_tile_figure(path: str, model, dataset, idx: np.ndarray, dev, title: str = "") -> None:
+def write_tile_figure(path: str, model, dataset, idx: np.ndarray, dev, title: str = "",
+                      tc: Optional[TerrainTestConfig] = None) -> None:
     """PNG of tiles ``idx``: truth and reconstruction heights (m, one colour range per tile), absolute error (m),
     and the slope angle (degrees) of both, with each tile's pixel size."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -316,7 +322,7 @@ def write_tile_figure(path: str, model, dataset, idx: np.ndarray, dev, title: st
     from datasets.terrain import slope_degrees
 
     gt = dataset.tiles(idx)
-    pred_n = model.decode(model.encode(gt["tile"].to(dev)))[:, 0].double().cpu()
+    pred_n = model.decode(_encode(model, gt["tile"].to(dev), tc))[:, 0].double().cpu()
     sd, mu = gt["sigma"][:, None, None], gt["mu"][:, None, None]
     truth, pred = gt["metres"].numpy(), (pred_n * sd + mu).numpy()
     cols = ("truth (m)", "reconstruction (m)", "|error| (m)", "slope, truth (deg)", "slope, reconstruction (deg)")
@@ -349,13 +355,21 @@ def write_tile_figure(path: str, model, dataset, idx: np.ndarray, dev, title: st
     fig.savefig(path, dpi=90)
 
 
+def _encode(model, tiles: Tensor, tc: Optional[TerrainTestConfig]) -> Tensor:
+    """model.encode, with ``tc.encode_steps`` inner-loop steps for inner-loop encoders."""
+    if tc is not None and tc.encode_steps is not None and model.inner_loop:
+        return model.encode(tiles, steps=tc.encode_steps)
+    return model.encode(tiles)
+
+
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
 
-def count_flops_terrain(model, tile_size: int, device=None) -> Dict[str, float]:
-    """fvcore multiply-add counts x 2 (GFLOPs per tile) of encode, hypernetwork decode, coordinate decode, infer."""
+def count_flops_terrain(model, tile_size: int, device=None, steps: Optional[int] = None) -> Dict[str, float]:
+    """fvcore multiply-add counts x 2 (GFLOPs per tile) of encode, hypernetwork decode, coordinate decode, infer
+    (``steps``: inner-loop steps of an inner-loop encoder; default its own)."""
     from util.flops import _quiet_fvcore
 
     with _quiet_fvcore():
@@ -373,8 +387,7 @@ def count_flops_terrain(model, tile_size: int, device=None) -> Dict[str, float]:
     model.set_sdpa(False)
     try:
         with torch.no_grad():
-            z = model.encode(tiles) if type(model).__name__ != "Functa" else torch.zeros(1, *model.payload_shape,
-                                                                                        device=dev)
+            z = model.encode(tiles) if not model.inner_loop else torch.zeros(1, *model.payload_shape, device=dev)
             mods = model.flop_modules()
             out = {"enc": 0.0, "dec": 0.0, "neudec": 0.0}
             if "enc" in mods:
@@ -386,8 +399,10 @@ def count_flops_terrain(model, tile_size: int, device=None) -> Dict[str, float]:
                 out["neudec"] = count(mods["neudec"], z)
     finally:
         model.set_sdpa(True)
-    steps = getattr(model, "inner_steps", 0)
-    inner = 3.0 * steps * out["neudec"] if type(model).__name__ == "Functa" else 0.0
+    if model.inner_loop:  # forward + 2 x backward of the decoder per step
+        inner = 3.0 * (int(steps) if steps is not None else model.inner_steps) * out["neudec"]
+    else:
+        inner = 0.0
     out["infer"] = out["enc"] + out["dec"] + out["neudec"] + inner
     return {k: v / 1e9 for k, v in out.items()}
 
@@ -421,7 +436,7 @@ def _run(model, dataset, idx: np.ndarray, tc: TerrainTestConfig, dev, payloads: 
             for r in range(tc.timing_repeats + 1):
                 _sync(dev)
                 t0 = time.perf_counter()
-                z = model.encode(tiles)
+                z = _encode(model, tiles, tc)
                 _sync(dev)
                 t1 = time.perf_counter()
                 pred = model.decode(z)
@@ -433,7 +448,7 @@ def _run(model, dataset, idx: np.ndarray, tc: TerrainTestConfig, dev, payloads: 
             enc_t.append(float(np.median(reps_e)))
             dec_t.append(float(np.median(reps_d)))
         else:
-            z = model.encode(tiles)
+            z = _encode(model, tiles, tc)
             pred = model.decode(z)
         zs.append(z.detach().float().cpu())
         deriv = _autodiff_derivatives(model, z, dataset.tile_size) if use_ad else None
@@ -467,6 +482,9 @@ def benchmark(model, dataset, tc: Optional[TerrainTestConfig] = None, split: str
         {"row": fp32 summary row, "ptq": [one row per payload bit width], "tiles": [per-tile rows]}.
     """
     tc = tc or TerrainTestConfig()
+    if tc.encode_steps is not None and not model.inner_loop:
+        raise ConfigError(f"test.encode_steps applies to models that encode by inner-loop gradient steps (Functa); "
+                          f"{type(model).__name__} encodes in one forward pass")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     model.eval()
     idx = dataset.split_indices(split)
@@ -482,8 +500,10 @@ def benchmark(model, dataset, tc: Optional[TerrainTestConfig] = None, split: str
                            "bpp": 32.0 * model.payload_floats / px, **_summary(per),
                            "enc_ms": 1e3 * enc_s, "dec_ms": 1e3 * dec_s,
                            "derivatives": "autodiff" if tc.derivatives == "auto" and model.continuous else "fd"}
+    if model.inner_loop:
+        row["encode_steps"] = int(tc.encode_steps if tc.encode_steps is not None else model.inner_steps)
     if tc.flops:
-        fl = count_flops_terrain(model, T, dev)
+        fl = count_flops_terrain(model, T, dev, tc.encode_steps)
         row.update({"gflops_enc": fl["enc"], "gflops_dec": fl["dec"] + fl["neudec"], "gflops_infer": fl["infer"],
                     "kflops_px_dec": 1e6 * (fl["dec"] + fl["neudec"]) / px, "kflops_px_infer": 1e6 * fl["infer"] / px})
     tiles_rows = [{"index": int(i), "region": dataset.region_names[int(dataset.region_of_tile[i])],
@@ -519,7 +539,7 @@ def benchmark(model, dataset, tc: Optional[TerrainTestConfig] = None, split: str
     return {"row": row, "ptq": ptq_rows, "tiles": tiles_rows}
 
 
-_COLS = [("method", "{}"), ("bits", "{}"), ("scope", "{}"), ("floats", "{}"), ("bpp", "{:.3f}"), ("bpp_ent", "{:.3f}"),
+_COLS = [("method", "{}"), ("bits", "{}"), ("scope", "{}"), ("floats", "{}"), ("encode_steps", "{}"), ("bpp", "{:.3f}"), ("bpp_ent", "{:.3f}"),
          ("psnr", "{:.2f}"), ("rmse_z_m", "{:.3f}"), ("rmse_grad", "{:.4f}"), ("rmse_lap", "{:.4f}"),
          ("slope_mae_deg", "{:.2f}"), ("seam_dpsnr", "{:+.2f}"), ("seam_step_m", "{:.3f}"), ("step_m", "{:.3f}"),
          ("enc_ms", "{:.2f}"), ("dec_ms", "{:.2f}"), ("kflops_px_dec", "{:.1f}"), ("kflops_px_infer", "{:.1f}")]

@@ -129,6 +129,27 @@ def test_one_token_payload_is_quantized_over_the_evaluated_set(tmp_path):
     assert abs(t4["ptq"][0]["psnr"] - t4["row"]["psnr"]) < 1e-2
 
 
+def test_encode_steps_of_an_inner_loop_encoder(tmp_path):
+    # test.encode_steps changes Functa's inner loop at evaluation: the row records it, the infer FLOPs follow
+    # (1 + 3 steps) decoder passes, and the payload differs; a one-pass encoder refuses the key
+    ds = _data(tmp_path, n=4, size=32, T=16, split_by="none")
+    torch.manual_seed(0)
+    model = build("model", "functa", injected=TerrainTask(ds).model_inputs(), latent_dim=4, width=8,
+                  hidden_layers=1, omega_0=5.0, inner_steps=2, inner_lr_init=1.0)
+    base = dict(max_tiles=2, ptq_bits=[], timing_repeats=1, figure_tiles=0)
+    r2 = benchmark(model, ds, TerrainTestConfig(**base))["row"]
+    r5 = benchmark(model, ds, TerrainTestConfig(encode_steps=5, **base))["row"]
+    assert r2["encode_steps"] == 2 and r5["encode_steps"] == 5
+    assert r5["gflops_infer"] / r2["gflops_infer"] == pytest.approx(16 / 7, rel=1e-6)
+    assert r5["psnr"] != r2["psnr"]
+    huvr = build("model", "huvr", injected=TerrainTask(ds).model_inputs(), mlp_width=8, mlp_depth=1,
+                 upsampler_channels=4, **TINY)
+    with pytest.raises(ConfigError, match="test.encode_steps applies to .*HUVR encodes in one forward pass"):
+        benchmark(huvr, ds, TerrainTestConfig(encode_steps=5, **base))
+    with pytest.raises(ConfigError, match="test.encode_steps"):
+        TerrainTestConfig(encode_steps=0)
+
+
 def test_terrain_task_rejects_other_data_and_bad_test_keys():
     with pytest.raises(ConfigError, match="needs a dataset of type 'terrain'"):
         TerrainTask(object())

@@ -217,11 +217,13 @@ class AmortizedTerrainINR(FieldModel):
 
     Subclasses implement :meth:`encode` and :meth:`decode`, and set ``payload_shape`` (n_tokens, token_dim),
     ``continuous`` (True when the decoder is a coordinate network differentiable in x: derivative metrics use
-    autodiff) and ``patch_size`` (seams; None without patches).
+    autodiff), ``patch_size`` (seams; None without patches) and ``inner_loop`` (True when encoding fits the
+    payload by gradient steps: ``encode(tiles, steps=None)`` takes the step count, ``inner_steps`` the default).
     """
 
     continuous: bool = False
     patch_size: Optional[int] = None
+    inner_loop: bool = False
 
     def __init__(self, name: str, tile_size: int, spatial_dims: int = 2):
         super().__init__()

@@ -42,6 +42,7 @@ class Functa(AmortizedTerrainINR):
     """
 
     continuous = True
+    inner_loop = True
 
     def __init__(self, tile_size: int = 256, spatial_dims: int = 2, latent_dim: int = 512, width: int = 512,
                  hidden_layers: int = 14, omega_0: float = 30.0, inner_steps: int = 3, inner_lr_init: float = 1e-2,
