@@ -340,6 +340,104 @@ def slope_degrees(h, gsd):
     return slope_angle(g_row, g_col, sr, sc)
 
 
+# ------------------------------------------------------------------------------------------- cutting
+def _cut_sources(sources, tiling: Dict, sink=None) -> Dict:
+    """Cut every source, one at a time: tiles (in memory, or handed to ``sink(region, tiles)`` which keeps
+    them), origins, region_of_tile, per-tile mu / sd (float64), names, shapes and file pixel sizes."""
+    T, nodata, cap = tiling["tile_size"], tiling["nodata"], tiling["max_tiles_per_region"]
+    tiles, origins, regions, mus, sds, names, shapes, gsds = [], [], [], [], [], [], [], []
+    for r, (name, _, load) in enumerate(sources):
+        arr, file_gsd, file_nodata = load()
+        t, o = cut_tiles(arr, T, nodata if nodata is not None else file_nodata)
+        shapes.append(tuple(arr.shape))
+        del arr
+        if cap is not None and len(t) > cap:
+            keep = np.linspace(0, len(t) - 1, cap).round().astype(np.int64)
+            t, o = t[keep], o[keep]
+        flat = t.reshape(len(t), T * T).astype(np.float64)
+        mus.append(flat.mean(axis=1))
+        sds.append(flat.std(axis=1))
+        del flat
+        names.append(name)
+        origins.append(o)
+        regions.append(np.full(len(t), r, np.int64))
+        gsds.append(file_gsd)
+        if sink is None:
+            tiles.append(t)
+        else:
+            sink(r, t)
+    cat = (lambda xs, empty: np.concatenate(xs) if xs else empty)  # noqa: E731
+    return {"tiles": cat(tiles, np.zeros((0, T, T), np.float32)) if sink is None else None,
+            "origins": cat(origins, np.zeros((0, 2), np.int64)), "region_of_tile": cat(regions, np.zeros(0, np.int64)),
+            "mu": cat(mus, np.zeros(0)), "sd": cat(sds, np.zeros(0)), "names": names, "shapes": shapes, "gsds": gsds}
+
+
+TILE_CACHE_VERSION = 1
+
+
+def _cache_key(path: str, sources, settings: Dict) -> str:
+    import hashlib
+    import json
+
+    files = []
+    for name, f, _ in sources:
+        if f is None:
+            files.append([name])
+        else:
+            st = os.stat(f)
+            files.append([name, os.path.abspath(f), st.st_size, st.st_mtime_ns])
+    blob = json.dumps({"version": TILE_CACHE_VERSION, "path": path, "files": files, "settings": settings},
+                      sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+
+def _cached_cut(cache_dir: str, path: str, sources, settings: Dict) -> Dict:
+    """:func:`_cut_sources` through the tile cache (see ``TerrainDataset(tile_cache=...)``): tiles memory-mapped."""
+    import shutil
+
+    key = _cache_key(path, sources, settings)
+    final = os.path.join(cache_dir, key)
+    if not os.path.isfile(os.path.join(final, "index.npz")):
+        tmp = f"{final}.tmp{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        counts: List[int] = []
+
+        def sink(r: int, t: np.ndarray) -> None:
+            np.save(os.path.join(tmp, f"region_{r}.npy"), t)
+            counts.append(len(t))
+
+        cut = _cut_sources(sources, settings, sink=sink)
+        T = settings["tile_size"]
+        out = np.lib.format.open_memmap(os.path.join(tmp, "tiles.npy"), mode="w+", dtype=np.float32,
+                                        shape=(int(sum(counts)), T, T))
+        at = 0
+        for r, n in enumerate(counts):
+            rf = os.path.join(tmp, f"region_{r}.npy")
+            out[at:at + n] = np.load(rf, mmap_mode="r")
+            at += n
+            os.remove(rf)
+        out.flush()
+        del out
+        pix = np.array([g if g is not None else (np.nan, np.nan) for g in cut["gsds"]], np.float64).reshape(-1, 2)
+        np.savez(os.path.join(tmp, "index.npz"), origins=cut["origins"], region_of_tile=cut["region_of_tile"],
+                 mu=cut["mu"], sd=cut["sd"], names=np.array(cut["names"]), shapes=np.array(cut["shapes"]).reshape(-1, 2),
+                 pixel_m=pix)
+        try:
+            os.replace(tmp, final)
+            log.info("terrain tile cache written: %s (%d tiles)", final, int(sum(counts)))
+        except OSError:  # another process finished the same cache first: use it
+            shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        log.info("terrain tile cache reused: %s", final)
+    with np.load(os.path.join(final, "index.npz")) as idx:
+        pix = idx["pixel_m"]
+        return {"tiles": np.load(os.path.join(final, "tiles.npy"), mmap_mode="r"), "origins": idx["origins"],
+                "region_of_tile": idx["region_of_tile"], "mu": idx["mu"], "sd": idx["sd"],
+                "names": [str(n) for n in idx["names"]], "shapes": [tuple(s) for s in idx["shapes"]],
+                "gsds": [None if np.isnan(g).any() else (float(g[0]), float(g[1])) for g in pix]}
+
+
 # ------------------------------------------------------------------------------------------------ dataset
 @register("dataset", "terrain")
 class TerrainDataset:
@@ -370,6 +468,10 @@ class TerrainDataset:
         demo_root: folder of the generated terrain for ``path: demo``.
         demo_regions: regions generated for ``path: demo``.
         demo_size: side in pixels of each generated region.
+        tile_cache: folder of a tile cache (null: none). The tiles are cut once, region by region, into
+            ``<tile_cache>/<key>/tiles.npy`` (float32) and memory-mapped from then on, so a DEM collection larger
+            than memory works and later runs skip the reading and cutting; ``key`` changes with the source files
+            (path, size, modification time) and the tiling keys, so a stale cache is never used.
         seed: batch seed (injected from train.seed).
     """
 
@@ -378,7 +480,7 @@ class TerrainDataset:
                  tile_augment: str = "none", nodata: Optional[float] = None, raw_shape: Optional[List[int]] = None,
                  raw_dtype: str = "float32", gsd: Optional[Union[float, List[float]]] = None, min_sigma: float = 1e-3,
                  max_tiles_per_region: Optional[int] = None, demo_root: str = os.path.join("data", "terrain_demo"),
-                 demo_regions: int = 12, demo_size: int = 384, seed: int = 0):
+                 demo_regions: int = 12, demo_size: int = 384, tile_cache: Optional[str] = None, seed: int = 0):
         for key, val, allowed in (("split_by", split_by, SPLIT_MODES), ("tile_augment", tile_augment, TERRAIN_AUGMENT_MODES)):
             if val not in allowed:
                 raise ConfigError(f"dataset.{key} must be one of {', '.join(allowed)}; got {val!r}")
@@ -406,26 +508,23 @@ class TerrainDataset:
         self.batch_size, self.augment, self.seed = int(batch_size), tile_augment, int(seed)
         self.min_sigma = float(min_sigma)
 
+        if tile_cache is not None and not isinstance(tile_cache, str):
+            raise ConfigError(f"dataset.tile_cache must be null or a folder path, got {tile_cache!r}")
         sources = self._sources(raw_shape, raw_dtype, demo_root, demo_regions, demo_size)
-        tiles, origins, regions, gsds = [], [], [], []
-        self.region_names: List[str] = []
-        for r, (name, arr, file_gsd, file_nodata) in enumerate(sources):
-            t, o = cut_tiles(arr, self.tile_size, nodata if nodata is not None else file_nodata)
-            if max_tiles_per_region is not None and len(t) > max_tiles_per_region:
-                keep = np.linspace(0, len(t) - 1, max_tiles_per_region).round().astype(np.int64)
-                t, o = t[keep], o[keep]
-            self.region_names.append(name)
-            tiles.append(t)
-            origins.append(o)
-            regions.append(np.full(len(t), r, np.int64))
-            gsds.append(file_gsd)
-        self.tiles_m = np.concatenate(tiles) if tiles else np.zeros((0, self.tile_size, self.tile_size), np.float32)
+        tiling = {"tile_size": self.tile_size, "nodata": nodata, "max_tiles_per_region": max_tiles_per_region}
+        if tile_cache is None:
+            cut = _cut_sources(sources, tiling, sink=None)
+        else:
+            cut = _cached_cut(tile_cache, self.path, sources, {**tiling, "raw_shape": raw_shape,
+                                                               "raw_dtype": raw_dtype, "demo_regions": demo_regions,
+                                                               "demo_size": demo_size})
+        self.tiles_m, self.origins, self.region_of_tile = cut["tiles"], cut["origins"], cut["region_of_tile"]
+        self.region_names: List[str] = list(cut["names"])
+        gsds = cut["gsds"]
         if len(self.tiles_m) == 0:
-            shapes = ", ".join(f"{n} {list(a.shape)}" for n, a, _, _ in sources[:5])
+            shapes = ", ".join(f"{n} {list(s)}" for n, s in zip(cut["names"][:5], cut["shapes"][:5]))
             raise DataError(f"dataset.path '{self.path}': no complete {self.tile_size} x {self.tile_size} tile without "
                             f"missing values ({shapes}); lower dataset.tile_size or check nodata")
-        self.origins = np.concatenate(origins)
-        self.region_of_tile = np.concatenate(regions)
         unknown = [n for n, g in zip(self.region_names, gsds) if g is None]
         if gsd is None and unknown:
             log.warning("terrain %s: pixel size unknown for %s; slope angles assume 1 m per pixel (set dataset.gsd)",
@@ -433,10 +532,8 @@ class TerrainDataset:
         #: (regions, 2) metres per pixel along rows and columns (dataset.gsd, else each file's own)
         self.pixel_m = np.array([gsd if gsd is not None else (g if g is not None else (1.0, 1.0)) for g in gsds],
                                 dtype=np.float64).reshape(len(gsds), 2)
-        mu = self.tiles_m.reshape(len(self.tiles_m), -1).astype(np.float64).mean(axis=1)
-        sd = self.tiles_m.reshape(len(self.tiles_m), -1).astype(np.float64).std(axis=1)
-        self.mu = mu.astype(np.float64)
-        self.sigma = np.maximum(sd, self.min_sigma)
+        self.mu = cut["mu"].astype(np.float64)
+        self.sigma = np.maximum(cut["sd"].astype(np.float64), self.min_sigma)
         self.splits = split_tiles(self.region_of_tile, split_by, float(val_fraction), float(test_fraction),
                                   int(split_seed))
         if split_by != "none" and len(self.splits["train"]) == 0:
@@ -448,10 +545,12 @@ class TerrainDataset:
                  len(self.splits["val"]), len(self.splits["test"]), px_s)
 
     def _sources(self, raw_shape, raw_dtype, demo_root, demo_regions, demo_size):
-        """[(name, 2-D array, (row, column) pixel metres or None, nodata or None)] of the configured path."""
+        """[(name, file or None, load)] of the configured path; ``load()`` -> (2-D array, (row, column) pixel
+        metres or None, nodata or None). Files are read one at a time, when cut."""
         p = self.path
         if p in NAMED_SOURCES or p.startswith(("mpl:", "skimage:")):
-            return [(n, a, g, None) for n, a, g in _named_source(p, demo_root, demo_regions, demo_size)]
+            return [(n, None, (lambda a=a, g=g: (a, g, None)))
+                    for n, a, g in _named_source(p, demo_root, demo_regions, demo_size)]
         if os.path.isdir(p):
             files = sorted(f for f in os.listdir(p) if os.path.splitext(f)[1].lower() in HEIGHT_EXTS)
             if not files:
@@ -462,11 +561,7 @@ class TerrainDataset:
         else:
             raise DataError(f"dataset.path '{p}' not found (expected a heightfield file, a folder of them or one of "
                             f"{', '.join(NAMED_SOURCES)})")
-        out = []
-        for f in paths:
-            arr, g, nd = read_heightfield(f, raw_shape, raw_dtype)
-            out.append((os.path.basename(f), arr, g, nd))
-        return out
+        return [(os.path.basename(f), f, (lambda f=f: read_heightfield(f, raw_shape, raw_dtype))) for f in paths]
 
     # ------------------------------------------------------------------------------------------ shapes
     @property

@@ -144,3 +144,38 @@ def test_generator_deterministic_with_valleys(tmp_path):
                                                      log=None) == files
     with pytest.raises(FileExistsError, match="other settings"):
         generate_terrain_demo(str(tmp_path / "demo"), regions=3, size=32, iterations=2, log=None)
+
+
+def test_tile_cache_is_memory_mapped_identical_and_never_stale(tmp_path, monkeypatch):
+    import os
+
+    import datasets.terrain as dt
+
+    (tmp_path / "dem").mkdir()
+    src = _write_regions(tmp_path / "dem", n=4, size=24)
+    np.savez(src / "r4.npz", elevation=np.arange(24 * 24, dtype=np.float32).reshape(24, 24), dx=3.0)
+    kw = dict(tile_size=8, val_fraction=0.25, test_fraction=0.25, batch_size=4)
+    plain = TerrainDataset(str(src), **kw)
+    cached = TerrainDataset(str(src), tile_cache=str(tmp_path / "cache"), **kw)
+    assert isinstance(cached.tiles_m, np.memmap) and not isinstance(plain.tiles_m, np.memmap)
+    np.testing.assert_array_equal(np.asarray(cached.tiles_m), plain.tiles_m)
+    for a in ("origins", "region_of_tile", "mu", "sigma", "pixel_m"):
+        np.testing.assert_array_equal(getattr(cached, a), getattr(plain, a))
+    assert cached.region_names == plain.region_names and cached.splits.keys() == plain.splits.keys()
+    assert all(np.array_equal(cached.splits[k], plain.splits[k]) for k in plain.splits)
+    for k in ("tile", "mu", "sigma"):
+        assert torch.equal(cached.sample_batch(3)[k], plain.sample_batch(3)[k])
+    # the second build reads no file
+    monkeypatch.setattr(dt, "read_heightfield", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    again = TerrainDataset(str(src), tile_cache=str(tmp_path / "cache"), **kw)
+    np.testing.assert_array_equal(np.asarray(again.tiles_m), plain.tiles_m)
+    monkeypatch.undo()
+    # a changed source file (new size and time) makes a new cache entry with the new heights
+    np.save(src / "r0.npy", np.full((32, 32), 7.0, np.float32))
+    os.utime(src / "r0.npy", ns=(1, 1))
+    fresh = TerrainDataset(str(src), tile_cache=str(tmp_path / "cache"), **kw)
+    assert len(os.listdir(tmp_path / "cache")) == 2 and len(fresh) == len(plain) + 16 - 9
+    assert float(fresh.tiles_m[0].max()) == 7.0
+    # another tile size: another entry
+    TerrainDataset(str(src), tile_cache=str(tmp_path / "cache"), **{**kw, "tile_size": 12})
+    assert len(os.listdir(tmp_path / "cache")) == 3
