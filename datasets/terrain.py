@@ -462,7 +462,7 @@ class TerrainDataset:
         raw_dtype: numpy dtype of raw files.
         gsd: ground sampling distance in metres per pixel for slope angles: a number or a [row, column] pair,
             for every region; default: from each file (GeoTIFF ModelPixelScaleTag, .npz ``dx`` / ``dy`` or
-            ``latitude`` / ``longitude``, degrees converted to metres; 2 m for ``demo``), else 1 with a warning.
+            ``latitude`` / ``longitude``, degrees converted to metres; 5 m for ``demo``), else 1 with a warning.
         min_sigma: floor of the per-tile standard deviation in metres (flat tiles).
         max_tiles_per_region: keep at most this many tiles of each region (evenly spaced; null = all).
         demo_root: folder of the generated terrain for ``path: demo``.

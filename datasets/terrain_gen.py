@@ -15,10 +15,13 @@ Each region is a square heightfield in metres (float32, ``region_XXX.npy``), mad
 3. **Thermal erosion** after each hydraulic pass: material moves down where the slope to a 4-neighbour
    exceeds the talus slope (a fraction of the excess), softening crests and valley walls.
 
-Scaled to metres with a declared ground sampling distance (``gsd``, 2 m per pixel, the swissALTI3D 2 m
-product); reliefs of roughly 100-600 m per region. The files are written into a temporary sibling folder and
-renamed into place with a ``terrain_settings.json`` marker holding the settings; an existing root with the
-same settings is reused, a root with other settings is an error naming the folder.
+Reliefs of roughly 100-600 m per region, with a declared ground sampling distance of 5 m per pixel
+(``GSD_M``): regions of 1.9 km, mean slope ~30 deg, 90th percentile ~55 deg, as mountainous terrain. (Until
+2026-12 the same heights were declared at 2 m, which made them steeper than real terrain: mean slope 51 deg.
+The erosion works in fixed units of 2 m per pixel, ``_EROSION_PX_M``, so the heights did not change.)
+The files are written into a temporary sibling folder and renamed into place with a ``terrain_settings.json``
+marker holding the settings; an existing root with the same height settings (version, regions, size, seed,
+iterations) is reused, a root with others is an error naming the folder.
 
 Timing (2-core shared VM): the default 12 regions of 384 x 384 take about 20-40 s; cut into 32 x 32 tiles
 they give 1,728 tiles (6,912 at 16 x 16).
@@ -39,8 +42,10 @@ __all__ = ["fractal_surface", "erode", "generate_region", "generate_terrain_demo
 
 DEFAULT_ROOT = os.path.join("data", "terrain_demo")
 SETTINGS_FILE = "terrain_settings.json"
-GSD_M = 2.0  # declared ground sampling distance of the generated terrain, metres per pixel
-_VERSION = 1  # bump when the generator's output changes
+GSD_M = 5.0  # declared ground sampling distance of the generated terrain, metres per pixel
+_EROSION_PX_M = 2.0  # the erosion's height-per-pixel unit (heights depend on it, the declared GSD does not)
+_VERSION = 1  # bump when the generator's output (the heights) changes
+_HEIGHT_KEYS = ("version", "regions", "size", "seed", "iterations")  # the settings that decide the heights
 
 
 def _spectral(rng: np.random.Generator, n: int, beta: float, kmin: float = 1.0) -> np.ndarray:
@@ -166,8 +171,8 @@ def generate_region(size: int, seed: int, iterations: int = 30) -> np.ndarray:
     relief = float(rng.uniform(100.0, 600.0))
     base = float(rng.uniform(400.0, 1800.0))
     h = fractal_surface(size, seed, beta=beta, ridge=ridge)
-    # erosion works in "height per pixel" units: scale the relief to metres / gsd, erode, scale back
-    scale = relief / GSD_M
+    # erosion works in "height per pixel" units: scale the relief to metres / unit, erode, scale back
+    scale = relief / _EROSION_PX_M
     h = erode(h * scale, iterations=iterations, k=4e-2, talus=0.6) / scale
     return (base + relief * h).astype(np.float32)
 
@@ -199,7 +204,9 @@ def generate_terrain_demo(root: str = DEFAULT_ROOT, regions: int = 12, size: int
         if os.path.isfile(marker):
             with open(marker) as f:
                 have = json.load(f)
-        if have == want and len(region_files(root)) == regions:
+        # the heights' settings decide (a root written when the declared GSD was 2 m holds the same heights)
+        if have is not None and all(have.get(k) == want[k] for k in _HEIGHT_KEYS) \
+                and len(region_files(root)) == regions:
             return region_files(root)
         raise FileExistsError(f"terrain demo root '{root}' exists with other settings ({have}) than requested "
                               f"({want}); delete it or choose another dataset.demo_root")

@@ -144,6 +144,18 @@ def test_generator_deterministic_with_valleys(tmp_path):
                                                      log=None) == files
     with pytest.raises(FileExistsError, match="other settings"):
         generate_terrain_demo(str(tmp_path / "demo"), regions=3, size=32, iterations=2, log=None)
+    # a root written when the same heights were declared at 2 m per pixel is reused (the heights decide);
+    # the demo dataset declares 5 m per pixel
+    import json
+
+    files = generate_terrain_demo(str(tmp_path / "d30"), regions=2, size=32, log=None)
+    marker = tmp_path / "d30" / "terrain_settings.json"
+    old = {**json.loads(marker.read_text()), "gsd_m": 2.0}
+    marker.write_text(json.dumps(old))
+    assert generate_terrain_demo(str(tmp_path / "d30"), regions=2, size=32, log=None) == files
+    ds = TerrainDataset("demo", tile_size=16, demo_root=str(tmp_path / "d30"), demo_regions=2, demo_size=32,
+                        split_by="none")
+    np.testing.assert_allclose(ds.pixel_m, [[5.0, 5.0], [5.0, 5.0]])
 
 
 def test_tile_cache_is_memory_mapped_identical_and_never_stale(tmp_path, monkeypatch):
