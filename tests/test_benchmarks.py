@@ -2,6 +2,7 @@
 paths agree with the plain one, and the CPU peak-memory probe sees an allocation made inside its block."""
 import os
 import re
+import math
 import sys
 
 import pytest
@@ -121,3 +122,41 @@ def test_benchmarks_name_the_task_they_do_not_time():
             bench_train.main(["--config", os.path.join(ROOT, cfg), "--config_id", "0", "--steps", "1"])
         with pytest.raises(SystemExit, match=f"'{task}' run"):
             bench_inference.main(["--config", os.path.join(ROOT, cfg), "--config_id", "0", "--repeats", "1"])
+
+
+def test_terrain_regimes_bins_by_the_reference_gradient_error(tmp_path, capsys):
+    """7 tiles: the reference's gradient errors 7, 1, 6, 2, 5, 3, 4 -> flat = its 3 smoothest tiles (errors 1, 2, 3),
+    hilly = (4, 5), rugged = (6, 7); the other run is scored on the same bins (mean PSNR, pooled RMSEs)."""
+    import csv as _csv
+
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import terrain_regimes
+
+    def run(name, grads, psnrs):
+        d = tmp_path / name / "eval"
+        d.mkdir(parents=True)
+        with open(d / "tiles.csv", "w", newline="") as f:
+            w = _csv.writer(f)
+            w.writerow(["index", "region", "psnr", "rmse_z_m", "rmse_grad"])
+            for i, (g, p) in enumerate(zip(grads, psnrs)):
+                w.writerow([10 + i, "r", p, 2 * g, g])
+        return str(tmp_path / name)
+
+    ref = run("huvr", [7, 1, 6, 2, 5, 3, 4], [30] * 7)
+    other = run("other", [1, 1, 1, 1, 1, 1, 3], [20, 21, 22, 23, 24, 25, 26])
+    rows = terrain_regimes.main([ref, other, "--out", str(tmp_path / "r.csv")])
+    by = {(r["run"], r["regime"]): r for r in rows}
+    assert [by[("huvr", g)]["tiles"] for g in ("flat", "hilly", "rugged")] == [3, 2, 2]
+    # the other run on the reference's bins: flat = tiles 11, 13, 15 (PSNR 21, 23, 25), rugged = 10, 12 (20, 22)
+    assert by[("other", "flat")]["psnr"] == pytest.approx(23.0)
+    assert by[("other", "rugged")]["psnr"] == pytest.approx(21.0)
+    assert by[("other", "hilly")]["rmse_grad"] == pytest.approx(math.sqrt((9 + 1) / 2))  # tiles 16 (3), 14 (1)
+    assert by[("huvr", "hilly")]["rmse_z_m"] == pytest.approx(math.sqrt((64 + 100) / 2))  # errors 4, 5 -> z 8, 10
+    assert "regimes by the per-tile gradient error of 'huvr'" in capsys.readouterr().out
+    assert (tmp_path / "r.csv").is_file()
+    # runs scored on other tiles, or not evaluated: one line naming them
+    short = run("short", [1, 2, 3], [1, 2, 3])
+    with pytest.raises(SystemExit, match="run 'short' scored other tiles"):
+        terrain_regimes.main([ref, short])
+    with pytest.raises(SystemExit, match="tiles.csv not found"):
+        terrain_regimes.main([ref, str(tmp_path / "missing")])
