@@ -51,6 +51,7 @@ class Task:
             :meth:`model_inputs` gives their values, injected where the model's signature accepts them.
         ddp_find_unused_parameters: True when some parameters get no gradient in some steps (e.g. MoE-INR's
             experts in its label pre-training): multi-process training then tells DDP to look for them.
+        has_validation: True when :meth:`validate` scores a validation split (``train.val_every_steps``).
 
     Multi-process training (``accelerate launch``): :meth:`training_step` receives the DDP-wrapped model and must
     run every forward pass through it (``model(...)``), never through the unwrapped module, or the processes'
@@ -59,6 +60,7 @@ class Task:
 
     test_config: Optional[type] = None
     ddp_find_unused_parameters: bool = False
+    has_validation: bool = False
     model_arguments = ("cond_dim", "spatial_dims", "out_dim")
 
     def __init__(self, dataset):
@@ -108,6 +110,12 @@ class Task:
         samples.
         """
         return self.loss(self.predict(model, batch), batch)
+
+    def validate(self, model) -> Optional[Dict[str, float]]:
+        """Scores of the model (in eval mode, no gradients needed) on the dataset's validation split, for
+        ``train.val_every_steps``: {name: value}, e.g. ``mse`` and ``psnr``. Tasks that implement it set
+        ``has_validation = True``; the base task has none."""
+        return None
 
     @classmethod
     def count_flops(cls, model, inputs: Dict[str, Any], n_cond: int = 100, n_points: int = 1000) -> Dict[str, Any]:

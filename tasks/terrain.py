@@ -131,6 +131,7 @@ class TerrainTask(Task):
     """
 
     test_config = TerrainTestConfig
+    has_validation = True
     model_arguments = ("spatial_dims", "tile_size")
 
     def __init__(self, dataset):
@@ -148,6 +149,24 @@ class TerrainTask(Task):
     @property
     def output_mean(self) -> Optional[float]:
         return 0.0
+
+    def validate(self, model, max_tiles: int = 64, batch_size: int = 16) -> Optional[Dict[str, float]]:
+        """Mean normalized MSE and per-tile PSNR (peak: the tile's range) over at most ``max_tiles`` validation
+        tiles (evenly spaced; the same ones every time)."""
+        idx = self.dataset.split_indices("val")
+        if len(idx) == 0:
+            return None
+        if len(idx) > max_tiles:
+            idx = idx[np.linspace(0, len(idx) - 1, max_tiles).round().astype(np.int64)]
+        dev = next(model.parameters()).device
+        mse, psnr = [], []
+        with torch.no_grad():
+            for s in range(0, len(idx), batch_size):
+                t = self.dataset.tiles(idx[s:s + batch_size])["tile"].to(dev)
+                e = ((model.reconstruct(t).float() - t) ** 2).mean(dim=(1, 2, 3)).double()
+                mse.append(e.cpu())
+                psnr.append(_psnr(e.cpu(), (t.amax(dim=(1, 2, 3)) - t.amin(dim=(1, 2, 3))).double().cpu()))
+        return {"mse": float(torch.cat(mse).mean()), "psnr": float(torch.cat(psnr).mean())}
 
     @classmethod
     def count_flops(cls, model, inputs: Dict[str, Any], n_cond: int = 100, n_points: int = 1000) -> Dict[str, Any]:

@@ -260,3 +260,17 @@ def test_every_task_refuses_unknown_test_overrides():
         field = dataclasses.fields(cls)[0]
         ok = merge_test_config(cls, {}, {field.name: getattr(cls(), field.name)}, name)
         assert isinstance(ok, cls)
+
+
+def test_validation_only_for_tasks_that_have_one(tmp_path):
+    # train.val_every_steps on a task without a validation split is a config error naming the task
+    import tasks  # noqa: F401
+    from util.registry import get, names
+
+    assert get("task", "terrain").has_validation and not get("task", "ensemble").has_validation
+    demo = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo", "drrnet.yaml")
+    with pytest.raises(ConfigError, match="train.val_every_steps.*task 'ensemble' has no validation"):
+        load_config(demo, 0, ["train.val_every_steps=5"])
+    terrain = os.path.join(os.path.dirname(demo), "..", "terrain", "demo.yaml")
+    assert load_config(terrain, 0, ["train.val_every_steps=5"])["train"]["val_every_steps"] == 5
+    assert "terrain" in names("task")

@@ -170,13 +170,27 @@ def test_train_and_test_end_to_end(tmp_path, monkeypatch):
             "dataset": {"type": "terrain", "path": str(tmp_path / "dem"), "tile_size": 16, "val_fraction": 0.25,
                         "test_fraction": 0.25, "batch_size": 4, "gsd": 3.0},
             "optim": {"type": "adam", "lr": 1e-3}, "scheduler": {"type": "constant"},
-            "train": {"max_steps": 6, "log_every": 3, "log_dir": str(tmp_path / "runs")},
+            "train": {"max_steps": 6, "log_every": 3, "log_dir": str(tmp_path / "runs"), "val_every_steps": 4},
             "test": {"max_tiles": 4, "ptq_bits": [8], "timing_repeats": 1, "flops": False}}]
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     train_main(["--config", str(path), "--no_progress"])
     run = tmp_path / "runs" / "tiny_huvr"
     assert (run / "finished.json").is_file()
+    # validation at step 4 and at the end; the last row is the final model's score on the validation tiles
+    with open(run / "val.csv") as f:
+        val = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in val] == [4, 6]
+    from util.runs import build_dataset, load_experiment, load_trained_model
+
+    model, _, _ = load_trained_model(str(run))
+    ds = build_dataset(load_experiment(str(run)))
+    t = ds.tiles(ds.split_indices("val"))["tile"]
+    with torch.no_grad():
+        e = ((model.eval().decode(model.encode(t)) - t) ** 2).mean(dim=(1, 2, 3)).double()
+    r = (t.amax(dim=(1, 2, 3)) - t.amin(dim=(1, 2, 3))).double()
+    assert float(val[-1]["mse"]) == pytest.approx(float(e.mean()), rel=1e-5)
+    assert float(val[-1]["psnr"]) == pytest.approx(float((10 * torch.log10(r ** 2 / e)).mean()), rel=1e-5)
     test_main(["--run", str(run), "--no_progress"])
     with open(run / "eval" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))

@@ -452,6 +452,9 @@ class TrainConfig:
             has collapsed (constant output over the batch, or every gradient exactly 0) at
             ``collapse_patience`` consecutive log intervals. 0 = off.
         collapse_patience: consecutive log intervals (of ``log_every`` steps) a collapse must persist.
+        val_every_steps: score the task's validation split every this many steps and at the end (``val.csv``
+            and TensorBoard ``val/*`` in the run directory), to see when training plateaus; null: off. Only
+            tasks with a validation (``Task.validate``: terrain) accept it.
     """
 
     epochs: Optional[float] = None
@@ -468,13 +471,14 @@ class TrainConfig:
     timing_steps: int = 100
     collapse_check_steps: int = 1000
     collapse_patience: int = 3
+    val_every_steps: Optional[int] = None
 
     def __post_init__(self):
         _check_dataclass_fields(self, "train")
         check_run_name(self.run_name, "train.run_name")
         if not self.log_dir.strip():
             raise ConfigError("train.log_dir must not be empty (use '.' for the current folder)")
-        for k, lo in (("seed", 0), ("checkpoint_every_steps", 1), ("timing_steps", 0)):
+        for k, lo in (("seed", 0), ("checkpoint_every_steps", 1), ("timing_steps", 0), ("val_every_steps", 1)):
             if getattr(self, k) is not None and getattr(self, k) < lo:
                 raise ConfigError(f"train.{k} must be >= {lo}, got {getattr(self, k)}")
         if self.grad_clip is not None and not self.grad_clip > 0:
@@ -654,6 +658,10 @@ def validate_experiment(exp: Dict[str, Any], where: str = "") -> Dict[str, Any]:
         except TypeError as e:
             raise ConfigError(f"section '{sec}'{loc}: {e}") from None
         out[sec] = {k: getattr(inst, k) for k in body}  # as checked (e.g. max_steps: 1e4 -> 10000)
+    if out["train"].get("val_every_steps") is not None and not getattr(get("task", task_type), "has_validation",
+                                                                        False):
+        raise ConfigError(f"train.val_every_steps{loc}: task '{task_type}' has no validation split to score; "
+                          f"remove the key")
     for key in ("name", "description"):
         if out.get(key) is not None and not isinstance(out[key], str):
             raise ConfigError(f"'{key}'{loc} must be a string, got {_show(out[key])}")

@@ -98,6 +98,33 @@ class _Checkpointed:
         self.task.load_state_dict(state)
 
 
+def _validate(accelerator, task, raw_model, step: int, run_dir: str, writer) -> None:
+    """Main process: ``task.validate`` in eval mode -> a row of ``val.csv`` (rows after ``step`` from before a
+    resume are dropped first) and TensorBoard ``val/*``; the others wait."""
+    if accelerator.is_main_process:
+        raw_model.eval()
+        try:
+            scores = task.validate(raw_model)
+        finally:
+            raw_model.train()
+        if scores:
+            path = os.path.join(run_dir, "val.csv")
+            keys = sorted(scores)
+            rows = []
+            if os.path.isfile(path):
+                with open(path) as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) < step]
+            rows.append({"step": step, **{k: f"{scores[k]:.8g}" for k in keys}})
+            atomic_write_text(path, "\n".join([",".join(["step"] + keys)] +
+                                               [",".join(str(r.get(k, "")) for k in ["step"] + keys) for r in rows])
+                              + "\n")
+            if writer is not None:
+                for k in keys:
+                    writer.add_scalar(f"val/{k}", scores[k], step)
+            log.info("step %d validation: %s", step, ", ".join(f"{k} {scores[k]:.5g}" for k in keys))
+    accelerator.wait_for_everyone()
+
+
 def skip_together(accelerator, out):
     """A step one process skips (training_step returned None, e.g. a NeRF batch without samples) is skipped by
     every process: a lone skipper would leave the others waiting in the gradient all-reduce. One process: as is."""
@@ -292,6 +319,8 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
                     print(progress_line(done, total, start, mean_loss, psnr, lr, time.perf_counter() - t_start),
                           flush=True)
         bar.update(1)
+        if tc.val_every_steps is not None and (done % tc.val_every_steps == 0 or done == total):
+            _validate(accelerator, task, raw_model, done, run_dir, writer)
         if done % ckpt_every == 0 or done == total:
             check_processes_agree(accelerator, raw_model, done, task_type_of(exp))
             _save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints,
