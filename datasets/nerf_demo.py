@@ -30,8 +30,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -219,10 +217,9 @@ def generate_nerf_demo(root: str, size: int = 64, n_train: int = 50, n_test: int
         if os.listdir(root):
             raise ConfigError(f"'{root}' exists and is not a NeRF demo scene folder (no {SETTINGS_FILE}); choose "
                               f"another root")
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(root))}.tmp-", dir=parent)
-    try:
+    from util.runs import publish_folder
+
+    def fill(tmp: str) -> None:
         from PIL import Image
 
         with torch.no_grad():
@@ -238,12 +235,9 @@ def generate_nerf_demo(root: str, size: int = 64, n_train: int = 50, n_test: int
                     json.dump({"camera_angle_x": CAMERA_ANGLE_X, "frames": frames}, f, indent=1)
         with open(os.path.join(tmp, SETTINGS_FILE), "w") as f:
             json.dump(settings, f)
-        if os.path.isdir(root):
-            os.rmdir(root)  # empty (checked above)
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    if not publish_folder(root, fill):  # another process finished first: reuse it if the settings match
+        return generate_nerf_demo(root, size, n_train, n_test)
     log.info("NeRF demo scene written to %s (%d train, %d test views, %d px)", root, n_train, n_test, size)
     return root
 

@@ -393,14 +393,12 @@ def _cache_key(path: str, sources, settings: Dict) -> str:
 
 def _cached_cut(cache_dir: str, path: str, sources, settings: Dict) -> Dict:
     """:func:`_cut_sources` through the tile cache (see ``TerrainDataset(tile_cache=...)``): tiles memory-mapped."""
-    import shutil
+    from util.runs import publish_folder
 
     key = _cache_key(path, sources, settings)
     final = os.path.join(cache_dir, key)
-    if not os.path.isfile(os.path.join(final, "index.npz")):
-        tmp = f"{final}.tmp{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
+
+    def fill(tmp: str) -> None:
         counts: List[int] = []
 
         def sink(r: int, t: np.ndarray) -> None:
@@ -423,13 +421,12 @@ def _cached_cut(cache_dir: str, path: str, sources, settings: Dict) -> Dict:
         np.savez(os.path.join(tmp, "index.npz"), origins=cut["origins"], region_of_tile=cut["region_of_tile"],
                  mu=cut["mu"], sd=cut["sd"], names=np.array(cut["names"]), shapes=np.array(cut["shapes"]).reshape(-1, 2),
                  pixel_m=pix)
-        try:
-            os.replace(tmp, final)
-            log.info("terrain tile cache written: %s (%d tiles)", final, int(sum(counts)))
-        except OSError:  # another process finished the same cache first: use it
-            shutil.rmtree(tmp, ignore_errors=True)
-    else:
+
+    # another process may finish the same cache first: its folder is used
+    if os.path.isfile(os.path.join(final, "index.npz")) or not publish_folder(final, fill):
         log.info("terrain tile cache reused: %s", final)
+    else:
+        log.info("terrain tile cache written: %s", final)
     with np.load(os.path.join(final, "index.npz")) as idx:
         pix = idx["pixel_m"]
         return {"tiles": np.load(os.path.join(final, "tiles.npy"), mmap_mode="r"), "origins": idx["origins"],

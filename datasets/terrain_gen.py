@@ -31,8 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -210,24 +208,18 @@ def generate_terrain_demo(root: str = DEFAULT_ROOT, regions: int = 12, size: int
             return region_files(root)
         raise FileExistsError(f"terrain demo root '{root}' exists with other settings ({have}) than requested "
                               f"({want}); delete it or choose another dataset.demo_root")
-    parent = os.path.dirname(os.path.abspath(root))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.tmp-", dir=parent)
-    try:
+    from util.runs import publish_folder
+
+    def fill(tmp: str) -> None:
         if log:
             log(f"generating the demo terrain ({regions} regions of {size} x {size}) under {root} ...")
         for r in range(regions):
             np.save(os.path.join(tmp, f"region_{r:03d}.npy"), generate_region(size, seed * 1000 + r, iterations))
         with open(os.path.join(tmp, SETTINGS_FILE), "w") as f:
             json.dump(want, f, indent=1)
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished first: use its root if it matches
-            shutil.rmtree(tmp, ignore_errors=True)
-            return generate_terrain_demo(root, regions, size, seed, iterations, log=None)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    if not publish_folder(root, fill):  # another process finished first: use its root if it matches
+        return generate_terrain_demo(root, regions, size, seed, iterations, log=None)
     return region_files(root)
 
 

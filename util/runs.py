@@ -85,6 +85,38 @@ def atomic_save_npy(path: str, array: Any) -> None:
     os.chmod(path, 0o666 & ~mask)  # a user's output file: the usual permissions, not mkstemp's 0600
 
 
+def publish_folder(root: str, fill: Callable[[str], None]) -> bool:
+    """Create the folder ``root`` all at once: ``fill(tmp)`` writes into a fresh hidden sibling, which is then
+    renamed to ``root`` (an empty ``root`` is replaced), so a reader never sees a half-written folder. On an
+    error the sibling is removed and the error raised. The folder gets ordinary permissions (not mkdtemp's
+    private ones).
+
+    Returns:
+        True, or False when another process put ``root`` in place first (the sibling is discarded: use theirs).
+    """
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(root))}.tmp-", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        fill(tmp)
+        if os.path.isdir(root) and not os.listdir(root):
+            os.rmdir(root)
+        try:
+            os.rename(tmp, root)
+        except OSError:
+            if not os.path.isdir(root):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True
+
+
 def run_dir_of(exp: Dict[str, Any]) -> str:
     return os.path.join(exp["train"].get("log_dir", "runs"), run_name(exp))
 
