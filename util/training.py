@@ -139,10 +139,10 @@ def weights_fingerprint(model: torch.nn.Module) -> torch.Tensor:
     """Three float64 numbers that differ when any parameter value differs or moves (plain sum, absolute sum,
     and a sum weighted by position within and across tensors)."""
     out = torch.zeros(3, dtype=torch.float64)
-    for i, p in enumerate(model.parameters()):
-        v = p.detach().double().flatten().cpu()
-        w = (torch.arange(v.numel(), dtype=torch.float64) % 97 + 1) * (1 + i % 7)
-        out += torch.stack([v.sum(), v.abs().sum(), (v * w).sum()])
+    for i, p in enumerate(model.parameters()):  # on the parameters' device: only 3 numbers reach the CPU
+        v = p.detach().flatten().double()
+        w = (torch.arange(v.numel(), device=v.device, dtype=torch.float64) % 97 + 1) * (1 + i % 7)
+        out += torch.stack([v.sum(), v.abs().sum(), (v * w).sum()]).cpu()
     return out
 
 
