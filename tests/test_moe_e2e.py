@@ -57,17 +57,22 @@ def test_train_and_evaluate(tmp_path):
     assert "moe_inr" in MoETask.format_table(rows)
 
 
-def test_average_mode_evaluation(tmp_path):
-    _volume(tmp_path)
-    cfg = [{"name": "moe_avg", "task": {"type": "moe_inr", "k": 3, "pretrain": "none", "var_weight": 0.1},
-            "model": {"type": "moe_inr", "M": 3, "k": 3, "mode": "average"},
+def _train_two_steps(tmp_path, name, task, model):
+    """A 2-step run on the tiny volume (batch 64, no isosurfaces or SSIM, the volume saved by the evaluation)."""
+    cfg = [{"name": name, "task": {"type": "moe_inr", "pretrain": "none", **task},
+            "model": {"type": "moe_inr", "M": 3, **model},
             "dataset": {"type": "time_volume", "path": str(tmp_path / "v.npy"), "batch_size": 64},
             "optim": {"type": "adam", "lr": 1e-3}, "scheduler": {"type": "constant"},
             "train": {"max_steps": 2, "log_every": 1, "log_dir": str(tmp_path / "runs"), "collapse_check_steps": 0},
             "test": {"isovalues": [], "ssim": False, "save_volume": True}}]
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    run = train(load_config(str(path)), progress=False)
+    return train(load_config(str(path)), progress=False)
+
+
+def test_average_mode_evaluation(tmp_path):
+    _volume(tmp_path)
+    run = _train_two_steps(tmp_path, "moe_avg", {"k": 3, "var_weight": 0.1}, {"k": 3, "mode": "average"})
     row = MoETask.evaluate(run)[0]
     assert -1.0 <= row["pc"] <= 1.0 and 0.0 <= row["ji_st"] <= 1.0
     vol = np.load(os.path.join(run, "eval", "decompressed.npy"))
@@ -83,15 +88,7 @@ def test_lpips_on_slices_when_available_and_one_line_otherwise(tmp_path, monkeyp
     import util.image_eval as ie
 
     a = _volume(tmp_path).astype(np.float64)
-    cfg = [{"name": "moe_lp", "task": {"type": "moe_inr", "k": 2, "pretrain": "none"},
-            "model": {"type": "moe_inr", "M": 3, "k": 2},
-            "dataset": {"type": "time_volume", "path": str(tmp_path / "v.npy"), "batch_size": 64},
-            "optim": {"type": "adam", "lr": 1e-3}, "scheduler": {"type": "constant"},
-            "train": {"max_steps": 2, "log_every": 1, "log_dir": str(tmp_path / "runs"), "collapse_check_steps": 0},
-            "test": {"isovalues": [], "ssim": False, "save_volume": True}}]
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    run = train(load_config(str(path)), progress=False)
+    run = _train_two_steps(tmp_path, "moe_lp", {"k": 2}, {"k": 2})
     with caplog.at_level(logging.INFO):
         row = MoETask.evaluate(run)[0]
     assert row["lpips"] is None
