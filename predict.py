@@ -59,7 +59,7 @@ def check_output(path: str, overwrite: bool) -> None:
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
-    from util.query import Surrogate
+    from tasks.ensemble.surrogate import Surrogate
     from util.runs import atomic_save_npy
 
     try:

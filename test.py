@@ -10,7 +10,7 @@ it bakes the model (timed), reconstructs every test and train member at full res
 model and the reference predictors (mean field, nearest member, IDW), prints a table and writes
 ``metrics.csv`` (dataset level, with the model's wins against each reference predictor and the weights scored),
 ``members.csv`` (per member) and ``psnr_vs_idw.png`` (member PSNR, model vs IDW) into ``<run>/eval`` (or
-``--out_dir``); see util/evaluation.py for the columns. Scoring weights other than the final model.pt of a
+``--out_dir``); see tasks/ensemble/evaluation.py for the columns. Scoring weights other than the final model.pt of a
 finished run (training unfinished, or ``--checkpoint``) is warned about and recorded in metrics.csv.
 """
 import argparse

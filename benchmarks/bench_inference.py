@@ -11,7 +11,7 @@ synchronized):
 * bake time: ``bake(fold=False)`` (the plain cache) and ``bake()`` (plus the folded lattice), medians of
   ``--bake_repeats``;
 * full-field reconstruction of K members on an R^d lattice (default: the model's SSR shape), in points/s:
-  - ``plain``:      ``util.evaluation.predict_field`` with ``fast_paths=False`` (grid_sample of the D_sp
+  - ``plain``:      ``tasks.ensemble.evaluation.predict_field`` with ``fast_paths=False`` (grid_sample of the D_sp
                     lattice + concatenation + full fusion layer per point): what test.py does today;
   - ``fast_forward``: the same ``predict_field`` loop with the fast forward (gather interpolation of the
                     folded lattice + per-member condition bias);
@@ -60,7 +60,7 @@ def main(argv=None):
     setup_threads(args)
     if args.compare:
         return compare_models(args)
-    from util.evaluation import predict_field
+    from tasks.ensemble.evaluation import predict_field
     from util.sampling import grid_coords
 
     model, _, desc = build_from_args(args)

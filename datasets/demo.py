@@ -50,7 +50,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from datasets.ensemble import HDFieldDataset
+from datasets.ensemble import EnsembleDataset
 from util.config import NON_NEGATIVE, POSITIVE, VERTICES, one_of
 from util.registry import ConfigError, register
 
@@ -269,16 +269,16 @@ _SET_BY_DEMO = ("data_dir", "cond_path", "cond_split_path")
 
 
 def _ensemble_keys(**kwargs):
-    """Stand-in for HDFieldDataset in the registry: its config keys and docs minus the paths demo sets."""
+    """Stand-in for EnsembleDataset in the registry: its config keys and docs minus the paths demo sets."""
 
 
 # The registry validates a factory's extra keys against the class it forwards to; the file paths are supplied
 # by ``demo`` itself, so they must be neither required nor accepted from a config.
 _ensemble_keys.__signature__ = inspect.Signature(
-    [p for n, p in inspect.signature(HDFieldDataset.__init__).parameters.items() if n != "self" and n not in
+    [p for n, p in inspect.signature(EnsembleDataset.__init__).parameters.items() if n != "self" and n not in
      _SET_BY_DEMO])
-_ensemble_keys.__doc__ = "\n\n".join(inspect.cleandoc(d) for d in (HDFieldDataset.__doc__,
-                                                                    HDFieldDataset.__init__.__doc__) if d)
+_ensemble_keys.__doc__ = "\n\n".join(inspect.cleandoc(d) for d in (EnsembleDataset.__doc__,
+                                                                    EnsembleDataset.__init__.__doc__) if d)
 
 
 # `python -m datasets.demo` runs this file a second time as __main__ after the package import registered it.
@@ -287,7 +287,7 @@ _register = register("dataset", "demo", forwards=_ensemble_keys) if __name__ != 
 
 @_register
 def demo(root: str = "data/demo", n_train: int = 40, n_test: int = 10, resolution: int = 32, spatial_dims: int = 3,
-         demo_seed: int = 0, **kwargs) -> HDFieldDataset:
+         demo_seed: int = 0, **kwargs) -> EnsembleDataset:
     """The embedded demo ensemble (synthetic blast-wave densities, 4 parameters), generated on first use.
 
     The ensemble is written to ``root`` the first time (well under a second for 50 x 32^3) and reused after that;
@@ -312,7 +312,7 @@ def demo(root: str = "data/demo", n_train: int = 40, n_test: int = 10, resolutio
         log.info("generating the demo ensemble (%d members, %s fields) into %s (first use)", n_train + n_test,
                  "x".join([str(resolution)] * spatial_dims), os.path.abspath(root))
     p = generate_demo(root, n_train, n_test, resolution, spatial_dims, demo_seed)
-    return HDFieldDataset(data_dir=p["data_dir"], cond_path=p["cond_path"], cond_split_path=p["cond_split_path"],
+    return EnsembleDataset(data_dir=p["data_dir"], cond_path=p["cond_path"], cond_split_path=p["cond_split_path"],
                           **kwargs)
 
 
@@ -341,6 +341,6 @@ if __name__ == "__main__":
     main()
 
 
-demo.config_rules = dict(HDFieldDataset.config_rules, n_train=POSITIVE, n_test=NON_NEGATIVE, resolution=VERTICES,
+demo.config_rules = dict(EnsembleDataset.config_rules, n_train=POSITIVE, n_test=NON_NEGATIVE, resolution=VERTICES,
                          spatial_dims=one_of(2, 3))
 """Range rules of the demo's config keys (checked when a config is loaded)."""

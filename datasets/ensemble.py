@@ -44,7 +44,7 @@ from util.errors import DataError
 from util.registry import ConfigError, register
 from util.sampling import index_to_coords, interp_gather_index
 
-__all__ = ["HDFieldDataset", "open_member", "DataError", "IMPORTANCE_MODES", "STORAGE_MODES", "AUGMENT_MODES",
+__all__ = ["EnsembleDataset", "open_member", "DataError", "IMPORTANCE_MODES", "STORAGE_MODES", "AUGMENT_MODES",
            "downsampled_shape"]
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def _odd_names(names: Sequence[str]) -> tuple:
 
 
 @register("dataset", "ensemble")
-class HDFieldDataset:
+class EnsembleDataset:
     """An ensemble of scalar fields in the reference on-disk layout (spec 3), 2D ``(H, W)`` or 3D ``(D, H, W)``.
 
     Args:
@@ -888,6 +888,6 @@ class HDFieldDataset:
         return index_to_coords(np.stack(np.unravel_index(flat, self.train_shape), axis=-1), self.train_shape)
 
     def __repr__(self) -> str:
-        return (f"HDFieldDataset({self.data_dir!r}, train={len(self.train_idx)}, test={len(self.test_idx)}, "
+        return (f"EnsembleDataset({self.data_dir!r}, train={len(self.train_idx)}, test={len(self.test_idx)}, "
                 f"shape={list(self.spatial_shape)}, train_shape={list(self.train_shape)}, cond_dim={self.cond_dim}, "
                 f"storage={self.storage!r}, importance={self.importance!r}, augment={self._aug.mode!r})")

@@ -241,7 +241,7 @@ def write_importance(data_dir: str, cond_path: str, cond_split_path: str, out_di
                      progress: bool = True, coords_path: Optional[str] = None) -> Dict[str, str]:
     """Compute and write both importance files for an ensemble in the on-disk layout.
 
-    Values are normalized exactly as ``HDFieldDataset`` does (train-member min/max unless given); the files
+    Values are normalized exactly as ``EnsembleDataset`` does (train-member min/max unless given); the files
     equal the weights the dataset computes on the fly with the same settings.
 
     Args:
@@ -260,7 +260,7 @@ def write_importance(data_dir: str, cond_path: str, cond_split_path: str, out_di
     """
     from tqdm import tqdm
 
-    from datasets.ensemble import HDFieldDataset  # lazy: ensemble imports this module
+    from datasets.ensemble import EnsembleDataset  # lazy: ensemble imports this module
 
     common = dict(data_dir=data_dir, cond_path=cond_path, cond_split_path=cond_split_path, h5_key=h5_key,
                   file_ext=file_ext, file_pattern=file_pattern, log_transform=log_transform, value_min=value_min,
@@ -273,7 +273,7 @@ def write_importance(data_dir: str, cond_path: str, cond_split_path: str, out_di
             raise ValueError("--dims does not apply to a mesh ensemble (members are (N,) vertex values)")
         ds = UnstructuredDataset(coords_path=coords_path, **common)
     else:
-        ds = HDFieldDataset(dims=dims, **common)
+        ds = EnsembleDataset(dims=dims, **common)
     os.makedirs(out_dir, exist_ok=True)
     coord_dir = os.path.join(out_dir, COORD_DIR)
     os.makedirs(coord_dir, exist_ok=True)

@@ -23,7 +23,7 @@ Coordinates (exactly what the model sees, float32 (N, 3) in [-1, 1]):
 
 Values, normalization, conditions, batches (N_c members x N_x vertices drawn by the same (seed, step, rank)
 rule), importance sampling (same weights, ``datasets.importance``) and storage ("memory" / "mmap") are those of
-``HDFieldDataset``; the vertex index plays the role of the flat voxel index. Differences: ``spatial_shape`` =
+``EnsembleDataset``; the vertex index plays the role of the flat voxel index. Differences: ``spatial_shape`` =
 ``train_shape`` = (N,), ``spatial_dims`` = 3, ``has_grid`` = False (no SSIM, no grid coordinates; evaluation
 asks ``eval_coords``), ``downsample`` must be 1, and augmentation is limited to "none", "vc" and "vp_c" (VP-S
 and VP-SC interpolate values at perturbed positions, which a mesh does not define). Importance files written
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from datasets.augment import make_augmentation
-from datasets.ensemble import HDFieldDataset, _as_float, _is_int
+from datasets.ensemble import EnsembleDataset, _as_float, _is_int
 from util.config import one_of
 from util.errors import DataError
 from util.sampling import normalize_vertex_coords  # noqa: F401  (its home is util/sampling.py)
@@ -54,7 +54,7 @@ UNSTRUCTURED_AUGMENT_MODES = ("none", "vc", "vp_c")
 
 
 @register("dataset", "unstructured")
-class UnstructuredDataset(HDFieldDataset):
+class UnstructuredDataset(EnsembleDataset):
     """An ensemble of scalar fields given per vertex of one unstructured mesh (spec 3.5, MPAS-Ocean).
 
     Args:
@@ -99,7 +99,7 @@ class UnstructuredDataset(HDFieldDataset):
         seed: batch seed: batch = f(seed, step, rank).
     """
 
-    config_rules = dict(HDFieldDataset.config_rules, augment=one_of(*UNSTRUCTURED_AUGMENT_MODES), downsample=one_of(1))
+    config_rules = dict(EnsembleDataset.config_rules, augment=one_of(*UNSTRUCTURED_AUGMENT_MODES), downsample=one_of(1))
     """Range rules of the config keys (checked when a config is loaded)."""
 
     def __init__(self, data_dir: str, coords_path: str, cond_path: str, cond_split_path: str,
@@ -192,7 +192,7 @@ class UnstructuredDataset(HDFieldDataset):
         return torch.from_numpy(self._coords)
 
     def meta(self) -> dict:
-        """``HDFieldDataset.meta()`` plus spatial_dims (3: spatial_shape is (N,)), has_grid False and the
+        """``EnsembleDataset.meta()`` plus spatial_dims (3: spatial_shape is (N,)), has_grid False and the
         coordinate settings."""
         out = super().meta()
         out.update(spatial_dims=3, has_grid=False, coords_path=os.path.abspath(self.coords_path),
@@ -201,7 +201,7 @@ class UnstructuredDataset(HDFieldDataset):
 
     # -------------------------------------------------------------------------------------------- batches
     def _coords_of(self, flat: np.ndarray) -> np.ndarray:
-        """Mesh coordinates (..., 3) of vertex indices (...): ``sample_batch`` of ``HDFieldDataset`` then draws
+        """Mesh coordinates (..., 3) of vertex indices (...): ``sample_batch`` of ``EnsembleDataset`` then draws
         vertex indices in place of flat voxel indices."""
         return self._coords[flat]
 

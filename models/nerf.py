@@ -7,7 +7,7 @@ A radiance field maps world points (and view directions) to a density and a colo
     rgb_sigma(x: (S, 3), d: (S, 3)) -> (rgb (S, 3), sigma (S,))       # the rendering pass
     forward(x: (B, N, 3), c: (B, 0), d: (B, N, 3)) -> (B, N, 4)       # [r, g, b, sigma], for generic callers
 
-``d`` are unit view directions (camera to point). The NeRF task (tasks/nerf.py) calls ``forward`` for the
+``d`` are unit view directions (camera to point). The NeRF task (tasks/nerf/task.py) calls ``forward`` for the
 rendering pass (so a wrapped data-parallel model synchronizes its gradients) and ``density`` on the unwrapped
 model.
 """

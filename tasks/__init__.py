@@ -3,8 +3,8 @@ evaluation of a trained run; the one training loop (util/training.py) knows noth
 
 Importing the package registers every task type (kind ``task``); list each task module here.
 """
-import tasks.field  # noqa: F401  (registers "ensemble")
-import tasks.image  # noqa: F401  (registers "image")
-import tasks.moe  # noqa: F401  (registers "moe_inr")
-import tasks.nerf  # noqa: F401  (registers "nerf")
-import tasks.terrain  # noqa: F401  (registers "terrain")
+import tasks.ensemble.task  # noqa: F401  (registers "ensemble")
+import tasks.image.task  # noqa: F401  (registers "image")
+import tasks.moe_inr.task  # noqa: F401  (registers "moe_inr")
+import tasks.nerf.task  # noqa: F401  (registers "nerf")
+import tasks.terrain.task  # noqa: F401  (registers "terrain")

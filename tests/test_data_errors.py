@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from datasets.ensemble import HDFieldDataset, open_member
+from datasets.ensemble import EnsembleDataset, open_member
 from datasets.prepare import PrepareError, prepare
 from datasets.prepare import main as prepare_main
 from datasets.unstructured import UnstructuredDataset
@@ -27,7 +27,7 @@ def ens(tmp_path):
 
 
 def small(paths, **kw):
-    return HDFieldDataset(**{**paths, "cond_batch": 2, "spatial_log2batch": 4, **kw})
+    return EnsembleDataset(**{**paths, "cond_batch": 2, "spatial_log2batch": 4, **kw})
 
 
 def test_data_error_is_a_value_error():

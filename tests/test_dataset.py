@@ -1,4 +1,4 @@
-"""HDFieldDataset: on-disk layout, normalization, batches, storage equivalence, downsampling, errors."""
+"""EnsembleDataset: on-disk layout, normalization, batches, storage equivalence, downsampling, errors."""
 import json
 import os
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from datasets.ensemble import HDFieldDataset, downsampled_shape, open_member
+from datasets.ensemble import EnsembleDataset, downsampled_shape, open_member
 from util.errors import DataError
 from util.registry import ConfigError, build
 from util.sampling import coords_to_continuous_index, grid_coords, interp_gather
@@ -80,7 +80,7 @@ def _norm(fields, train_files, log=False):
 
 def test_batch_shapes_values_and_conditions(ens3d):
     paths, fields, params, perm = ens3d
-    ds = HDFieldDataset(**paths, cond_batch=4, spatial_log2batch=6)
+    ds = EnsembleDataset(**paths, cond_batch=4, spatial_log2batch=6)
     assert ds.spatial_shape == (6, 5, 4) and ds.train_shape == (6, 5, 4)
     assert ds.spatial_dims == 3 and ds.cond_dim == 3
     np.testing.assert_array_equal(ds.train_idx, np.arange(5))
@@ -107,25 +107,25 @@ def test_batch_shapes_values_and_conditions(ens3d):
 
 def test_epoch_length_and_meta(ens3d):
     paths, *_ = ens3d
-    ds = HDFieldDataset(**paths, cond_batch=3, spatial_log2batch=4)
+    ds = EnsembleDataset(**paths, cond_batch=3, spatial_log2batch=4)
     assert ds.steps_per_epoch == int(np.ceil(5 * 120 / 16 / 3))
     meta = ds.meta()
     json.dumps(meta)
     assert meta["spatial_shape"] == [6, 5, 4] and meta["cond_dim"] == 3 and meta["log_transform"] is False
     assert meta["param_names"] == ["p0", "p1", "p2"] and meta["param_max"] == [2.0] * 3
-    ds2 = HDFieldDataset(**paths, cond_batch=16, spatial_log2batch=12)
+    ds2 = EnsembleDataset(**paths, cond_batch=16, spatial_log2batch=12)
     assert ds2.steps_per_epoch == 1
 
 
 def test_determinism(ens3d):
     paths, *_ = ens3d
     kw = dict(cond_batch=3, spatial_log2batch=5, augment="vp_sc", tau_x=0.05, tau_c=0.02)
-    a, b = HDFieldDataset(**paths, **kw), HDFieldDataset(**paths, **kw)
+    a, b = EnsembleDataset(**paths, **kw), EnsembleDataset(**paths, **kw)
     x, y = a.sample_batch(7, rank=1), b.sample_batch(7, rank=1)
     assert all(torch.equal(x[k], y[k]) for k in x)
     assert not torch.equal(a.sample_batch(8, 1)["x"], x["x"])
     assert not torch.equal(a.sample_batch(7, 0)["x"], x["x"])
-    c = HDFieldDataset(**paths, seed=1, **kw)
+    c = EnsembleDataset(**paths, seed=1, **kw)
     assert not torch.equal(c.sample_batch(7, 1)["x"], x["x"])
 
 
@@ -138,8 +138,8 @@ def test_determinism(ens3d):
 def test_memory_and_mmap_give_identical_batches(tmp_path, kw):
     fields, params = random_ensemble(shape=(7, 6, 5), positive=True)
     paths = write_ensemble(tmp_path / "e", fields, params, n_train=5)
-    mem = HDFieldDataset(**paths, storage="memory", cond_batch=4, spatial_log2batch=7, **kw)
-    mm = HDFieldDataset(**paths, storage="mmap", cond_batch=4, spatial_log2batch=7, **kw)
+    mem = EnsembleDataset(**paths, storage="memory", cond_batch=4, spatial_log2batch=7, **kw)
+    mm = EnsembleDataset(**paths, storage="mmap", cond_batch=4, spatial_log2batch=7, **kw)
     for step in (0, 3):
         a, b = mem.sample_batch(step), mm.sample_batch(step)
         for k in a:
@@ -170,8 +170,8 @@ def test_2d_raw_end_to_end(tmp_path):
 def test_hdf5_and_netcdf_members(tmp_path, fmt):
     fields, params = random_ensemble(m=4, shape=(5, 6), d_c=2)
     paths = write_ensemble(tmp_path / fmt, fields, params, n_train=3, fmt=fmt, h5_key="energy")
-    mem = HDFieldDataset(**paths, h5_key="energy", cond_batch=2, spatial_log2batch=4)
-    mm = HDFieldDataset(**paths, h5_key="energy", cond_batch=2, spatial_log2batch=4, storage="mmap")
+    mem = EnsembleDataset(**paths, h5_key="energy", cond_batch=2, spatial_log2batch=4)
+    mm = EnsembleDataset(**paths, h5_key="energy", cond_batch=2, spatial_log2batch=4, storage="mmap")
     norm, _, _ = _norm(fields, np.arange(3))
     np.testing.assert_allclose(mem.full_field(3).numpy(), norm[3], atol=1e-6)
     a, b = mem.sample_batch(2), mm.sample_batch(2)
@@ -179,7 +179,7 @@ def test_hdf5_and_netcdf_members(tmp_path, fmt):
     if fmt == "h5":  # contiguous HDF5 datasets are memory-mapped
         assert isinstance(open_member(os.path.join(paths["data_dir"], "member_000.h5"), h5_key="energy"), np.memmap)
         with pytest.raises(ValueError, match="no dataset 'data'.*h5_key"):
-            HDFieldDataset(**paths)
+            EnsembleDataset(**paths)
 
 
 def test_file_ext_filters_members(tmp_path):
@@ -187,20 +187,20 @@ def test_file_ext_filters_members(tmp_path):
     paths = write_ensemble(tmp_path / "e", fields, params, n_train=3)
     with open(os.path.join(paths["data_dir"], "notes.txt"), "w") as f:
         f.write("not a member")
-    ds = HDFieldDataset(**paths, file_ext=".npy")  # notes.txt is not listed
+    ds = EnsembleDataset(**paths, file_ext=".npy")  # notes.txt is not listed
     assert len(ds.files) == 4 and ds.full_field(3).shape == (4, 4)
     # a 5th .npy: more files than cond rows is refused even when it sorts last; a pattern selects the members
     np.save(os.path.join(paths["data_dir"], "zz_extra.raw.npy"), fields[0])
     with pytest.raises(DataError, match=r"lists 5 member files.*has 4 rows.*zz_extra\.raw\.npy"):
-        HDFieldDataset(**paths, file_ext=".npy")
-    ds = HDFieldDataset(**paths, file_ext=".npy", file_pattern="member_*")
+        EnsembleDataset(**paths, file_ext=".npy")
+    ds = EnsembleDataset(**paths, file_ext=".npy", file_pattern="member_*")
     assert len(ds.files) == 4 and ds.full_field(3).shape == (4, 4)
 
 
 def test_log_transform_and_value_conversions(tmp_path):
     fields, params = random_ensemble(m=4, shape=(4, 5), d_c=1, positive=True)
     paths = write_ensemble(tmp_path / "e", fields, params, n_train=3)
-    ds = HDFieldDataset(**paths, log_transform=True)
+    ds = EnsembleDataset(**paths, log_transform=True)
     norm, lo, hi = _norm(fields, np.arange(3), log=True)
     assert ds.value_min == pytest.approx(lo) and ds.meta()["log_transform"] is True
     np.testing.assert_allclose(ds.full_field(3).numpy(), norm[3], atol=1e-6)
@@ -209,7 +209,7 @@ def test_log_transform_and_value_conversions(tmp_path):
     assert isinstance(back, torch.Tensor) and back.dtype == torch.float32
     np.testing.assert_allclose(back.numpy(), fields[3], rtol=1e-5)
     np.testing.assert_allclose(ds.denormalize_values(np.float64(0.0)), np.exp(lo))
-    fixed = HDFieldDataset(**paths, value_min=-1.0, value_max=3.0)
+    fixed = EnsembleDataset(**paths, value_min=-1.0, value_max=3.0)
     np.testing.assert_allclose(fixed.full_field(0).numpy(), (fields[0] + 1.0) / 4.0, atol=1e-6)
 
 
@@ -218,7 +218,7 @@ def test_downsample(tmp_path):
     assert downsampled_shape((9, 7, 5), 2) == (5, 4, 3) and downsampled_shape((128, 16), 2) == (64, 8)
     fields, params = random_ensemble(m=4, shape=(9, 7, 8), d_c=2)
     paths = write_ensemble(tmp_path / "e", fields, params, n_train=3)
-    ds = HDFieldDataset(**paths, downsample=2, cond_batch=2, spatial_log2batch=6)
+    ds = EnsembleDataset(**paths, downsample=2, cond_batch=2, spatial_log2batch=6)
     assert ds.spatial_shape == (9, 7, 8) and ds.train_shape == (5, 4, 4)
     assert tuple(ds.full_field(3).shape) == (9, 7, 8) and tuple(ds.train_field(3).shape) == (5, 4, 4)
     assert ds.steps_per_epoch == int(np.ceil(3 * 80 / 64 / 2))
@@ -245,7 +245,7 @@ def test_vp_s_batches_exact_on_linear_field(tmp_path, shape):
     slope = np.array([0.3, -0.2, 0.1][:d])
     fields = np.stack([(1.0 + k + g @ slope).reshape(shape) for k in range(3)]).astype(np.float32)
     paths = write_ensemble(tmp_path / "lin", fields, np.array([[0.0], [0.5], [1.0]]), n_train=3)
-    ds = HDFieldDataset(**paths, augment="vp_s", tau_x=0.3, sigma_x=0.2, cond_batch=3, spatial_log2batch=8)
+    ds = EnsembleDataset(**paths, augment="vp_s", tau_x=0.3, sigma_x=0.2, cond_batch=3, spatial_log2batch=8)
     b = ds.sample_batch(0)
     x = b["x"].numpy().astype(np.float64)
     raw = 1.0 + b["member"].numpy()[:, None] + x @ slope
@@ -255,25 +255,25 @@ def test_vp_s_batches_exact_on_linear_field(tmp_path, shape):
 def test_errors(tmp_path, ens3d):
     paths, fields, params, perm = ens3d
     with pytest.raises(FileNotFoundError, match="cond_path"):
-        HDFieldDataset(**{**paths, "cond_path": str(tmp_path / "nope.npy")})
+        EnsembleDataset(**{**paths, "cond_path": str(tmp_path / "nope.npy")})
     with pytest.raises(FileNotFoundError, match="data_dir"):
-        HDFieldDataset(**{**paths, "data_dir": str(tmp_path / "nodir")})
+        EnsembleDataset(**{**paths, "data_dir": str(tmp_path / "nodir")})
     for key, val in (("importance", "coords"), ("augment", "vp"), ("storage", "disk"), ("downsample", 0.5)):
         with pytest.raises(ConfigError, match=f"dataset.{key}"):
-            HDFieldDataset(**paths, **{key: val})
+            EnsembleDataset(**paths, **{key: val})
     with pytest.raises(ConfigError, match="tau_x is required"):
-        HDFieldDataset(**paths, augment="vp_s")
+        EnsembleDataset(**paths, augment="vp_s")
     with pytest.raises(ConfigError, match="give both"):
-        HDFieldDataset(**paths, value_min=0.0)
+        EnsembleDataset(**paths, value_min=0.0)
     with pytest.raises(ConfigError, match="tau_x"):
-        HDFieldDataset(**paths, augment="vc", tau_x=[0.1, 0.1])  # needs 3 values
+        EnsembleDataset(**paths, augment="vc", tau_x=[0.1, 0.1])  # needs 3 values
     # raw members: dims missing, wrong size
     fr, pr = random_ensemble(m=3, shape=(4, 5), d_c=1)
     rp = write_ensemble(tmp_path / "raw", fr, pr, n_train=2, fmt="raw")
     with pytest.raises(ConfigError, match="member_000.raw.*dataset.dims"):
-        HDFieldDataset(**rp)
+        EnsembleDataset(**rp)
     with pytest.raises(ValueError, match="member_000.raw: 80 bytes.*\\[4, 6\\]"):
-        HDFieldDataset(**rp, dims=[4, 6])
+        EnsembleDataset(**rp, dims=[4, 6])
     # NaN in a training member and in a test member: the message names the file
     fn, pn = random_ensemble(m=3, shape=(4, 4), d_c=1)
     fn[1, 2, 2] = np.nan
@@ -282,37 +282,37 @@ def test_errors(tmp_path, ens3d):
     # the test member is checked at construction (not first at test time), also with a given range and mmap
     for kw in ({}, dict(value_min=0.0, value_max=1.0, storage="mmap")):
         with pytest.raises(DataError, match="member_002.npy: 0 NaN and 1 Inf"):
-            HDFieldDataset(**nanp, **kw)
+            EnsembleDataset(**nanp, **kw)
     np.save(os.path.join(nanp["data_dir"], "member_002.npy"), fn[0])
     with pytest.raises(DataError, match="member_001.npy: 1 NaN"):
-        HDFieldDataset(**nanp)
+        EnsembleDataset(**nanp)
     # missing member file referenced by cond.npy
     os.remove(os.path.join(nanp["data_dir"], "member_002.npy"))
     with pytest.raises(ValueError, match="column 0"):
-        HDFieldDataset(**nanp)
+        EnsembleDataset(**nanp)
     # log of non-positive values
     with pytest.raises(ValueError, match="member_00.\\.npy: log_transform needs values > 0"):
-        HDFieldDataset(**paths, log_transform=True)
+        EnsembleDataset(**paths, log_transform=True)
     # constant training fields
     cp = write_ensemble(tmp_path / "const", np.ones((3, 4, 4), np.float32), pn, n_train=2)
     with pytest.raises(ValueError, match="constant value"):
-        HDFieldDataset(**cp)
+        EnsembleDataset(**cp)
     # mismatching member shapes
     np.save(os.path.join(paths["data_dir"], "member_000.npy"), np.zeros((2, 2, 2), np.float32))
     with pytest.raises(ValueError, match="member_000.npy has shape \\[2, 2, 2\\]"):
-        HDFieldDataset(**paths)
+        EnsembleDataset(**paths)
     # bad split file
     np.save(paths["cond_split_path"], {"cond_idx": np.array([0, 99]), "cond_idx_unseen": []}, allow_pickle=True)
     with pytest.raises(DataError, match=r"'cond_idx' must hold row numbers of cond.npy \(0..6\), got values from 0 "
                                         r"to 99"):
-        HDFieldDataset(**paths)
+        EnsembleDataset(**paths)
 
 
 def test_real_layout_smoke():
     root = "/work/shared/data/clover16"
     if not os.path.isdir(root):
         pytest.skip("clover16 not available")
-    ds = HDFieldDataset(data_dir=f"{root}/data", cond_path=f"{root}/cond.npy", cond_split_path=f"{root}/split.npy",
+    ds = EnsembleDataset(data_dir=f"{root}/data", cond_path=f"{root}/cond.npy", cond_split_path=f"{root}/split.npy",
                         cond_batch=2, spatial_log2batch=6)
     assert ds.spatial_shape == (16, 16, 16) and ds.cond_dim == 6 and len(ds.train_idx) == 100
     assert 0.5 < ds.value_min < 0.7 and 15 < ds.value_max < 16

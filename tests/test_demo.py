@@ -196,7 +196,7 @@ def test_default_ensemble_is_fast(tmp_path):
 
 
 def test_registered_dataset_generates_on_first_use(tmp_path, caplog):
-    from datasets.ensemble import HDFieldDataset
+    from datasets.ensemble import EnsembleDataset
     from util.registry import ConfigError, accepted_keys, build
 
     keys = accepted_keys("dataset", "demo", ("seed",))
@@ -205,7 +205,7 @@ def test_registered_dataset_generates_on_first_use(tmp_path, caplog):
     kw = dict(root=root, n_train=4, n_test=2, resolution=8, cond_batch=2, spatial_log2batch=4)
     with caplog.at_level(logging.INFO, logger="datasets.demo"):
         ds = build("dataset", "demo", section="dataset", injected={"seed": 0}, **kw)
-    assert isinstance(ds, HDFieldDataset)
+    assert isinstance(ds, EnsembleDataset)
     assert "generating the demo ensemble" in caplog.text
     assert os.path.isfile(os.path.join(root, "demo_settings.json"))
     batch = ds.sample_batch(0)

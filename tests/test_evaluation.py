@@ -1,4 +1,4 @@
-"""test.py / util.evaluation end to end on a tiny hand-made 2D ensemble, every number recomputed independently.
+"""test.py / tasks.ensemble.evaluation end to end on a tiny hand-made 2D ensemble, every number recomputed independently.
 
 The ensemble (8 x 8 fields in data units 100..300, 2 parameters) has 8 training members and 3 test members.
 Test member row 0 is a trap: its parameters equal those of training row 4, but its values are row 4's inverted.
@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from util.evaluation import _add_wins, _Scorer, evaluate, psnr_scatter_png, scored_weights, WIN_COLOR, LOSS_COLOR
+from tasks.ensemble.evaluation import _add_wins, _Scorer, evaluate, psnr_scatter_png, scored_weights, WIN_COLOR, LOSS_COLOR
 
 N = 8  # grid size
 TRAIN_ROWS = [1, 2, 3, 4, 5, 6, 7, 8]

@@ -1,4 +1,4 @@
-"""util/image_eval.py: reconstruction, timing, PSNR protocols, tiled and raster SSIM, LPIPS gating, PNGs, driver."""
+"""tasks/image/evaluation.py: reconstruction, timing, PSNR protocols, tiled and raster SSIM, LPIPS gating, PNGs, driver."""
 import logging
 import math
 import os
@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 from skimage.metrics import structural_similarity
 
-import util.image_eval as ie
-from util.image_eval import (chunked_mse, error_image, evaluate_image, image_coords, inference_time,
+import tasks.image.evaluation as ie
+from tasks.image.evaluation import (chunked_mse, error_image, evaluate_image, image_coords, inference_time,
                              iter_predictions, psnr, raster_window, reconstruct, save_png, ssim_raster, ssim_tiles,
                              tile_edges, to_uint8)
 
@@ -182,7 +182,7 @@ def test_raster_chunk_ssim_by_hand():
 def test_lpips_unavailable_returns_none_with_one_log_line(caplog, monkeypatch):
     monkeypatch.setattr(ie, "lpips_status", lambda: (False, "LPIPS skipped: test reason"))
     img = rand_img(8, 8)
-    with caplog.at_level(logging.INFO, logger="util.image_eval"):
+    with caplog.at_level(logging.INFO, logger="tasks.image.evaluation"):
         assert ie.lpips_tiles(img, img) is None
     msgs = [r.message for r in caplog.records if "LPIPS" in r.message]
     assert msgs == ["LPIPS skipped: test reason"]

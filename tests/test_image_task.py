@@ -1,4 +1,4 @@
-"""tasks/image.py: the image task's test config, and its evaluation of a hand-made run directory.
+"""tasks/image/task.py: the image task's test config, and its evaluation of a hand-made run directory.
 
 The model of the fake runs is a stored image P sampled bilinearly (align corners) at x = (column, row): at the
 pixel centres it returns P itself, so with P = truth + delta the expected PSNR is -10 log10(mean delta^2),
@@ -20,7 +20,7 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from models.base import FieldModel
-from tasks.image import (IMAGE_FIELDS, ImageTask, ImageTestConfig, evaluate_model, format_table,
+from tasks.image.task import (IMAGE_FIELDS, ImageTask, ImageTestConfig, evaluate_model, format_table,
                          image_channels_from_header)
 from util.config import validate_experiment
 from util.registry import ConfigError, get, register

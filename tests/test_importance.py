@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from datasets import importance as imp
-from datasets.ensemble import HDFieldDataset
+from datasets.ensemble import EnsembleDataset
 
 
 def _write(root, fields, params, n_train):
@@ -79,11 +79,11 @@ def test_dataset_coordinate_importance(tmp_path):
     rng = np.random.default_rng(3)
     fields = np.stack([_three_level_field(rng) for _ in range(3)])
     paths = _write(str(tmp_path / "e"), fields, rng.random((3, 2)), n_train=3)
-    ds = HDFieldDataset(**paths, importance="coord", cond_batch=8, spatial_log2batch=13)
+    ds = EnsembleDataset(**paths, importance="coord", cond_batch=8, spatial_log2batch=13)
     v = ds.sample_batch(0)["v"].numpy().ravel()  # normalized: 0.1 -> 0, 0.5 -> 0.5, 0.9 -> 1
     for level in (0.0, 0.5, 1.0):
         assert abs(np.isclose(v, level).mean() - 1 / 3) < 0.01
-    uni = HDFieldDataset(**paths, cond_batch=8, spatial_log2batch=13).sample_batch(0)["v"].numpy().ravel()
+    uni = EnsembleDataset(**paths, cond_batch=8, spatial_log2batch=13).sample_batch(0)["v"].numpy().ravel()
     assert abs(np.isclose(uni, 0.0).mean() - 0.5) < 0.02  # uniform sampling follows the histogram
 
 
@@ -94,7 +94,7 @@ def test_member_weights_and_member_sampling(tmp_path):
                        [[0.0, 0.5], [1.0, 1.0]],
                        [[0.2, 0.2], [0.2, 0.2]]])  # test member
     paths = _write(str(tmp_path / "e"), fields, np.linspace(0, 1, 4)[:, None], n_train=3)
-    ds = HDFieldDataset(**paths, importance="member", cond_batch=30_000, spatial_log2batch=0)
+    ds = EnsembleDataset(**paths, importance="member", cond_batch=30_000, spatial_log2batch=0)
     np.testing.assert_allclose(np.diff(ds._member_cdf, prepend=0.0), [2 / 9, 4 / 9, 3 / 9])
     freq = np.bincount(ds.sample_batch(0)["member"].numpy(), minlength=4) / 30_000
     np.testing.assert_allclose(freq, [2 / 9, 4 / 9, 3 / 9, 0.0], atol=0.01)
@@ -111,7 +111,7 @@ def test_cli_files_match_on_the_fly_weights(tmp_path, capsys):
     assert f"impsmp_cond_path: {cond_file}" in capsys.readouterr().out
     files = sorted(os.listdir(coord_dir))
     assert len(files) == 5 and files[0] == "point_imp_000000.npy"
-    ds = HDFieldDataset(**paths, importance="both", impsmp_bins=16, impsmp_cluster_size=4, cond_batch=4,
+    ds = EnsembleDataset(**paths, importance="both", impsmp_bins=16, impsmp_cluster_size=4, cond_batch=4,
                         spatial_log2batch=6)
     loaded = imp.load_cond_weights(cond_file, ds.train_idx, ds.num_rows)
     assert np.load(cond_file).shape == (4,)  # one weight per training member (reference format)
@@ -120,7 +120,7 @@ def test_cli_files_match_on_the_fly_weights(tmp_path, capsys):
         d = imp.load_coord_file(os.path.join(coord_dir, files[row]))
         assert d["point_cluster_size"] == 4 and d["row"] == row and d["shape"] == [6, 7, 5]
         np.testing.assert_allclose(np.cumsum(d["point_imp"]), ds._coord_samplers[pos].cdf, rtol=1e-12)
-    from_files = HDFieldDataset(**paths, importance="both", impsmp_cond_path=cond_file, impsmp_coord_path=coord_dir,
+    from_files = EnsembleDataset(**paths, importance="both", impsmp_cond_path=cond_file, impsmp_coord_path=coord_dir,
                                 cond_batch=4, spatial_log2batch=6)
     a, b = ds.sample_batch(5), from_files.sample_batch(5)
     for k in a:
@@ -143,20 +143,20 @@ def test_reference_files_and_file_errors(tmp_path):
     for row in range(3):  # reference style: only the two keys, a torch tensor inside, its own file names
         np.save(folder / f"temp_point_imp{row:02d}.npy",
                 {"point_imp": torch.ones(16, dtype=torch.float64) / 16, "point_cluster_size": 1}, allow_pickle=True)
-    ds = HDFieldDataset(**paths, importance="coord", impsmp_coord_path=str(folder), cond_batch=2, spatial_log2batch=4)
+    ds = EnsembleDataset(**paths, importance="coord", impsmp_coord_path=str(folder), cond_batch=2, spatial_log2batch=4)
     assert ds.sample_batch(0)["x"].shape == (2, 16, 2)
     np.save(folder / "temp_point_imp03.npy", {"point_imp": np.ones(16), "point_cluster_size": 1}, allow_pickle=True)
     with pytest.raises(ValueError, match="holds 4 .npy files, expected one per cond row \\(3"):
-        HDFieldDataset(**paths, importance="coord", impsmp_coord_path=str(folder))
+        EnsembleDataset(**paths, importance="coord", impsmp_coord_path=str(folder))
     os.remove(folder / "temp_point_imp03.npy")
     imp.save_coord_file(str(folder / "temp_point_imp00.npy"), np.ones(8), 1, (2, 4), 64, 0)
     with pytest.raises(ValueError, match="shape \\[2, 4\\].*\\[4, 4\\]"):
-        HDFieldDataset(**paths, importance="coord", impsmp_coord_path=str(folder))
+        EnsembleDataset(**paths, importance="coord", impsmp_coord_path=str(folder))
     with pytest.raises(FileNotFoundError, match="impsmp_coord_path"):
-        HDFieldDataset(**paths, importance="coord", impsmp_coord_path=str(tmp_path / "none"))
+        EnsembleDataset(**paths, importance="coord", impsmp_coord_path=str(tmp_path / "none"))
     np.save(tmp_path / "w.npy", np.array([1.0, 2.0, 3.0, 4.0]))
     with pytest.raises(ValueError, match="holds 4 weights, expected 2"):
-        HDFieldDataset(**paths, importance="member", impsmp_cond_path=str(tmp_path / "w.npy"))
+        EnsembleDataset(**paths, importance="member", impsmp_cond_path=str(tmp_path / "w.npy"))
     np.save(tmp_path / "w3.npy", np.array([1.0, 3.0, 100.0]))  # one per cond row -> the train rows' weights
     np.testing.assert_allclose(imp.load_cond_weights(str(tmp_path / "w3.npy"), np.array([0, 1]), 3), [0.25, 0.75])
 

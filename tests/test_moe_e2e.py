@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-import tasks.moe  # noqa: F401  (registers task moe_inr until tasks/__init__.py lists it)
-from tasks.moe_eval import load_fp16
-from tasks.moe import MoETask
+import tasks.moe_inr.task  # noqa: F401  (registers task moe_inr until tasks/__init__.py lists it)
+from tasks.moe_inr.evaluation import load_fp16
+from tasks.moe_inr.task import MoETask
 from util.config import load_config
 from util.training import train
 
@@ -85,7 +85,7 @@ def test_lpips_on_slices_when_available_and_one_line_otherwise(tmp_path, monkeyp
     slices of the [0, 1]-mapped values, computed here from the raw volume (global min-max to [-1, 1])."""
     import logging
 
-    import util.image_eval as ie
+    import tasks.image.evaluation as ie
 
     a = _volume(tmp_path).astype(np.float64)
     run = _train_two_steps(tmp_path, "moe_lp", {"k": 2}, {"k": 2})

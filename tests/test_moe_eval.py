@@ -1,4 +1,4 @@
-"""MoE-INR compression outputs and metrics (tasks/moe_eval.py): fp16 round trip and CR arithmetic, chamfer
+"""MoE-INR compression outputs and metrics (tasks/moe_inr/evaluation.py): fp16 round trip and CR arithmetic, chamfer
 distance of known spheres, PSNR bisection with a stand-in compressor, uncertainty metrics, missing packages."""
 import math
 import sys
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.moe_eval import (PearsonSums, chamfer_distance, compression_ratios, evaluate_volumes, get_compressor,
+from tasks.moe_inr.evaluation import (PearsonSums, chamfer_distance, compression_ratios, evaluate_volumes, get_compressor,
                                isosurface, jaccard_tolerance, load_fp16, match_psnr, pearson, save_fp16)
 from models.moe_inr import MoEINR
 

@@ -1,4 +1,4 @@
-"""MoE-INR task (tasks/moe.py): expert labels (k-means deterministic, spatial/temporal/random by hand), the
+"""MoE-INR task (tasks/moe_inr/task.py): expert labels (k-means deterministic, spatial/temporal/random by hand), the
 stage-1 and stage-2 losses recomputed by hand from the model's outputs, the stage switch, and a resume across
 the stage boundary that must match an uninterrupted run bitwise."""
 import copy
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from datasets.timevolume import TimeVolumeDataset
 from models.moe_inr import MoEINR
-from tasks.moe import MoETask, kmeans_fit
+from tasks.moe_inr.task import MoETask, kmeans_fit
 from util.registry import ConfigError
 
 

@@ -9,11 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tasks.nerf  # noqa: F401  (registers the "nerf" task)
+import tasks.nerf.task  # noqa: F401  (registers the "nerf" task)
 from models.nerf import (PAPER_NERF_MODELS, DenseDRRRadianceField, DenseRadianceField, MRGridDRRRadianceField,
                          MRGridRadianceField, NGPRadianceField, TriPlaneDRRRadianceField, TriPlaneRadianceField,
                          spherical_harmonics_deg4, trunc_exp)
-from tasks.nerf import NeRFTask
+from tasks.nerf.task import NeRFTask
 from util.registry import ConfigError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

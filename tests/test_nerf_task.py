@@ -1,4 +1,4 @@
-"""tasks/nerf.py (training step, grid update, dynamic ray count, skipped steps, state, evaluation) and
+"""tasks/nerf/task.py (training step, grid update, dynamic ray count, skipped steps, state, evaluation) and
 models/nerf.py (vanilla NeRF) against hand values; one tiny train + test through the one loop."""
 import csv
 import math
@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-import tasks.nerf  # noqa: F401  (registers the "nerf" task)
+import tasks.nerf.task  # noqa: F401  (registers the "nerf" task)
 from models.nerf import RadianceField, VanillaNeRF, frequency_encoding
-from tasks.nerf import NeRFTask
+from tasks.nerf.task import NeRFTask
 from util.registry import ConfigError
 
 

@@ -7,7 +7,7 @@ import pytest
 
 import predict
 from models.base import FieldModel
-import util.query
+import tasks.ensemble.surrogate
 
 META = dict(param_names=["a", "b"], param_min=[0.0, 0.0], param_max=[1.0, 1.0], cond_dim=2,
             spatial_shape=[3, 4, 5], value_min=0.0, value_max=2.0, log_transform=False)
@@ -27,7 +27,7 @@ def loads(monkeypatch):
         calls.append(run)
         return ConstStub(), {}, META
 
-    monkeypatch.setattr(util.query, "load_trained_model", load)
+    monkeypatch.setattr(tasks.ensemble.surrogate, "load_trained_model", load)
     return calls
 
 

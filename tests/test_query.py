@@ -1,4 +1,4 @@
-"""util/query.py and predict.py: parameter normalization and value de-normalization (plain and log) against
+"""tasks/ensemble/surrogate.py and predict.py: parameter normalization and value de-normalization (plain and log) against
 hand-computed numbers and against the data pipeline (prepare's cond.npy, the dataset's normalization), and the
 index -> coordinate -> array orientation on non-cubic grids, with a stub model that returns a known function of
 (x, c)."""
@@ -10,7 +10,7 @@ import pytest
 from torch import nn
 
 from models.base import FieldModel
-from util.query import Surrogate, denormalize
+from tasks.ensemble.surrogate import Surrogate, denormalize
 
 
 class LinearStub(FieldModel):
@@ -63,7 +63,7 @@ def test_normalize_params_extrapolation_warns_with_the_value(caplog):
 def test_normalize_params_reproduces_prepared_cond_rows(tmp_path):
     """The raw CSV row of every member, normalized by the Surrogate from the run's meta (names and ranges read
     from prepare's cond_meta.json by the dataset), equals that member's row of prepare's cond.npy."""
-    from datasets.ensemble import HDFieldDataset
+    from datasets.ensemble import EnsembleDataset
     from datasets.prepare import prepare
 
     rng = np.random.default_rng(0)
@@ -74,7 +74,7 @@ def test_normalize_params_reproduces_prepared_cond_rows(tmp_path):
     raw = np.stack([rng.uniform(1e-3, 5e-3, 6), rng.uniform(-300, 700, 6), rng.uniform(1.2, 1.7, 6)], axis=1)
     (tmp_path / "p.csv").write_text("visc,temp,gamma\n" + "".join(",".join(repr(float(v)) for v in r) + "\n" for r in raw))
     paths = prepare(str(data), str(tmp_path / "p.csv"), str(tmp_path / "out"), n_train=4, progress=False)
-    ds = HDFieldDataset(data_dir=str(data), cond_path=paths["cond_path"], cond_split_path=paths["cond_split_path"])
+    ds = EnsembleDataset(data_dir=str(data), cond_path=paths["cond_path"], cond_split_path=paths["cond_split_path"])
     s = Surrogate(LinearStub(), ds.meta())
     assert s.param_names == ["visc", "temp", "gamma"]
     cond = np.load(paths["cond_path"])
@@ -101,13 +101,13 @@ def test_denormalize_hand_values():
 @pytest.mark.parametrize("log_transform", [False, True])
 def test_denormalize_inverts_the_dataset_normalization(tmp_path, log_transform):
     """denormalize(dataset.full_field(row), dataset.meta()) gives back the member file's values (data units)."""
-    from datasets.ensemble import HDFieldDataset
+    from datasets.ensemble import EnsembleDataset
     from tests.test_dataset import random_ensemble, write_ensemble
 
     fields, params = random_ensemble(m=5, shape=(3, 4, 5), positive=True)
     fields = fields ** 3  # values spanning 0.1 .. 16: a log that was not undone would show
     paths = write_ensemble(tmp_path / "e", fields, params, n_train=3)
-    ds = HDFieldDataset(**paths, log_transform=log_transform)
+    ds = EnsembleDataset(**paths, log_transform=log_transform)
     for row in (0, 4):
         np.testing.assert_allclose(denormalize(ds.full_field(row).numpy(), ds.meta()), fields[row], rtol=2e-5)
 
@@ -164,10 +164,10 @@ def test_predict_index_and_model_coordinates():
 def test_predict_cli_writes_the_oriented_grid(tmp_path, monkeypatch):
     """predict.py --resolution D H W (array order) with named parameters writes the same oriented field."""
     import predict
-    import util.query
+    import tasks.ensemble.surrogate
 
     meta = dict(META, value_min=-1.0, value_max=3.0)
-    monkeypatch.setattr(util.query, "load_trained_model", lambda run, ckpt=None: (LinearStub(), {}, meta))
+    monkeypatch.setattr(tasks.ensemble.surrogate, "load_trained_model", lambda run, ckpt=None: (LinearStub(), {}, meta))
     out = tmp_path / "f.npy"
     predict.main(["--run", str(tmp_path), "--param", "a=2.5", "--param", "b=-1", "--param", "k=5",
                   "--resolution", "3", "5", "7", "--out", str(out)])

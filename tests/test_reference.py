@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from util.reference import IDWPredictor, MeanFieldPredictor, NearestMemberPredictor
+from tasks.ensemble.reference import IDWPredictor, MeanFieldPredictor, NearestMemberPredictor
 
 # three training members at known conditions (d_c = 2); field i is constant (i + 1) with a marker voxel
 CONDS = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])

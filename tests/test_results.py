@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from util import results as R
-from util.evaluation import DATASET_FIELDS
+from tasks.ensemble.evaluation import DATASET_FIELDS
 
 REFS = ("mean_field", "nearest_member", "idw_k8_p2")
 
@@ -353,7 +353,7 @@ def test_old_metrics_without_wins_and_runs_scored_with_a_checkpoint(tmp_path, fa
 # ------------------------------------------------------------------------------------------------ images
 def image_row(resolution, psnr, ssim, lpips=float("nan"), ssim_raster=float("nan"), psnr_chunked=float("nan"),
               infer_s=2.5, bake_s=0.5, params=123456, protocol="tiles", weights="model.pt", step=10):
-    """A metrics.csv row as tasks/image.py writes it."""
+    """A metrics.csv row as tasks/image/task.py writes it."""
     return dict(predictor="model", split="image", resolution=resolution, height=20, width=30, channels=3, psnr=psnr,
                 ssim=ssim, lpips=lpips, mse=10 ** (-psnr / 10), psnr_chunked=psnr_chunked, ssim_raster=ssim_raster,
                 lpips_raster=float("nan"), ssim_protocol=protocol, ssim_tile=512, bake_s=bake_s, forward_s=infer_s - bake_s,
@@ -362,7 +362,7 @@ def image_row(resolution, psnr, ssim, lpips=float("nan"), ssim_raster=float("nan
 
 
 def make_image_run(root, name, model_type, rows, downsample=1, image="/data/pearl.png"):
-    from tasks.image import IMAGE_FIELDS
+    from tasks.image.task import IMAGE_FIELDS
 
     d = root / name
     (d / "eval").mkdir(parents=True)

@@ -9,7 +9,7 @@ import torch
 
 from datasets.terrain import (TerrainDataset, geographic_pixel_m, pixel_pair, read_heightfield, slope_angle,
                               slope_degrees)
-from tasks.terrain import tile_metrics
+from tasks.terrain.task import tile_metrics
 from util.errors import DataError
 from util.registry import ConfigError
 

@@ -10,7 +10,7 @@ import torch
 import yaml
 
 from datasets.terrain import TerrainDataset
-from tasks.terrain import (TerrainTask, TerrainTestConfig, _autodiff_derivatives, benchmark, seam_masks,
+from tasks.terrain.task import (TerrainTask, TerrainTestConfig, _autodiff_derivatives, benchmark, seam_masks,
                            tile_metrics)
 from util.registry import ConfigError, build
 

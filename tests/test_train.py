@@ -89,10 +89,10 @@ def _cut_after_step_4(run_dir):
 
 def _count_training_steps(monkeypatch):
     """Record the optimizer steps taken and the (step, rank) of every batch drawn during training."""
-    from datasets.ensemble import HDFieldDataset
+    from datasets.ensemble import EnsembleDataset
 
     seen = dict(opt_steps=0, batches=[])
-    adam_step, sample = torch.optim.Adam.step, HDFieldDataset.sample_batch
+    adam_step, sample = torch.optim.Adam.step, EnsembleDataset.sample_batch
 
     def counting_step(self, *a, **k):
         seen["opt_steps"] += 1
@@ -103,7 +103,7 @@ def _count_training_steps(monkeypatch):
         return sample(self, step, rank)
 
     monkeypatch.setattr(torch.optim.Adam, "step", counting_step)
-    monkeypatch.setattr(HDFieldDataset, "sample_batch", recording_sample)
+    monkeypatch.setattr(EnsembleDataset, "sample_batch", recording_sample)
     return seen
 
 
@@ -259,7 +259,7 @@ def test_test_py_end_to_end_and_predict(tmp_path, capsys):
         test_main(["--run", rd, "--no_progress"])
 
     # query in the simulation's own units
-    from util.query import Surrogate
+    from tasks.ensemble.surrogate import Surrogate
 
     s = Surrogate.load(rd)
     assert s.param_names and len(s.param_names) == s.meta["cond_dim"]

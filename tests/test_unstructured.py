@@ -235,7 +235,7 @@ def test_train_and_test_scripts_on_a_mesh(tmp_path):
 
     # queries: by default the mesh's own vertices, equal to the model at the dataset's coordinates
     from predict import main as predict_main
-    from util.query import Surrogate
+    from tasks.ensemble.surrogate import Surrogate
 
     sur = Surrogate.load(rd, device="cpu")
     ds = build(paths)

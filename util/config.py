@@ -8,7 +8,7 @@ A config file is a YAML list; each entry is one experiment::
       optim:     {type: adam, lr: 1e-4}   # optional (defaults below)
       scheduler: {type: cosine}           # optional
       train:     {epochs: 50}             # optional, keys of TrainConfig
-      test:      {chunk_size: 262144}     # optional, keys of TestConfig
+      test:      {chunk_size: 262144}     # optional, keys of the task's test_config (ensemble: EnsembleTestConfig)
 
 YAML anchors (``&base`` / ``*base``) and merge keys (``<<: *base``) work, so experiments can share sections.
 ``--config FILE --config_id N`` selects entry N (0-based); ``--set section.key=value`` (repeatable) overrides a
@@ -36,7 +36,7 @@ import yaml
 
 from util.registry import ConfigError, accepted_keys, get, names
 
-__all__ = ["TrainConfig", "TestConfig", "load_config", "apply_overrides", "validate_experiment", "ConfigError",
+__all__ = ["TrainConfig", "load_config", "apply_overrides", "validate_experiment", "ConfigError",
            "COMPONENT_SECTIONS", "INJECTED", "DEFAULT_SECTIONS", "yaml_load"]
 
 
@@ -99,7 +99,7 @@ def yaml_load(stream: Any) -> Any:
 
 # ---------------------------------------------------------------------------------------------- value checks
 # Every config value is checked against the type annotation of the key (the registered component's signature, or
-# the TrainConfig / TestConfig field) and against the range rules below, when the config is loaded: before any
+# the TrainConfig field or the task's test_config) and against the range rules below, when the config is loaded: before any
 # data is read or any model is built.
 
 
@@ -408,7 +408,7 @@ def check_run_name(value, key: str, where: str = "") -> None:
 
 
 def _check_dataclass_fields(obj, section: str) -> None:
-    """Type-check every field of a TrainConfig / TestConfig instance (integral floats for int fields made ints)."""
+    """Type-check every field of a TrainConfig or test_config instance (integral floats for int fields made ints)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
@@ -502,57 +502,6 @@ class TrainConfig:
             raise ConfigError(f"train.checkpoint_every must be > 0 epochs, got {self.checkpoint_every}")
 
 
-@dataclass
-class TestConfig:
-    """Keys of the ``test`` section (what test.py evaluates and writes).
-
-    Attributes:
-        chunk_size: points per forward call when reconstructing a full field.
-        splits: which members to reconstruct: any of "test" (unseen) and "train".
-        resolutions: "full" (original resolution) and/or "train" (the training resolution; differs from
-            full only in the spatio-conditional task, dataset.downsample > 1).
-        ssim: compute 3D/2D SSIM (Gaussian window, data range 1).
-        ssim_win_size: SSIM window size (odd).
-        reference: also score the reference predictors (mean field, nearest member, IDW).
-        ref_k: neighbours of the IDW reference predictor.
-        ref_power: distance power of the IDW reference predictor (weights 1 / d^power).
-        dump_members: cond rows whose predicted and true volumes are written (.npy, .vti, PNG slices).
-        dump_vti: write .vti files for dumped members.
-        dump_png: write PNG middle slices (prediction, truth, error) for dumped members.
-    """
-
-    chunk_size: int = 262144
-    splits: List[str] = field(default_factory=lambda: ["test", "train"])
-    resolutions: List[str] = field(default_factory=lambda: ["full"])
-    ssim: bool = True
-    ssim_win_size: int = 11
-    reference: bool = True
-    ref_k: int = 8
-    ref_power: float = 2.0
-    dump_members: List[int] = field(default_factory=list)
-    dump_vti: bool = True
-    dump_png: bool = True
-
-    def __post_init__(self):
-        _check_dataclass_fields(self, "test")
-        if self.ref_power <= 0:
-            raise ConfigError(f"test.ref_power must be > 0, got {self.ref_power}")
-        if any(m < 0 for m in self.dump_members):
-            raise ConfigError(f"test.dump_members must be cond rows >= 0, got {self.dump_members}")
-        if int(self.chunk_size) < 1:
-            raise ConfigError(f"test.chunk_size must be >= 1, got {self.chunk_size}")
-        for s in self.splits:
-            if s not in ("test", "train"):
-                raise ConfigError(f"test.splits: unknown split '{s}', expected 'test' and/or 'train'")
-        for r in self.resolutions:
-            if r not in ("full", "train"):
-                raise ConfigError(f"test.resolutions: unknown resolution '{r}', expected 'full' and/or 'train'")
-        if self.ssim_win_size < 3 or self.ssim_win_size % 2 == 0:
-            raise ConfigError(f"test.ssim_win_size must be an odd number >= 3, got {self.ssim_win_size}")
-        if self.ref_k < 1:
-            raise ConfigError(f"test.ref_k must be >= 1, got {self.ref_k}")
-
-
 COMPONENT_SECTIONS = {"task": "task", "model": "model", "dataset": "dataset", "optim": "optimizer",
                       "scheduler": "scheduler"}
 """Config section -> registry kind (validated in this order: the task decides what the model gets injected)."""
@@ -569,9 +518,9 @@ come from its task (``Task.model_arguments``); the ones listed here are those of
 
 DEFAULT_SECTIONS = {"task": {"type": "ensemble"}, "optim": {"type": "adam"}, "scheduler": {"type": "cosine"},
                     "train": {}, "test": {}}
-DATACLASS_SECTIONS = {"train": TrainConfig, "test": TestConfig}
+DATACLASS_SECTIONS = {"train": TrainConfig, "test": None}
 """Sections holding plain keys; ``test`` is validated against the run's task's ``test_config`` dataclass
-(TestConfig for the ensemble task)."""
+(e.g. tasks/ensemble/config.EnsembleTestConfig)."""
 
 
 def injected_keys(kind: str, task_type: str = "ensemble") -> tuple:
@@ -583,7 +532,10 @@ def injected_keys(kind: str, task_type: str = "ensemble") -> tuple:
 
 def test_config_class(task_type: str = "ensemble") -> type:
     """The dataclass of the ``test`` section's keys for a task type."""
-    return getattr(get("task", task_type), "test_config", None) or TestConfig
+    cls = getattr(get("task", task_type), "test_config", None)
+    if cls is None:
+        raise ConfigError(f"task '{task_type}' declares no test_config (the dataclass of its test section)")
+    return cls
 OTHER_KEYS = ("name", "description")
 
 

@@ -4,7 +4,7 @@
     python -m util.docs --check    # exit 1 if docs/config.md is out of date
 
 The docstrings are the single source: each registered class/function documents its keyword arguments in a
-Google-style ``Args:`` section (``name: text``), and TrainConfig/TestConfig in ``Attributes:``.
+Google-style ``Args:`` section (``name: text``), and TrainConfig and the tasks' test_config dataclasses in ``Attributes:``.
 """
 from __future__ import annotations
 

@@ -22,7 +22,7 @@ from the run's config.yaml (``--group_by`` picks another config key, or ``none``
 2. Spatio-conditional (runs with dataset.downsample > 1, or whose metrics.csv has resolution=train rows):
    "unseen fields" (split=test, with member-mean PSNR and wins vs IDW) and "trained fields" (split=train) side
    by side, at full resolution and, when evaluated, at the training resolution.
-3. Images (runs of task ``image``, evaluated by tasks/image.py; they form their own group, labelled
+3. Images (runs of task ``image``, evaluated by tasks/image/task.py; they form their own group, labelled
    ``image_<file stem>`` of ``dataset.path``, and are in neither table above): one row per run and evaluated
    resolution: the training resolution (``full``, or ``1/k`` for the super-resolution protocol,
    dataset.downsample = k), PSNR over the whole image, SSIM on true tiles, LPIPS (``-`` when its weights were
@@ -81,7 +81,7 @@ CSV_FIELDS = ["table", "dataset", "model", "run", "model_type", "predictor", "fi
               "members", "rel_l2", "psnr", "psnr_member_mean", "ssim", "md", "wins_vs_mean", "wins_vs_nearest",
               "wins_vs_idw", "wins_of", "tflops_per_1e9_points", "infer_s", "bake_s", "train_h", "params", "weights",
               "step", "lpips", "ssim_raster", "psnr_chunked", "height", "width"]
-#: metrics.csv columns read as integers (util.evaluation.DATASET_FIELDS, tasks.image.IMAGE_FIELDS)
+#: metrics.csv columns read as integers (tasks.ensemble.evaluation.DATASET_FIELDS, tasks.image.IMAGE_FIELDS)
 INT_KEYS = ("members", "wins_vs_mean", "wins_vs_nearest", "wins_vs_idw", "wins_of", "step", "total_steps", "height",
             "width", "channels", "params", "ssim_tile", "chunk_size")
 #: metrics.csv columns kept as text
@@ -250,7 +250,7 @@ def _parse_value(k: str, v: str):
 
 
 def read_metrics(path: str) -> List[Dict[str, Any]]:
-    """Rows of a dataset-level metrics.csv (util.evaluation.DATASET_FIELDS) with numbers parsed."""
+    """Rows of a dataset-level metrics.csv (tasks.ensemble.evaluation.DATASET_FIELDS) with numbers parsed."""
     with open(path, newline="") as f:
         return [{k: _parse_value(k, v) for k, v in r.items() if k is not None} for r in csv.DictReader(f)]
 
@@ -761,7 +761,7 @@ def _image_resolution_label(res: str, run: RunResult) -> str:
 
 def image_table(group: str, runs: Sequence[RunResult], flops: bool = False) -> Optional[Table]:
     """The image table of one group: per image run (model order of the paper's image configs) and evaluated
-    resolution (full first), the metrics of tasks/image.py. None if the group holds no image run."""
+    resolution (full first), the metrics of tasks/image/task.py. None if the group holds no image run."""
     runs = sorted([r for r in runs if r.is_image], key=_order_key)
     if not runs:
         return None

@@ -94,7 +94,7 @@ def kmeans_fit(feats: np.ndarray, k: int, seed: int, iters: int = 50) -> np.ndar
 
 @dataclass
 class MoETestConfig:
-    """Keys of the ``test`` section for task ``moe_inr`` (what test.py evaluates; tasks/moe_eval.py).
+    """Keys of the ``test`` section for task ``moe_inr`` (what test.py evaluates; tasks/moe_inr/evaluation.py).
 
     Attributes:
         chunk_size: coordinates per forward call when decompressing.
@@ -348,13 +348,13 @@ class MoETask(Task):
     @classmethod
     def evaluate(cls, run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
                  overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device=None, progress: bool = True) -> List[Dict[str, Any]]:
-        from tasks.moe_eval import evaluate_run
+        from tasks.moe_inr.evaluation import evaluate_run
 
         return evaluate_run(run_dir, out_dir=out_dir, checkpoint=checkpoint, overrides=overrides,
                             overwrite=overwrite, device=device, progress=progress)
 
     @staticmethod
     def format_table(rows: List[Dict[str, Any]]) -> str:
-        from tasks.moe_eval import format_table
+        from tasks.moe_inr.evaluation import format_table
 
         return format_table(rows)

@@ -156,7 +156,7 @@ def slice_ssim(pred: np.ndarray, gt: np.ndarray) -> float:
 def slice_lpips(pred: np.ndarray, gt: np.ndarray, model, device="cpu") -> float:
     """Mean LPIPS of the middle slices along each axis of a [Z, Y, X] step (values in [-1, 1] -> [0, 1], gray
     repeated to three channels, lpips' own rescale to [-1, 1])."""
-    from util.image_eval import _lpips_one
+    from tasks.image.evaluation import _lpips_one
 
     vals = []
     for axis in range(3):
@@ -481,7 +481,7 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
     Returns:
         rows: one for the INR (method "moe_inr") and one per matched baseline compressor.
     """
-    from tasks.moe import MoETestConfig
+    from tasks.moe_inr.task import MoETestConfig
     from util.config import merge_test_config
     from util.runs import build_dataset
 
@@ -510,7 +510,7 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
     rows_t, dec_s = [], 0.0
     lpips_model = None
     if tc.lpips:
-        from util.image_eval import load_lpips
+        from tasks.image.evaluation import load_lpips
 
         lpips_model = load_lpips(device)  # None (and one log line saying why) without local weights
     pc = PearsonSums()

@@ -47,10 +47,11 @@ from typing import Any, Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from util.config import TestConfig, merge_test_config
+from tasks.ensemble.config import EnsembleTestConfig
+from util.config import merge_test_config
 from util.tables import fmt_cell, text_table, write_csv
 from util.metrics import count_wins, dataset_metrics, is_constant, member_metrics
-from util.reference import IDWPredictor, MeanFieldPredictor, NearestMemberPredictor
+from tasks.ensemble.reference import IDWPredictor, MeanFieldPredictor, NearestMemberPredictor
 from util.runs import build_dataset, latest_checkpoint, load_trained_model, read_json
 from util.sampling import grid_coords
 
@@ -407,7 +408,7 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
     # the path really loaded when load_trained_model records it (its default rule may skip a damaged file)
     weights = scored_weights(run_dir, model.weights_path or checkpoint)
     _warn_if_not_final(run_dir, weights)
-    tc = merge_test_config(TestConfig, exp.get("test"), overrides, "ensemble")
+    tc = merge_test_config(EnsembleTestConfig, exp.get("test"), overrides, "ensemble")
     out_dir = out_dir or os.path.join(run_dir, "eval")
     os.makedirs(out_dir, exist_ok=True)
     targets = [os.path.join(out_dir, n) for n in ("metrics.csv", "members.csv")]
@@ -497,7 +498,7 @@ def n_points_of(sc: _Scorer, dataset) -> int:
     return int(np.prod(shape))
 
 
-def _dump(out_dir: str, row: int, res: str, pred: torch.Tensor, gt: torch.Tensor, dataset, tc: TestConfig) -> None:
+def _dump(out_dir: str, row: int, res: str, pred: torch.Tensor, gt: torch.Tensor, dataset, tc: EnsembleTestConfig) -> None:
     """Write predicted and true volumes of one member in data units (.npy, optional .vti and PNG slices)."""
     from util.volume_io import write_slice_pngs, write_vti
 

@@ -150,7 +150,7 @@ class Surrogate:
         Returns:
             float32 array: the grid shape, or (N,) for given coordinates and for a mesh's own vertices.
         """
-        from util.evaluation import predict_field
+        from tasks.ensemble.evaluation import predict_field
 
         c = self.normalize_params(params, normalized=normalized_params).to(self.device)
         d = self.spatial_dims

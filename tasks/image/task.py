@@ -8,7 +8,7 @@ Training is the base task's: batches ``x (1, N, 2)``, ``c (1, 0)``, ``v (1, N, C
    the full-resolution image in chunks (``model(x, c)`` with ``c`` of shape (1, 0)); with ``dataset.downsample
    > 1`` (spec 1.5) that is the resolution the model never saw (``resolutions: [full, train]`` also scores the
    training resolution);
-2. ``util.image_eval.evaluate_image`` scores it: PSNR over the whole image, SSIM on true image tiles (default)
+2. ``tasks.image.evaluation.evaluate_image`` scores it: PSNR over the whole image, SSIM on true image tiles (default)
    and/or the reference's raster-chunk protocol (spec 1.4), LPIPS-VGG only when its weights are on this machine
    (one log line otherwise), the reference's chunk-averaged PSNR beside ours; inference time = bake + the
    forward calls of all chunks;
@@ -23,7 +23,7 @@ protocol; empty unless requested), ``lpips`` (tiles; empty when unavailable), ``
 (the reference's mean-over-chunks MSE), ``ssim_raster``, ``lpips_raster`` (the reference's raster chunks),
 ``ssim_protocol``, ``ssim_tile``, ``bake_s``, ``forward_s``, ``infer_s`` (= bake_s + forward_s),
 ``points_per_s``, ``chunk_size``, ``params`` (trainable parameters), ``weights``, ``step``, ``total_steps`` (as
-util/evaluation.py: which weights were scored).
+tasks/ensemble/evaluation.py: which weights were scored).
 """
 from __future__ import annotations
 
@@ -157,7 +157,7 @@ def evaluate_model(model, dataset, test_config: Optional[ImageTestConfig] = None
                    device=None, autocast: Optional[bool] = None, progress: bool = True) -> List[Dict[str, Any]]:
     """Score a model on an image dataset (no run directory needed; :meth:`ImageTask.evaluate` calls it).
 
-    Per resolution of ``test_config.resolutions``: unbake, then ``util.image_eval.evaluate_image`` with
+    Per resolution of ``test_config.resolutions``: unbake, then ``tasks.image.evaluation.evaluate_image`` with
     ``model.bake`` as the timed bake and ``model(x, c)`` (``c`` of shape (1, 0)) on the pixel coordinates of that
     resolution; PNGs into ``out_dir`` when given and ``save_png``. SSIM and LPIPS run on the model's device (float64
     SSIM; on CPU about 0.1-0.3 s per 512 x 512 tile and channel on 2 cores).
@@ -176,7 +176,7 @@ def evaluate_model(model, dataset, test_config: Optional[ImageTestConfig] = None
         One row per resolution with the :data:`IMAGE_FIELDS` metrics (no weights columns) plus ``pred_png`` and
         ``error_png`` (paths or None).
     """
-    from util.image_eval import evaluate_image, lpips_status
+    from tasks.image.evaluation import evaluate_image, lpips_status
 
     tc = test_config or ImageTestConfig()
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -232,7 +232,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
             "infer_s", "params"]
     table = text_table([cols] + [[fmt_cell(r.get(c)) for c in cols] for r in rows], rule=True)
     if rows and "weights" in rows[0]:
-        from util.evaluation import weights_line
+        from tasks.ensemble.evaluation import weights_line
 
         table += "\n" + weights_line(rows[0])
     return table
@@ -284,7 +284,7 @@ class ImageTask(Task):
         Returns:
             The rows (:data:`IMAGE_FIELDS` plus ``final_weights``, ``pred_png``, ``error_png``).
         """
-        from util.evaluation import scored_weights
+        from tasks.ensemble.evaluation import scored_weights
         from util.runs import build_dataset, load_trained_model
 
         model, exp, _meta = load_trained_model(run_dir, checkpoint)

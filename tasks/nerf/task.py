@@ -319,7 +319,7 @@ class NeRFTask(Task):
                  progress: bool = True) -> List[Dict[str, Any]]:
         """Score a trained NeRF run: ``metrics.csv`` (rows per view and ``mean``) and PNGs in ``out_dir``
         (default ``<run_dir>/eval``); see the module docstring."""
-        from util.evaluation import scored_weights
+        from tasks.ensemble.evaluation import scored_weights
         from util.runs import build_dataset, build_task, checkpoint_dirs, load_trained_model
 
         model, exp, _meta = load_trained_model(run_dir, checkpoint)

@@ -1,0 +1,1 @@
+"""The ensemble task: see task.py (the task class) and docs/design.md."""

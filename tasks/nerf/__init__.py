@@ -1,0 +1,1 @@
+"""The nerf task: see task.py (the task class) and docs/design.md."""

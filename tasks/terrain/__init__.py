@@ -1,0 +1,1 @@
+"""The terrain task: see task.py (the task class) and docs/design.md."""
