@@ -16,7 +16,8 @@ Writes into ``out_dir``:
   ``impsmp_cond.npy`` and ``impsmp_coord/`` (dataset keys ``impsmp_cond_path``, ``impsmp_coord_path``).
 
 Row i of the CSV (after its header line) describes the i-th member file in sorted order, so the number
-of data rows must equal the number of member files. Every member is opened once, one at a time (never
+of data rows must equal the number of member files. Numbered names whose text order is not their numeric
+order (``member_0 .. member_19`` without zero padding) are refused, naming the fix. Every member is opened once, one at a time (never
 all in memory), to check that all have the same shape and dtype and hold only finite values.
 
 A parameter column with a single value (constant over all members) carries no information; it is
@@ -47,7 +48,7 @@ import numpy as np
 
 from util.errors import DataError
 
-__all__ = ["prepare", "PrepareError", "list_member_files", "read_params_csv", "read_member", "parse_train_list",
+__all__ = ["prepare", "PrepareError", "check_numeric_order", "list_member_files", "read_params_csv", "read_member", "parse_train_list",
            "normalize_params", "MEMBER_EXTS", "main"]
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,11 @@ log = logging.getLogger(__name__)
 MEMBER_EXTS = (".npy", ".raw", ".bin", ".dat", ".h5", ".hdf5", ".nc")
 RAW_EXTS = (".raw", ".bin", ".dat")
 H5_EXTS = (".h5", ".hdf5", ".nc")
+
+
+#: files prepare() writes into out_dir (and, with importance, IMPORTANCE_OUTPUT_NAMES)
+OUTPUT_NAMES = ("cond.npy", "split.npy", "cond_meta.json")
+IMPORTANCE_OUTPUT_NAMES = ("impsmp_cond.npy", "impsmp_coord")
 
 
 class PrepareError(DataError):
@@ -262,6 +268,49 @@ def parse_train_list(spec: Union[str, Sequence[int]]) -> List[int]:
     return out
 
 
+_NUMBERED = re.compile(r"(\d+)")
+
+
+def check_numeric_order(files: Sequence[str]) -> None:
+    """Refuse numbered member names whose string order differs from their numeric order.
+
+    Row i of the CSV is paired with the i-th file in sorted (string) order. Names that differ only in a number
+    written without zero padding (``member_0 .. member_19``) sort as member_0, member_1, member_10, ..., so a CSV
+    written in numeric order would be paired with the wrong files without a word: a PrepareError names two
+    files out of order and the fix.
+    """
+    if len(files) < 2:
+        return
+    skeletons = {_NUMBERED.sub("#", n) for n in files}
+    if len(skeletons) != 1:  # not one naming scheme with numbers: nothing to compare
+        return
+    numbers = [tuple(int(g) for g in _NUMBERED.findall(n)) for n in files]
+    if not numbers[0]:
+        return
+    width = len(str(max(max(t) for t in numbers)))
+    for a, b, na, nb in zip(files, files[1:], numbers, numbers[1:]):
+        if nb < na:
+            padded = _NUMBERED.sub(lambda g: g.group(1).zfill(width), b)
+            raise PrepareError(
+                f"member files are numbered without zero padding: '{a}' sorts before '{b}' as text, and CSV row i "
+                f"describes the i-th file in text order ({', '.join(files[:3])}, ...), not in numeric order; "
+                f"rename the files with zero-padded numbers (e.g. '{b}' -> '{padded}') so that both orders agree")
+
+
+def _check_out_dir(out_dir: str, data_dir: str, overwrite: bool, importance: bool) -> None:
+    """out_dir must not be data_dir or a file; existing outputs are replaced only with ``overwrite``."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise PrepareError(f"--out_dir '{out_dir}' is an existing file, not a folder")
+    if os.path.isdir(out_dir) and os.path.isdir(data_dir) and os.path.samefile(out_dir, data_dir):
+        raise PrepareError(f"--out_dir '{out_dir}' is the member folder --data_dir: write the prepared files into "
+                           f"a folder of their own")
+    names = list(OUTPUT_NAMES) + (list(IMPORTANCE_OUTPUT_NAMES) if importance else [])
+    existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+    if existing and not overwrite:
+        raise PrepareError(f"--out_dir '{out_dir}' already holds {', '.join(existing)}; pass --overwrite to replace "
+                           f"them (or choose another --out_dir)")
+
+
 def _split(m: int, n_train: Optional[int], train_rows) -> Tuple[np.ndarray, np.ndarray]:
     if (n_train is None) == (train_rows is None):
         raise PrepareError("give exactly one of n_train (first N rows train) and train_rows (a list of rows)")
@@ -292,13 +341,14 @@ def prepare(data_dir: str, params_csv: str, out_dir: str, n_train: Optional[int]
             train_rows: Union[None, str, Sequence[int]] = None, file_ext: Optional[str] = None,
             file_pattern: Optional[str] = None, dims: Optional[Sequence[int]] = None, h5_key: str = "data",
             importance: bool = False, log_transform: bool = False, bins: int = 64,
-            progress: bool = True) -> Dict[str, str]:
+            progress: bool = True, overwrite: bool = False) -> Dict[str, str]:
     """Write cond.npy, split.npy, cond_meta.json (and importance files) for an ensemble.
 
     Args:
         data_dir: folder with one file per member; row i of the CSV is the i-th file in sorted order.
         params_csv: CSV with a header line of parameter names and one row of raw values per member.
-        out_dir: output folder (created if missing; existing outputs are replaced).
+        out_dir: output folder (created if missing); not ``data_dir``; existing outputs (cond.npy, split.npy,
+            cond_meta.json, importance files) are an error unless ``overwrite``.
         n_train: the first ``n_train`` rows are training members, the rest test members.
         train_rows: instead of n_train, the training rows (list of ints, a string like ``"0-79,90"`` or a
             file of such items); the other rows are test members.
@@ -312,12 +362,15 @@ def prepare(data_dir: str, params_csv: str, out_dir: str, n_train: Optional[int]
             reported value range).
         bins: histogram bins of the importance weights.
         progress: show tqdm progress bars.
+        overwrite: replace outputs already in ``out_dir``.
 
     Returns:
         dict of written paths: ``cond_path``, ``cond_split_path``, ``cond_meta_path`` (+ importance paths),
         and ``info``: shape, dtype and train value range of the members.
     """
+    _check_out_dir(out_dir, data_dir, overwrite, importance)
     files = list_member_files(data_dir, file_ext, file_pattern)
+    check_numeric_order(files)
     names, vals = read_params_csv(params_csv)
     m = len(files)
     if vals.shape[0] != m:
@@ -386,6 +439,7 @@ def main(argv=None) -> int:
     p.add_argument("--log_transform", action="store_true", help="log values before normalizing (importance)")
     p.add_argument("--bins", type=int, default=64, help="importance histogram bins (default 64)")
     p.add_argument("--no_progress", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true", help="replace outputs already in --out_dir")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     try:
@@ -395,7 +449,7 @@ def main(argv=None) -> int:
             out = prepare(a.data_dir, a.params, a.out_dir, n_train=a.n_train, train_rows=a.train_list,
                           file_ext=a.file_ext, file_pattern=a.file_pattern, dims=a.dims, h5_key=a.h5_key,
                           importance=a.importance, log_transform=a.log_transform, bins=a.bins,
-                          progress=not a.no_progress)
+                          progress=not a.no_progress, overwrite=a.overwrite)
     except (ValueError, FileNotFoundError) as e:  # PrepareError / DataError name the file; no traceback
         sys.exit(f"error: {e}")
     for k, v in out.items():

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from datasets.prepare import PrepareError, main, parse_train_list, prepare
+from datasets.prepare import check_numeric_order, PrepareError, main, parse_train_list, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -61,7 +61,7 @@ def test_train_list_forms(tmp_path):
     data, csv_p, out = make_ensemble(tmp_path)
     (tmp_path / "train.txt").write_text("# training rows\n3\n0  # first\n")
     for spec, train in (("1,3", [1, 3]), ("0-2", [0, 1, 2]), (str(tmp_path / "train.txt"), [0, 3]), ([2], [2])):
-        prepare(data, csv_p, out, train_rows=spec, progress=False)
+        prepare(data, csv_p, out, train_rows=spec, progress=False, overwrite=True)
         _, split, _ = load_outputs(out)
         assert split["cond_idx"].tolist() == train
         assert split["cond_idx_unseen"].tolist() == sorted(set(range(4)) - set(train))
@@ -75,7 +75,61 @@ def test_module_cli_runs_and_reports_errors(tmp_path):
     assert ok.returncode == 0, ok.stderr
     assert os.path.isfile(os.path.join(out, "cond.npy"))
     with pytest.raises(SystemExit, match=r"error: n_train=9 is out of range"):
-        main(["--data_dir", data, "--params", csv_p, "--out_dir", out, "--n_train", "9"])
+        main(["--data_dir", data, "--params", csv_p, "--out_dir", out, "--n_train", "9", "--overwrite"])
+
+
+def _outputs_bytes(out):
+    return {n: open(os.path.join(out, n), "rb").read() for n in ("cond.npy", "split.npy", "cond_meta.json")}
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path):
+    data, csv_p, out = make_ensemble(tmp_path)
+    prepare(data, csv_p, out, n_train=3, progress=False)
+    before = _outputs_bytes(out)
+    for name in ("cond.npy", "split.npy", "cond_meta.json"):
+        assert os.path.isfile(os.path.join(out, name))
+    with pytest.raises(SystemExit, match=r"already holds cond.npy, split.npy, cond_meta.json; pass --overwrite"):
+        main(["--data_dir", data, "--params", csv_p, "--out_dir", out, "--n_train", "2", "--no_progress"])
+    assert _outputs_bytes(out) == before  # nothing replaced
+    # one existing file is enough to refuse, and it is named
+    os.remove(os.path.join(out, "cond.npy"))
+    os.remove(os.path.join(out, "cond_meta.json"))
+    with pytest.raises(PrepareError, match=r"already holds split.npy;"):
+        prepare(data, csv_p, out, n_train=2, progress=False)
+    main(["--data_dir", data, "--params", csv_p, "--out_dir", out, "--n_train", "2", "--no_progress", "--overwrite"])
+    _, split, _ = load_outputs(out)
+    assert split["cond_idx"].tolist() == [0, 1]
+
+
+def test_out_dir_equal_to_data_dir_or_a_file_is_refused(tmp_path):
+    data, csv_p, _ = make_ensemble(tmp_path)
+    listing = sorted(os.listdir(data))
+    with pytest.raises(PrepareError, match=r"is the member folder --data_dir"):
+        prepare(data, csv_p, data + "/.", n_train=2, progress=False, overwrite=True)
+    assert sorted(os.listdir(data)) == listing
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(PrepareError, match=r"'.*afile' is an existing file"):
+        prepare(data, csv_p, str(f), n_train=2, progress=False)
+
+
+def test_names_without_zero_padding_are_refused(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    for i in range(12):  # member_0 .. member_11: text order 0, 1, 10, 11, 2, ...
+        np.save(d / f"member_{i}.npy", np.full((2, 2), float(i), dtype=np.float32))
+    write_csv(tmp_path / "p.csv", ["a"], [[float(i)] for i in range(12)])
+    with pytest.raises(PrepareError, match=r"'member_11.npy' sorts before 'member_2.npy'.*'member_2.npy' -> "
+                                           r"'member_02.npy'"):
+        prepare(str(d), str(tmp_path / "p.csv"), str(tmp_path / "out"), n_train=8, progress=False)
+    assert not (tmp_path / "out").exists() or not os.listdir(tmp_path / "out")
+    # zero-padded names (text order = numeric order) are accepted and paired row by row
+    for i in range(12):
+        os.rename(d / f"member_{i}.npy", d / f"member_{i:02d}.npy")
+    prepare(str(d), str(tmp_path / "p.csv"), str(tmp_path / "out"), n_train=8, progress=False)
+    cond = np.load(tmp_path / "out" / "cond.npy")
+    np.testing.assert_allclose(cond[:, 1], np.arange(12) / 11.0, atol=1e-7)
+    check_numeric_order(["a_1.npy", "b_10.npy", "c_2.npy"])  # different names: not one numbered scheme
 
 
 def test_raw_and_h5_members(tmp_path):
