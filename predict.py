@@ -60,7 +60,7 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     from tasks.ensemble.surrogate import Surrogate
-    from util.runs import atomic_save_npy
+    from util.files import atomic_save_npy
 
     try:
         at_points = args.coords is not None or args.index_coords is not None

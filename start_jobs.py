@@ -221,7 +221,7 @@ def main(argv=None):
     import yaml
 
     from util.config import load_config
-    from util.runs import run_dir_of
+    from util.run_dir import run_dir_of
 
     def one_line(e):
         return " ".join(str(e).split())

@@ -18,8 +18,8 @@ import logging
 import os
 import sys
 
-from util.config import ConfigError, load_config
-from util.runs import run_dir_of
+from util.config import ConfigError, load_config, parse_test_overrides
+from util.run_dir import run_dir_of
 
 
 def parse_args(argv=None):
@@ -52,7 +52,8 @@ def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
     from util.registry import get
-    from util.runs import load_experiment, task_type_of
+    from util.build import task_type_of
+    from util.run_dir import load_experiment
 
     try:
         runs = args.run or [run_dir_of(load_config(args.config, args.config_id, args.overrides))]
@@ -64,7 +65,7 @@ def main(argv=None):
                                                                                   types.items()) + "); "
                               "evaluate them separately")
         task_cls = get("task", types[runs[0]])
-        ov = test_overrides(args.test_overrides)
+        ov = parse_test_overrides(args.test_overrides)  # the config files' YAML reader: 1e-3 is a number
         ov.update({k: v for k, v in dict(chunk_size=args.chunk_size, splits=args.splits, resolutions=args.resolutions,
                                          dump_members=args.dump_members).items() if v is not None})
         if args.no_reference:
@@ -79,25 +80,6 @@ def main(argv=None):
     print(task_cls.format_table(rows))
     for out in outs:
         print(f"results written to {os.path.abspath(out)}")
-
-
-def test_overrides(items):
-    """``KEY=VALUE`` strings (``test.`` prefix optional) -> {key: YAML-parsed value}; ConfigError if malformed."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, eq, val = item.partition("=")
-        key = key.strip()
-        key = key[len("test."):] if key.startswith("test.") else key
-        if not eq or not key or "." in key:
-            raise ConfigError(f"--test {item!r}: expected KEY=VALUE with a key of the test section (e.g. "
-                              f"--test max_tiles=32)")
-        try:
-            out[key] = yaml.safe_load(val)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--test {item!r}: the value is not valid YAML ({e})") from None
-    return out
 
 
 if __name__ == "__main__":

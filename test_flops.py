@@ -29,30 +29,19 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def model_inputs(exp, args):
-    """The model's program-set arguments: command line, else the task without data, else the data."""
-    from util.registry import get
-    from util.runs import build_dataset, build_task, task_type_of
-
-    given = {k: getattr(args, k) for k in ("cond_dim", "spatial_dims", "out_dim") if getattr(args, k) is not None}
-    inputs = get("task", task_type_of(exp)).model_inputs_without_data(exp)
-    if inputs is None and not {"cond_dim", "spatial_dims"} <= set(given):
-        inputs = build_task(exp, build_dataset(exp)).model_inputs()
-    return {**(inputs or {"out_dim": 1}), **given}
-
-
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    from util.build import build_model, resolve_model_inputs, task_type_of
     from util.registry import get
-    from util.runs import build_model, task_type_of
 
     try:
         ids = args.config_id if args.config_id else list(range(len(read_config_file(args.config))))
         rows = []
         for i in ids:
             exp = load_config(args.config, i, args.overrides)
-            inputs = model_inputs(exp, args)
+            given = {k: getattr(args, k) for k in ("cond_dim", "spatial_dims", "out_dim")}  # None: not given
+            inputs = resolve_model_inputs(exp, given=given)
             model = build_model(exp, inputs=inputs)
             r = get("task", task_type_of(exp)).count_flops(model, inputs, args.n_cond, args.n_points)
             rows.append((i, exp["model"]["type"], r))

@@ -31,6 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from util.device import default_device  # noqa: E402 (after the sys.path set-up)
+from util.timing import synchronize  # noqa: E402 (after the sys.path set-up)
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=None, help="experiment YAML (its model section is used)")
@@ -47,15 +50,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def config_model_inputs(exp, args) -> Dict[str, int]:
-    """A config's model inputs without data: the task's when it knows them (e.g. images: 2D, no condition),
-    else --cond_dim (default 4) / --spatial_dims."""
-    from util.registry import get
-    from util.runs import task_type_of
+    """A config's model inputs without data (util.build.resolve_model_inputs): the task's when it knows them
+    (e.g. images: 2D, no condition), else --cond_dim (default 4) / --spatial_dims."""
+    from util.build import resolve_model_inputs
 
-    inputs = get("task", task_type_of(exp)).model_inputs_without_data(exp)
-    if inputs is None:
-        inputs = {"cond_dim": args.cond_dim or 4, "spatial_dims": args.spatial_dims, "out_dim": 1}
-    return dict(inputs)
+    return resolve_model_inputs(exp, data=False, defaults={"cond_dim": args.cond_dim or 4,
+                                                           "spatial_dims": args.spatial_dims})
 
 
 # tasks whose models are fields f(x, c) queried on points, which these benchmarks time; the others are timed by
@@ -86,10 +86,8 @@ def build_from_args(args):
         exp, desc = None, f"paper:{args.paper}"
     elif args.config:
         import datasets  # noqa: F401
+        from util.build import build_model, task_type_of
         from util.config import load_config
-        from util.runs import build_model
-
-        from util.runs import task_type_of
 
         exp = load_config(args.config, args.config_id)
         task = task_type_of(exp)
@@ -109,7 +107,8 @@ def build_from_args(args):
 
 
 def device_of(args) -> torch.device:
-    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    """``--device`` as a torch.device; default: cuda when available (util.device.default_device)."""
+    return default_device(args.device)
 
 
 def setup_threads(args) -> None:
@@ -129,9 +128,7 @@ def scramble(model, a: float = 1.0, seed: int = 2) -> None:
             p.copy_((torch.rand(p.shape, generator=g) * 2 * a - a).to(p.device, p.dtype))
 
 
-def sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
+sync = synchronize  # util.timing.synchronize: the one CUDA sync of every timing
 
 
 def timed(fn: Callable[[], object], device) -> float:

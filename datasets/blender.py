@@ -31,6 +31,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from datasets.base import Dataset
 from rendering.rays import blender_focal, camera_rays, image_rays
 from util.errors import DataError
 from util.registry import ConfigError, register
@@ -172,7 +173,7 @@ def _is_int(v) -> bool:
 
 
 @register("dataset", "blender")
-class BlenderDataset:
+class BlenderDataset(Dataset):
     """Posed views of one scene in the Blender synthetic layout (spec vision 3.1), for NeRF training.
 
     Batches are ``{"rays_o": (N, 3), "rays_d": (N, 3), "rgb": (N, 3)}`` float32 tensors: N rays through pixel
@@ -217,8 +218,7 @@ class BlenderDataset:
 
     # --------------------------------------------------------------------------------------------- shapes
     spatial_dims = 3
-    cond_dim = 0
-    out_dim = 3
+    out_dim = 3  # rgb (cond_dim 0: the base's)
 
     @property
     def n_train(self) -> int:

@@ -39,6 +39,7 @@ import torch
 
 from datasets.augment import MODES as AUGMENT_MODES
 from datasets.augment import apply_augmentation, make_augmentation
+from datasets.base import Dataset
 from util.config import one_of
 from util.errors import DataError
 from util.registry import ConfigError, register
@@ -274,7 +275,7 @@ def _odd_names(names: Sequence[str]) -> tuple:
 
 
 @register("dataset", "ensemble")
-class EnsembleDataset:
+class EnsembleDataset(Dataset):
     """An ensemble of scalar fields in the reference on-disk layout (spec 3), 2D ``(H, W)`` or 3D ``(D, H, W)``.
 
     Args:
@@ -745,11 +746,6 @@ class EnsembleDataset:
     def steps_per_epoch(self) -> int:
         """Spec 3.2: ceil(n_train * voxels per member at training resolution / N_x / N_c), at least 1."""
         return max(1, -(-len(self.train_idx) * self.n_train_voxels // (self.spatial_batch * self.cond_batch)))
-
-    @property
-    def has_grid(self) -> bool:
-        """Fields live on a regular grid (SSIM and grid coordinates apply)."""
-        return True
 
     # --------------------------------------------------------------------------------------------- access
     def _check_row(self, row) -> int:

@@ -57,6 +57,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from datasets.base import Dataset
 from datasets.augment import make_augmentation, truncated_noise
 from util.errors import DataError
 from util.registry import ConfigError, register
@@ -281,7 +282,7 @@ def _is_int(v) -> bool:
 
 
 @register("dataset", "image")
-class ImageDataset:
+class ImageDataset(Dataset):
     """One image (RGB or grayscale, up to gigapixel) for single-field INR training (spec vision 1).
 
     Batches are ``{"x": (1, N, 2), "v": (1, N, C), "c": (1, 0)}`` float32 tensors: N = 2^log2batch random pixels
@@ -406,11 +407,6 @@ class ImageDataset:
         return 2
 
     @property
-    def cond_dim(self) -> int:
-        """0: a single field, no condition parameters (batches carry c of shape (1, 0))."""
-        return 0
-
-    @property
     def channels(self) -> int:
         """C, the same as ``out_dim``."""
         return self.out_dim
@@ -430,10 +426,6 @@ class ImageDataset:
         """Spec 1.3: ceil(H W / N) from the FULL-resolution size (also with downsample, as the reference)."""
         H, W = self.image_shape
         return max(1, -(-H * W // self.batch_size))
-
-    @property
-    def has_grid(self) -> bool:
-        return True
 
     @property
     def tau_x(self) -> Optional[np.ndarray]:

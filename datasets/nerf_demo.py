@@ -217,7 +217,7 @@ def generate_nerf_demo(root: str, size: int = 64, n_train: int = 50, n_test: int
         if os.listdir(root):
             raise ConfigError(f"'{root}' exists and is not a NeRF demo scene folder (no {SETTINGS_FILE}); choose "
                               f"another root")
-    from util.runs import publish_folder
+    from util.files import publish_folder
 
     def fill(tmp: str) -> None:
         from PIL import Image

@@ -44,6 +44,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from datasets.base import Dataset
 from util.errors import DataError
 from util.registry import ConfigError, register
 
@@ -393,7 +394,7 @@ def _cache_key(path: str, sources, settings: Dict) -> str:
 
 def _cached_cut(cache_dir: str, path: str, sources, settings: Dict) -> Dict:
     """:func:`_cut_sources` through the tile cache (see ``TerrainDataset(tile_cache=...)``): tiles memory-mapped."""
-    from util.runs import publish_folder
+    from util.files import publish_folder
 
     key = _cache_key(path, sources, settings)
     final = os.path.join(cache_dir, key)
@@ -437,7 +438,7 @@ def _cached_cut(cache_dir: str, path: str, sources, settings: Dict) -> Dict:
 
 # ------------------------------------------------------------------------------------------------ dataset
 @register("dataset", "terrain")
-class TerrainDataset:
+class TerrainDataset(Dataset):
     """DEM tiles for amortized terrain INRs (spec huvr 1, 3, 8).
 
     Args:
@@ -564,14 +565,6 @@ class TerrainDataset:
     @property
     def spatial_dims(self) -> int:
         return 2
-
-    @property
-    def cond_dim(self) -> int:
-        return 0
-
-    @property
-    def out_dim(self) -> int:
-        return 1
 
     @property
     def spatial_shape(self) -> Tuple[int, int]:

@@ -208,7 +208,7 @@ def generate_terrain_demo(root: str = DEFAULT_ROOT, regions: int = 12, size: int
             return region_files(root)
         raise FileExistsError(f"terrain demo root '{root}' exists with other settings ({have}) than requested "
                               f"({want}); delete it or choose another dataset.demo_root")
-    from util.runs import publish_folder
+    from util.files import publish_folder
 
     def fill(tmp: str) -> None:
         if log:

@@ -34,6 +34,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from datasets.base import Dataset
 from datasets.ensemble import H5_EXTS, NC_EXTS, RAW_EXTS, open_member
 from util.errors import DataError
 from util.registry import ConfigError, register
@@ -65,7 +66,7 @@ def _is_int(v) -> bool:
 
 
 @register("dataset", "time_volume")
-class TimeVolumeDataset:
+class TimeVolumeDataset(Dataset):
     """One scalar variable of a time-varying volume [T, Z, Y, X] for single-field INR compression (MoE-INR).
 
     Batches: ``x`` (1, N, 4) float32 (x, y, z, t) in [-1, 1], ``v`` (1, N, 1) normalized values in [-1, 1],
@@ -187,15 +188,6 @@ class TimeVolumeDataset:
     def spatial_dims(self) -> int:
         """4 coordinate columns (x, y, z, t)."""
         return 4
-
-    @property
-    def cond_dim(self) -> int:
-        """0: one field (batches carry c of shape (1, 0))."""
-        return 0
-
-    @property
-    def out_dim(self) -> int:
-        return 1
 
     @property
     def spatial_shape(self) -> Tuple[int, ...]:

@@ -14,7 +14,7 @@ The program (util/, tasks/) relies only on what is declared here, never on ``has
 - ``predict_grid(shape, c, chunk_size)``: one field on the vertices of a lattice, in chunks (the default
   generates coordinates per chunk and calls ``forward``; fast models override it).
 - ``fast_paths``: a switch benchmarks and FLOP counts turn off to measure the plain path (default: no fast path).
-- ``weights_path``: set by util.runs.load_trained_model to the file whose weights were loaded.
+- ``weights_path``: set by util.build.load_trained_model to the file whose weights were loaded.
 
 Coordinates follow docs/design.md: column 0 indexes the last array axis, [-1, 1], align corners.
 """
@@ -36,7 +36,7 @@ class FieldModel(nn.Module):
 
     #: False on models without an alternative fast path; models with one set an instance attribute.
     fast_paths: bool = False
-    #: file the weights were loaded from (set by util.runs.load_trained_model), None when built fresh.
+    #: file the weights were loaded from (set by util.build.load_trained_model), None when built fresh.
     weights_path: Optional[str] = None
 
     def __init__(self):

@@ -206,13 +206,44 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         fused_refiner: str = "auto",
     ):
         super().__init__()
-        if variant is not None:
-            if variant not in VARIANTS:
-                raise ConfigError(f"model.variant: unknown '{variant}'; known: {', '.join(VARIANTS)}")
-            forced = VARIANTS[variant]
-            use_pi = bool(forced.get("use_pi", use_pi))
-            spatial_refiner_layers = int(forced.get("spatial_refiner_layers", spatial_refiner_layers))
-            cond_refiner_layers = int(forced.get("cond_refiner_layers", cond_refiner_layers))
+        use_pi, spatial_refiner_layers, cond_refiner_layers = self._apply_variant(
+            variant, use_pi, spatial_refiner_layers, cond_refiner_layers)
+        self._check_arguments(cond_dim, spatial_dims, out_activation, pe_frequencies, spatial_refiner_layers,
+                              cond_refiner_layers, spatial_resolutions, cond_resolutions)
+        self.cond_dim = int(cond_dim)
+        self.spatial_dims = int(spatial_dims)
+        self.use_pi = bool(use_pi)
+        self.refine_at_inference = bool(refine_at_inference)
+        self.out_activation = out_activation
+        self.variant = variant
+        # Built in this order (the order of the random draws, so seeded inits stay bitwise reproducible):
+        self._build_spatial_branch(spatial_resolutions, spatial_channels, init_range, ssr_resolution, pe_frequencies,
+                                   pe_scale, pe_include_input, spatial_refiner_layers, spatial_hidden_mult)
+        self._build_condition_branch(cond_resolutions, cond_channels, init_range, cond_refiner_layers,
+                                     cond_hidden_mult)
+        self._build_fusion_and_decoder(hidden_dim, decoder_layers, out_dim, init_output_mean)
+        self._init_fast_paths_and_cache(fast_paths, sparse_refine, sparse_refine_ratio, fused_refiner)
+
+    # ------------------------------------------------------------------------------------------------
+    # construction, in the order of __init__
+    # ------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _apply_variant(variant: Optional[str], use_pi: bool, spatial_refiner_layers: int,
+                       cond_refiner_layers: int) -> Tuple[bool, int, int]:
+        """The switches after the ablation shortcut ``variant`` (:data:`VARIANTS`) forced its keys."""
+        if variant is None:
+            return use_pi, spatial_refiner_layers, cond_refiner_layers
+        if variant not in VARIANTS:
+            raise ConfigError(f"model.variant: unknown '{variant}'; known: {', '.join(VARIANTS)}")
+        forced = VARIANTS[variant]
+        return (bool(forced.get("use_pi", use_pi)),
+                int(forced.get("spatial_refiner_layers", spatial_refiner_layers)),
+                int(forced.get("cond_refiner_layers", cond_refiner_layers)))
+
+    @staticmethod
+    def _check_arguments(cond_dim, spatial_dims, out_activation, pe_frequencies, spatial_refiner_layers,
+                         cond_refiner_layers, spatial_resolutions, cond_resolutions) -> None:
+        """ConfigError for arguments no config rule covers (model built by hand, or data-injected values)."""
         if spatial_dims not in (2, 3):
             raise ConfigError(f"model.spatial_dims must be 2 or 3, got {spatial_dims}")
         if int(cond_dim) < 1:
@@ -224,38 +255,41 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         if isinstance(spatial_resolutions, numbers.Integral) or isinstance(cond_resolutions, numbers.Integral):
             raise ConfigError("model.spatial_resolutions and model.cond_resolutions are lists (one entry per level)")
 
-        self.cond_dim = int(cond_dim)
-        self.spatial_dims = int(spatial_dims)
-        self.use_pi = bool(use_pi)
-        self.refine_at_inference = bool(refine_at_inference)
-        self.out_activation = out_activation
-        self.variant = variant
-
-        # --- spatial branch ---------------------------------------------------------------------------
+    def _build_spatial_branch(self, spatial_resolutions, spatial_channels, init_range, ssr_resolution,
+                              pe_frequencies, pe_scale, pe_include_input, spatial_refiner_layers,
+                              spatial_hidden_mult) -> None:
+        """Spatial grids (``spatial_grids[l]``: (d_fs, *r_l)), ``ssr_shape``, PE, ``spatial_feature_dim`` (D_sp) and
+        ``spatial_refiner`` (the shared ``RefinedLatticeMixin`` lattice)."""
         shapes = [_spatial_shape(r, self.spatial_dims, "spatial_resolutions") for r in spatial_resolutions]
         ssr_shape = (None if ssr_resolution is None
                      else _spatial_shape(ssr_resolution, self.spatial_dims, "ssr_resolution"))
-        # spatial_grids (grids[l]: (d_fs, *r_l)), ssr_shape, pe, spatial_feature_dim (D_sp), spatial_refiner
         self._build_lattice(shapes, spatial_channels, init_range, ssr_shape, pe_frequencies, pe_scale,
-                            pe_include_input, use_pi, spatial_refiner_layers, spatial_hidden_mult)
+                            pe_include_input, self.use_pi, spatial_refiner_layers, spatial_hidden_mult)
 
-        # --- condition branch -------------------------------------------------------------------------
+    def _build_condition_branch(self, cond_resolutions, cond_channels, init_range, cond_refiner_layers,
+                                cond_hidden_mult) -> None:
+        """Condition lines (``cond_lines.lines[l * d_c + k]``: (r_lk, d_fc)), ``cond_feature_dim`` (D_c) and the
+        condition refiner R_c (None without layers)."""
         rows = [per_axis(r, self.cond_dim, "model.cond_resolutions", "one length per condition parameter")
                 for r in cond_resolutions]                                       # (L_c, d_c)
-        self.cond_lines = ConditionLines(rows, cond_channels, init_range)       # lines[l*d_c+k]: (r_lk, d_fc)
-        self.cond_feature_dim = self.cond_lines.out_dim                          # D_c
+        self.cond_lines = ConditionLines(rows, cond_channels, init_range)
+        self.cond_feature_dim = self.cond_lines.out_dim
         self.cond_refiner = (GLURefiner(self.cond_feature_dim, cond_refiner_layers, cond_hidden_mult)
                              if cond_refiner_layers > 0 else None)
 
-        # --- fusion and decoder -----------------------------------------------------------------------
-        self.fusion = nn.Sequential(  # Linear weight (hidden, D_sp + D_c), bias (hidden,)
+    def _build_fusion_and_decoder(self, hidden_dim, decoder_layers, out_dim, init_output_mean) -> None:
+        """Fusion layer ``ReLU(W_f [z_sp || z_c] + b_f)`` (weight (hidden, D_sp + D_c)), decoder g, and the output
+        bias when ``init_output_mean`` is a number ("auto" is resolved later by the program)."""
+        self.fusion = nn.Sequential(
             nn.Linear(self.spatial_feature_dim + self.cond_feature_dim, hidden_dim), nn.ReLU())
         self.decoder = MLPDecoder(hidden_dim, hidden_dim, decoder_layers, out_dim)
         if check_init_output_mean(init_output_mean) not in (None, AUTO_OUTPUT_MEAN):
             self.init_output(init_output_mean)
 
-        # --- fast-path switches and bake cache (never saved) -------------------------------------------
-        self._set_fast_options(fast_paths, sparse_refine, sparse_refine_ratio, fused_refiner)  # _baked_grid/_fused
+    def _init_fast_paths_and_cache(self, fast_paths, sparse_refine, sparse_refine_ratio, fused_refiner) -> None:
+        """Fast-path switches and the bake caches (``_baked_grid`` / ``_baked_fused`` / ``_baked_lines``, never
+        saved; dropped when a state dict is loaded)."""
+        self._set_fast_options(fast_paths, sparse_refine, sparse_refine_ratio, fused_refiner)
         self.register_buffer("_baked_lines", None, persistent=False)  # (d_c, H, L_c*d_fc) with a cond refiner
         self._lowp_cache: Dict[torch.dtype, Tuple[Tensor, ...]] = {}
         self.register_load_state_dict_pre_hook(DRRNet._drop_cache_on_load)

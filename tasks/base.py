@@ -11,16 +11,27 @@ losses; per step it asks the task::
 
 and it logs ``out.terms`` (a term named ``mse`` also gives the logged PSNR). After training, test.py calls the
 task class's :meth:`Task.evaluate` on the run directory and prints :meth:`Task.format_table`. A task's state
-that must survive a resume (:meth:`Task.state_dict`) is saved in every checkpoint.
+that must survive a resume (:meth:`Task.state_dict`) is saved in every checkpoint (``task_state.pt``, read back
+by ``util.checkpoints.load_task_state``).
+
+Evaluation is one template, :meth:`Task.evaluate` (test config, overwrite refusal, weights, device, the record of
+the weights scored in every row, atomic result files); a task supplies only its scoring::
+
+    score(ctx: EvalContext) -> Scores       # class method: rows, plus the tables the template writes
+    result_files(test_config) -> names      # class method: the files the overwrite check looks for
+    format_table(rows) -> str               # static method: what test.py prints
 
 To add a task: subclass :class:`Task`, register it (``@register("task", "name")``), list its module in
-``tasks/__init__.py``, give it a ``test_config`` dataclass (the keys of the ``test:`` section) and an
-``evaluate`` class method.
+``tasks/__init__.py``, give it a ``test_config`` dataclass (the keys of the ``test:`` section), ``score`` and
+``result_files``.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, NamedTuple, Optional
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -37,6 +48,77 @@ class StepOutput(NamedTuple):
     loss: Tensor
     terms: Dict[str, Tensor]
     output: Optional[Tensor] = None
+
+
+class CsvFile(NamedTuple):
+    """A CSV result file of :class:`Scores` (util.tables.write_csv).
+
+    Attributes:
+        rows: one dict per line.
+        fields: the columns in order (None: every key in first-seen order, less ``final_weights``).
+        nan_cell: what a float NaN becomes.
+    """
+
+    rows: List[Dict[str, Any]]
+    fields: Optional[Sequence[str]] = None
+    nan_cell: str = "nan"
+
+
+class JsonFile(NamedTuple):
+    """A JSON result file of :class:`Scores` (``json.dump(obj, indent=indent)``)."""
+
+    obj: Any
+    indent: Optional[int] = 1
+
+
+@dataclass
+class Scores:
+    """What a task's :meth:`Task.score` returns.
+
+    Attributes:
+        rows: the rows :meth:`Task.evaluate` returns (and :meth:`Task.format_table` prints); the template adds the
+            weights scored (``weights``, ``step``, ``total_steps``, ``final_weights``) to each of them, in place, so
+            result files holding these dicts record them too.
+        files: result files the template writes after scoring, atomically, in this order: name (in the output
+            folder) -> :class:`CsvFile` / :class:`JsonFile`. Each must be one of :meth:`Task.result_files`.
+    """
+
+    rows: List[Dict[str, Any]]
+    files: Dict[str, Union[CsvFile, JsonFile]] = field(default_factory=dict)
+
+
+@dataclass
+class EvalContext:
+    """What :meth:`Task.evaluate` hands a task's :meth:`Task.score`.
+
+    Attributes:
+        run_dir: the run directory; out_dir: the output folder (created; result files named by
+            :meth:`Task.result_files` are not in it, or ``overwrite`` was given).
+        exp: the run's experiment (config.yaml); meta: its meta.json.
+        model: the trained model in eval mode, on the CPU (the task moves it).
+        test_config: the task's ``test_config`` dataclass: the run's ``test`` section with the overrides.
+        device: the evaluation device; autocast: fp16 autocast allowed (CUDA and ``train.mixed_precision``
+            auto / fp16); tasks that never autocast ignore it.
+        progress: show progress (bars / per-item log lines).
+        weights: the weights scored (util.evaluation_common.scored_weights).
+        weights_path: the weights file or checkpoint folder loaded (``model.weights_path``).
+    """
+
+    run_dir: str
+    out_dir: str
+    exp: Dict[str, Any]
+    meta: Dict[str, Any]
+    model: Any
+    test_config: Any
+    device: torch.device
+    autocast: bool
+    progress: bool
+    weights: Dict[str, Any]
+    weights_path: Optional[str] = None
+
+    def path(self, name: str) -> str:
+        """A file of the output folder."""
+        return os.path.join(self.out_dir, name)
 
 
 class Task:
@@ -70,8 +152,7 @@ class Task:
     def model_inputs(self) -> Dict[str, int]:
         """Model arguments set by the program from the data (see ``model_arguments``)."""
         ds = self.dataset
-        return {"cond_dim": int(ds.cond_dim), "spatial_dims": int(ds.spatial_dims),
-                "out_dim": int(getattr(ds, "out_dim", 1))}
+        return {"cond_dim": int(ds.cond_dim), "spatial_dims": int(ds.spatial_dims), "out_dim": int(ds.out_dim)}
 
     @classmethod
     def model_inputs_without_data(cls, exp: Dict[str, Any]) -> Optional[Dict[str, int]]:
@@ -82,7 +163,7 @@ class Task:
     @property
     def output_mean(self) -> Optional[float]:
         """Training mean of the normalized targets (replaces ``init_output_mean: auto``); None if unknown."""
-        return getattr(self.dataset, "train_value_mean", None)
+        return self.dataset.train_value_mean  # datasets.base.Dataset: None unless the dataset knows it
 
     @property
     def steps_per_epoch(self) -> int:
@@ -139,7 +220,91 @@ class Task:
     def evaluate(cls, run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
                  overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device: Optional[str] = None,
                  progress: bool = True) -> List[Dict[str, Any]]:
-        """Score a trained run, write its result files (``<run_dir>/eval`` by default) and return the rows."""
+        """Score a trained run, write its result files (``<run_dir>/eval`` by default) and return the rows.
+
+        The one evaluation of every task (a template: the task supplies :meth:`score`, :meth:`result_files` and
+        :meth:`format_table`): merge the run's ``test`` section with ``overrides`` into ``test_config`` (an
+        unknown key is a ConfigError); refuse, before any work, when result files are already in ``out_dir``
+        (FileExistsError naming the folder and the files) unless ``overwrite``; load the weights
+        (util.build.load_trained_model) and record which ones (a warning unless the final model.pt of a finished
+        run); :meth:`score`; add the weights columns to every row; write the files of the :class:`Scores`
+        atomically (an exception in scoring leaves none of them behind).
+
+        Args:
+            run_dir: run directory written by train.py.
+            out_dir: output folder (default ``<run_dir>/eval``).
+            checkpoint: weights to use (default: the final model.pt, else the latest intact checkpoint); a
+                checkpoint folder or a ``.pt`` file.
+            overrides: keys of the ``test`` section to change for this evaluation.
+            overwrite: replace existing result files.
+            device: "cpu" / "cuda" (default: CUDA when available).
+            progress: show progress.
+
+        Returns:
+            The rows of :meth:`score`, with ``weights``, ``step``, ``total_steps`` and ``final_weights``.
+        """
+        from util.config import merge_test_config
+        from util.build import load_trained_model, task_type_of
+        from util.device import default_device
+        from util.evaluation_common import scored_weights, warn_if_not_final, write_json
+        from util.run_dir import load_experiment
+        from util.tables import write_csv
+
+        if cls.test_config is None or cls.score.__func__ is Task.score.__func__:
+            raise NotImplementedError(f"task {cls.__name__} has no evaluation (no test_config / score)")
+        exp = load_experiment(run_dir)
+        tc = merge_test_config(cls.test_config, exp.get("test"), overrides, task_type_of(exp))
+        out_dir = out_dir or os.path.join(run_dir, "eval")
+        names = list(cls.result_files(tc))
+        existing = [n for n in names if os.path.exists(os.path.join(out_dir, n))]
+        if existing and not overwrite:
+            raise FileExistsError(f"results already in '{out_dir}' ({', '.join(existing)}); pass --overwrite "
+                                  f"or --out_dir")
+        model, exp, meta = load_trained_model(run_dir, checkpoint)
+        weights_path = getattr(model, "weights_path", None) or checkpoint
+        weights = scored_weights(run_dir, weights_path)
+        warn_if_not_final(run_dir, weights)
+        dev = default_device(device)
+        autocast = dev.type == "cuda" and exp["train"].get("mixed_precision", "auto") in ("auto", "fp16")
+        os.makedirs(out_dir, exist_ok=True)
+        ctx = EvalContext(run_dir=run_dir, out_dir=out_dir, exp=exp, meta=meta, model=model, test_config=tc,
+                          device=dev, autocast=autocast, progress=progress, weights=weights,
+                          weights_path=weights_path)
+        scores = cls.score(ctx)
+        undeclared = [n for n in scores.files if n not in names]
+        if undeclared:
+            raise RuntimeError(f"task {cls.__name__} writes {undeclared} but result_files() does not name them "
+                               f"(the overwrite check would miss them)")
+        for r in scores.rows:
+            r.update(weights)
+        for name, f in scores.files.items():
+            path = os.path.join(out_dir, name)
+            if isinstance(f, CsvFile):
+                fields = f.fields
+                if fields is None:  # every key; final_weights is a row key, not a column (weights/step say it)
+                    fields = []
+                    for r in f.rows:
+                        fields += [k for k in r if k not in fields and k != "final_weights"]
+                write_csv(path, f.rows, fields, nan_cell=f.nan_cell)
+            elif isinstance(f, JsonFile):
+                write_json(path, f.obj, indent=f.indent)
+            else:
+                raise TypeError(f"task {cls.__name__}: result file {name!r} is a {type(f).__name__}, not a "
+                                f"CsvFile or JsonFile")
+        return scores.rows
+
+    @classmethod
+    def result_files(cls, test_config) -> Sequence[str]:
+        """Names of the result files an evaluation with ``test_config`` writes into its output folder: the files
+        of :attr:`Scores.files` and any other file whose presence means results are there (e.g. PNGs).
+        :meth:`evaluate` refuses to replace them without ``overwrite``. Default: ``metrics.csv``."""
+        return ("metrics.csv",)
+
+    @classmethod
+    def score(cls, ctx: EvalContext) -> Scores:
+        """Score the trained model of ``ctx`` (:class:`EvalContext`): the task's own evaluation. Files written
+        while scoring (PNGs, dumps) go into ``ctx.out_dir`` through an atomic writer
+        (util.files.atomic_write); tables go into :attr:`Scores.files`, written by :meth:`evaluate`."""
         raise NotImplementedError(f"task {cls.__name__} has no evaluation")
 
     @staticmethod
@@ -148,3 +313,11 @@ class Task:
         keys = list(rows[0]) if rows else []
         lines = ["  ".join(keys)] + ["  ".join(str(r.get(k, "")) for k in keys) for r in rows]
         return "\n".join(lines)
+
+    @classmethod
+    def report_tables(cls, group: str, runs: Sequence[Any], flops: bool = False) -> List[Any]:
+        """The result tables (``util.results.Table``) of this task's finished, evaluated runs of one dataset group,
+        for ``python -m util.results``; ``runs`` are ``util.results.RunResult`` of this task only, ``flops`` says
+        whether TFLOPs were counted. Default: no table (a task with tables overrides this, e.g. the ensemble task
+        with tasks/ensemble/tables.py)."""
+        return []

@@ -51,7 +51,7 @@ def test_high_lr_collapses_with_paper_init_not_with_data_mean(lr):
 
 
 def test_auto_is_resolved_from_the_dataset_mean():
-    from util.runs import build_model
+    from util.build import build_model
 
     exp = dict(model=dict(type="drrnet", **TINY))
     m = build_model(exp, 2, 3, output_mean=0.2)

@@ -370,3 +370,22 @@ def test_duplicate_yaml_keys_are_errors(tmp_path):
     assert load_config(merged, 1)["model"]["width"] == 16
     with pytest.raises(ConfigError, match="duplicate key 'x'"):
         load_config(merged, 0, ["model={type: _cfgtest_model, x: 1, x: 2}"])
+
+
+def test_set_and_test_values_are_read_like_config_files():
+    """train.py --set and test.py --test values go through the config files' YAML reader: 1e-3 is a float
+    (plain PyYAML reads it as the string '1e-3', which the test section then refused)."""
+    from util.config import apply_overrides, parse_test_overrides
+
+    ov = parse_test_overrides(["error_gain=1e-3", "test.max_tiles=32", "isovalues=[0.5, 5E-1]", "dump_members="])
+    assert ov == {"error_gain": 0.001, "max_tiles": 32, "isovalues": [0.5, 0.5], "dump_members": None}
+    assert type(ov["error_gain"]) is float
+    exp = apply_overrides({"optim": {"type": "adam"}}, ["optim.lr=1e-3"])
+    assert exp["optim"]["lr"] == 0.001 and type(exp["optim"]["lr"]) is float
+    for bad in ("error_gain", "a.b=1", "=1"):
+        with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+            parse_test_overrides([bad])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parse_test_overrides(["x=[1"])
+    with pytest.raises(ConfigError, match="duplicate key"):
+        parse_test_overrides(["x={a: 1, a: 2}"])

@@ -6,7 +6,7 @@ import pytest
 
 from util.config import load_config, read_config_file
 from util.docs import DOC_PATH, render, undocumented
-from util.runs import build_model
+from util.build import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)

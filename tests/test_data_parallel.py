@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from tests.test_train import ROOT, run_train, tiny_config
 from util.config import load_config
-from util.runs import build_dataset, load_experiment, load_trained_model, run_dir_of
+from util.build import build_dataset, load_trained_model
+from util.run_dir import load_experiment, run_dir_of
 
 
 def free_port():
@@ -51,6 +52,7 @@ def rel_err(a, b):
     return (num / sum(float(b[k].square().sum()) for k in b)) ** 0.5
 
 
+@pytest.mark.slow  # subprocesses that train (see pytest.ini)
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test written for linux")
 def test_two_processes_average_the_gradients_of_their_own_batches(tmp_path):
     cfg = tiny_config(tmp_path, max_steps=2, checkpoint_every_steps=1)
@@ -138,6 +140,7 @@ def _launch_two(cfg, tmp_path, *extra):
                            *extra], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
 
 
+@pytest.mark.slow  # subprocesses that train (see pytest.ini)
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo multi-process test written for linux")
 def test_two_processes_train_terrain_and_moe_inr(tmp_path):
     """Tasks whose model call is not the plain f(x, c): terrain (encode + decode through forward(tiles=)) and

@@ -316,3 +316,30 @@ def test_real_layout_smoke():
                         cond_batch=2, spatial_log2batch=6)
     assert ds.spatial_shape == (16, 16, 16) and ds.cond_dim == 6 and len(ds.train_idx) == 100
     assert 0.5 < ds.value_min < 0.7 and 15 < ds.value_max < 16
+
+
+def test_every_registered_dataset_subclasses_the_base():
+    """datasets.base.Dataset declares the contract and its defaults once; no caller probes with hasattr."""
+    import inspect
+
+    from datasets.base import Dataset
+    from util.registry import get, names
+
+    classes = {n: get("dataset", n) for n in names("dataset") if not n.startswith("_")}
+    classes = {n: c for n, c in classes.items() if inspect.isclass(c)}
+    assert {"ensemble", "unstructured", "image", "blender", "time_volume", "taylor_green", "terrain"} <= set(classes)
+    for n, c in classes.items():
+        assert issubclass(c, Dataset), n
+        for attr in ("cond_dim", "spatial_dims", "out_dim", "has_grid", "train_value_mean", "steps_per_epoch",
+                     "sample_batch", "meta", "eval_coords"):
+            assert hasattr(c, attr), (n, attr)
+    # the defaults, and what a dataset that overrides nothing reports
+    class Bare(Dataset):
+        spatial_dims = 2
+    b = Bare()
+    assert (b.cond_dim, b.spatial_dims, b.out_dim, b.has_grid, b.train_value_mean) == (0, 2, 1, True, None)
+    assert b.eval_coords("full") is None and b.meta() == {}
+    with pytest.raises(NotImplementedError):
+        b.sample_batch(0)
+    with pytest.raises(NotImplementedError):
+        b.steps_per_epoch

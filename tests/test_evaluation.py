@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.ensemble.evaluation import _add_wins, _Scorer, evaluate, psnr_scatter_png, scored_weights, WIN_COLOR, LOSS_COLOR
+from tasks.ensemble.evaluation import _add_wins, _Scorer, evaluate, psnr_scatter_png, WIN_COLOR, LOSS_COLOR
+from util.evaluation_common import scored_weights
 
 N = 8  # grid size
 TRAIN_ROWS = [1, 2, 3, 4, 5, 6, 7, 8]
@@ -77,7 +78,7 @@ def run(tmp_path_factory):
     from train import main as train_main
     from test import main as test_main
     from util.config import load_config
-    from util.runs import run_dir_of
+    from util.run_dir import run_dir_of
 
     root = tmp_path_factory.mktemp("evaluation")
     data, params = make_ensemble(root)
@@ -267,6 +268,16 @@ def test_scatter_png(run, tmp_path):
     # higher PSNR is further right (x) and further up (y: smaller pixel row); the axes share one scale
     assert pts[0][0] < pts[1][0] < pts[2][0] and pts[2][1] < pts[0][1] < pts[1][1]
     assert (pts[2][0] - pts[0][0]) / (35 - 28) == pytest.approx((pts[0][1] - pts[2][1]) / (36 - 30), abs=0.5)
+    # the data-space points are the inputs; a win lies above the drawn diagonal, a loss below it
+    assert img.shape == (640, 640, 3)
+    assert out["xy"] == [(28.0, 30.0), (31.0, 29.0), (35.0, 36.0), None]
+    (c0, r0), (c1, r1) = out["diagonal"]
+    assert c0 < c1 and r0 > r1 and (r0 - r1) == pytest.approx(c1 - c0, abs=1.5)  # 45 degrees
+    for (px, py), win in zip(pts, (True, False, True)):
+        diag_row = r0 + (px - c0) * (r1 - r0) / (c1 - c0)
+        assert (py < diag_row - 3) if win else (py > diag_row + 3)
+    cm, rm = (c0 + c1) // 2, (r0 + r1) // 2  # the diagonal is drawn (grey, not the white background)
+    assert any(tuple(img[rm + dr, cm + dc]) != (255, 255, 255) for dr in (-1, 0, 1) for dc in (-1, 0, 1))
 
 
 def _copy_run(run, name):

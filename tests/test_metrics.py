@@ -177,3 +177,93 @@ def test_count_wins_strictly_higher_on_common_members():
     assert count_wins(model, ref) == (1, 5)
     assert count_wins(ref, model) == (1, 5)  # member 1 (and not the NaN member 4)
     assert count_wins({}, ref) == (0, 0)
+
+
+# ---------------------------------------------------------------- the one PSNR: every task's convention
+def test_psnr_forms_floor_and_peak_by_hand():
+    rng = np.random.default_rng(1)
+    ms = 10.0 ** rng.uniform(-12, 0, 200)
+    for m in ms:
+        # "difference" with peak 1 is exactly -10 log10(MSE) (the NeRF views and the training log)
+        assert psnr_from_mse(m, 1.0, form="difference") == -10.0 * math.log10(m)
+        assert psnr_from_mse(m, 1.0) == pytest.approx(-10.0 * math.log10(m), rel=1e-12, abs=1e-12)
+        assert psnr_from_mse(m, 2.0, form="difference") == pytest.approx(10.0 * math.log10(4.0 / m), rel=1e-12)
+    # the two forms differ only by rounding, which is why each caller names its own
+    diff = [psnr_from_mse(m, 1.0) - psnr_from_mse(m, 1.0, form="difference") for m in ms]
+    assert max(abs(d) for d in diff) < 1e-12
+    # the floor caps the PSNR at 10 log10(peak^2 / floor); without one, MSE 0 is +inf
+    assert psnr_from_mse(0.0, floor=1e-20, form="difference") == pytest.approx(200.0)
+    assert psnr_from_mse(1e-25, floor=1e-20) == pytest.approx(200.0)
+    assert psnr_from_mse(1e-3, floor=1e-20) == psnr_from_mse(1e-3)
+    assert psnr_from_mse(0.0, form="difference") == math.inf
+    assert math.isnan(psnr_from_mse(math.nan, floor=1e-20))
+    with pytest.raises(ValueError, match="form"):
+        psnr_from_mse(0.1, form="log")
+    with pytest.raises(ValueError):
+        psnr_from_mse(torch.tensor([0.1, -0.1]))
+
+
+def test_psnr_from_mse_on_tensors_against_numpy():
+    """Tensor MSEs with per-element peaks (the terrain tiles): float64 numpy by hand, elementwise."""
+    rng = np.random.default_rng(2)
+    m = 10.0 ** rng.uniform(-8, 0, 50)
+    peak = rng.uniform(0.1, 3.0, 50)
+    ref = 10.0 * np.log10(peak ** 2 / m)
+    out = psnr_from_mse(torch.from_numpy(m), torch.from_numpy(peak), floor=1e-20)
+    assert out.dtype == torch.float64 and out.shape == (50,)
+    np.testing.assert_allclose(out.numpy(), ref, rtol=1e-12)
+    out2 = psnr_from_mse(torch.from_numpy(m), 2.0)  # a scalar peak on a tensor
+    np.testing.assert_allclose(out2.numpy(), 10.0 * np.log10(4.0 / m), rtol=1e-12)
+    # float64=False keeps float32 (the terrain figure's per-tile label), still close to the float64 value
+    out32 = psnr_from_mse(torch.from_numpy(m).float(), torch.from_numpy(peak).float(), float64=False)
+    assert out32.dtype == torch.float32
+    np.testing.assert_allclose(out32.numpy(), ref, rtol=1e-5)
+    np.testing.assert_allclose(psnr_from_mse(m, 2.0), 10.0 * np.log10(4.0 / m), rtol=1e-12)  # numpy arrays
+    # floor on tensors and arrays; MSE 0 without a floor is +inf
+    t = psnr_from_mse(torch.tensor([0.0, 0.01], dtype=torch.float64), floor=1e-20)
+    assert float(t[0]) == pytest.approx(200.0) and float(t[1]) == pytest.approx(20.0)
+    assert np.isinf(psnr_from_mse(np.array([0.0, 0.5]))[0])
+
+
+def test_mse_in_float32_and_rel_l2_against_numpy():
+    rng = np.random.default_rng(3)
+    a, b = rng.random((17, 19, 3)), rng.random((17, 19, 3))
+    ref = float(np.mean((a - b) ** 2))
+    assert mse(a, b) == pytest.approx(ref, rel=1e-13)
+    m32 = mse(torch.from_numpy(a).float(), torch.from_numpy(b).float(), dtype=torch.float32)
+    assert m32 == pytest.approx(ref, rel=1e-5)
+    assert rel_l2(a, b) == pytest.approx(np.linalg.norm(a - b) / np.linalg.norm(b), rel=1e-13)
+
+
+def test_ssim_data_range_2_matches_skimage():
+    """Values in [-1, 1] with data range 2 (the MoE-INR slices): scikit-image's SSIM at data_range 2."""
+    rng = np.random.default_rng(4)
+    a = rng.uniform(-1, 1, (24, 30))
+    b = np.clip(a + 0.2 * rng.standard_normal(a.shape), -1, 1)
+    ref = structural_similarity(a, b, data_range=2.0, gaussian_weights=True, sigma=1.5,
+                                use_sample_covariance=False)
+    assert ssim(a, b, data_range=2.0) == pytest.approx(ref, abs=1e-10)
+    assert ssim(a, b, data_range=2.0) != pytest.approx(ssim(a, b, data_range=1.0), abs=1e-3)
+
+
+def test_moe_slice_ssim_matches_skimage():
+    from tasks.moe_inr.evaluation import psnr_steps, slice_ssim
+
+    rng = np.random.default_rng(5)
+    gt = rng.uniform(-1, 1, (13, 14, 15)).astype(np.float32)
+    pred = np.clip(gt + 0.1 * rng.standard_normal(gt.shape), -1, 1).astype(np.float32)
+    refs = [structural_similarity(np.take(pred, n // 2, ax).astype(np.float64),
+                                  np.take(gt, n // 2, ax).astype(np.float64), data_range=2.0,
+                                  gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+            for ax, n in enumerate(gt.shape)]
+    assert slice_ssim(pred, gt) == pytest.approx(float(np.mean(refs)), abs=1e-6)
+    m = float(np.mean((pred.astype(np.float64) - gt) ** 2))
+    assert psnr_steps([pred], [gt])[0] == pytest.approx(10 * math.log10(4.0 / m), rel=1e-10)
+
+
+def test_synchronize_is_a_no_op_on_cpu():
+    from util.timing import synchronize
+
+    synchronize("cpu")
+    synchronize(torch.device("cpu"))
+    synchronize(None)

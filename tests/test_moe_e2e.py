@@ -42,6 +42,9 @@ def test_train_and_evaluate(tmp_path):
     inr = rows[0]
     n = 77 * 9 + 35 * 3 + 17 * 9 + 6
     assert inr["params"] == n
+    # the weights scored, in the rows and in metrics.json (the template's record)
+    assert (inr["weights"], inr["step"], inr["total_steps"], inr["final_weights"]) == ("model.pt", 8, 8, True)
+    assert json.load(open(os.path.join(run, "eval", "metrics.json")))[0]["weights"] == "model.pt"
     assert inr["cr_params"] == pytest.approx(a.size * 4 / (2 * n))
     art = os.path.join(run, "eval", "weights_fp16.bin")
     assert inr["file_bytes"] == os.path.getsize(art)

@@ -331,7 +331,7 @@ def test_demo_config_builds_every_model():
     import yaml
 
     from util.config import load_config
-    from util.runs import build_model
+    from util.build import build_model
 
     path = os.path.join(ROOT, "configs", "nerf", "demo.yaml")
     exps = [load_config(path, i) for i in range(len(yaml.safe_load(open(path))))]

@@ -3,6 +3,7 @@ models/nerf.py (vanilla NeRF) against hand values; one tiny train + test through
 import csv
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -170,9 +171,28 @@ def test_train_and_test_through_the_one_loop(tmp_path, capsys, caplog):
     assert os.path.isfile(os.path.join(rd, "eval", "view_000_pred.png"))
     assert os.path.isfile(os.path.join(rd, "eval", "view_000_error.png"))
     assert "no saved occupancy grid" not in caplog.text  # the grid came from the last checkpoint
-    # without the checkpoints' task state the grid is rebuilt from the trained density, with a warning
+    assert (metrics[0]["weights"], metrics[0]["step"], metrics[0]["total_steps"]) == ("model.pt", "6", "6")
     import glob
 
+    def scores(run, out):
+        return [(r["psnr"], r["ssim"], r["n_samples"]) for r in csv.DictReader(open(os.path.join(run, out,
+                                                                                               "metrics.csv")))]
+
+    # the grid is found through the project's checkpoint API (task_state.pt), not Accelerate's files
+    own = str(tmp_path / "own_state_only")
+    shutil.copytree(rd, own)
+    for f in glob.glob(os.path.join(own, "checkpoints", "*", "custom_checkpoint_*.pkl")):
+        os.remove(f)
+    test_main(["--run", own, "--no_progress", "--overwrite"])
+    assert "no saved occupancy grid" not in caplog.text
+    assert scores(own, "eval") == scores(rd, "eval")
+    # a run written before task_state.pt (only Accelerate's custom-object file): the same grid, the same numbers
+    for f in glob.glob(os.path.join(rd, "checkpoints", "*", "task_state.pt")):
+        os.remove(f)
+    test_main(["--run", rd, "--no_progress", "--out_name", "eval_legacy"])
+    assert "no saved occupancy grid" not in caplog.text
+    assert scores(rd, "eval_legacy") == scores(rd, "eval")
+    # without the checkpoints' task state the grid is rebuilt from the trained density, with a warning
     for f in glob.glob(os.path.join(rd, "checkpoints", "*", "custom_checkpoint_*.pkl")):
         os.remove(f)
     test_main(["--run", rd, "--no_progress", "--overwrite"])

@@ -12,7 +12,7 @@ import datasets.unstructured  # noqa: F401  registers "unstructured" until datas
 from models import drrnet as drrnet_mod
 from models import explorable_inr, fainr, kplanes
 from util.config import load_config, read_config_file
-from util.runs import build_model
+from util.build import build_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -195,7 +195,7 @@ def test_flops_script_on_paper_drrnet(ds, capsys):
     assert tflops == pytest.approx(PAPER_TFLOPS[ds], rel=0.05)  # paper Table 5: within 5%
 
 
-@pytest.mark.skipif(not os.environ.get("RUN_SLOW"), reason="paper-size bakes (30-60 s each); set RUN_SLOW=1")
+@pytest.mark.slow  # paper-size bakes (30-60 s each)
 @pytest.mark.parametrize("ds", list(COND_DIM))
 def test_flops_script_on_paper_drrnet_full_size(ds, capsys):
     tflops, params = _flops(capsys, os.path.join(CONFIGS, ds, "drrnet.yaml"), COND_DIM[ds])

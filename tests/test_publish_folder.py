@@ -1,9 +1,9 @@
-"""util.runs.publish_folder: a folder appears whole or not at all (the demo generators and the tile cache)."""
+"""util.files.publish_folder: a folder appears whole or not at all (the demo generators and the tile cache)."""
 import os
 
 import pytest
 
-from util.runs import publish_folder
+from util.files import publish_folder
 
 
 def _hidden(parent):

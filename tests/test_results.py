@@ -1,4 +1,5 @@
-"""util.results: paper tables from hand-written run directories (nothing is trained)."""
+"""util.results (the collector) and the tables of the ensemble and image tasks (tasks/<task>/tables.py), from
+hand-written run directories (nothing is trained)."""
 import csv
 import json
 import logging
@@ -9,6 +10,8 @@ import pytest
 import torch
 import yaml
 
+from tasks.ensemble import tables as ET
+from tasks.image import tables as IT
 from util import results as R
 from tasks.ensemble.evaluation import DATASET_FIELDS
 
@@ -78,9 +81,9 @@ def fake_loader(monkeypatch):
         exp = yaml.safe_load(open(os.path.join(run_dir, "config.yaml")))
         return FakeModel(sizes.get(exp["model"]["type"], 10)), exp, dict(cond_dim=2, spatial_shape=[6, 6])
 
-    import util.runs
+    import util.build
 
-    monkeypatch.setattr(util.runs, "load_trained_model", load)
+    monkeypatch.setattr(util.build, "load_trained_model", load)
     return sizes
 
 
@@ -108,10 +111,10 @@ def test_formatting():
     assert R.fmt_params(8_912_345) == "8.9M" and R.fmt_params(950_000) == "0.9M"
     assert R.fmt_params(4745) == "4.7K" and R.fmt_params(12) == "12"
     assert R.fmt_float(57.23) == "57.2" and R.fmt_float(2569.24) == "2569.2" and R.fmt_float(0.05234) == "0.0523"
-    assert R.reference_display_name("idw_k8_p2") == "IDW (k=8, p=2)"
-    assert R.reference_display_name("idw_k4_p1.5") == "IDW (k=4, p=1.5)"
-    assert R.reference_display_name("mean_field") == "Mean field"
-    assert R.model_display_name("explorable_inr") == "Explorable-INR" and R.model_display_name("xyz") == "xyz"
+    assert ET.reference_display_name("idw_k8_p2") == "IDW (k=8, p=2)"
+    assert ET.reference_display_name("idw_k4_p1.5") == "IDW (k=4, p=1.5)"
+    assert ET.reference_display_name("mean_field") == "Mean field"
+    assert ET.model_display_name("explorable_inr") == "Explorable-INR" and ET.model_display_name("xyz") == "xyz"
 
 
 def test_dataset_label():
@@ -168,7 +171,7 @@ def test_same_model_type_named_by_run_and_reference_mismatch_warned(tmp_path, fa
     found, skipped = R.collect_runs([str(runs / "drr_*")])
     assert [r.name for r in found] == ["drr_a", "drr_b"] and not skipped
     with caplog.at_level(logging.WARNING, logger="results"):
-        t = R.conditional_table("demo_blast", found)
+        t = ET.conditional_table("demo_blast", found)
     assert [r["model"] for r in t.rows][:2] == ["DRR-Net (drr_a)", "DRR-Net (drr_b)"]
     assert t.rows[2]["rel_l2"] == pytest.approx(0.25)  # reference rows of the first run
     assert any("drr_b" in m and "differ" in m for m in caplog.messages)
@@ -249,8 +252,8 @@ def test_spatio_from_train_resolution_rows_only(tmp_path, fake_loader):
     runs.mkdir()
     make_run(runs, "s", "kplanes", spatio_rows())  # downsample not set, but resolution=train rows
     found, _ = R.collect_runs([str(runs / "s")])
-    assert found[0].spatio
-    t = R.spatio_table(found[0].group, found)
+    assert ET.is_spatio(found[0])
+    t = ET.spatio_table(found[0].group, found)
     assert [r["resolution"] for r in t.rows[:2]] == ["full", "train"]
 
 
@@ -274,7 +277,7 @@ def test_out_dir_and_overwrite(tmp_path, fake_loader, capsys):
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit.script inside fvcore
 def test_params_and_flops_with_a_real_drrnet(tmp_path):
-    from util.runs import build_model
+    from util.build import build_model
 
     model_cfg = dict(type="drrnet", spatial_resolutions=[4, 8], cond_resolutions=[2, 4], spatial_channels=2,
                      cond_channels=2, pe_frequencies=2, hidden_dim=16, spatial_refiner_layers=1,
@@ -290,7 +293,7 @@ def test_params_and_flops_with_a_real_drrnet(tmp_path):
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert found[0].params == n
     assert found[0].tflops is not None and found[0].tflops > 0 and math.isfinite(found[0].tflops)
-    t = R.conditional_table(found[0].group, found, flops=True)
+    t = ET.conditional_table(found[0].group, found, flops=True)
     md = t.markdown()
     assert R.fmt_float(found[0].tflops) in md and R.fmt_params(n) in md
     assert not any("--flops" in n for n in t.notes)
@@ -298,12 +301,12 @@ def test_params_and_flops_with_a_real_drrnet(tmp_path):
 
 def test_params_fall_back_to_the_architecture(tmp_path, monkeypatch, caplog):
     """A run whose trained model cannot be loaded still gets its parameter count (from config + meta)."""
-    import util.runs
+    import util.build
 
     def broken(run_dir, checkpoint=None, map_location="cpu"):
-        raise util.runs.ConfigError("unknown dataset type 'gone'")
+        raise util.build.ConfigError("unknown dataset type 'gone'")
 
-    monkeypatch.setattr(util.runs, "load_trained_model", broken)
+    monkeypatch.setattr(util.build, "load_trained_model", broken)
     model_cfg = dict(type="drrnet", spatial_resolutions=[4], cond_resolutions=[2], pe_frequencies=1, hidden_dim=8,
                      spatial_refiner_layers=0, cond_refiner_layers=0)
     runs = tmp_path / "runs"
@@ -312,7 +315,7 @@ def test_params_fall_back_to_the_architecture(tmp_path, monkeypatch, caplog):
     found, _ = R.collect_runs([d])
     with caplog.at_level(logging.WARNING, logger="results"):
         R.add_model_stats(found)
-    n = sum(p.numel() for p in util.runs.build_model(dict(model=model_cfg), 2, 2).parameters())
+    n = sum(p.numel() for p in util.build.build_model(dict(model=model_cfg), 2, 2).parameters())
     assert found[0].params == n and found[0].tflops is None
     assert any("arch" in m and "architecture" in m for m in caplog.messages)
     (runs / "arch" / "meta.json").unlink()  # nothing to build from: params stay blank, with a warning
@@ -338,7 +341,7 @@ def test_old_metrics_without_wins_and_runs_scored_with_a_checkpoint(tmp_path, fa
                                               weights="checkpoint step_0000004", step=4))
     found, _ = R.collect_runs([str(runs)])
     with caplog.at_level(logging.WARNING, logger="results"):
-        t = R.conditional_table(found[0].group, found)
+        t = ET.conditional_table(found[0].group, found)
     by_model = {r["model"]: r for r in t.rows}
     cells = dict(zip([r["model"] for r in t.rows], t.cells()))
     wins_col = [c.key for c in t.columns].index("wins_idw")
@@ -428,9 +431,11 @@ def test_image_table_reference_protocol_columns_params_from_csv_and_checkpoint_w
                                                      protocol="both", params=4_700)])
     make_image_run(runs, "b", "grid", [image_row("full", 29.0, 0.85, weights="checkpoint step_0000004", step=4)])
     found, skipped = R.collect_runs([str(runs)])
-    assert not skipped and all(r.is_image and not r.spatio for r in found)
-    assert R.conditional_table(found[0].group, found) is None and R.spatio_table(found[0].group, found) is None
-    t = R.image_table(found[0].group, found)
+    assert not skipped and all(r.task_type == "image" for r in found)
+    tables = R.task_tables(found[0].group, found)  # the image task's tables only, through the registry
+    assert [t.kind for t in tables] == ["image"]
+    t = tables[0]
+    assert t.csv_fields == IT.CSV_FIELDS
     headers = [c.header for c in t.columns]
     assert "SSIM (raster)" in headers and "PSNR (chunked)" in headers
     cells = dict(zip([r["model"] for r in t.rows], t.cells()))
@@ -443,3 +448,31 @@ def test_image_table_reference_protocol_columns_params_from_csv_and_checkpoint_w
     assert len(warned) == 1 and "'b'" in warned[0] and "checkpoint step_0000004" in warned[0]
     assert R.dataset_label(dict(dataset=dict(type="image", path="/x/y/pearl.png"))) == "image_pearl"
     assert R.dataset_label(dict(dataset=dict(type="image_demo", photo="coffee", data_dir="d/img"))) == "image_demo_coffee"
+
+
+def test_tables_come_from_each_task_and_csv_columns_from_its_tables(tmp_path, caplog):
+    """The collector asks each run's task class for its tables (registry): ensemble and image runs of one group get
+    their own task's tables, a task without tables (nerf) none, an unregistered task type a warning; each CSV
+    holds the leading columns plus those of its group's tables."""
+    from util.registry import get
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    make_run(runs, "ens", "drrnet", cond_rows(0.03, 44.0, 0.98, 1.0))
+    make_image_run(runs, "img", "grid", [image_row("full", 30.0, 0.9)])
+    for name, task in (("rf", "nerf"), ("odd", "no_such_task")):
+        d = make_run(runs, name, "drrnet", cond_rows(0.03, 44.0, 0.98, 1.0))
+        cfg = yaml.safe_load(open(os.path.join(d, "config.yaml")))
+        cfg["task"] = dict(type=task)
+        open(os.path.join(d, "config.yaml"), "w").write(yaml.safe_dump(cfg))
+    assert get("task", "nerf").report_tables("g", [], False) == []
+    found, _ = R.collect_runs([str(runs)], group_by="none")
+    with caplog.at_level(logging.WARNING, logger="results"):
+        rep = R.group_report("all", found)
+    assert [t.kind for t in rep.tables] == ["conditional", "image"]  # tasks in name order: ensemble, image
+    assert [r["model"] for r in rep.tables[0].rows][0] == "DRR-Net"  # not the nerf run's
+    assert any("odd" in m and "no_such_task" in m for m in caplog.messages)
+    assert rep.csv_fields == R.CSV_LEADING + ET.CSV_FIELDS + [f for f in IT.CSV_FIELDS if f not in ET.CSV_FIELDS]
+    by_group = {rep.group: rep for rep in R.make_reports(R.collect_runs([str(runs / "ens"), str(runs / "img")])[0])}
+    assert by_group["demo_blast"].csv_fields == R.CSV_LEADING + ET.CSV_FIELDS
+    assert by_group["image_pearl"].csv_fields == R.CSV_LEADING + IT.CSV_FIELDS

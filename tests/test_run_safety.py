@@ -14,8 +14,9 @@ import torch
 import yaml
 
 from util.errors import DataError
-from util.runs import (LOCK_FILE, RunLock, RunLockedError, load_trained_model, newest_intact_checkpoint,
-                       verify_weights_file)
+from util.build import load_trained_model
+from util.checkpoints import newest_intact_checkpoint, verify_weights_file
+from util.run_dir import LOCK_FILE, RunLock, RunLockedError
 
 TINY = dict(type="drrnet", spatial_resolutions=[4, 6], spatial_channels=2, pe_frequencies=2,
             spatial_refiner_layers=1, spatial_hidden_mult=2.0, cond_resolutions=[2, 4], cond_channels=2,

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.test_train import TINY_MODEL
@@ -44,6 +45,7 @@ def test_dry_run_prints_commands(tmp_path):
     assert r.returncode != 0 and "out of range" in r.stderr
 
 
+@pytest.mark.slow  # subprocesses that train (see pytest.ini)
 def test_jobs_run_fail_and_skip(tmp_path):
     cfg = write_jobs_config(tmp_path)
     logs = str(tmp_path / "logs")
@@ -55,7 +57,7 @@ def test_jobs_run_fail_and_skip(tmp_path):
     failed_log = [f for f in os.listdir(logs) if "jobs_1" in f][0]
     assert "missing" in open(os.path.join(logs, failed_log)).read()
     from util.config import load_config
-    from util.runs import run_dir_of
+    from util.run_dir import run_dir_of
 
     for i in (0, 2):
         assert os.path.isfile(os.path.join(run_dir_of(load_config(cfg, i)), "eval", "metrics.csv"))

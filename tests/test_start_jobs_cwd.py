@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,6 +19,7 @@ def start_jobs(cwd, *args):
     return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # subprocesses that train (see pytest.ini)
 def test_jobs_run_in_the_callers_folder(tmp_path):
     exp = dict(model=TINY,
                dataset=dict(type="demo", root="demo", n_train=4, n_test=2, resolution=6, cond_batch=2,

@@ -10,15 +10,16 @@ import torch
 import yaml
 from torch import nn
 
+from datasets.base import Dataset
 from models.base import FieldModel
 from tasks.base import StepOutput, Task
 from util.config import ConfigError, _check_dataclass_fields, load_config
 from util.registry import register
-from util.runs import run_dir_of
+from util.run_dir import run_dir_of
 
 
 @register("dataset", "_toy_targets")
-class ToyTargets:
+class ToyTargets(Dataset):
     """Two fixed target values; batches carry no coordinates that matter.
 
     Args:

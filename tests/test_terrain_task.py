@@ -181,7 +181,8 @@ def test_train_and_test_end_to_end(tmp_path, monkeypatch):
     with open(run / "val.csv") as f:
         val = list(csv.DictReader(f))
     assert [int(r["step"]) for r in val] == [4, 6]
-    from util.runs import build_dataset, load_experiment, load_trained_model
+    from util.build import build_dataset, load_trained_model
+    from util.run_dir import load_experiment
 
     model, _, _ = load_trained_model(str(run))
     ds = build_dataset(load_experiment(str(run)))
@@ -195,6 +196,7 @@ def test_train_and_test_end_to_end(tmp_path, monkeypatch):
     with open(run / "eval" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert rows[0]["model"] == "HUVR" and int(rows[0]["tiles"]) == 4 and float(rows[0]["psnr"]) > 0
+    assert (rows[0]["weights"], rows[0]["step"], rows[0]["total_steps"]) == ("model.pt", "6", "6")
     assert rows[0]["pixel_m"] == "3 x 3"  # dataset.gsd
     assert (run / "eval" / "ptq.csv").is_file()
     with open(run / "eval" / "tiles.png", "rb") as f:

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from util.config import load_config
-from util.runs import latest_checkpoint
+from util.checkpoints import latest_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,7 +51,7 @@ def test_train_writes_run_directory_and_refuses_overwrite(tmp_path):
     cfg = tiny_config(tmp_path)
     run_train(cfg)
     exp = load_config(cfg, 0)
-    from util.runs import run_dir_of
+    from util.run_dir import run_dir_of
 
     rd = run_dir_of(exp)
     for name in ("config.yaml", "meta.json", "model.pt", "finished.json", "log.csv", "timing.json"):
@@ -186,7 +186,7 @@ class _FakeAccelerator:
 
 
 def _steps_on_disk(rd):
-    from util.runs import checkpoint_dirs
+    from util.checkpoints import checkpoint_dirs
 
     return [s for s, _ in checkpoint_dirs(rd)]
 
@@ -232,7 +232,7 @@ def test_checkpoint_rotation_never_deletes_the_checkpoint_just_written(tmp_path)
 def test_test_py_end_to_end_and_predict(tmp_path, capsys):
     cfg = tiny_config(tmp_path)
     run_train(cfg)
-    from util.runs import run_dir_of
+    from util.run_dir import run_dir_of
 
     rd = run_dir_of(load_config(cfg, 0))
     from test import main as test_main
@@ -309,7 +309,7 @@ class _warns:
 def test_predict_cli(tmp_path):
     cfg = tiny_config(tmp_path)
     run_train(cfg)
-    from util.runs import run_dir_of
+    from util.run_dir import run_dir_of
 
     rd = run_dir_of(load_config(cfg, 0))
     meta = json.load(open(os.path.join(rd, "meta.json")))
@@ -332,7 +332,7 @@ def test_log_csv_records_the_learning_rate_each_step_used(tmp_path):
     exp[0]["scheduler"] = dict(type="constant", warmup_steps=4)
     open(p, "w").write(yaml.safe_dump(exp))
     run_train(p)
-    from util.runs import run_dir_of
+    from util.run_dir import run_dir_of
 
     rows = read_log(run_dir_of(load_config(p, 0)))
     lrs = [float(r["lr"]) for r in rows]

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from util.volume_io import colorize, read_vti, save_npy, take_slice, write_slice_pngs, write_vti
+from util.files import atomic_save_npy
+from util.volume_io import colorize, read_vti, take_slice, write_slice_pngs, write_vti
 
 
 def _header(path):
@@ -121,8 +122,8 @@ def test_slice_helpers():
     assert colorize(np.ones((2, 2)), 1.0, 1.0).shape == (2, 2, 3)  # flat range is fine
 
 
-def test_save_npy_atomic(tmp_path):
+def test_atomic_save_npy(tmp_path):
     p = str(tmp_path / "x.npy")
-    save_npy(p, torch.arange(6).reshape(2, 3))
+    atomic_save_npy(p, torch.arange(6).reshape(2, 3))
     np.testing.assert_array_equal(np.load(p), np.arange(6).reshape(2, 3))
     assert os.listdir(tmp_path) == ["x.npy"]

@@ -5,7 +5,8 @@ holding values normalized to [0, 1] (data range 1 unless ``data_range`` says oth
 are accumulated in float64 on the tensors' device, and scalar results are returned as Python floats.
 
 Conventions for degenerate cases:
-- ``psnr`` / ``psnr_from_mse``: MSE 0 gives ``+inf`` (no warning, no exception).
+- ``psnr`` / ``psnr_from_mse``: MSE 0 gives ``+inf`` (no warning, no exception) unless a ``floor`` is given;
+  ``psnr_from_mse`` is every task's PSNR (its docstring lists each task's peak, floor and formula).
 - ``rel_l2``: ``||gt|| = 0`` gives 0.0 when ``pred`` equals ``gt`` (both zero) and ``+inf`` otherwise.
 - ``ssim``: computed on the *valid* region (no padding), which matches
   ``skimage.metrics.structural_similarity(gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``
@@ -20,7 +21,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = ["mse", "psnr", "psnr_from_mse", "rel_l2", "max_diff", "ssim", "gaussian_window",
+__all__ = ["mse", "psnr", "psnr_from_mse", "PSNR_FORMS", "rel_l2", "max_diff", "ssim", "gaussian_window",
            "member_metrics", "dataset_metrics", "is_constant", "count_wins", "MEMBER_METRIC_KEYS"]
 
 TensorLike = Union[torch.Tensor, np.ndarray]
@@ -29,8 +30,8 @@ TensorLike = Union[torch.Tensor, np.ndarray]
 MEMBER_METRIC_KEYS: Tuple[str, ...] = ("mse", "psnr", "rel_l2", "ssim", "md")
 
 
-def _pair(pred: TensorLike, gt: TensorLike) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Both inputs as float64 tensors on one device (gt moves to pred's device); shapes must match."""
+def _pair(pred: TensorLike, gt: TensorLike, dtype: torch.dtype = torch.float64) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both inputs as ``dtype`` (float64) tensors on one device (gt moves to pred's device); shapes must match."""
     p = torch.as_tensor(pred)
     g = torch.as_tensor(gt)
     if tuple(p.shape) != tuple(g.shape):
@@ -38,45 +39,93 @@ def _pair(pred: TensorLike, gt: TensorLike) -> Tuple[torch.Tensor, torch.Tensor]
     if p.numel() == 0:
         raise ValueError("empty tensors")
     g = g.to(p.device)
-    return p.to(torch.float64), g.to(torch.float64)
+    return p.to(dtype), g.to(dtype)
 
 
-def mse(pred: TensorLike, gt: TensorLike) -> float:
-    """Mean squared error, accumulated in float64."""
-    p, g = _pair(pred, gt)
+def mse(pred: TensorLike, gt: TensorLike, dtype: torch.dtype = torch.float64) -> float:
+    """Mean squared error ``mean((pred - gt)^2)``.
+
+    Args:
+        pred, gt: same shape (tensors on any device, or numpy arrays).
+        dtype: precision of the difference and the mean: float64 (default), or e.g. float32 to reproduce a
+            mean taken in single precision (the NeRF views).
+    """
+    p, g = _pair(pred, gt, dtype)
     return float(torch.mean((p - g) ** 2))
 
 
-def psnr_from_mse(m: Union[float, np.ndarray, torch.Tensor], data_range: float = 1.0):
-    """PSNR = 10 log10(data_range^2 / MSE) = -10 log10(MSE) for data range 1.
+#: formulas of :func:`psnr_from_mse`
+PSNR_FORMS = ("ratio", "difference")
+
+
+def psnr_from_mse(m: Union[float, np.ndarray, torch.Tensor], data_range: Union[float, torch.Tensor] = 1.0,
+                  floor: Optional[float] = None, form: str = "ratio", float64: bool = True):
+    """PSNR in dB from an MSE: ``10 log10(peak^2 / MSE)``, the one PSNR of every task.
+
+    The tasks' conventions differ in the last bits, so each is a parameter (results stay bitwise what each
+    task wrote before):
+
+    - ensemble, image, MoE-INR (data range 2): ``form="ratio"``, no floor;
+    - NeRF views: ``form="difference"``, ``floor=1e-20`` (MSE of float32 images);
+    - the training log's PSNR (term ``mse``): ``form="difference"``, ``floor=1e-30``;
+    - terrain tiles: tensors, ``data_range`` = each tile's range (a tensor), ``floor=1e-20``,
+      ``float64=False`` (the MSE's own dtype).
 
     Args:
         m: an MSE: a Python/numpy scalar (returns a float) or a tensor/array (returns the same type,
             elementwise).
-        data_range: value range of the data (1 for normalized fields).
+        data_range: the peak, i.e. the value range of the data (1 for normalized fields, 2 for data in
+            [-1, 1]); a tensor of peaks broadcasts against a tensor ``m``.
+        floor: MSEs below ``floor`` are raised to it, so the PSNR is capped at ``10 log10(peak^2 / floor)``
+            (e.g. 200 dB for peak 1 and floor 1e-20). None: no floor, MSE 0 gives ``+inf`` (no warning).
+        form: "ratio": ``10 log10(peak^2 / MSE)``; "difference": ``20 log10(peak) - 10 log10(MSE)``, where
+            for peak 1 the first term is left out (exactly ``-10 log10(MSE)``). The two agree to rounding.
+        float64: compute in float64 (tensors and arrays are converted); False keeps a tensor's dtype.
 
     Returns:
-        PSNR in dB; ``+inf`` where the MSE is 0 (negative MSEs are an error).
+        PSNR in dB; ``+inf`` where the MSE is 0 and no floor is given; NaN for a NaN MSE. A negative MSE is an
+        error (``ValueError``).
     """
+    if form not in PSNR_FORMS:
+        raise ValueError(f"psnr_from_mse: form must be one of {PSNR_FORMS}, got {form!r}")
     if isinstance(m, torch.Tensor):
-        m64 = m.to(torch.float64)
-        if bool((m64 < 0).any()):
+        m_t = m.to(torch.float64) if float64 else m
+        if bool((m_t < 0).any()):
             raise ValueError("negative MSE")
-        return 10.0 * torch.log10(data_range ** 2 / m64)  # x / 0 -> inf, log10(inf) = inf
+        if floor is not None:
+            m_t = m_t.clamp_min(floor)
+        if form == "ratio":
+            return 10.0 * torch.log10(data_range ** 2 / m_t)  # x / 0 -> inf, log10(inf) = inf
+        out = -10.0 * torch.log10(m_t)
+        return out if _is_one(data_range) else 20.0 * torch.log10(torch.as_tensor(data_range)) + out
     if isinstance(m, np.ndarray) and m.ndim > 0:
-        m64 = m.astype(np.float64)
-        if (m64 < 0).any():
+        m_a = m.astype(np.float64) if float64 else m
+        if (m_a < 0).any():
             raise ValueError("negative MSE")
+        if floor is not None:
+            m_a = np.maximum(m_a, floor)
         with np.errstate(divide="ignore"):
-            return 10.0 * np.log10(data_range ** 2 / m64)
+            if form == "ratio":
+                return 10.0 * np.log10(data_range ** 2 / m_a)
+            out = -10.0 * np.log10(m_a)
+        return out if _is_one(data_range) else 20.0 * np.log10(data_range) + out
     m = float(m)
     if m < 0:
         raise ValueError(f"negative MSE {m}")
-    if m == 0.0:
-        return math.inf
     if math.isnan(m):
         return math.nan
-    return 10.0 * math.log10(data_range ** 2 / m)
+    if floor is not None:
+        m = max(m, floor)
+    if m == 0.0:
+        return math.inf
+    if form == "ratio":
+        return 10.0 * math.log10(data_range ** 2 / m)
+    out = -10.0 * math.log10(m)
+    return out if _is_one(data_range) else 20.0 * math.log10(data_range) + out
+
+
+def _is_one(data_range) -> bool:
+    return not isinstance(data_range, torch.Tensor) and float(data_range) == 1.0
 
 
 def psnr(pred: TensorLike, gt: TensorLike, data_range: float = 1.0) -> float:

@@ -1,7 +1,7 @@
 """Result files and printed tables shared by every task's evaluation: one CSV writer, one text-table layout.
 
-- :func:`write_csv`: rows (dicts) -> a CSV written atomically (``.tmp`` then rename: an interrupted evaluation
-  never leaves half a file); floats with 6 significant digits, None as an empty cell, NaN as ``nan_cell``.
+- :func:`write_csv`: rows (dicts) -> a CSV written atomically (util.files.atomic_write: an interrupted
+  evaluation never leaves half a file); floats with 6 significant digits, None as an empty cell, NaN as ``nan_cell``.
 - :func:`text_table`: already formatted cells (header first) -> aligned columns, optionally a rule under the
   header; :func:`fmt_cell` is the usual cell format (4 significant digits, ``-`` for missing).
 """
@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from util.files import atomic_write
 
 __all__ = ["write_csv", "text_table", "fmt_cell"]
 
@@ -38,13 +39,13 @@ def write_csv(path: str, rows: Iterable[Dict[str, Any]], fields: Optional[Sequen
             return nan_cell if math.isnan(v) else f"{v:.6g}"
         return v
 
-    tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
+    def write(f):
         w = csv.DictWriter(f, fieldnames=list(fields), extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: cell(v) for k, v in r.items()})
-    os.replace(tmp, path)
+
+    atomic_write(path, write, mode="w", newline="")
 
 
 def fmt_cell(v) -> str:

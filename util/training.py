@@ -13,15 +13,18 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Any, Dict, List
 
 import torch
 
+from util.build import build_components, task_type_of
+from util.checkpoints import CKPT_DIR, LATEST, TASK_STATE_FILE, checkpoint_dirs, load_resume_state
 from util.config import TrainConfig, section_kwargs
+from util.files import atomic_torch_save, atomic_write_text
+from util.metrics import psnr_from_mse
 from util.registry import build, get
-from util.runs import (CKPT_DIR, LATEST, RunLock, atomic_torch_save, atomic_write_text, build_components,
-                       check_run_dir, checkpoint_dirs, clear_run_dir, load_resume_state, run_dir_of,
-                       save_experiment, task_type_of)
+from util.run_dir import RunLock, check_run_dir, clear_run_dir, run_dir_of, save_experiment
 
 log = logging.getLogger("train")
 
@@ -49,8 +52,12 @@ def checkpoint_interval(tc: TrainConfig, steps_per_epoch: int) -> int:
     return max(1, int(round(float(tc.checkpoint_every) * steps_per_epoch)))
 
 
-def _save_checkpoint(accelerator, run_dir: str, step: int, keep: int, extra: Dict[str, Any]) -> None:
+def _save_checkpoint(accelerator, run_dir: str, step: int, keep: int, extra: Dict[str, Any], task=None) -> None:
     """Save Accelerate state into checkpoints/step_N via a temporary folder, then repoint ``latest``.
+
+    The folder also gets ``trainer_state.json`` (``step`` and ``extra``) and, with ``task``, the task's
+    ``state_dict()`` as ``task_state.pt`` (util.checkpoints.TASK_STATE_FILE, read by
+    util.checkpoints.load_task_state), both written into the staged folder before it is renamed.
 
     A save killed midway leaves at most a ``.tmp_*`` folder; ``latest`` keeps naming the previous checkpoint.
     Rotation keeps the ``keep`` newest checkpoints up to ``step`` and removes any of a higher step (stale).
@@ -67,6 +74,8 @@ def _save_checkpoint(accelerator, run_dir: str, step: int, keep: int, extra: Dic
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if task is not None:
+            atomic_torch_save(task.state_dict(), os.path.join(tmp, TASK_STATE_FILE))
         atomic_write_text(os.path.join(tmp, "trainer_state.json"), json.dumps(dict(step=step, **extra)))
         if os.path.isdir(final):
             shutil.rmtree(final)
@@ -86,7 +95,9 @@ def _save_checkpoint(accelerator, run_dir: str, step: int, keep: int, extra: Dic
 
 
 class _Checkpointed:
-    """A task's state (``state_dict`` / ``load_state_dict``) registered with Accelerate's checkpointing."""
+    """A task's state (``state_dict`` / ``load_state_dict``) registered with Accelerate's checkpointing, for resume.
+    Registered right after the scheduler (index util.checkpoints.LEGACY_TASK_STATE_INDEX: the evaluation of runs
+    written before ``task_state.pt`` reads it there); evaluation reads ``task_state.pt``."""
 
     def __init__(self, task):
         self.task = task
@@ -172,7 +183,7 @@ def _truncate_log(path: str, step: int) -> None:
 def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, progress: bool = True) -> str:
     """Train the experiment; returns the run directory.
 
-    The run directory is locked (``train.lock``, util.runs.RunLock) while the main process trains into it; a
+    The run directory is locked (``train.lock``, util.run_dir.RunLock) while the main process trains into it; a
     second process on the same run is refused. With ``overwrite`` the old run is deleted only after the config,
     the data and the model have been validated (a bad data_dir leaves it untouched).
 
@@ -190,22 +201,73 @@ def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, pr
 
 
 def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, lock: RunLock) -> str:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
+    """The steps of a run, in order; each names what it does (the order of seeds, random draws and collective
+    calls is the order of these calls)."""
+    tc = TrainConfig(**exp["train"])
+    accelerator = _accelerator(exp, tc)
+    run_dir = run_dir_of(exp)
+    _claim_run_dir(accelerator, lock, run_dir, overwrite, resume)
+    run = _set_up(exp, tc, accelerator, run_dir)
+    if overwrite and accelerator.is_main_process:  # config, data and model are valid: now the old run may go
+        clear_run_dir(run_dir)
+    accelerator.wait_for_everyone()
+    start = 0
+    if resume:
+        ck, start = load_resume_state(accelerator, run_dir)  # a damaged checkpoint: the previous intact one
+        log.info("resumed from %s at step %d", ck, start)
+    writer = _open_run_files(run, start, resume)
+    timer = _StepTimer(run)
+    _step_loop(run, start, writer, timer, progress)
+    _finish(run, writer, timer)
+    return run_dir
 
+
+@dataclass
+class _Run:
+    """What the steps of one run share: the experiment, its train section, Accelerate and the built components."""
+
+    exp: Dict[str, Any]
+    tc: TrainConfig
+    accelerator: Any
+    run_dir: str
+    dataset: Any
+    task: Any
+    model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped with several processes)
+    raw_model: torch.nn.Module  # the model itself
+    optimizer: Any
+    scheduler: Any
+    steps_per_epoch: int
+    total: int
+    ckpt_every: int
+
+    @property
+    def log_path(self) -> str:
+        return os.path.join(self.run_dir, "log.csv")
+
+
+def _accelerator(exp: Dict[str, Any], tc: TrainConfig):
+    """Accelerate for this machine: CUDA when available, the precision of ``train.mixed_precision``, and DDP told
+    whether the task leaves parameters unused in a step."""
+    from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
-    tc = TrainConfig(**exp["train"])
     cuda = torch.cuda.is_available()
     unused = bool(get("task", task_type_of(exp)).ddp_find_unused_parameters)
-    accelerator = Accelerator(mixed_precision=resolve_precision(tc.mixed_precision, cuda), cpu=not cuda,
-                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
-    run_dir = run_dir_of(exp)
+    return Accelerator(mixed_precision=resolve_precision(tc.mixed_precision, cuda), cpu=not cuda,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+
+
+def _claim_run_dir(accelerator, lock: RunLock, run_dir: str, overwrite: bool, resume: bool) -> None:
+    """Main process: lock the run directory (creating it) and check what may be done with it; deletes nothing."""
     if accelerator.is_main_process:
         lock.acquire()  # creates the run directory; nothing is deleted yet
         check_run_dir(run_dir, overwrite=overwrite, resume=resume)
     accelerator.wait_for_everyone()
+
+
+def _set_up(exp: Dict[str, Any], tc: TrainConfig, accelerator, run_dir: str) -> _Run:
+    """Seed, then dataset -> task -> model, optimizer and scheduler, prepared and registered for checkpointing."""
+    from accelerate.utils import set_seed
 
     set_seed(tc.seed)
     # e.g. the demo ensemble is generated once, by the main process
@@ -219,127 +281,176 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
     accelerator.register_for_checkpointing(_Checkpointed(task))
-    ckpt_every = checkpoint_interval(tc, steps_per_epoch)
-    if overwrite and accelerator.is_main_process:  # config, data and model are valid: now the old run may go
-        clear_run_dir(run_dir)
-    accelerator.wait_for_everyone()
+    return _Run(exp=exp, tc=tc, accelerator=accelerator, run_dir=run_dir, dataset=dataset, task=task, model=model,
+                raw_model=accelerator.unwrap_model(model), optimizer=optimizer, scheduler=scheduler,
+                steps_per_epoch=steps_per_epoch, total=total, ckpt_every=checkpoint_interval(tc, steps_per_epoch))
 
-    start = 0
+
+def _open_run_files(run: _Run, start: int, resume: bool):
+    """Main process: config.yaml, meta.json (data facts, task type, model inputs), log.csv (cut back to ``start``
+    on resume) and the TensorBoard writer (None on the other processes or without TensorBoard)."""
+    accelerator, exp = run.accelerator, run.exp
+    if not accelerator.is_main_process:
+        return None
+    save_experiment(exp, run.run_dir)
+    meta = dict(run.dataset.meta(), task=task_type_of(exp), model_inputs=run.task.model_inputs())
+    atomic_write_text(os.path.join(run.run_dir, "meta.json"), json.dumps(meta, indent=1))
     if resume:
-        ck, start = load_resume_state(accelerator, run_dir)  # a damaged checkpoint: the previous intact one
-        log.info("resumed from %s at step %d", ck, start)
-    log_path = os.path.join(run_dir, "log.csv")
+        _truncate_log(run.log_path, start)
+    elif not os.path.isfile(run.log_path):
+        atomic_write_text(run.log_path, ",".join(LOG_FIELDS) + "\n")
     writer = None
-    if accelerator.is_main_process:
-        save_experiment(exp, run_dir)
-        meta = dict(dataset.meta(), task=task_type_of(exp), model_inputs=task.model_inputs())
-        atomic_write_text(os.path.join(run_dir, "meta.json"), json.dumps(meta, indent=1))
-        if resume:
-            _truncate_log(log_path, start)
-        elif not os.path.isfile(log_path):
-            atomic_write_text(log_path, ",".join(LOG_FIELDS) + "\n")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+    try:
+        from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=start + 1 if resume else None)
-        except Exception as e:  # tensorboard missing or broken: train anyway
-            log.warning("TensorBoard logging off (%s)", e)
-        n_params = sum(p.numel() for p in model.parameters())
-        log.info("run %s: %d steps (%d per epoch), %d processes, %d parameters, device %s, precision %s",
-                 run_dir, total, steps_per_epoch, accelerator.num_processes, n_params, accelerator.device,
-                 accelerator.mixed_precision)
+        writer = SummaryWriter(os.path.join(run.run_dir, "tb"), purge_step=start + 1 if resume else None)
+    except Exception as e:  # tensorboard missing or broken: train anyway
+        log.warning("TensorBoard logging off (%s)", e)
+    n_params = sum(p.numel() for p in run.model.parameters())
+    log.info("run %s: %d steps (%d per epoch), %d processes, %d parameters, device %s, precision %s",
+             run.run_dir, run.total, run.steps_per_epoch, accelerator.num_processes, n_params, accelerator.device,
+             accelerator.mixed_precision)
+    return writer
 
-    raw_model = accelerator.unwrap_model(model)
+
+class _IntervalMeans:
+    """Sums of the loss and of the loss terms over the optimizer steps of one log interval."""
+
+    def __init__(self, device):
+        self.loss = torch.zeros((), device=device)
+        self.terms: Dict[str, torch.Tensor] = {}
+        self.n = 0
+
+    def add(self, out) -> None:
+        self.loss += out.loss.detach().float()
+        for k, val in out.terms.items():
+            self.terms[k] = self.terms.get(k, 0.0) + val.detach().float()
+        self.n += 1
+
+    def take(self, accelerator):
+        """(mean loss, {term: mean}) over the interval and every process; the sums start again."""
+        n = max(self.n, 1)
+        mean_loss = accelerator.reduce(self.loss / n, reduction="mean").item()
+        mean_terms = {k: accelerator.reduce(torch.as_tensor(v, device=accelerator.device) / n,
+                                            reduction="mean").item() for k, v in sorted(self.terms.items())}
+        self.loss.zero_()
+        self.terms = {}
+        self.n = 0
+        return mean_loss, mean_terms
+
+
+class _StepTimer:
+    """Times the steady steps (after ``min(10, total // 2)`` warm-up steps) for timing.json (spec 5.6)."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        self.warm = min(10, run.total // 2)
+        self.times: List[float] = []
+        self.cuda = torch.cuda.is_available()
+
+    def record(self, step: int, t0: float, writer) -> None:
+        run = self.run
+        if self.warm <= step < self.warm + run.tc.timing_steps:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.times.append(time.perf_counter() - t0)
+            if len(self.times) == run.tc.timing_steps or step + 1 == run.total:
+                _write_timing(run.accelerator, run.run_dir, self.times, run.total, writer)
+
+    def finish(self, writer) -> None:
+        """Write what was measured when the run ended before ``timing_steps`` steady steps."""
+        if self.times and len(self.times) < self.run.tc.timing_steps:
+            _write_timing(self.run.accelerator, self.run.run_dir, self.times, self.run.total, writer)
+
+
+def _step_loop(run: _Run, start: int, writer, timer: _StepTimer, progress: bool) -> None:
+    """Steps ``start`` .. total: batch -> training step -> backward / clip / optimizer and scheduler step, then
+    the interval's log line, validation and checkpoint when due."""
+    from tqdm.auto import tqdm
+
+    accelerator, tc, task, model, optimizer = run.accelerator, run.tc, run.task, run.model, run.optimizer
     model.train()
-    bar = tqdm(total=total, initial=start, disable=not (progress and accelerator.is_main_process),
-               desc=os.path.basename(run_dir), dynamic_ncols=True)
-    step_times: List[float] = []
-    warm = min(10, total // 2)  # warm-up steps excluded from the step-time measurement
-    loss_acc = torch.zeros((), device=accelerator.device)
-    n_acc = 0
-    terms_acc: Dict[str, torch.Tensor] = {}
+    bar = tqdm(total=run.total, initial=start, disable=not (progress and accelerator.is_main_process),
+               desc=os.path.basename(run.run_dir), dynamic_ncols=True)
+    means = _IntervalMeans(accelerator.device)
     watch = CollapseWatch(tc.collapse_check_steps, tc.collapse_patience, tc.log_every)
     t_start = time.perf_counter()
-    echo = accelerator.is_main_process and not progress  # one printed line per log interval (batch jobs)
-    for step in range(start, total):
+    for step in range(start, run.total):
         t0 = time.perf_counter()
         batch = task.batch(step, accelerator.process_index, accelerator.device)
         with accelerator.autocast():
             out = task.training_step(model, batch, step)
         out = skip_together(accelerator, out)
-        logging_step = (step + 1) % tc.log_every == 0 or step + 1 == total
+        done = step + 1
+        logging_step = done % tc.log_every == 0 or done == run.total
         if logging_step:  # the learning rates this step uses (log.csv records these, not the next step's)
             step_lrs = [g["lr"] for g in optimizer.param_groups]
         if out is not None:  # None: the task skips this step (no backward, no optimizer or scheduler step)
             accelerator.backward(out.loss)
-            if logging_step and watch.active(step + 1) and out.output is not None:
-                watch.observe(accelerator, raw_model, out.output, step + 1)
+            if logging_step and watch.active(done) and out.output is not None:
+                watch.observe(accelerator, run.raw_model, out.output, done)
             if tc.grad_clip:
                 accelerator.clip_grad_norm_(model.parameters(), tc.grad_clip)
             optimizer.step()
-            scheduler.step()
+            run.scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_acc += out.loss.detach().float()
-            for k, val in out.terms.items():
-                terms_acc[k] = terms_acc.get(k, 0.0) + val.detach().float()
-            n_acc += 1
-        done = step + 1
-        if warm <= step < warm + tc.timing_steps:
-            if cuda:
-                torch.cuda.synchronize()
-            step_times.append(time.perf_counter() - t0)
-            if len(step_times) == tc.timing_steps or done == total:
-                _write_timing(accelerator, run_dir, step_times, total, writer)
+            means.add(out)
+        timer.record(step, t0, writer)
         if logging_step:
-            n_acc = max(n_acc, 1)
-            mean_loss = accelerator.reduce(loss_acc / n_acc, reduction="mean").item()
-            mean_terms = {k: accelerator.reduce(torch.as_tensor(v, device=accelerator.device) / n_acc,
-                                                reduction="mean").item() for k, v in sorted(terms_acc.items())}
-            loss_acc.zero_()
-            terms_acc = {}
-            n_acc = 0
-            if not math.isfinite(mean_loss):
-                raise FloatingPointError(f"loss is {mean_loss} at step {done}; lower the learning rate or check the data")
-            if accelerator.is_main_process:
-                psnr = -10 * math.log10(max(mean_terms["mse"], 1e-30)) if "mse" in mean_terms else float("nan")
-                lr = step_lrs[0]
-                with open(log_path, "a") as f:  # appended every interval: a user tailing the run sees it move
-                    f.write(f"{done},{mean_loss:.8g},{psnr:.5f},{lr:.6g}\n")
-                if writer is not None:
-                    writer.add_scalar("train/loss", mean_loss, done)
-                    writer.add_scalar("train/psnr", psnr, done)
-                    for k, val in mean_terms.items():
-                        writer.add_scalar(f"train/{k}", val, done)
-                    for g, g_lr in zip(optimizer.param_groups, step_lrs):
-                        writer.add_scalar(f"lr/{g.get('name', 'default')}", g_lr, done)
-                    for k, val in raw_model.training_stats().items():
-                        writer.add_scalar(k, val, done)
-                bar.set_postfix(loss=f"{mean_loss:.3e}", psnr=f"{psnr:.2f}")
-                if echo:
-                    print(progress_line(done, total, start, mean_loss, psnr, lr, time.perf_counter() - t_start),
-                          flush=True)
+            _log_interval(run, done, start, means, step_lrs, writer, bar, progress, time.perf_counter() - t_start)
         bar.update(1)
-        if tc.val_every_steps is not None and (done % tc.val_every_steps == 0 or done == total):
-            _validate(accelerator, task, raw_model, done, run_dir, writer)
-        if done % ckpt_every == 0 or done == total:
-            check_processes_agree(accelerator, raw_model, done, task_type_of(exp))
-            _save_checkpoint(accelerator, run_dir, done, tc.keep_checkpoints,
-                             dict(total_steps=total, steps_per_epoch=steps_per_epoch))
+        if tc.val_every_steps is not None and (done % tc.val_every_steps == 0 or done == run.total):
+            _validate(accelerator, task, run.raw_model, done, run.run_dir, writer)
+        if done % run.ckpt_every == 0 or done == run.total:
+            check_processes_agree(accelerator, run.raw_model, done, task_type_of(run.exp))
+            _save_checkpoint(accelerator, run.run_dir, done, tc.keep_checkpoints,
+                             dict(total_steps=run.total, steps_per_epoch=run.steps_per_epoch), task=task)
     bar.close()
+
+
+def _log_interval(run: _Run, done: int, start: int, means: _IntervalMeans, step_lrs: List[float], writer, bar,
+                  progress: bool, elapsed: float) -> None:
+    """End of a log interval: mean loss and terms over every process (a non-finite loss stops the run); the main
+    process appends the line of log.csv, writes TensorBoard scalars and updates the progress display."""
+    accelerator = run.accelerator
+    mean_loss, mean_terms = means.take(accelerator)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"loss is {mean_loss} at step {done}; lower the learning rate or check the data")
+    if not accelerator.is_main_process:
+        return
+    psnr = (psnr_from_mse(mean_terms["mse"], 1.0, floor=1e-30, form="difference")
+            if "mse" in mean_terms else float("nan"))
+    lr = step_lrs[0]
+    with open(run.log_path, "a") as f:  # appended every interval: a user tailing the run sees it move
+        f.write(f"{done},{mean_loss:.8g},{psnr:.5f},{lr:.6g}\n")
+    if writer is not None:
+        writer.add_scalar("train/loss", mean_loss, done)
+        writer.add_scalar("train/psnr", psnr, done)
+        for k, val in mean_terms.items():
+            writer.add_scalar(f"train/{k}", val, done)
+        for g, g_lr in zip(run.optimizer.param_groups, step_lrs):
+            writer.add_scalar(f"lr/{g.get('name', 'default')}", g_lr, done)
+        for k, val in run.raw_model.training_stats().items():
+            writer.add_scalar(k, val, done)
+    bar.set_postfix(loss=f"{mean_loss:.3e}", psnr=f"{psnr:.2f}")
+    if not progress:  # one printed line per log interval (batch jobs)
+        print(progress_line(done, run.total, start, mean_loss, psnr, lr, elapsed), flush=True)
+
+
+def _finish(run: _Run, writer, timer: _StepTimer) -> None:
+    """Main process: the rest of timing.json, model.pt, the collapse warning, finished.json (written last)."""
+    accelerator = run.accelerator
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        if step_times and len(step_times) < tc.timing_steps:
-            _write_timing(accelerator, run_dir, step_times, total, writer)
-        raw_model = accelerator.unwrap_model(model)
-        atomic_torch_save(raw_model.state_dict(), os.path.join(run_dir, "model.pt"))
-        _warn_if_constant(raw_model, task, accelerator.device)
+        timer.finish(writer)
+        atomic_torch_save(run.raw_model.state_dict(), os.path.join(run.run_dir, "model.pt"))
+        _warn_if_constant(run.raw_model, run.task, accelerator.device)
         if writer is not None:
             writer.close()
-        atomic_write_text(os.path.join(run_dir, "finished.json"), json.dumps(dict(steps=total)))
-        log.info("finished: %s", run_dir)
+        atomic_write_text(os.path.join(run.run_dir, "finished.json"), json.dumps(dict(steps=run.total)))
+        log.info("finished: %s", run.run_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return run_dir
 
 
 def _duration(seconds: float) -> str:

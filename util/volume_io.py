@@ -1,4 +1,5 @@
-"""Volume output: VTK XML ImageData (.vti) for ParaView, PNG slice images, .npy; all writes are atomic.
+"""Volume output: VTK XML ImageData (.vti) for ParaView and PNG slice images, written atomically (util.files;
+``.npy`` files: util.files.atomic_save_npy).
 
 Axis convention (.vti)
 ----------------------
@@ -23,15 +24,15 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from util.errors import DataError
+from util.files import atomic_write
 
-__all__ = ["write_vti", "read_vti", "write_slice_pngs", "save_npy", "colorize", "take_slice", "atomic_write"]
+__all__ = ["write_vti", "read_vti", "write_slice_pngs", "colorize", "take_slice"]
 
 ArrayLike = Any  # numpy array or torch tensor
 
@@ -48,31 +49,6 @@ def _to_numpy(a: ArrayLike) -> np.ndarray:
     if hasattr(a, "detach"):  # torch tensor
         a = a.detach().cpu().numpy()
     return np.asarray(a)
-
-
-def atomic_write(path: str, write: Callable[[Any], None], mode: str = "wb") -> str:
-    """Write a file atomically: ``write(fileobj)`` into a temporary file in the same folder, then os.replace."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
-def save_npy(path: str, array: ArrayLike) -> str:
-    """``np.save`` an array (or tensor) atomically; ``path`` is used as given (no '.npy' appended)."""
-    a = _to_numpy(array)
-    return atomic_write(path, lambda f: np.save(f, a, allow_pickle=False))
 
 
 def _xyz(v: Sequence[float], default_z: float, what: str) -> Tuple[float, float, float]:

@@ -137,7 +137,7 @@ def output_activation(a: Tensor, name: str) -> Tensor:
 
 AUTO_OUTPUT_MEAN = "auto"
 """``init_output_mean: auto``: the program replaces it with the training mean of the normalized values
-(``util.runs.build_model`` reads it from the dataset); a model built by hand keeps its default init."""
+(``util.build.build_model`` reads it from the dataset); a model built by hand keeps its default init."""
 
 
 def check_init_output_mean(value, key: str = "model.init_output_mean"):

@@ -42,18 +42,21 @@ import logging
 import math
 import os
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from tasks.base import CsvFile, EvalContext, Scores
 from tasks.ensemble.config import EnsembleTestConfig
-from util.config import merge_test_config
-from util.tables import fmt_cell, text_table, write_csv
+from util.evaluation_common import WEIGHTS_FIELDS, weights_line
+from util.files import atomic_save_npy
+from util.tables import fmt_cell, text_table
 from util.metrics import count_wins, dataset_metrics, is_constant, member_metrics
 from tasks.ensemble.reference import IDWPredictor, MeanFieldPredictor, NearestMemberPredictor
-from util.runs import build_dataset, latest_checkpoint, load_trained_model, read_json
+from util.build import build_dataset
 from util.sampling import grid_coords
+from util.timing import synchronize
 
 log = logging.getLogger("test")
 
@@ -61,15 +64,9 @@ MEMBER_FIELDS = ["predictor", "split", "resolution", "row", "mse", "psnr", "rel_
 #: short names of the reference predictors in the wins columns (``wins_vs_<short>``)
 WINS_REFERENCES = ("mean", "nearest", "idw")
 WINS_FIELDS = [f"wins_vs_{k}" for k in WINS_REFERENCES] + ["wins_of"]
-WEIGHTS_FIELDS = ["weights", "step", "total_steps"]
 DATASET_FIELDS = ["predictor", "split", "resolution", "members", "rel_l2", "psnr_dataset", "psnr_member_mean",
                   "ssim", "md", "mse", "bake_s", "infer_s", "infer_s_per_member", "points_per_s"
                   ] + WINS_FIELDS + WEIGHTS_FIELDS
-
-
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -139,16 +136,6 @@ def _fmt_wins(r: Dict[str, Any], key: str) -> str:
     return f"{int(w)}/{int(n)}"
 
 
-def weights_line(r: Dict[str, Any]) -> str:
-    """``weights: model.pt (step 1200 of 1200)`` for a result row, with a warning when not the final weights."""
-    step, total = r.get("step"), r.get("total_steps")
-    where = f"step {step if step is not None else '?'}" + (f" of {total}" if total is not None else "")
-    line = f"weights: {r.get('weights', '?')} ({where})"
-    if not r.get("final_weights", True):
-        line += ": NOT the final weights of a finished run"
-    return line
-
-
 def format_table(rows: List[Dict[str, Any]]) -> str:
     """A plain-text table of dataset-level results; wins columns as ``wins/members``; a last line names the
     weights scored."""
@@ -161,85 +148,6 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
         return "" if r.get(c) is None else fmt_cell(r[c])
     table = text_table([cols] + [[fmt(r, c) for c in cols] for r in rows], rule=True)
     return table + ("\n" + weights_line(rows[0]) if rows and "weights" in rows[0] else "")
-
-
-def scored_weights(run_dir: str, checkpoint: Optional[str] = None) -> Dict[str, Any]:
-    """Which weights ``load_trained_model(run_dir, checkpoint)`` scores, and at which training step.
-
-    The default is resolved by the same rule as :func:`util.runs.load_trained_model`: ``model.pt`` when present,
-    else the checkpoint named by ``checkpoints/latest``.
-
-    Returns:
-        ``dict(weights, step, total_steps, final_weights)``: ``weights`` = ``"model.pt"``,
-        ``"checkpoint <folder name>"`` or the ``.pt`` path given; ``step`` = the step of a checkpoint
-        (trainer_state.json, else the folder name), the total steps for the final model.pt, None when unknown;
-        ``total_steps`` from finished.json or the checkpoint's trainer_state.json (None when unknown);
-        ``final_weights`` = True only for model.pt of a finished run (finished.json present).
-    """
-    fin_p = os.path.join(run_dir, "finished.json")
-    finished = os.path.isfile(fin_p)
-    total = None
-    if finished:
-        try:
-            total = int(read_json(fin_p)["steps"])
-        except (OSError, ValueError, KeyError, TypeError):
-            total = None
-    final_pt = os.path.join(run_dir, "model.pt")
-    path = checkpoint
-    if path is None:
-        try:
-            path = final_pt if os.path.isfile(final_pt) else latest_checkpoint(run_dir)
-        except FileNotFoundError:
-            path = None
-
-    def state_of(ck: Optional[str]) -> Dict[str, Any]:
-        try:
-            return read_json(os.path.join(ck, "trainer_state.json")) if ck else {}
-        except (OSError, ValueError):
-            return {}
-
-    step = None
-    if path is not None and os.path.isdir(path):
-        name = os.path.basename(os.path.normpath(path))
-        st = state_of(path)
-        step = st.get("step")
-        if step is None and name.startswith("step_") and name[5:].isdigit():
-            step = int(name[5:])
-        total = total if total is not None else st.get("total_steps")
-        weights = f"checkpoint {name}"
-    elif path is not None and os.path.isfile(final_pt) and os.path.isfile(path) and os.path.samefile(path, final_pt):
-        weights = "model.pt"
-        if finished:
-            step = total
-        else:  # model.pt is written just before finished.json: take the latest checkpoint's record
-            try:
-                st = state_of(latest_checkpoint(run_dir))
-            except FileNotFoundError:
-                st = {}
-            total = st.get("total_steps")
-            step = st.get("step") if st.get("step") == total else None
-    else:
-        weights = str(path)
-    if total is None:
-        try:
-            total = state_of(latest_checkpoint(run_dir)).get("total_steps")
-        except FileNotFoundError:
-            pass
-    return dict(weights=weights, step=None if step is None else int(step),
-                total_steps=None if total is None else int(total), final_weights=finished and weights == "model.pt")
-
-
-def _warn_if_not_final(run_dir: str, w: Dict[str, Any]) -> None:
-    if w["final_weights"]:
-        return
-    at = f"step {w['step'] if w['step'] is not None else '?'}" + (
-        f" of {w['total_steps']}" if w["total_steps"] is not None else "")
-    if not os.path.isfile(os.path.join(run_dir, "finished.json")):
-        log.warning("training of '%s' has not finished (no finished.json): scoring %s (%s); the metrics describe "
-                    "an unfinished model (column 'weights'/'step' of metrics.csv)", run_dir, w["weights"], at)
-    else:
-        log.warning("scoring %s (%s), not the final model.pt of '%s' (recorded in metrics.csv, columns "
-                    "'weights'/'step')", w["weights"], at, run_dir)
 
 
 def _add_wins(results: List[Dict[str, Any]], scorers: List["_Scorer"]) -> None:
@@ -259,25 +167,18 @@ def _add_wins(results: List[Dict[str, Any]], scorers: List["_Scorer"]) -> None:
             res["wins_of"] = n
 
 
-def _nice_ticks(lo: float, hi: float, n: int = 6) -> List[float]:
-    raw = (hi - lo) / n
-    mag = 10.0 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    first = math.ceil(lo / step) * step
-    return [round(first + i * step, 10) for i in range(int((hi - first) / step + 1e-9) + 1)]
-
-
-WIN_COLOR = (31, 119, 180)
-LOSS_COLOR = (214, 39, 40)
+WIN_COLOR = (31, 119, 180)   # RGB of a member the model wins (above the diagonal)
+LOSS_COLOR = (214, 39, 40)   # RGB of a member it does not win (on or below the diagonal)
 
 
 def psnr_scatter_png(path: str, ref_psnr, model_psnr, title: str, xlabel: str,
                      ylabel: str = "model PSNR (dB)", size: int = 640) -> Dict[str, Any]:
     """Scatter plot PNG of per-member PSNR, model (y) against a reference predictor (x), with the diagonal.
 
-    Drawn with Pillow (a dependency of scikit-image; no matplotlib needed). Both axes share one range, so the
-    diagonal (equal PSNR) runs at 45 degrees; a point above it is a member the model wins (blue), on or below it
-    one it does not win (red). Members with a non-finite PSNR (an exact prediction) are not drawn.
+    Drawn with matplotlib (Agg canvas, no pyplot state). Both axes share one range and one scale, so the diagonal
+    (equal PSNR) runs at 45 degrees; a point above it is a member the model wins (``WIN_COLOR``), on or below it one
+    it does not win (``LOSS_COLOR``). The title's second line gives the wins count. Members with a non-finite PSNR
+    (an exact prediction) are not drawn.
 
     Args:
         path: output .png (written through a temporary file).
@@ -287,10 +188,12 @@ def psnr_scatter_png(path: str, ref_psnr, model_psnr, title: str, xlabel: str,
         size: image width and height in pixels.
 
     Returns:
-        ``dict(points=[(px, py) or None per member], wins=int, members=int, path=path)``: pixel centres of the
-        drawn points.
+        ``dict(points, xy, diagonal, wins, members, path)``: ``xy`` the drawn points in data space (reference
+        PSNR, model PSNR) and ``points`` their pixel centres ``(column, row)`` in the PNG (row 0 at the top), each
+        None for a member not drawn; ``diagonal`` the pixel ``(column, row)`` of the diagonal's two ends.
     """
-    from PIL import Image, ImageDraw, ImageFont
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     x = np.asarray(ref_psnr, dtype=np.float64).ravel()
     y = np.asarray(model_psnr, dtype=np.float64).ravel()
@@ -298,14 +201,6 @@ def psnr_scatter_png(path: str, ref_psnr, model_psnr, title: str, xlabel: str,
         raise ValueError(f"{x.size} reference PSNRs for {y.size} model PSNRs")
     ok = np.isfinite(x) & np.isfinite(y)
     wins = int(np.sum(y > x))
-    try:
-        font = ImageFont.load_default(size=13)
-    except TypeError:  # Pillow without FreeType: the fixed bitmap font
-        font = ImageFont.load_default()
-    W = H = int(size)
-    left, right, top, bottom = 80, 40, 62, 62  # a square plot area: one dB is as long on both axes
-    img = Image.new("RGB", (W, H), "white")
-    d = ImageDraw.Draw(img)
     vals = np.concatenate([x[ok], y[ok]])
     lo, hi = (float(vals.min()), float(vals.max())) if vals.size else (0.0, 1.0)
     if hi - lo < 1e-6:
@@ -313,54 +208,39 @@ def psnr_scatter_png(path: str, ref_psnr, model_psnr, title: str, xlabel: str,
     pad = 0.06 * (hi - lo)
     lo, hi = lo - pad, hi + pad
 
-    def px(v):
-        return left + (v - lo) / (hi - lo) * (W - left - right)
-
-    def py(v):
-        return H - bottom - (v - lo) / (hi - lo) * (H - top - bottom)
-
-    def text_size(t):
-        b = d.textbbox((0, 0), t, font=font)
-        return b[2] - b[0], b[3] - b[1]
-
-    d.rectangle([left, top, W - right, H - bottom], outline="black")
-    for t in _nice_ticks(lo, hi):
-        lab = f"{t:g}"
-        tw, th = text_size(lab)
-        X, Y = px(t), py(t)
-        d.line([X, H - bottom, X, H - bottom + 5], fill="black")
-        d.text((X - tw / 2, H - bottom + 8), lab, fill="black", font=font)
-        d.line([left - 5, Y, left, Y], fill="black")
-        d.text((left - 8 - tw, Y - th / 2 - 2), lab, fill="black", font=font)
-    d.line([px(lo), py(lo), px(hi), py(hi)], fill=(150, 150, 150), width=1)
-    r = 4
-    points: List[Any] = []
-    for xi, yi, good in zip(x, y, ok):
-        if not good:
-            points.append(None)
-            continue
-        X, Y = px(xi), py(yi)
-        col = WIN_COLOR if yi > xi else LOSS_COLOR
-        d.ellipse([X - r, Y - r, X + r, Y + r], fill=col, outline=col)
-        points.append((int(round(X)), int(round(Y))))
+    dpi = 100
+    fig = Figure(figsize=(size / dpi, size / dpi), dpi=dpi)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_axes((0.14, 0.12, 0.78, 0.74))  # square in a square figure: one dB is as long on both axes
+    ax.plot([lo, hi], [lo, hi], color="0.6", linewidth=1, zorder=1)
+    win = ok & (y > x)
+    for mask, rgb in ((win, WIN_COLOR), (ok & ~win, LOSS_COLOR)):
+        col = tuple(v / 255.0 for v in rgb)
+        ax.scatter(x[mask], y[mask], s=(8 * 72.0 / dpi) ** 2, c=[col], edgecolors=[col], linewidths=0, zorder=2)
+    ax.set_xlim(lo, hi)
+    ax.set_ylim(lo, hi)
+    ax.set_aspect("equal", adjustable="box")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     hidden = int(np.sum(~ok))
     sub = (f"model better on {wins}/{x.size} members (blue, above the diagonal)"
            + (f"; {hidden} exact member(s) not drawn" if hidden else ""))
-    for i, line in enumerate((title, sub)):
-        tw, _ = text_size(line)
-        d.text(((W - tw) / 2, 10 + 20 * i), line, fill="black", font=font)
-    tw, _ = text_size(xlabel)
-    d.text((left + (W - left - right - tw) / 2, H - bottom + 30), xlabel, fill="black", font=font)
-    tw, th = text_size(ylabel)
-    lab = Image.new("RGB", (tw + 4, th + 6), "white")
-    ImageDraw.Draw(lab).text((2, 0), ylabel, fill="black", font=font)
-    lab = lab.rotate(90, expand=True)
-    img.paste(lab, (8, int(top + (H - top - bottom - lab.size[1]) / 2)))
+    fig.suptitle(f"{title}\n{sub}", fontsize=9, y=0.96)
+    canvas.draw()  # fixes the layout, so the transform below gives the pixels of the saved image
+    height = canvas.get_width_height()[1]
+
+    def pixel(xv: float, yv: float) -> Tuple[int, int]:
+        X, Y = ax.transData.transform((xv, yv))
+        return int(math.floor(X)), int(math.floor(height - Y))
+
+    xy = [(float(a), float(b)) if good else None for a, b, good in zip(x, y, ok)]
+    points = [pixel(*p) if p is not None else None for p in xy]
     tmp = path + ".tmp"
     with open(tmp, "wb") as f:
-        img.save(f, format="PNG")
+        fig.savefig(f, format="png", dpi=dpi)
     os.replace(tmp, path)
-    return dict(points=points, wins=wins, members=int(x.size), path=path)
+    return dict(points=points, xy=xy, diagonal=(pixel(lo, lo), pixel(hi, hi)), wins=wins, members=int(x.size),
+                path=path)
 
 
 def _write_scatters(out_dir: str, scorers: List["_Scorer"]) -> List[str]:
@@ -378,58 +258,54 @@ def _write_scatters(out_dir: str, scorers: List["_Scorer"]) -> List[str]:
             psnr_scatter_png(path, [ref[r["row"]] for r in rows], [r["psnr"] for r in rows],
                              title=f"member PSNR on unseen members ({res} resolution): model vs {pred}",
                              xlabel=f"{pred} PSNR (dB)")
-        except ImportError as e:  # pragma: no cover - Pillow comes with scikit-image
+        except ImportError as e:  # pragma: no cover - matplotlib is a dependency
             log.info("no PSNR scatter plot (%s)", e)
             continue
         written.append(path)
     return written
 
 
+RESULT_FILES = ("metrics.csv", "members.csv")
+"""The ensemble evaluation's tables (their presence means results are there)."""
+
+
 def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
              overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device: Optional[str] = None,
              progress: bool = True) -> List[Dict[str, Any]]:
-    """Evaluate a trained run; writes ``metrics.csv`` and ``members.csv`` (and dumps) into ``out_dir``.
+    """``EnsembleTask.evaluate`` (the template of tasks.base.Task.evaluate with :func:`score`)."""
+    from tasks.ensemble.task import EnsembleTask
 
-    Args:
-        run_dir: run directory written by train.py.
-        out_dir: output folder (default ``<run_dir>/eval``); existing result files are not replaced unless
-            ``overwrite``.
-        checkpoint: weights to use (default: final model.pt, else the latest checkpoint).
-        overrides: keys of the ``test`` section to change for this evaluation.
-        device: "cpu" / "cuda" (default: cuda when available).
+    return EnsembleTask.evaluate(run_dir, out_dir=out_dir, checkpoint=checkpoint, overrides=overrides,
+                                 overwrite=overwrite, device=device, progress=progress)
+
+
+def score(ctx: EvalContext) -> Scores:
+    """Score a trained ensemble run (``EnsembleTask.score``): bake (timed), reconstruct every member of
+    ``test.splits`` at each of ``test.resolutions``, score the model and the reference predictors, dumps and PSNR
+    scatters into ``ctx.out_dir``.
 
     Returns:
-        Dataset-level result rows (dicts with DATASET_FIELDS, plus ``final_weights``: True when the final
-        model.pt of a finished run was scored).
+        rows: the dataset-level rows (DATASET_FIELDS); files: ``metrics.csv`` (those rows) and ``members.csv``
+        (MEMBER_FIELDS, one row per predictor, split, resolution and member).
     """
     from tqdm.auto import tqdm
 
-    model, exp, meta = load_trained_model(run_dir, checkpoint)
-    # the path really loaded when load_trained_model records it (its default rule may skip a damaged file)
-    weights = scored_weights(run_dir, model.weights_path or checkpoint)
-    _warn_if_not_final(run_dir, weights)
-    tc = merge_test_config(EnsembleTestConfig, exp.get("test"), overrides, "ensemble")
-    out_dir = out_dir or os.path.join(run_dir, "eval")
-    os.makedirs(out_dir, exist_ok=True)
-    targets = [os.path.join(out_dir, n) for n in ("metrics.csv", "members.csv")]
-    if not overwrite and any(os.path.exists(t) for t in targets):
-        raise FileExistsError(f"results already in '{out_dir}'; pass --overwrite or --out_dir")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, exp, tc, out_dir, progress = ctx.model, ctx.exp, ctx.test_config, ctx.out_dir, ctx.progress
+    device, autocast = ctx.device, ctx.autocast
     dataset = build_dataset(exp)
     model.to(device)
-    autocast = device.type == "cuda" and exp["train"].get("mixed_precision", "auto") in ("auto", "fp16")
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     # every model has bake() (models.base.FieldModel; a no-op when there is nothing to cache)
     model.bake()
-    _sync(device)
+    synchronize(device)
     bake_s = time.perf_counter() - t0
     log.info("bake: %.3f s", bake_s)
 
     splits = {"test": np.asarray(dataset.test_idx), "train": np.asarray(dataset.train_idx)}
     scorers: List[_Scorer] = []
     member_rows: List[Dict[str, Any]] = []
-    with_ssim = tc.ssim and getattr(dataset, "has_grid", True)
+    with_ssim = tc.ssim and dataset.has_grid
     dumps = set(int(r) for r in tc.dump_members)
     constant_members = 0
     n_pred = 0
@@ -439,11 +315,12 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
         # gridded data: every vertex of the grid; unstructured data supplies its own vertex coordinates
         # (every model has the contract's predict_grid; only a baked model with fast paths (DRR-Net's folded
         # lattice) reconstructs through its own, the others go through forward as before)
-        use_grid_path = (not hasattr(dataset, "eval_coords") and model.fast_paths and model.is_baked)
+        own_coords = dataset.eval_coords(res)  # None: every vertex of the regular grid
+        use_grid_path = (own_coords is None and model.fast_paths and model.is_baked)
         grid_chunk = tc.chunk_size if device.type == "cuda" else min(tc.chunk_size, 8192)
         coords = None
         if not use_grid_path:
-            coords = (dataset.eval_coords(res) if hasattr(dataset, "eval_coords") else grid_coords(shape)).to(device)
+            coords = (own_coords if own_coords is not None else grid_coords(shape)).to(device)
         n_points = int(np.prod(shape))
         refs = []
         if tc.reference and "test" in tc.splits:
@@ -458,14 +335,14 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
             ref_sc = [_Scorer(r.name, split, res, with_ssim, tc.ssim_win_size) for r in refs] if split == "test" else []
             for row in tqdm(rows, desc=f"{split}@{res}", disable=not progress):
                 c = dataset.conds([int(row)])[0]
-                _sync(device)
+                synchronize(device)
                 t = time.perf_counter()
                 if use_grid_path:  # baked DRR-Net: folded grid, per-member condition term, chunked lattice
                     pred = model.predict_grid(shape, c.to(device), grid_chunk,
                                               dtype=torch.float16 if autocast else None)
                 else:
                     pred = predict_field(model, coords, c.to(device), shape, tc.chunk_size, autocast)
-                _sync(device)
+                synchronize(device)
                 dt = time.perf_counter() - t
                 gt = get_gt(int(row)).to(device)
                 model_sc.add(row, pred, gt, dt)
@@ -479,18 +356,15 @@ def evaluate(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[s
     results = [_summary(sc, bake_s if sc.key[0] == "model" else float("nan"), n_points_of(sc, dataset))
                for sc in scorers]
     _add_wins(results, scorers)
-    for r in results:
-        r.update(weights)
     for sc in scorers:
         member_rows += sc.rows
-    write_csv(targets[0], results, DATASET_FIELDS)
-    write_csv(targets[1], member_rows, MEMBER_FIELDS)
     for p in _write_scatters(out_dir, scorers):
         log.info("PSNR scatter: %s", p)
     if n_pred and constant_members == n_pred:
         log.warning("the model's prediction is constant for every member: the model has collapsed "
                     "(compare with the mean-field reference row)")
-    return results
+    return Scores(results, {RESULT_FILES[0]: CsvFile(results, DATASET_FIELDS),
+                            RESULT_FILES[1]: CsvFile(member_rows, MEMBER_FIELDS)})
 
 
 def n_points_of(sc: _Scorer, dataset) -> int:
@@ -507,8 +381,8 @@ def _dump(out_dir: str, row: int, res: str, pred: torch.Tensor, gt: torch.Tensor
     stem = os.path.join(d, f"member{row:04d}_{res}")
     p = dataset.denormalize_values(pred.float().cpu().numpy())
     g = dataset.denormalize_values(gt.float().cpu().numpy())
-    np.save(stem + "_pred.npy", p)
-    np.save(stem + "_true.npy", g)
+    atomic_save_npy(stem + "_pred.npy", p)
+    atomic_save_npy(stem + "_true.npy", g)
     if tc.dump_vti:
         write_vti(stem + "_pred.vti", p)
         write_vti(stem + "_true.vti", g)

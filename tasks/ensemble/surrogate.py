@@ -18,7 +18,8 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from util.runs import load_trained_model
+from util.build import load_trained_model
+from util.device import default_device
 from util.sampling import grid_coords
 
 log = logging.getLogger("predict")
@@ -63,8 +64,8 @@ class Surrogate:
         if task != "ensemble":
             raise ValueError(f"'{run_dir}' is a '{task}' run: predict.py and Surrogate predict ensemble members at "
                              f"new parameters; evaluate a '{task}' run with test.py (and load its model with "
-                             f"util.runs.load_trained_model)")
-        return cls(model, meta, device or ("cuda" if torch.cuda.is_available() else "cpu"), chunk_size)
+                             f"util.build.load_trained_model)")
+        return cls(model, meta, default_device(device), chunk_size)
 
     # -- conditions -------------------------------------------------------------------------------------
     def normalize_params(self, params: Union[Dict[str, float], Sequence[float]], normalized: bool = False) -> torch.Tensor:

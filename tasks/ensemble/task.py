@@ -2,9 +2,9 @@
 evaluation of tasks/ensemble/evaluation.py (members at full resolution beside the reference predictors)."""
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Sequence
 
-from tasks.base import Task
+from tasks.base import EvalContext, Scores, Task
 from tasks.ensemble.config import EnsembleTestConfig
 from util.registry import register
 
@@ -27,13 +27,25 @@ class EnsembleTask(Task):
         super().__init__(dataset)
 
     @classmethod
-    def evaluate(cls, run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
-                 overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device: Optional[str] = None,
-                 progress: bool = True) -> List[Dict[str, Any]]:
-        from tasks.ensemble.evaluation import evaluate
+    def score(cls, ctx: EvalContext) -> Scores:
+        """tasks/ensemble/evaluation.score: every member reconstructed and scored beside the reference
+        predictors; ``metrics.csv`` and ``members.csv``."""
+        from tasks.ensemble.evaluation import score
 
-        return evaluate(run_dir, out_dir=out_dir, checkpoint=checkpoint, overrides=overrides, overwrite=overwrite,
-                        device=device, progress=progress)
+        return score(ctx)
+
+    @classmethod
+    def result_files(cls, test_config) -> Sequence[str]:
+        from tasks.ensemble.evaluation import RESULT_FILES
+
+        return RESULT_FILES
+
+    @classmethod
+    def report_tables(cls, group, runs, flops: bool = False):
+        """``python -m util.results``: this task's tables (tasks/ensemble/tables.py)."""
+        from tasks.ensemble.tables import report_tables
+
+        return report_tables(group, runs, flops)
 
     @staticmethod
     def format_table(rows: List[Dict[str, Any]]) -> str:

@@ -54,8 +54,10 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import numpy as np
 import torch
 
+from util.files import atomic_write
 from util.metrics import psnr_from_mse
 from util.metrics import ssim as ssim_2d
+from util.timing import synchronize
 
 __all__ = ["DEFAULT_CHUNK", "PROTOCOLS", "image_coords", "iter_predictions", "reconstruct", "inference_time",
            "mse", "psnr", "chunked_mse", "psnr_chunked", "raster_window", "tile_edges", "ssim_image", "ssim_tiles",
@@ -84,21 +86,16 @@ def image_coords(H: int, W: int, start: int, stop: int, device=None) -> torch.Te
     return out.to(device) if device is not None else out
 
 
-def _sync(device) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def _forward(model_fn: ModelFn, x: torch.Tensor, autocast: bool) -> Tuple[torch.Tensor, float]:
     """One timed model call on (n, 2) coordinates -> ((n, C) float32 on the device, seconds)."""
     dev = x.device
-    _sync(dev)
+    synchronize(dev)
     t0 = time.perf_counter()
     with torch.autocast(dev.type, dtype=torch.float16, enabled=autocast):
         out = model_fn(x[None])
     out = out.float()
-    _sync(dev)
+    synchronize(dev)
     dt = time.perf_counter() - t0
     if out.dim() != 3 or out.shape[0] != 1 or out.shape[1] != x.shape[0]:
         raise ValueError(f"model_fn must map x (1, n, 2) to (1, n, C); for n = {x.shape[0]} it returned "
@@ -154,11 +151,11 @@ def inference_time(model_fn: ModelFn, H: int, W: int, chunk_size: int = DEFAULT_
 def _timed_bake(bake: Optional[Callable[[], Any]], device) -> float:
     if bake is None:
         return 0.0
-    _sync(device)
+    synchronize(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         bake()
-    _sync(device)
+    synchronize(device)
     return time.perf_counter() - t0
 
 
@@ -367,9 +364,8 @@ def save_png(path: str, img) -> str:
         a = a[..., 0]
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)):
         raise ValueError(f"save_png: expected (H, W), (H, W, 1) or (H, W, 3), got {a.shape}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(a)).save(path)
-    return path
+    img = Image.fromarray(np.ascontiguousarray(a))
+    return atomic_write(path, lambda f: img.save(f, format="PNG"))
 
 
 def _hot(e: np.ndarray) -> np.ndarray:

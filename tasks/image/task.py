@@ -4,7 +4,7 @@ Training is the base task's: batches ``x (1, N, 2)``, ``c (1, 0)``, ``v (1, N, C
 ``datasets.image.ImageDataset`` (N random pixels, VP-S), MSE loss. Evaluation (``test.py`` through
 :meth:`ImageTask.evaluate`, options in the ``test`` section, :class:`ImageTestConfig`):
 
-1. the run's model is loaded (``util.runs.load_trained_model``), baked (``model.bake()``) and run at every pixel of
+1. the run's model is loaded (``util.build.load_trained_model``), baked (``model.bake()``) and run at every pixel of
    the full-resolution image in chunks (``model(x, c)`` with ``c`` of shape (1, 0)); with ``dataset.downsample
    > 1`` (spec 1.5) that is the resolution the model never saw (``resolutions: [full, train]`` also scores the
    training resolution);
@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
 
-from tasks.base import Task
-from util.config import _check_dataclass_fields, merge_test_config
+from tasks.base import CsvFile, EvalContext, Scores, Task
+from util.config import _check_dataclass_fields
+from util.device import default_device
 from util.tables import fmt_cell, text_table, write_csv
 from util.registry import ConfigError, register
 
@@ -50,6 +50,7 @@ IMAGE_FIELDS = ["predictor", "split", "resolution", "height", "width", "channels
                 "psnr_chunked", "ssim_raster", "lpips_raster", "ssim_protocol", "ssim_tile", "bake_s", "forward_s",
                 "infer_s", "points_per_s", "chunk_size", "params", "weights", "step", "total_steps"]
 """Columns of an image run's metrics.csv."""
+METRICS_FILE = "metrics.csv"
 
 SSIM_PROTOCOLS = ("tiles", "raster", "both")
 COLORMAPS = ("hot", "gray")
@@ -179,7 +180,7 @@ def evaluate_model(model, dataset, test_config: Optional[ImageTestConfig] = None
     from tasks.image.evaluation import evaluate_image, lpips_status
 
     tc = test_config or ImageTestConfig()
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = default_device(device)
     autocast = (device.type == "cuda") if autocast is None else bool(autocast)
     if autocast and device.type != "cuda":
         raise ValueError("fp16 autocast for the image evaluation needs a CUDA device (fp32 on CPU)")
@@ -232,7 +233,7 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
             "infer_s", "params"]
     table = text_table([cols] + [[fmt_cell(r.get(c)) for c in cols] for r in rows], rule=True)
     if rows and "weights" in rows[0]:
-        from tasks.ensemble.evaluation import weights_line
+        from util.evaluation_common import weights_line
 
         table += "\n" + weights_line(rows[0])
     return table
@@ -254,7 +255,7 @@ class ImageTask(Task):
 
     def __init__(self, dataset):
         super().__init__(dataset)
-        if int(getattr(dataset, "cond_dim", 0)) != 0 or not hasattr(dataset, "rows"):
+        if int(dataset.cond_dim) != 0 or not hasattr(dataset, "rows"):  # rows: an image dataset
             raise ConfigError(f"task.type 'image' needs an image dataset (dataset.type: image), got "
                               f"{type(dataset).__name__}")
 
@@ -267,51 +268,30 @@ class ImageTask(Task):
         return {"cond_dim": 0, "spatial_dims": 2, "out_dim": 3 if channels is None else int(channels)}
 
     @classmethod
-    def evaluate(cls, run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
-                 overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device: Optional[str] = None,
-                 progress: bool = True) -> List[Dict[str, Any]]:
-        """Score a trained image run; writes ``metrics.csv`` and the PNGs into ``out_dir``.
+    def result_files(cls, test_config: ImageTestConfig) -> List[str]:
+        """``metrics.csv``, and with ``save_png`` the prediction and error PNGs of each resolution."""
+        names = [METRICS_FILE]
+        if test_config.save_png:
+            names += [f"{res}_{kind}.png" for res in test_config.resolutions for kind in ("pred", "error")]
+        return names
 
-        Args:
-            run_dir: run directory written by train.py.
-            out_dir: output folder (default ``<run_dir>/eval``).
-            checkpoint: weights to use (default: the final model.pt, else the latest intact checkpoint).
-            overrides: keys of the ``test`` section to change for this evaluation.
-            overwrite: replace existing result files (else FileExistsError naming them, before any work).
-            device: "cpu" / "cuda" (default: CUDA when available).
-            progress: log a line per resolution.
+    @classmethod
+    def score(cls, ctx: EvalContext) -> Scores:
+        """Score a trained image run (:func:`evaluate_model` on the run's dataset; the PNGs into the output folder);
+        rows: :data:`IMAGE_FIELDS` plus ``pred_png``, ``error_png``; ``metrics.csv`` holds them."""
+        from util.build import build_dataset
 
-        Returns:
-            The rows (:data:`IMAGE_FIELDS` plus ``final_weights``, ``pred_png``, ``error_png``).
-        """
-        from tasks.ensemble.evaluation import scored_weights
-        from util.runs import build_dataset, load_trained_model
+        dataset = build_dataset(ctx.exp)
+        rows = evaluate_model(ctx.model, dataset, ctx.test_config, ctx.out_dir, ctx.device, ctx.autocast,
+                              ctx.progress)
+        return Scores(rows, {METRICS_FILE: CsvFile(rows, IMAGE_FIELDS, nan_cell="")})
 
-        model, exp, _meta = load_trained_model(run_dir, checkpoint)
-        tc = merge_test_config(ImageTestConfig, exp.get("test"), overrides, "image")
-        out_dir = out_dir or os.path.join(run_dir, "eval")
-        targets = [os.path.join(out_dir, "metrics.csv")]
-        if tc.save_png:
-            targets += [os.path.join(out_dir, f"{res}_{kind}.png") for res in tc.resolutions
-                        for kind in ("pred", "error")]
-        existing = [t for t in targets if os.path.exists(t)]
-        if existing and not overwrite:
-            raise FileExistsError(f"results already in '{out_dir}' ({', '.join(os.path.basename(t) for t in existing)})"
-                                  "; pass --overwrite or --out_dir")
-        weights = scored_weights(run_dir, getattr(model, "weights_path", None) or checkpoint)
-        if not weights["final_weights"]:
-            log.warning("'%s': scoring %s (step %s of %s), not the final model.pt of a finished run (columns "
-                        "'weights'/'step' of metrics.csv)", run_dir, weights["weights"], weights["step"],
-                        weights["total_steps"])
-        dataset = build_dataset(exp)
-        device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        autocast = device_t.type == "cuda" and exp["train"].get("mixed_precision", "auto") in ("auto", "fp16")
-        os.makedirs(out_dir, exist_ok=True)
-        rows = evaluate_model(model, dataset, tc, out_dir, device_t, autocast, progress)
-        for r in rows:
-            r.update(weights)
-        write_metrics(targets[0], rows)
-        return rows
+    @classmethod
+    def report_tables(cls, group, runs, flops: bool = False):
+        """``python -m util.results``: this task's tables (tasks/image/tables.py)."""
+        from tasks.image.tables import report_tables
+
+        return report_tables(group, runs, flops)
 
     @staticmethod
     def format_table(rows: List[Dict[str, Any]]) -> str:

@@ -54,11 +54,11 @@ import torch
 from datasets.timevolume import time_coords
 from util.metrics import psnr as _psnr
 from util.metrics import ssim as _ssim
-from util.tables import text_table, write_csv
+from util.tables import text_table
 
 __all__ = ["save_fp16", "load_fp16", "compression_ratios", "decompress_step", "psnr_steps", "slice_ssim",
            "isosurface", "chamfer_distance", "pearson", "PearsonSums", "jaccard_tolerance", "SZ3Compressor", "ZFPCompressor",
-           "get_compressor", "match_psnr", "evaluate_volumes", "evaluate_run", "format_table", "DATA_RANGE"]
+           "get_compressor", "match_psnr", "evaluate_volumes", "score", "result_files", "format_table", "DATA_RANGE"]
 
 log = logging.getLogger(__name__)
 
@@ -459,43 +459,38 @@ class _Steps:
         return self.dataset.volume(t)
 
 
-def _load_run(run_dir: str, checkpoint: Optional[str], device):
-    """(model in eval mode, experiment) of a trained run (util.runs.load_trained_model)."""
-    from util.runs import load_trained_model
-
-    model, exp, _ = load_trained_model(run_dir, checkpoint)
-    return model, exp
+ARTIFACT = "weights_fp16.bin"
+VOLUME = "decompressed.npy"
 
 
-def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
-                 overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device=None,
-                 progress: bool = True) -> List[Dict[str, Any]]:
-    """Evaluate a trained MoE-INR run (test.py for task ``moe_inr``).
+def result_files(tc) -> List[str]:
+    """The files of an evaluation with test config ``tc`` (MoETestConfig): ``metrics.json``, ``per_step.csv``, the
+    artifact and, with ``save_volume``, the decompressed volume."""
+    return ["metrics.json", "per_step.csv", ARTIFACT] + ([VOLUME] if tc.save_volume else [])
+
+
+def score(ctx) -> "Scores":
+    """Score a trained MoE-INR run (``MoETask.score``; ``ctx``: tasks.base.EvalContext).
 
     Memory: the INR is decompressed and scored one time step at a time (ground truth read from the dataset's
     memory map per step); the baseline compressors keep their reconstructed steps in memory.
 
-    Writes into ``out_dir`` (default ``<run_dir>/eval``): ``weights_fp16.bin`` (the artifact), ``metrics.json``
-    (the rows), ``per_step.csv`` and, with ``test.save_volume``, ``decompressed.npy``.
+    Writes into the output folder: ``weights_fp16.bin`` (the artifact) and, with ``test.save_volume``,
+    ``decompressed.npy`` (both atomically); returns the rows and the files the template writes, ``metrics.json``
+    (the rows) and ``per_step.csv``.
 
     Returns:
         rows: one for the INR (method "moe_inr") and one per matched baseline compressor.
     """
-    from tasks.moe_inr.task import MoETestConfig
-    from util.config import merge_test_config
-    from util.runs import build_dataset
+    from tasks.base import CsvFile, JsonFile, Scores
+    from util.build import build_dataset
 
-    model, exp = _load_run(run_dir, checkpoint, device)
-    tc = merge_test_config(MoETestConfig, exp.get("test"), overrides, "moe_inr")
-    out_dir = out_dir or os.path.join(run_dir, "eval")
-    if os.path.isfile(os.path.join(out_dir, "metrics.json")) and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds metrics.json; pass overwrite to replace it")
-    os.makedirs(out_dir, exist_ok=True)
+    model, exp, tc, out_dir, run_dir = ctx.model, ctx.exp, ctx.test_config, ctx.out_dir, ctx.run_dir
     dataset = build_dataset(exp)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = ctx.device
 
-    art = save_fp16(model, os.path.join(out_dir, "weights_fp16.bin"))
-    model.load_state_dict(load_fp16(os.path.join(out_dir, "weights_fp16.bin")), strict=False)
+    art = save_fp16(model, os.path.join(out_dir, ARTIFACT))
+    model.load_state_dict(load_fp16(os.path.join(out_dir, ARTIFACT)), strict=False)
     model = model.to(device).eval()
     n_params = sum(p.numel() for p in model.parameters())
     average = getattr(model, "mode", "top1") == "average"
@@ -504,9 +499,9 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
     gt = _Steps(dataset)
     cd_set = set(int(s) for s in tc.cd_steps) if tc.cd_steps else set(range(T))
     saved = None
+    staged = os.path.join(out_dir, f".{VOLUME}.tmp")  # renamed to VOLUME once every step is in
     if tc.save_volume:
-        saved = np.lib.format.open_memmap(os.path.join(out_dir, "decompressed.npy"), mode="w+", dtype=np.float32,
-                                          shape=tuple(dataset.shape))
+        saved = np.lib.format.open_memmap(staged, mode="w+", dtype=np.float32, shape=tuple(dataset.shape))
     rows_t, dec_s = [], 0.0
     lpips_model = None
     if tc.lpips:
@@ -515,29 +510,37 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
         lpips_model = load_lpips(device)  # None (and one log line saying why) without local weights
     pc = PearsonSums()
     ji = []
-    for t in range(T):  # one time step in memory at a time; decompression timed alone
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        out = decompress_step(model, dataset.shape, t, tc.chunk_size, device, with_var=average)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        dec_s += time.perf_counter() - t0
-        pred, var = out if average else (out, None)
-        g = gt[t]
-        rows_t.append(_step_row(pred, g, t, tc.isovalues, t in cd_set, tc.cd_max_points, tc.ssim))
-        if lpips_model is not None:
-            rows_t[-1]["lpips"] = slice_lpips(pred, g, lpips_model, device)
+    try:
+        for t in range(T):  # one time step in memory at a time; decompression timed alone
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = decompress_step(model, dataset.shape, t, tc.chunk_size, device, with_var=average)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            dec_s += time.perf_counter() - t0
+            pred, var = out if average else (out, None)
+            g = gt[t]
+            rows_t.append(_step_row(pred, g, t, tc.isovalues, t in cd_set, tc.cd_max_points, tc.ssim))
+            if lpips_model is not None:
+                rows_t[-1]["lpips"] = slice_lpips(pred, g, lpips_model, device)
+            if saved is not None:
+                saved[t] = pred
+            if average:
+                err = np.abs(pred.astype(np.float64) - g)
+                v64 = var.astype(np.float64)
+                pc.add(v64, err)
+                ji.append(jaccard_tolerance(v64, err, tc.ji_quantile, tc.ji_tolerance))
+    except BaseException:  # no partial volume left behind
         if saved is not None:
-            saved[t] = pred
-        if average:
-            err = np.abs(pred.astype(np.float64) - g)
-            v64 = var.astype(np.float64)
-            pc.add(v64, err)
-            ji.append(jaccard_tolerance(v64, err, tc.ji_quantile, tc.ji_tolerance))
+            del saved
+            os.remove(staged)
+        raise
     if saved is not None:
         saved.flush()
         del saved
+        os.chmod(staged, 0o666 & ~_umask())
+        os.replace(staged, os.path.join(out_dir, VOLUME))
     summary, per_step = _summarize(rows_t, tc.isovalues, tc.ssim)
     row: Dict[str, Any] = {"method": "moe_inr", **summary, "params": n_params, "file_bytes": art["file_bytes"],
                            "raw_bytes": dataset.raw_nbytes,
@@ -564,11 +567,14 @@ def evaluate_run(run_dir: str, out_dir: Optional[str] = None, checkpoint: Option
         rows.append({"method": name, **s, "cr_params": m["cr"], "bytes": m["bytes"],
                      "error_bound": m.get("error_bound"), "rate": m.get("rate"), "max_error": m["max_error"], "compress_s": m["compress_s"],
                      "decompress_s": m["decompress_s"], "matched": m["matched"], "iterations": m["iterations"]})
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(rows, f, indent=1)
     keys = sorted({k for r in per_step for k in r}, key=lambda k: (k != "t", k))
-    write_csv(os.path.join(out_dir, "per_step.csv"), per_step, keys)
-    return rows
+    return Scores(rows, {"metrics.json": JsonFile(rows, indent=1), "per_step.csv": CsvFile(per_step, keys)})
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:

@@ -203,7 +203,7 @@ class MoETask(Task):
                          ("kmeans_coord_weight", kmeans_coord_weight)):
             if not float(val) >= 0:
                 raise ConfigError(f"task.{key} must be >= 0, got {val!r}")
-        if getattr(dataset, "spatial_dims", None) != 4 or getattr(dataset, "cond_dim", None) != 0:
+        if dataset.spatial_dims != 4 or dataset.cond_dim != 0:
             raise ConfigError("task moe_inr needs a time-varying volume dataset (dataset.type time_volume or "
                               "taylor_green: 4 coordinate columns, no condition)")
         self.pretrain, self.k, self.expert_loss = pretrain, int(k), expert_loss
@@ -346,12 +346,18 @@ class MoETask(Task):
 
     # --------------------------------------------------------------------------------------- evaluation
     @classmethod
-    def evaluate(cls, run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
-                 overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device=None, progress: bool = True) -> List[Dict[str, Any]]:
-        from tasks.moe_inr.evaluation import evaluate_run
+    def result_files(cls, test_config) -> List[str]:
+        from tasks.moe_inr.evaluation import result_files
 
-        return evaluate_run(run_dir, out_dir=out_dir, checkpoint=checkpoint, overrides=overrides,
-                            overwrite=overwrite, device=device, progress=progress)
+        return result_files(test_config)
+
+    @classmethod
+    def score(cls, ctx):
+        """tasks/moe_inr/evaluation.score: the fp16 artifact decompressed and scored per time step, then the
+        baseline compressors matched to its PSNR; ``metrics.json`` and ``per_step.csv``."""
+        from tasks.moe_inr.evaluation import score
+
+        return score(ctx)
 
     @staticmethod
     def format_table(rows: List[Dict[str, Any]]) -> str:

@@ -23,12 +23,12 @@ Evaluation (``test.py`` -> :meth:`NeRFTask.evaluate`, ``test:`` keys in :class:`
 in eval mode is baked once (timed), then every test view is rendered by the training renderer, not stratified, in
 chunks of ``chunk_rays`` rays (timed per view); PSNR (mean of per-view PSNRs), SSIM (Gaussian 11 x 11, mean over
 channels and views), render time per view; predicted and error PNGs per view; ``metrics.csv`` holds one row per
-view and a final ``mean`` row. The occupancy grid is the one saved with the latest checkpoint; a run without one
-gets a grid rebuilt from the trained density (all cells, ``rebuild_updates`` warm-up updates; a warning says so).
+view and a final ``mean`` row. The occupancy grid is the one saved with the weights scored (the checkpoint's
+``task_state.pt``, util.checkpoints.load_task_state; for model.pt the final checkpoint's); a run without one gets
+a grid rebuilt from the trained density (all cells, ``rebuild_updates`` warm-up updates; a warning says so).
 """
 from __future__ import annotations
 
-import glob
 import logging
 import math
 import os
@@ -42,9 +42,11 @@ import torch.nn.functional as F
 
 from rendering.occupancy import OccupancyGrid
 from rendering.renderer import BACKENDS, render_rays
-from tasks.base import StepOutput, Task
+from tasks.base import CsvFile, EvalContext, Scores, StepOutput, Task
 from util.config import _check_dataclass_fields
-from util.tables import text_table, write_csv
+from util.device import default_device
+from util.files import atomic_write
+from util.tables import text_table
 from util.registry import ConfigError, register
 
 log = logging.getLogger("test")
@@ -267,18 +269,18 @@ class NeRFTask(Task):
         """Render and score the test views (no run directory needed); rows per view plus a ``mean`` row."""
         from PIL import Image
 
-        from util.metrics import ssim
+        from util.metrics import mse as mse_of, psnr_from_mse, ssim
+        from util.timing import synchronize
 
         tc = test_config or NeRFTestConfig()
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = default_device(device)
         info = log.info if progress else log.debug
         model.to(device)
         model.eval()
         self.grid.to(device)
         t0 = time.perf_counter()
         model.bake()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         bake_s = time.perf_counter() - t0
         params = int(sum(p.numel() for p in model.parameters() if p.requires_grad))
         n_views = self.dataset.n_test if tc.max_views is None else min(int(tc.max_views), self.dataset.n_test)
@@ -290,22 +292,22 @@ class NeRFTask(Task):
             with torch.no_grad():
                 out = self.render(model, v["rays_o"].reshape(-1, 3).to(device), v["rays_d"].reshape(-1, 3).to(device),
                                   stratified=False, chunk=int(tc.chunk_rays))
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            synchronize(device)
             render_s = time.perf_counter() - t0
             pred = out["colors"].float().clamp(0, 1).reshape(H, W, 3).cpu()
             truth = v["rgb"].float()
-            mse = float(((pred - truth) ** 2).mean())
-            psnr = -10 * math.log10(max(mse, 1e-20))
+            mse = mse_of(pred, truth, dtype=torch.float32)  # the mean in float32, as the view PSNRs always were
+            psnr = psnr_from_mse(mse, 1.0, floor=1e-20, form="difference")
             s = float(np.mean([ssim(pred[..., k].double(), truth[..., k].double()) for k in range(3)])) \
                 if min(H, W) >= 11 else float("nan")
             rows.append(dict(view=i, psnr=psnr, ssim=s, mse=mse, render_s=render_s, n_samples=int(out["n_samples"]),
                              bake_s=bake_s, params=params))
             if out_dir is not None and tc.save_png:
-                Image.fromarray((pred.numpy() * 255 + 0.5).astype(np.uint8)).save(
-                    os.path.join(out_dir, f"view_{i:03d}_pred.png"))
+                img = Image.fromarray((pred.numpy() * 255 + 0.5).astype(np.uint8))
+                atomic_write(os.path.join(out_dir, f"view_{i:03d}_pred.png"), lambda f: img.save(f, format="PNG"))
                 err = ((pred - truth).abs().mean(-1) * tc.error_gain).clamp(0, 1).numpy()
-                Image.fromarray((err * 255 + 0.5).astype(np.uint8)).save(os.path.join(out_dir, f"view_{i:03d}_error.png"))
+                img = Image.fromarray((err * 255 + 0.5).astype(np.uint8))
+                atomic_write(os.path.join(out_dir, f"view_{i:03d}_error.png"), lambda f: img.save(f, format="PNG"))
             info("view %d/%d: PSNR %.3f dB, SSIM %.4f, %.3f s", i + 1, n_views, psnr, s, render_s)
         mean = dict(view="mean", psnr=float(np.mean([r["psnr"] for r in rows])),
                     ssim=float(np.mean([r["ssim"] for r in rows])), mse=float(np.mean([r["mse"] for r in rows])),
@@ -314,48 +316,24 @@ class NeRFTask(Task):
         return rows + [mean]
 
     @classmethod
-    def evaluate(cls, run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
-                 overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device: Optional[str] = None,
-                 progress: bool = True) -> List[Dict[str, Any]]:
-        """Score a trained NeRF run: ``metrics.csv`` (rows per view and ``mean``) and PNGs in ``out_dir``
-        (default ``<run_dir>/eval``); see the module docstring."""
-        from tasks.ensemble.evaluation import scored_weights
-        from util.runs import build_dataset, build_task, checkpoint_dirs, load_trained_model
+    def score(cls, ctx: EvalContext) -> Scores:
+        """Score a trained NeRF run: :meth:`evaluate_model` with the occupancy grid saved with the weights scored
+        (util.checkpoints.load_task_state), or, for a run without one, a grid rebuilt from the trained density
+        (a warning says so); ``metrics.csv`` (rows per view and ``mean``) and PNGs; see the module docstring."""
+        from util.build import build_dataset, build_task
+        from util.checkpoints import load_task_state
 
-        model, exp, _meta = load_trained_model(run_dir, checkpoint)
-        from util.config import merge_test_config
-
-        tc = merge_test_config(NeRFTestConfig, exp.get("test"), overrides, "nerf")
-        out_dir = out_dir or os.path.join(run_dir, "eval")
-        metrics = os.path.join(out_dir, "metrics.csv")
-        if os.path.exists(metrics) and not overwrite:
-            raise FileExistsError(f"results already in '{out_dir}' (metrics.csv); pass --overwrite or --out_dir")
-        weights = scored_weights(run_dir, getattr(model, "weights_path", None) or checkpoint)
-        task = build_task(exp, build_dataset(exp))
-        ckpts = checkpoint_dirs(run_dir)
-        state = None
-        if ckpts:
-            for path in sorted(glob.glob(os.path.join(ckpts[-1][1], "custom_checkpoint_*.pkl"))):
-                try:
-                    d = torch.load(path, map_location="cpu", weights_only=False)
-                except Exception:  # noqa: BLE001 - another object's state or a damaged file: look further
-                    continue
-                if isinstance(d, dict) and GRID_STATE_KEY in d:
-                    state = d
-                    break
-        device_t = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if state is not None:
+        model, tc = ctx.model, ctx.test_config
+        task = build_task(ctx.exp, build_dataset(ctx.exp))
+        state = load_task_state(ctx.run_dir, ctx.weights_path)
+        if state is not None and GRID_STATE_KEY in state:
             task.load_state_dict(state)
         else:
-            log.warning("'%s': no saved occupancy grid found; rebuilding it from the trained density", run_dir)
-            model.to(device_t)
+            log.warning("'%s': no saved occupancy grid found; rebuilding it from the trained density", ctx.run_dir)
+            model.to(ctx.device)
             task.rebuild_grid(model, int(tc.rebuild_updates))
-        os.makedirs(out_dir, exist_ok=True)
-        rows = task.evaluate_model(model, tc, out_dir, device_t, progress)
-        for r in rows:
-            r.update(weights)
-        write_csv(metrics, rows, NERF_FIELDS)
-        return rows
+        rows = task.evaluate_model(model, tc, ctx.out_dir, ctx.device, ctx.progress)
+        return Scores(rows, {"metrics.csv": CsvFile(rows, NERF_FIELDS)})
 
     @staticmethod
     def format_table(rows: List[Dict[str, Any]]) -> str:

@@ -50,8 +50,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from tasks.base import StepOutput, Task
-from util.tables import text_table, write_csv
+from tasks.base import CsvFile, EvalContext, Scores, StepOutput, Task
+from util.files import atomic_write
+from util.metrics import psnr_from_mse
+from util.tables import text_table
+from util.timing import synchronize
 from util.registry import ConfigError, register
 
 __all__ = ["TerrainTask", "TerrainTestConfig", "benchmark", "tile_metrics", "seam_masks", "count_flops_terrain",
@@ -192,19 +195,16 @@ class TerrainTask(Task):
 
     # --------------------------------------------------------------------------------------- evaluation
     @classmethod
-    def evaluate(cls, run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
-                 overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device: Optional[str] = None,
-                 progress: bool = True) -> List[Dict[str, Any]]:
-        from util.runs import build_dataset, load_trained_model
+    def result_files(cls, test_config) -> List[str]:
+        return ["metrics.csv", "ptq.csv", "tiles.csv", "tiles.png"]
 
-        model, exp, _ = load_trained_model(run_dir, checkpoint=checkpoint)
-        from util.config import merge_test_config
+    @classmethod
+    def score(cls, ctx: EvalContext) -> Scores:
+        """:func:`benchmark` of the run's model on its data (or ``test.data_path``); ``tiles.png`` written here;
+        rows: the fp32 row then the quantization rows; files ``metrics.csv``, ``ptq.csv``, ``tiles.csv``."""
+        from util.build import build_dataset
 
-        tc = merge_test_config(TerrainTestConfig, exp.get("test"), overrides, "terrain")
-        out_dir = out_dir or os.path.join(run_dir, "eval")
-        targets = [os.path.join(out_dir, n) for n in ("metrics.csv", "ptq.csv", "tiles.csv", "tiles.png")]
-        if not overwrite and any(os.path.exists(t) for t in targets):
-            raise FileExistsError(f"results already in '{out_dir}'; pass --overwrite or --out_dir")
+        model, exp, tc, run_dir, dev = ctx.model, ctx.exp, ctx.test_config, ctx.run_dir, ctx.device
         if tc.data_path is not None:
             # the other source's own pixel size and nodata value, not the training data's
             ds_cfg = {k: v for k, v in exp["dataset"].items()
@@ -216,22 +216,18 @@ class TerrainTask(Task):
         else:
             dataset = build_dataset(exp)
             split, label = tc.split, f"{exp['dataset'].get('path', '')}:{tc.split}"
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         name = os.path.basename(os.path.normpath(run_dir))  # the run directory: unique even with train.run_name
         res = benchmark(model.to(dev), dataset, tc, split=split, device=dev, name=name)
         res["row"]["data"] = label
         sizes = np.unique(dataset.pixel_m[dataset.region_of_tile[[r["index"] for r in res["tiles"]]]], axis=0)
         res["row"]["pixel_m"] = "; ".join(f"{a:.4g} x {b:.4g}" for a, b in sizes)  # rows x columns, metres
-        os.makedirs(out_dir, exist_ok=True)
-        write_csv(targets[0], [res["row"]])
-        write_csv(targets[1], res["ptq"])
-        write_csv(targets[2], res["tiles"])
         if tc.figure_tiles:
             rows = res["tiles"]
             pick = np.linspace(0, len(rows) - 1, min(tc.figure_tiles, len(rows))).round().astype(np.int64)
-            write_tile_figure(targets[3], model, dataset, np.array([rows[k]["index"] for k in pick]), dev,
+            write_tile_figure(ctx.path("tiles.png"), model, dataset, np.array([rows[k]["index"] for k in pick]), dev,
                               f"{name} on {label}", tc)
-        return [res["row"]] + res["ptq"]
+        return Scores([res["row"]] + res["ptq"], {"metrics.csv": CsvFile([res["row"]]), "ptq.csv": CsvFile(res["ptq"]),
+                                                  "tiles.csv": CsvFile(res["tiles"])})
 
     @staticmethod
     def format_table(rows: List[Dict[str, Any]]) -> str:
@@ -256,7 +252,8 @@ def seam_masks(T: int, p: int, w: int, device=None):
 
 
 def _psnr(mse: Tensor, peak: Tensor) -> Tensor:
-    return 10.0 * torch.log10(peak ** 2 / mse.clamp_min(1e-20))
+    """Per-tile PSNR ``10 log10(peak^2 / max(mse, 1e-20))`` in the MSE's dtype (util.metrics.psnr_from_mse)."""
+    return psnr_from_mse(mse, peak, floor=1e-20, float64=False)
 
 
 def _autodiff_derivatives(model, z: Tensor, T: int) -> tuple:
@@ -371,7 +368,7 @@ def write_tile_figure(path: str, model, dataset, idx: np.ndarray, dev, title: st
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=90))
 
 
 def _encode(model, tiles: Tensor, tc: Optional[TerrainTestConfig]) -> Tensor:
@@ -379,11 +376,6 @@ def _encode(model, tiles: Tensor, tc: Optional[TerrainTestConfig]) -> Tensor:
     if tc is not None and tc.encode_steps is not None and model.inner_loop:
         return model.encode(tiles, steps=tc.encode_steps)
     return model.encode(tiles)
-
-
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
 
 
 def count_flops_terrain(model, tile_size: int, device=None, steps: Optional[int] = None) -> Dict[str, float]:
@@ -453,13 +445,13 @@ def _run(model, dataset, idx: np.ndarray, tc: TerrainTestConfig, dev, payloads: 
         elif timing:
             reps_e, reps_d = [], []
             for r in range(tc.timing_repeats + 1):
-                _sync(dev)
+                synchronize(dev)
                 t0 = time.perf_counter()
                 z = _encode(model, tiles, tc)
-                _sync(dev)
+                synchronize(dev)
                 t1 = time.perf_counter()
                 pred = model.decode(z)
-                _sync(dev)
+                synchronize(dev)
                 t2 = time.perf_counter()
                 if r > 0 or tc.timing_repeats == 0:
                     reps_e.append((t1 - t0) / len(tiles))

@@ -1,0 +1,117 @@
+"""What every task's evaluation shares (``tasks.base.Task.evaluate`` uses it): the record of which weights were
+scored (``weights``, ``step``, ``total_steps``, ``final_weights``) with its warning and its table line, and the
+atomic writer of a JSON result file. (The evaluation device's default is util.device.default_device.)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any, Dict, Optional
+
+from util.checkpoints import latest_checkpoint
+from util.files import atomic_write, read_json
+
+__all__ = ["WEIGHTS_FIELDS", "scored_weights", "warn_if_not_final", "weights_line", "write_json"]
+
+log = logging.getLogger("test")
+
+WEIGHTS_FIELDS = ["weights", "step", "total_steps"]
+"""Columns of every task's metrics that name the weights scored (the rows also hold ``final_weights``)."""
+
+
+def scored_weights(run_dir: str, checkpoint: Optional[str] = None) -> Dict[str, Any]:
+    """Which weights ``load_trained_model(run_dir, checkpoint)`` scores, and at which training step.
+
+    The default is resolved by the same rule as :func:`util.build.load_trained_model`: ``model.pt`` when present,
+    else the checkpoint named by ``checkpoints/latest``. Pass the path really loaded (``model.weights_path``)
+    when there is one: the default rule may skip a damaged file.
+
+    Returns:
+        ``dict(weights, step, total_steps, final_weights)``: ``weights`` = ``"model.pt"``,
+        ``"checkpoint <folder name>"`` or the ``.pt`` path given; ``step`` = the step of a checkpoint
+        (trainer_state.json, else the folder name), the total steps for the final model.pt, None when unknown;
+        ``total_steps`` from finished.json or the checkpoint's trainer_state.json (None when unknown);
+        ``final_weights`` = True only for model.pt of a finished run (finished.json present).
+    """
+    fin_p = os.path.join(run_dir, "finished.json")
+    finished = os.path.isfile(fin_p)
+    total = None
+    if finished:
+        try:
+            total = int(read_json(fin_p)["steps"])
+        except (OSError, ValueError, KeyError, TypeError):
+            total = None
+    final_pt = os.path.join(run_dir, "model.pt")
+    path = checkpoint
+    if path is None:
+        try:
+            path = final_pt if os.path.isfile(final_pt) else latest_checkpoint(run_dir)
+        except FileNotFoundError:
+            path = None
+
+    def state_of(ck: Optional[str]) -> Dict[str, Any]:
+        try:
+            return read_json(os.path.join(ck, "trainer_state.json")) if ck else {}
+        except (OSError, ValueError):
+            return {}
+
+    step = None
+    if path is not None and os.path.isdir(path):
+        name = os.path.basename(os.path.normpath(path))
+        st = state_of(path)
+        step = st.get("step")
+        if step is None and name.startswith("step_") and name[5:].isdigit():
+            step = int(name[5:])
+        total = total if total is not None else st.get("total_steps")
+        weights = f"checkpoint {name}"
+    elif path is not None and os.path.isfile(final_pt) and os.path.isfile(path) and os.path.samefile(path, final_pt):
+        weights = "model.pt"
+        if finished:
+            step = total
+        else:  # model.pt is written just before finished.json: take the latest checkpoint's record
+            try:
+                st = state_of(latest_checkpoint(run_dir))
+            except FileNotFoundError:
+                st = {}
+            total = st.get("total_steps")
+            step = st.get("step") if st.get("step") == total else None
+    else:
+        weights = str(path)
+    if total is None:
+        try:
+            total = state_of(latest_checkpoint(run_dir)).get("total_steps")
+        except FileNotFoundError:
+            pass
+    return dict(weights=weights, step=None if step is None else int(step),
+                total_steps=None if total is None else int(total), final_weights=finished and weights == "model.pt")
+
+
+def warn_if_not_final(run_dir: str, w: Dict[str, Any]) -> None:
+    """Log a warning unless ``w`` (:func:`scored_weights`) is the final model.pt of a finished run."""
+    if w["final_weights"]:
+        return
+    at = f"step {w['step'] if w['step'] is not None else '?'}" + (
+        f" of {w['total_steps']}" if w["total_steps"] is not None else "")
+    if not os.path.isfile(os.path.join(run_dir, "finished.json")):
+        log.warning("training of '%s' has not finished (no finished.json): scoring %s (%s), not the final model.pt "
+                    "of a finished run; the metrics describe an unfinished model (columns 'weights'/'step')",
+                    run_dir, w["weights"], at)
+    else:
+        log.warning("scoring %s (%s), not the final model.pt of '%s' (recorded in the metrics, columns "
+                    "'weights'/'step')", w["weights"], at, run_dir)
+
+
+def weights_line(r: Dict[str, Any]) -> str:
+    """``weights: model.pt (step 1200 of 1200)`` for a result row, with a warning when not the final weights."""
+    step, total = r.get("step"), r.get("total_steps")
+    where = f"step {step if step is not None else '?'}" + (f" of {total}" if total is not None else "")
+    line = f"weights: {r.get('weights', '?')} ({where})"
+    if not r.get("final_weights", True):
+        line += ": NOT the final weights of a finished run"
+    return line
+
+
+def write_json(path: str, obj: Any, indent: Optional[int] = 1) -> None:
+    """``json.dump(obj, indent=indent)`` into ``path`` atomically (a reader sees the old or the whole new file)."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=indent), mode="w")
