@@ -177,11 +177,11 @@ def _flops(capsys, path, cond_dim, overrides=()):
 
 
 # Bakes at the paper's SSR lattices (128^3 / 160x160x60 vertices through the spatial refiner) take 30-60 s each
-# on the 2-core CPU, too slow for the suite. The FLOPs of a BAKED DRR-Net do not depend on the SSR resolution
+# on the 2-core CPU. The FLOPs of a BAKED DRR-Net do not depend on the SSR resolution
 # (a query costs an interpolation of the cached lattice and the MLPs; measured identical: nyx 55.936, mpas
 # 45.824, clover 51.712 at the paper SSR and at 1/4 of it) and neither does the parameter count (SSR and PE
 # hold no parameters), so the suite runs test_flops.py on every paper config with a coarse SSR lattice and
-# checks both numbers against the full-size measurement. RUN_SLOW=1 also runs the unmodified configs.
+# checks both numbers against the full-size measurement; the unmodified configs run too (marked slow).
 SMALL_SSR = {"nyx": "32", "mpas_graph": "[32,32,12]", "clover_600": "32"}
 MEASURED_TFLOPS = {"nyx": 55.936, "mpas_graph": 45.824, "clover_600": 51.712}
 
