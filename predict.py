@@ -56,6 +56,17 @@ def check_output(path: str, overwrite: bool) -> None:
         raise PermissionError(f"output folder '{folder}' is not writable (for --out {path})")
 
 
+def load_points(path: str, flag: str) -> np.ndarray:
+    """The array of a points file (``--coords`` / ``--index_coords``); a ValueError naming the flag and file when it
+    is not a readable .npy array (its values are checked by Surrogate.predict)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} '{path}' not found")
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ValueError(f"{flag} '{path}' is not a .npy array of (N, d) points ({e})") from None
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
@@ -66,6 +77,9 @@ def main(argv=None):
         at_points = args.coords is not None or args.index_coords is not None
         if args.vti and at_points:
             raise ValueError("--vti needs grid output: it cannot be combined with --coords / --index_coords")
+        if args.resolution and at_points:
+            raise ValueError("--resolution sets the output grid: it cannot be combined with --coords / "
+                             "--index_coords (the field is predicted at the points given)")
         check_output(args.out, args.overwrite)
         if args.vti:
             check_output(vti_path_of(args.out), args.overwrite)
@@ -83,24 +97,35 @@ def main(argv=None):
                     params[k] = float(v)
                 except ValueError:
                     raise ValueError(f"--param '{item}': the value '{v}' is not a number") from None
-        coords = np.load(args.coords, allow_pickle=False) if args.coords else None
-        index_coords = np.load(args.index_coords, allow_pickle=False) if args.index_coords else None
+        coords = load_points(args.coords, "--coords") if args.coords else None
+        index_coords = load_points(args.index_coords, "--index_coords") if args.index_coords else None
         s = Surrogate.load(args.run, args.checkpoint, args.device)
         if args.vti and not s.has_grid and not args.resolution:
             raise ValueError("--vti needs grid output; this run's data is a mesh: give --resolution for a grid")
         res = args.resolution[0] if args.resolution and len(args.resolution) == 1 else args.resolution
         out = s.predict(params, resolution=res, coords=coords, index_coords=index_coords,
                         normalized_params=args.normalized)
-        atomic_save_npy(args.out, out)  # exactly --out (np.save would append .npy to a name without it)
-        print(f"wrote {args.out}: shape {out.shape}, range [{out.min():.4g}, {out.max():.4g}]")
-        if args.vti:
-            if out.ndim < 2:
-                raise ValueError("--vti needs grid output (no --coords; for a mesh ensemble give --resolution)")
-            from util.volume_io import write_vti
+        if args.vti and out.ndim < 2:
+            raise ValueError("--vti needs grid output (no --coords; for a mesh ensemble give --resolution)")
+        lines = [f"wrote {args.out}: shape {out.shape}, range [{out.min():.4g}, {out.max():.4g}]"]
+        written = []
+        try:  # every output whole (atomic writers) or, on an error, none of them
+            atomic_save_npy(args.out, out)  # exactly --out (np.save would append .npy to a name without it)
+            written.append(args.out)
+            if args.vti:
+                from util.volume_io import write_vti
 
-            path = vti_path_of(args.out)
-            write_vti(path, out)
-            print(f"wrote {path}")
+                write_vti(vti_path_of(args.out), out)
+                written.append(vti_path_of(args.out))
+                lines.append(f"wrote {vti_path_of(args.out)}")
+        except BaseException:
+            for path in written:
+                try:
+                    os.remove(path)
+                except OSError:
+                    pass
+            raise
+        print("\n".join(lines))
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
         # ValueError covers util.registry.ConfigError and util.errors.DataError
         sys.exit(f"error: {' '.join(str(e).split())}")

@@ -39,6 +39,7 @@ class Job:
     log_path: str = ""
     status: str = "pending"  # pending | skipped | running | ok | failed(N) | interrupted
     code: Optional[int] = None
+    run_dir_existed: bool = True  # set when the job starts
 
     @property
     def label(self) -> str:
@@ -51,17 +52,21 @@ def parse_ids(text: str, where: str) -> List[int]:
         part = part.strip()
         try:
             if "-" in part:
-                a, b = part.split("-", 1)
-                ids += list(range(int(a), int(b) + 1))
+                a, b = (int(v) for v in part.split("-", 1))
             else:
-                ids.append(int(part))
+                a = b = int(part)
         except ValueError:
             raise SystemExit(f"error: '{where}': ids must look like 3, 0,2 or 0-4")
+        if a > b:
+            raise SystemExit(f"error: '{where}': the range {part} is reversed (first id {a} > last id {b}); "
+                             f"write {b}-{a}")
+        ids += list(range(a, b + 1))
     return ids
 
 
 def collect_jobs(args) -> List[Job]:
-    from util.config import read_config_file, yaml_load
+    from util.config import read_config_file
+    from util.config.reader import read_yaml_file
 
     jobs: List[Job] = []
     specs = []
@@ -72,8 +77,7 @@ def collect_jobs(args) -> List[Job]:
         if not os.path.isfile(args.jobs_file):
             raise SystemExit(f"error: jobs file '{args.jobs_file}' not found (relative paths are relative to the "
                              f"current folder, {os.getcwd()})")
-        with open(args.jobs_file) as f:
-            entries = yaml_load(f) or []
+        entries = read_yaml_file(args.jobs_file, "jobs file") or []
         if not isinstance(entries, list):
             raise SystemExit(f"error: {args.jobs_file} must hold a list of {{config, ids, set}}")
         for e in entries:
@@ -152,6 +156,19 @@ def _start(job: Job, args, gpu: Optional[str]) -> subprocess.Popen:
                             cwd=os.getcwd(), start_new_session=True)
 
 
+def remove_empty_run_dir(job: Job) -> None:
+    """After a job that failed or was interrupted: remove its run folder when the job created it and left it empty
+    (os.rmdir: a folder holding anything, or one that existed before the job, is never touched)."""
+    if job.run_dir_existed or not job.run_dir or not os.path.isdir(job.run_dir) or os.path.islink(job.run_dir):
+        return
+    try:
+        if not os.listdir(job.run_dir):
+            os.rmdir(job.run_dir)
+            print(f"[clean] {job.label}: removed the empty run folder {job.run_dir} it left", flush=True)
+    except OSError:
+        pass
+
+
 def run(jobs: List[Job], args) -> int:
     free = slots(args)
     running = {}  # pid -> (job, popen, gpu)
@@ -160,6 +177,7 @@ def run(jobs: List[Job], args) -> int:
         while queue or running:
             while queue and free:
                 job, gpu = queue.pop(0), free.pop(0)
+                job.run_dir_existed = os.path.lexists(job.run_dir) if job.run_dir else True
                 p = _start(job, args, gpu)
                 job.status = "running"
                 running[p.pid] = (job, p, gpu)
@@ -171,6 +189,8 @@ def run(jobs: List[Job], args) -> int:
                 job.code = code
                 job.status = "ok" if code == 0 else f"failed({code})"
                 print(f"[done ] {job.label}: {job.status}", flush=True)
+                if code != 0:
+                    remove_empty_run_dir(job)
                 del running[pid]
                 free.append(gpu)
             time.sleep(args.poll)
@@ -189,6 +209,7 @@ def run(jobs: List[Job], args) -> int:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
             job.status, job.code = "interrupted", p.returncode
+            remove_empty_run_dir(job)
         for j in queue:
             j.status = "not started"
     return summary(jobs)

@@ -12,6 +12,12 @@ model and the reference predictors (mean field, nearest member, IDW), prints a t
 ``members.csv`` (per member) and ``psnr_vs_idw.png`` (member PSNR, model vs IDW) into ``<run>/eval`` (or
 ``--out_dir``); see tasks/ensemble/evaluation.py for the columns. Scoring weights other than the final model.pt of a
 finished run (training unfinished, or ``--checkpoint``) is warned about and recorded in metrics.csv.
+
+Every task's metrics also record the machine (columns ``cpu``, ``threads``: the last digits of a score depend on
+the summation order, which thread count and SIMD width change) and the data check (``data_fingerprint``): the run's
+data is compared with the fingerprint stored in its meta.json at training (value range, member counts, file sizes
+and content digests); a difference is an error naming what changed, unless ``--allow_changed_data`` (then
+``CHANGED: ...`` in the column); a run trained before fingerprints is scored with a one-line warning.
 """
 import argparse
 import logging
@@ -37,6 +43,9 @@ def parse_args(argv=None):
     p.add_argument("--out_dir", help="output folder (default: <run>/eval; one run only)")
     p.add_argument("--out_name", default="eval", help="output folder inside each run (default: eval)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in the output folder")
+    p.add_argument("--allow_changed_data", action="store_true",
+                   help="score even when the run's data differs from its fingerprint at training (meta.json); "
+                        "recorded in the metrics, column data_fingerprint")
     p.add_argument("--chunk_size", type=int, help="points per forward call (overrides test.chunk_size)")
     p.add_argument("--splits", nargs="+", choices=["test", "train"], help="members to reconstruct")
     p.add_argument("--resolutions", nargs="+", choices=["full", "train"],
@@ -59,6 +68,9 @@ def main(argv=None):
         runs = args.run or [run_dir_of(load_config(args.config, args.config_id, args.overrides))]
         if len(runs) > 1 and (args.out_dir or args.checkpoint):
             raise ConfigError("--out_dir and --checkpoint name one run's files; with several runs use --out_name")
+        if args.out_dir and os.path.exists(args.out_dir) and not os.path.isdir(args.out_dir):
+            raise ConfigError(f"--out_dir '{args.out_dir}' is an existing file; give a folder for the results "
+                              f"(created when missing)")
         types = {r: task_type_of(load_experiment(r)) for r in runs}
         if len(set(types.values())) > 1:
             raise ConfigError("the runs belong to different tasks (" + ", ".join(f"{r}: {t}" for r, t in
@@ -74,7 +86,8 @@ def main(argv=None):
         for run in runs:
             outs.append(args.out_dir or os.path.join(run, args.out_name))
             rows += task_cls.evaluate(run, out_dir=outs[-1], checkpoint=args.checkpoint, overrides=ov,
-                                      overwrite=args.overwrite, device=args.device, progress=not args.no_progress)
+                                      overwrite=args.overwrite, device=args.device, progress=not args.no_progress,
+                                      allow_changed_data=args.allow_changed_data)
     except (ConfigError, FileExistsError, FileNotFoundError, ValueError) as e:  # ValueError: DataError and kin
         sys.exit(f"error: {e}")
     print(task_cls.format_table(rows))

@@ -16,7 +16,8 @@ Shape properties (the model arguments the program injects, ``tasks.base.Task.mod
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+import os
+from typing import Dict, List, Optional
 
 import torch
 
@@ -54,7 +55,31 @@ class Dataset:
         """JSON-serializable facts a trained model needs without the data (written to the run's meta.json)."""
         return {}
 
+    def fingerprint(self) -> dict:
+        """A JSON fingerprint of the data this dataset read (util.fingerprint): train.py stores it in meta.json
+        (``data_fingerprint``); test.py's evaluation (``tasks.base.Task.evaluate``) and ``--resume`` compare it with
+        the current data's and name what changed.
+
+        Generic default: the data facts of :meth:`meta` (value range, member counts, shapes; entries that only say
+        where the data lives are left out) and the size and content digest of every file named by a string (or
+        list of strings) attribute of the dataset, e.g. ``cond_path`` or the member ``files``. A dataset whose
+        files are not such attributes, or that knows a cheaper or stronger fingerprint, overrides this.
+        """
+        from util.fingerprint import data_fingerprint
+
+        return data_fingerprint(self.meta(), _named_files(self))
+
     def eval_coords(self, resolution: str = "full") -> Optional[torch.Tensor]:
         """Coordinates at which an evaluation predicts a member at ``resolution`` ("full" / "train"), float32
         (N, d) in [-1, 1]; None (the default): every vertex of the regular grid of that resolution."""
         return None
+
+
+def _named_files(obj) -> List[str]:
+    """Existing files named by the instance attributes of ``obj`` that hold a path or a list of paths."""
+    out: List[str] = []
+    for value in vars(obj).values():
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if items and all(isinstance(v, str) for v in items):
+            out += [v for v in items if v and os.path.isfile(v)]
+    return out

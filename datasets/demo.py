@@ -316,6 +316,16 @@ def demo(root: str = "data/demo", n_train: int = 40, n_test: int = 10, resolutio
                           **kwargs)
 
 
+def _demo_spatial_dims(section: Dict) -> Optional[int]:
+    """Spatial axes of the demo fields from the dataset section (``spatial_dims``, default 3), for the config-load
+    check of per-axis model keys (util.config.schema.check_spatial_axes)."""
+    dims = section.get("spatial_dims", 3)
+    return dims if dims in (2, 3) and not isinstance(dims, bool) else None
+
+
+demo.config_spatial_dims = _demo_spatial_dims
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m datasets.demo", description=__doc__,

@@ -19,7 +19,8 @@ over the vertices of the training-resolution field, or by coordinate importance)
 arithmetic, so they give identical batches.
 
 Checks at construction (before any training): more listed member files than cond.npy rows is refused (an extra
-file would shift every member after it), split.npy must hold exactly the two keys above, and every member file
+file would shift every member after it), split.npy must hold exactly the two keys above, each a list of whole row
+numbers of cond.npy without repeats (a boolean mask is refused, not read as rows 0 and 1), and every member file
 of the split, test members included, is opened cheaply (header, shape, dtype, size); the test members' values
 are also scanned for NaN/Inf when they hold at most ``TEST_SCAN_BYTES``. Data problems raise
 ``util.errors.DataError`` (a ValueError) naming the file and what was expected.
@@ -254,6 +255,23 @@ def _as_float(val, key: str) -> float:
     return out
 
 
+def _refuse_bool_rows(val, key: str, where: str, m: int) -> None:
+    """DataError for a split entry holding booleans: split.npy lists row numbers, and a boolean mask read as
+    numbers gives rows 0 and 1 only (np.ones(16, bool) would train on row 1 sixteen times)."""
+    items = val.ravel().tolist() if isinstance(val, np.ndarray) else val
+    try:
+        is_bool = (isinstance(val, np.ndarray) and val.dtype == bool) or (
+            isinstance(items, (list, tuple)) and any(isinstance(v, (bool, np.bool_)) for v in items))
+    except TypeError:
+        is_bool = False
+    if not is_bool:
+        return
+    mask = np.asarray(items, dtype=bool).ravel()
+    raise DataError(f"{where}: '{key}' holds booleans ({mask.size} entries, {int(mask.sum())} true), expected row "
+                    f"numbers of cond.npy (0..{m - 1}); a boolean mask is not read as one. For a mask over the "
+                    f"cond.npy rows, save np.flatnonzero(mask) instead")
+
+
 def _few(names: Sequence[str], k: int = 5) -> str:
     """Up to k names, then how many more."""
     names = list(names)
@@ -334,6 +352,13 @@ class EnsembleDataset(Dataset):
     config_rules = dict(importance=one_of(*IMPORTANCE_MODES), storage=one_of(*STORAGE_MODES),
                         augment=one_of(*AUGMENT_MODES))
     """Range rules of the config keys (checked when a config is loaded)."""
+
+    @staticmethod
+    def config_spatial_dims(section: Dict) -> Optional[int]:
+        """Spatial axes of the data as the dataset section alone tells them (``dims``), else None (read with the
+        data); util.config.schema.check_spatial_axes checks per-axis model keys against it at config load."""
+        dims = section.get("dims")
+        return len(dims) if isinstance(dims, (list, tuple)) and len(dims) in (2, 3) else None
 
     def __init__(self, data_dir: str, cond_path: str, cond_split_path: str, dims: Optional[Sequence[int]] = None,
                  h5_key: str = "data", file_ext: Optional[str] = None, file_pattern: Optional[str] = None,
@@ -572,19 +597,33 @@ class EnsembleDataset(Dataset):
             val = split[key]
             if hasattr(val, "detach"):  # a torch tensor
                 val = val.detach().cpu().numpy()
+            _refuse_bool_rows(val, key, where, m)
             try:
                 r = np.asarray(val, dtype=np.float64).ravel()
             except (TypeError, ValueError) as e:
                 raise DataError(f"{where}: '{key}' must hold row numbers of cond.npy, got {type(val).__name__} "
                                 f"({e})") from e
             if r.size and (not np.isfinite(r).all() or (r != np.round(r)).any() or r.min() < 0 or r.max() >= m):
+                frac = np.flatnonzero(~np.isfinite(r) | (r != np.round(r)))
+                out = np.flatnonzero(np.isfinite(r) & ((r < 0) | (r >= m)))
+                what = "; ".join(
+                    f"{label}: " + ", ".join(f"{r[i]:g} (entry {i})" for i in idx[:5])
+                    + (f" and {idx.size - 5} more" if idx.size > 5 else "")
+                    for label, idx in (("not whole row numbers", frac), ("outside 0..%d" % (m - 1), out)) if idx.size)
                 raise DataError(f"{where}: '{key}' must hold row numbers of cond.npy (0..{m - 1}), got values "
-                                f"from {r.min():g} to {r.max():g}")
+                                f"from {r.min():g} to {r.max():g}; {what}")
             rows[key] = r.astype(np.int64)
+            uniq, counts = np.unique(rows[key], return_counts=True)
+            if (counts > 1).any():
+                rep = uniq[counts > 1]
+                listed = ", ".join(f"{int(u)} ({int(c)} times)" for u, c in zip(rep[:5], counts[counts > 1][:5]))
+                raise DataError(f"{where}: '{key}' lists rows more than once: {listed}"
+                                + (f" and {rep.size - 5} more" if rep.size > 5 else "")
+                                + "; each member must appear once (a repeated row would be "
+                                + ("drawn more often than the others in training" if key == "cond_idx"
+                                   else "scored more than once") + ")")
         if rows["cond_idx"].size == 0:
             raise DataError(f"{where}: 'cond_idx' (the training rows) is empty")
-        if np.unique(rows["cond_idx"]).size != rows["cond_idx"].size:
-            log.warning("%s: 'cond_idx' lists some rows twice", self.cond_split_path)
         if np.intersect1d(rows["cond_idx"], rows["cond_idx_unseen"]).size:
             log.warning("%s: some rows are both training and test members", self.cond_split_path)
         self.train_idx, self.test_idx = rows["cond_idx"], rows["cond_idx_unseen"]

@@ -25,7 +25,9 @@ Spec ``huvr.md`` 1, 3 and 8:
   across splits, spec 3), ``tile`` (tiles shuffled; tiles never overlap but neighbours may fall in different
   splits), ``none`` (every tile is a test tile: out-of-domain evaluation sets).
 - **Normalization** (spec 3): per tile, zero mean and unit variance, ``t' = (t - mu) / sigma``; mu and sigma
-  (metres) are kept to de-normalize; sigma is floored at ``min_sigma`` metres for flat tiles.
+  (metres) are kept to de-normalize; sigma is floored at ``min_sigma`` metres for flat tiles. Data whose every
+  tile is constant (a constant DEM, or one all nodata without ``nodata`` set) is refused with a DataError naming
+  the height; some constant tiles only give a warning (their PSNR is undefined, see tasks/terrain/task.py).
 - **Ground truth derivatives** (spec 3, metrics): central differences of the tile in metres,
   :func:`central_gradient` (m/px) and the 5-point :func:`laplacian_5pt` (m/px^2), on interior pixels.
 
@@ -436,6 +438,37 @@ def _cached_cut(cache_dir: str, path: str, sources, settings: Dict) -> Dict:
                 "gsds": [None if np.isnan(g).any() else (float(g[0]), float(g[1])) for g in pix]}
 
 
+def _few_values(values: np.ndarray, k: int = 5) -> str:
+    more = f" and {len(values) - k} more" if len(values) > k else ""
+    return ", ".join(f"{float(x):g}" for x in values[:k]) + more
+
+
+def _no_tile_message(path: str, T: int, names: Sequence[str], shapes: Sequence[Sequence[int]],
+                     nodata: Optional[float]) -> str:
+    """Why no tile was cut: each region smaller than one tile (its size and the tile size), or whose windows all
+    hold missing values (NaN / Inf / nodata)."""
+    small, missing = [], []
+    for name, shape in zip(names, shapes):
+        h, w = int(shape[0]), int(shape[1])
+        if h < T or w < T:
+            small.append(f"{name} is {h} x {w} pixels")
+        else:
+            missing.append(f"{name} ({h} x {w} pixels): all {(h // T) * (w // T)} windows hold NaN / Inf"
+                           + (f" / nodata {nodata:g}" if nodata is not None else " / the file's nodata value"))
+    parts, fixes = [], []
+    if small:
+        side = min(min(int(s[0]), int(s[1])) for s in shapes)
+        parts.append(f"smaller than one tile: {', '.join(small[:5])}" + (f" and {len(small) - 5} more"
+                                                                         if len(small) > 5 else ""))
+        fixes.append(f"lower dataset.tile_size to at most {side} (the smallest side)" if side >= 4
+                     else "use a larger DEM")
+    if missing:
+        parts.append("; ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        fixes.append("check dataset.nodata and the files' missing values")
+    return (f"dataset.path '{path}': no complete {T} x {T} tile (dataset.tile_size: {T}) without missing values; "
+            f"{'; '.join(parts)}. Fix: {'; or '.join(fixes)}")
+
+
 # ------------------------------------------------------------------------------------------------ dataset
 @register("dataset", "terrain")
 class TerrainDataset(Dataset):
@@ -520,9 +553,8 @@ class TerrainDataset(Dataset):
         self.region_names: List[str] = list(cut["names"])
         gsds = cut["gsds"]
         if len(self.tiles_m) == 0:
-            shapes = ", ".join(f"{n} {list(s)}" for n, s in zip(cut["names"][:5], cut["shapes"][:5]))
-            raise DataError(f"dataset.path '{self.path}': no complete {self.tile_size} x {self.tile_size} tile without "
-                            f"missing values ({shapes}); lower dataset.tile_size or check nodata")
+            raise DataError(_no_tile_message(self.path, self.tile_size, cut["names"], cut["shapes"], nodata))
+        self._check_not_constant(cut["sd"], nodata)
         unknown = [n for n, g in zip(self.region_names, gsds) if g is None]
         if gsd is None and unknown:
             log.warning("terrain %s: pixel size unknown for %s; slope angles assume 1 m per pixel (set dataset.gsd)",
@@ -541,6 +573,28 @@ class TerrainDataset(Dataset):
         log.info("terrain %s: %d regions, %d tiles of %d x %d (train %d, val %d, test %d), pixel %s", self.path,
                  len(sources), len(self.tiles_m), self.tile_size, self.tile_size, len(self.splits["train"]),
                  len(self.splits["val"]), len(self.splits["test"]), px_s)
+
+    def _check_not_constant(self, sd: np.ndarray, nodata: Optional[float]) -> None:
+        """DataError when every tile is flat (the DEM is constant, e.g. all nodata without ``dataset.nodata``):
+        per-tile normalization and the PSNR (peak = the tile's range) need heights that vary; a warning when
+        some tiles are flat (their PSNR is undefined and left out of the PSNR means)."""
+        flat = np.flatnonzero(np.asarray(sd) == 0)
+        if flat.size == 0:
+            return
+        values = np.unique(np.asarray(self.tiles_m[flat[:1000], 0, 0], dtype=np.float64))
+        v = float(values[0])
+        hint = (f"; if {v:g} marks missing pixels, set dataset.nodata: {v:g}" if nodata is None and values.size == 1
+                else "")
+        n = len(self.tiles_m)
+        if flat.size == n:
+            what = f"height {v:g} everywhere" if values.size == 1 else f"heights {_few_values(values)}"
+            raise DataError(f"dataset.path '{self.path}': every one of the {n} {self.tile_size} x {self.tile_size} "
+                            f"tiles is constant ({what}): per-tile normalization and the PSNR (peak = the tile's "
+                            f"range) need heights that vary within a tile{hint}")
+        region = self.region_names[int(self.region_of_tile[flat[0]])]
+        log.warning("terrain %s: %d of %d tiles are constant (e.g. tile %d of %s, height %g): their PSNR is "
+                    "undefined and left out of the PSNR means (counted in the column psnr_flat_tiles)%s",
+                    self.path, flat.size, n, int(flat[0]), region, v, hint)
 
     def _sources(self, raw_shape, raw_dtype, demo_root, demo_regions, demo_size):
         """[(name, file or None, load)] of the configured path; ``load()`` -> (2-D array, (row, column) pixel

@@ -1,8 +1,8 @@
 """The task contract: what a run learns (kind ``task`` in the registry; config section ``task:``, default
 ``{type: ensemble}``).
 
-A run is one straight line: load and validate the config (util/config.py) -> build the components
-(util/runs.build_components: dataset, then the task around it, then the model with the arguments the task
+A run is one straight line: load and validate the config (util/config/) -> build the components
+(util/build.build_components: dataset, then the task around it, then the model with the arguments the task
 reads from the data) -> the one training loop (util/training.py). The loop knows nothing about batch keys or
 losses; per step it asks the task::
 
@@ -219,7 +219,7 @@ class Task:
     @classmethod
     def evaluate(cls, run_dir: str, out_dir: Optional[str] = None, checkpoint: Optional[str] = None,
                  overrides: Optional[Dict[str, Any]] = None, overwrite: bool = False, device: Optional[str] = None,
-                 progress: bool = True) -> List[Dict[str, Any]]:
+                 progress: bool = True, allow_changed_data: bool = False) -> List[Dict[str, Any]]:
         """Score a trained run, write its result files (``<run_dir>/eval`` by default) and return the rows.
 
         The one evaluation of every task (a template: the task supplies :meth:`score`, :meth:`result_files` and
@@ -227,8 +227,13 @@ class Task:
         unknown key is a ConfigError); refuse, before any work, when result files are already in ``out_dir``
         (FileExistsError naming the folder and the files) unless ``overwrite``; load the weights
         (util.build.load_trained_model) and record which ones (a warning unless the final model.pt of a finished
-        run); :meth:`score`; add the weights columns to every row; write the files of the :class:`Scores`
-        atomically (an exception in scoring leaves none of them behind).
+        run); :meth:`score`, during which the run's dataset, when the scoring builds it
+        (``util.build.build_dataset``), is checked against the fingerprint stored in meta.json at training
+        (util.evaluation_common.DataCheck: a difference is a DataError naming what changed unless
+        ``allow_changed_data``; a run without a fingerprint gets a one-line warning); add to every row the weights
+        columns, the machine columns (``cpu``, ``threads``) and the data check (``data_fingerprint``); write the
+        files of the :class:`Scores` atomically (an exception in scoring leaves none of them behind; a CSV file
+        with its own column list that holds the rows gets these columns appended).
 
         Args:
             run_dir: run directory written by train.py.
@@ -239,14 +244,18 @@ class Task:
             overwrite: replace existing result files.
             device: "cpu" / "cuda" (default: CUDA when available).
             progress: show progress.
+            allow_changed_data: score even when the run's data differs from its fingerprint at training
+                (recorded in the rows, column ``data_fingerprint``).
 
         Returns:
-            The rows of :meth:`score`, with ``weights``, ``step``, ``total_steps`` and ``final_weights``.
+            The rows of :meth:`score`, with ``weights``, ``step``, ``total_steps``, ``final_weights``, ``cpu``,
+            ``threads`` and ``data_fingerprint``.
         """
         from util.config import merge_test_config
-        from util.build import load_trained_model, task_type_of
+        from util.build import checking_dataset, load_trained_model, task_type_of
         from util.device import default_device
-        from util.evaluation_common import scored_weights, warn_if_not_final, write_json
+        from util.evaluation_common import (DATA_FIELD, MACHINE_FIELDS, DataCheck, machine_columns, scored_weights,
+                                            warn_if_not_final, write_json)
         from util.run_dir import load_experiment
         from util.tables import write_csv
 
@@ -270,13 +279,19 @@ class Task:
         ctx = EvalContext(run_dir=run_dir, out_dir=out_dir, exp=exp, meta=meta, model=model, test_config=tc,
                           device=dev, autocast=autocast, progress=progress, weights=weights,
                           weights_path=weights_path)
-        scores = cls.score(ctx)
+        data_check = DataCheck(run_dir, meta, allow_changed=allow_changed_data)
+        with checking_dataset(exp, data_check):
+            scores = cls.score(ctx)
         undeclared = [n for n in scores.files if n not in names]
         if undeclared:
             raise RuntimeError(f"task {cls.__name__} writes {undeclared} but result_files() does not name them "
                                f"(the overwrite check would miss them)")
+        machine = machine_columns()
         for r in scores.rows:
             r.update(weights)
+            r.update(machine)
+            r[DATA_FIELD] = data_check.column
+        row_ids = {id(r) for r in scores.rows}
         for name, f in scores.files.items():
             path = os.path.join(out_dir, name)
             if isinstance(f, CsvFile):
@@ -285,6 +300,8 @@ class Task:
                     fields = []
                     for r in f.rows:
                         fields += [k for k in r if k not in fields and k != "final_weights"]
+                elif any(id(r) in row_ids for r in f.rows):  # the rows: the machine and data columns too
+                    fields = list(fields) + [k for k in MACHINE_FIELDS + [DATA_FIELD] if k not in fields]
                 write_csv(path, f.rows, fields, nan_cell=f.nan_cell)
             elif isinstance(f, JsonFile):
                 write_json(path, f.obj, indent=f.indent)

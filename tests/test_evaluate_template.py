@@ -104,14 +104,18 @@ def test_rows_and_every_file_record_the_weights_scored(run, tmp_path):
     rd = _copy(run, tmp_path)
     rows = ToyScored.evaluate(rd, device="cpu", overrides=dict(margin=2.0), progress=False)
     trained = torch.load(os.path.join(rd, "model.pt"))["value"]
+    from util.evaluation_common import machine_columns
+
     assert rows == [dict(predictor="model", v0=float(trained[0]), v1=float(trained[1]), margin=2.0,
-                         weights="model.pt", step=12, total_steps=12, final_weights=True)]
+                         weights="model.pt", step=12, total_steps=12, final_weights=True, **machine_columns(),
+                         data_fingerprint="not read")]  # the toy scoring reads no data
     ctx = SCORED[-1]
     assert ctx.device == torch.device("cpu") and ctx.autocast is False and ctx.test_config.margin == 2.0
     assert ctx.out_dir == os.path.join(rd, "eval") and ctx.weights_path == os.path.join(rd, "model.pt")
     metrics = _read(os.path.join(rd, "eval", "metrics.csv"))
     # the weights columns, not final_weights (a row key only)
-    assert list(metrics[0]) == ["predictor", "v0", "v1", "margin", "weights", "step", "total_steps"]
+    assert list(metrics[0]) == ["predictor", "v0", "v1", "margin", "weights", "step", "total_steps", "cpu", "threads",
+                                "data_fingerprint"]
     assert (metrics[0]["weights"], metrics[0]["step"], metrics[0]["total_steps"]) == ("model.pt", "12", "12")
     assert [r["i"] for r in _read(os.path.join(rd, "eval", "values.csv"))] == ["0", "1"]
     assert json.load(open(os.path.join(rd, "eval", "summary.json"))) == rows

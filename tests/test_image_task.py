@@ -170,7 +170,10 @@ def test_evaluate_a_run_psnr_ssim_pngs_csv_and_timing(tmp_path, caplog):
     np.testing.assert_allclose(err[..., 0], np.rint(np.clip(3 * e, 0, 1) * 255), atol=1)
     # metrics.csv
     rows_csv = read_csv(os.path.join(ev, "metrics.csv"))
-    assert list(rows_csv[0]) == IMAGE_FIELDS and len(rows_csv) == 1
+    from util.evaluation_common import DATA_FIELD, MACHINE_FIELDS
+
+    assert list(rows_csv[0]) == IMAGE_FIELDS + MACHINE_FIELDS + [DATA_FIELD] and len(rows_csv) == 1
+    assert rows_csv[0][DATA_FIELD] == "not stored"  # a run directory made by hand: no fingerprint to compare
     assert float(rows_csv[0]["psnr"]) == pytest.approx(expect_psnr, abs=1e-3)
     assert rows_csv[0]["lpips"] == "" and rows_csv[0]["weights"] == "model.pt" and rows_csv[0]["params"] == str(P.size)
     table = ImageTask.format_table(rows)

@@ -59,10 +59,15 @@ def exit_message(excinfo) -> str:
 
 
 def fake_old_run(path, extra=()):
+    """A run directory as train.py leaves it: meta.json with the run marker, and a few files."""
+    from util.run_dir import RUN_MARKER_KEY
+
     os.makedirs(path)
     for name in ("config.yaml", "finished.json", "model.pt", *extra):
         with open(os.path.join(path, name), "w") as f:
             f.write("old")
+    with open(os.path.join(path, "meta.json"), "w") as f:
+        json.dump({RUN_MARKER_KEY: 1}, f)
 
 
 # ------------------------------------------------------------------------------------------------ --overwrite
@@ -76,7 +81,7 @@ def test_overwrite_with_bad_data_keeps_the_old_run(tmp_path):
             train_main(cfg, "--overwrite")
         msg = exit_message(e)
         assert "cond.npy" in msg or "typo" in msg
-        assert sorted(os.listdir(rd)) == ["config.yaml", "finished.json", "model.pt"]  # nothing deleted, no lock
+        assert sorted(os.listdir(rd)) == ["config.yaml", "finished.json", "meta.json", "model.pt"]  # nothing deleted
         assert (rd / "model.pt").read_text() == "old"
 
 
@@ -100,7 +105,7 @@ def test_run_name_dot_cannot_delete_the_log_dir(tmp_path):
             train_main(config(tmp_path), "--overwrite", "--set", f"train.run_name={bad}")
         assert "train.run_name" in exit_message(e)
     assert sorted(os.listdir(tmp_path / "runs")) == ["a", "b"]
-    assert all(len(os.listdir(tmp_path / "runs" / n)) == 3 for n in ("a", "b"))
+    assert all(len(os.listdir(tmp_path / "runs" / n)) == 4 for n in ("a", "b"))
 
 
 def test_overwrite_clears_after_validation_and_takes_over_a_stale_lock(tmp_path, caplog):

@@ -83,10 +83,13 @@ def test_dataset_per_tile_normalization_and_batches(tmp_path):
 
 
 def test_flat_tile_sigma_floor(tmp_path):
-    np.save(tmp_path / "flat.npy", np.full((8, 16), 5.0, np.float32))
+    # a flat tile beside a varying one (a DEM that is constant everywhere is refused: test_silent_errors.py)
+    dem = np.full((8, 24), 5.0, np.float32)
+    dem[:, 16:] += np.arange(64, dtype=np.float32).reshape(8, 8)
+    np.save(tmp_path / "flat.npy", dem)
     d = TerrainDataset(str(tmp_path), tile_size=8, split_by="tile", val_fraction=0.0, test_fraction=0.4,
                        min_sigma=0.01)
-    assert np.all(d.sigma == 0.01) and np.isfinite(d.tiles([0, 1])["tile"].numpy()).all()
+    assert np.all(d.sigma[:2] == 0.01) and d.sigma[2] > 1 and np.isfinite(d.tiles([0, 1])["tile"].numpy()).all()
 
 
 def test_bad_inputs(tmp_path):

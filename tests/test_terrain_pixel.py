@@ -94,7 +94,7 @@ def test_dataset_keeps_each_regions_pixel_size_and_metrics_use_it(tmp_path):
 
 
 def test_unknown_pixel_size_warns_and_assumes_one_metre(tmp_path, caplog):
-    np.save(tmp_path / "r.npy", np.zeros((8, 8), np.float32))
+    np.save(tmp_path / "r.npy", np.arange(64, dtype=np.float32).reshape(8, 8))  # varying: a constant DEM is refused
     with caplog.at_level("WARNING"):
         ds = TerrainDataset(str(tmp_path), tile_size=8, split_by="none")
     np.testing.assert_allclose(ds.pixel_m, [[1.0, 1.0]])

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from util.checkpoints import load_default_weights, load_weights
 from util.config import ConfigError, section_kwargs
@@ -19,10 +19,31 @@ from util.registry import accepted_keys, build, get
 from util.run_dir import load_experiment
 
 
+_DATA_CHECKS: List[Tuple[Dict[str, Any], Callable[[Any], None]]] = []
+
+
+@contextlib.contextmanager
+def checking_dataset(exp: Dict[str, Any], check: Callable[[Any], None]):
+    """While active, every :func:`build_dataset` of ``exp``'s dataset (same ``dataset`` section and seed) passes
+    the built dataset to ``check`` before returning it: ``Task.evaluate`` compares the data's fingerprint with the
+    one stored at training this way, when (and only if) the task's scoring reads the run's data."""
+    key = {"dataset": exp.get("dataset"), "seed": int(exp["train"].get("seed", 0))}
+    _DATA_CHECKS.append((key, check))
+    try:
+        yield
+    finally:
+        _DATA_CHECKS.remove((key, check))
+
+
 def build_dataset(exp: Dict[str, Any]):
-    """The experiment's dataset (seed injected from train.seed)."""
-    return build("dataset", exp["dataset"]["type"], section="dataset",
-                 injected={"seed": int(exp["train"].get("seed", 0))}, **section_kwargs(exp, "dataset"))
+    """The experiment's dataset (seed injected from train.seed); checked by an active :func:`checking_dataset`."""
+    ds = build("dataset", exp["dataset"]["type"], section="dataset",
+               injected={"seed": int(exp["train"].get("seed", 0))}, **section_kwargs(exp, "dataset"))
+    key = {"dataset": exp.get("dataset"), "seed": int(exp["train"].get("seed", 0))}
+    for k, check in list(_DATA_CHECKS):
+        if k == key:
+            check(ds)
+    return ds
 
 
 def task_type_of(exp: Dict[str, Any]) -> str:
@@ -143,6 +164,19 @@ def load_trained_model(run_dir: str, checkpoint: Optional[str] = None, map_locat
         checkpoint, state = load_default_weights(run_dir, map_location)
     else:
         state = load_weights(checkpoint, map_location)
+    # a checkpoint of another architecture: name the first differing tensor (not PyTorch's state-dict dump)
+    if not isinstance(state, dict):
+        raise ConfigError(f"weights '{checkpoint}' hold a {type(state).__name__}, not a state dict of tensors")
+    own = model.state_dict()
+    diffs = [f"tensor '{k}' of the model is missing from the checkpoint" if k not in state else
+             f"tensor '{k}' has shape {list(getattr(state[k], 'shape', ()))} in the checkpoint, {list(v.shape)} in the model built "
+             f"from the config" for k, v in own.items()
+             if k not in state or tuple(getattr(state[k], "shape", ())) != tuple(getattr(v, "shape", ()))]
+    diffs += [f"the checkpoint holds tensor '{k}', which the model does not have" for k in state if k not in own]
+    if diffs:
+        raise ConfigError(f"the model in checkpoint '{checkpoint}' differs from the model of the run's config "
+                          f"('{os.path.join(run_dir, 'config.yaml')}', model type '{exp['model']['type']}'): "
+                          f"{diffs[0]}; is it another run's checkpoint?")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"weights in '{checkpoint}' do not fit the model of '{run_dir}': "

@@ -1,23 +1,90 @@
 """What every task's evaluation shares (``tasks.base.Task.evaluate`` uses it): the record of which weights were
-scored (``weights``, ``step``, ``total_steps``, ``final_weights``) with its warning and its table line, and the
-atomic writer of a JSON result file. (The evaluation device's default is util.device.default_device.)
+scored (``weights``, ``step``, ``total_steps``, ``final_weights``) with its warning and its table line, the machine
+that scored them (``cpu``, ``threads``: summation order, hence the last digits, depends on both), the check of the
+training data against the fingerprint stored at training (``data_fingerprint``), and the atomic writer of a JSON
+result file. (The evaluation device's default is util.device.default_device.)
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
-from typing import Any, Dict, Optional
+import platform
+from typing import Any, Dict, List, Optional
 
 from util.checkpoints import latest_checkpoint
 from util.files import atomic_write, read_json
 
-__all__ = ["WEIGHTS_FIELDS", "scored_weights", "warn_if_not_final", "weights_line", "write_json"]
+__all__ = ["WEIGHTS_FIELDS", "MACHINE_FIELDS", "DATA_FIELD", "scored_weights", "warn_if_not_final", "weights_line",
+           "write_json", "cpu_model", "machine_columns", "DataCheck"]
 
 log = logging.getLogger("test")
 
 WEIGHTS_FIELDS = ["weights", "step", "total_steps"]
 """Columns of every task's metrics that name the weights scored (the rows also hold ``final_weights``)."""
+MACHINE_FIELDS = ["cpu", "threads"]
+"""Columns of every task's metrics that name the machine that scored: the CPU model and torch's thread count."""
+DATA_FIELD = "data_fingerprint"
+"""Column of every task's metrics saying whether the data read matched the fingerprint stored at training:
+``same``, ``CHANGED: ...`` (scored with --allow_changed_data), ``not stored`` (a run trained before fingerprints)
+or ``not read`` (the evaluation did not read the run's data)."""
+
+
+def cpu_model() -> str:
+    """The CPU model (``model name`` of /proc/cpuinfo on Linux, else ``platform.processor()`` / machine)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("model name", "hardware", "cpu model") and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_columns() -> Dict[str, Any]:
+    """``{"cpu": cpu_model(), "threads": torch.get_num_threads()}`` for the metrics rows."""
+    import torch
+
+    return {"cpu": cpu_model(), "threads": int(torch.get_num_threads())}
+
+
+class DataCheck:
+    """The training-data check of one evaluation: ``check(dataset)`` (called when the scoring builds the run's
+    dataset, util.build.checking_dataset) compares ``dataset.fingerprint()`` with the one stored in meta.json.
+
+    A difference is a DataError naming what changed, unless ``allow_changed`` (then a warning); a run trained before
+    fingerprints gets a one-line warning. :attr:`column` is the value of the :data:`DATA_FIELD` column.
+    """
+
+    def __init__(self, run_dir: str, meta: Dict[str, Any], allow_changed: bool = False):
+        self.run_dir, self.stored, self.allow_changed = run_dir, meta.get("data_fingerprint"), allow_changed
+        self.column = "not read"
+        self.changes: List[str] = []
+
+    def __call__(self, dataset) -> None:
+        from util.errors import DataError
+        from util.fingerprint import compare_fingerprints
+
+        if self.stored is None:
+            if self.column != "not stored":
+                log.warning("'%s' was trained before data fingerprints were stored: cannot check that its data is "
+                            "unchanged since training", self.run_dir)
+            self.column = "not stored"
+            return
+        self.changes = compare_fingerprints(self.stored, dataset.fingerprint())
+        if not self.changes:
+            self.column = "same"
+            return
+        what = "; ".join(self.changes)
+        if not self.allow_changed:
+            raise DataError(f"the data of '{self.run_dir}' changed since training: {what}. The scores would not "
+                            f"describe the trained model on its data (the normalization is recomputed from the "
+                            f"current files); restore the data, or pass --allow_changed_data to score anyway "
+                            f"(recorded in the metrics, column '{DATA_FIELD}')")
+        log.warning("scoring '%s' on data that changed since training (--allow_changed_data): %s", self.run_dir, what)
+        self.column = f"CHANGED: {what}"
 
 
 def scored_weights(run_dir: str, checkpoint: Optional[str] = None) -> Dict[str, Any]:

@@ -3,8 +3,10 @@ resolved experiment saved in it.
 
 A run directory ``<train.log_dir>/<run name>/`` holds::
 
+    meta.json            written first: the run marker (RUN_MARKER_KEY), data normalization facts needed to query
+                         the model (dataset.meta()), task, model inputs, the data's fingerprint
+                         (``data_fingerprint``, util.fingerprint) and the ``resumes`` list
     config.yaml          the resolved experiment (after --set overrides)
-    meta.json            data normalization facts needed to query the model (dataset.meta())
     checkpoints/step_0000100/   Accelerate state (model, optimizer, scaler, RNG) + trainer_state.json
     checkpoints/latest   text file naming the newest complete checkpoint (replaced atomically)
     log.csv              step, loss, psnr, lr (main process)
@@ -15,12 +17,15 @@ A run directory ``<train.log_dir>/<run name>/`` holds::
     train.lock           present while a process trains into the run (pid, host); see :class:`RunLock`
 
 Safety rules (train.py): a run name is a plain folder name (util.config); ``--overwrite`` deletes nothing until
-the config, the data and the model have been validated, and never deletes a folder that does not look like a run
-directory (:func:`looks_like_run_dir`); one process at a time trains into a run directory (:class:`RunLock`); a
+the config, the data and the model have been validated, and never deletes a folder train.py did not write (its
+meta.json carries :data:`RUN_MARKER_KEY`, :func:`looks_like_run_dir`); ``--resume`` continues a run only with the
+config it was trained with, or with keys safe to change on resume (:func:`resume_changes`); one process at a time trains into a run directory (:class:`RunLock`); a
 damaged checkpoint is named and skipped for the previous intact one (util.checkpoints).
 """
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import os
@@ -28,19 +33,25 @@ import shutil
 import socket
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
 from util.checkpoints import CKPT_DIR, newest_intact_checkpoint
-from util.config import run_name, validate_experiment, yaml_load
+from util.config import TrainConfig, run_name, validate_experiment, yaml_load
 from util.files import atomic_write_text
+from util.registry import accepted_keys
 
 log = logging.getLogger("run_dir")
 
 LOCK_FILE = "train.lock"
-RUN_MARKERS = ("config.yaml", "finished.json", CKPT_DIR)
-"""Entries of which at least one is in every folder train.py has written into (what --overwrite may delete)."""
+META_FILE = "meta.json"
+RUN_MARKER_KEY = "neural_fields_run"
+"""Key of the meta.json that train.py writes first into every run directory (value: the format version): the mark
+of a folder train.py wrote, the only kind --overwrite deletes."""
+RUN_MARKER_VERSION = 1
+RUN_MARKERS = (f"{META_FILE} with the key '{RUN_MARKER_KEY}'",)
+"""What --overwrite looks for (named in its refusal)."""
 
 
 def run_dir_of(exp: Dict[str, Any]) -> str:
@@ -55,10 +66,26 @@ def _entries(path: str) -> List[str]:
     return [e for e in os.listdir(path) if e != LOCK_FILE]
 
 
+def read_meta(path: str) -> Optional[Dict[str, Any]]:
+    """The meta.json of a run directory as a dict, None when missing, unreadable or not a JSON object."""
+    try:
+        with open(os.path.join(path, META_FILE)) as f:
+            meta = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def looks_like_run_dir(path: str) -> bool:
-    """True when ``path`` holds at least one of the files train.py writes first (config.yaml, finished.json,
-    checkpoints/): the only kind of folder ``--overwrite`` deletes."""
-    return any(os.path.exists(os.path.join(path, m)) for m in RUN_MARKERS)
+    """True when ``path`` holds the meta.json train.py writes first into a run directory: with the key
+    :data:`RUN_MARKER_KEY`, or, for runs written before that key, with both ``task`` and ``model_inputs`` and a
+    config.yaml beside it. The only kind of folder ``--overwrite`` deletes; a config.yaml alone is not enough."""
+    meta = read_meta(path)
+    if meta is None:
+        return False
+    if RUN_MARKER_KEY in meta:
+        return True
+    return {"task", "model_inputs"} <= set(meta) and os.path.isfile(os.path.join(path, "config.yaml"))
 
 
 def check_run_dir(path: str, overwrite: bool = False, resume: bool = False) -> None:
@@ -85,9 +112,9 @@ def check_run_dir(path: str, overwrite: bool = False, resume: bool = False) -> N
     if not looks_like_run_dir(path):
         shown = ", ".join(sorted(existing)[:5]) + (", ..." if len(existing) > 5 else "")
         raise FileExistsError(
-            f"--overwrite: '{path}' does not look like a run directory (none of {', '.join(RUN_MARKERS)} in it; "
-            f"it holds {shown}); refusing to delete it. Check train.log_dir and train.run_name, or delete the "
-            f"folder yourself")
+            f"--overwrite: '{path}' does not look like a run directory written by train.py (no {RUN_MARKERS[0]} "
+            f"in it; it holds {shown}); refusing to delete it. Check train.log_dir and train.run_name, or delete "
+            f"the folder yourself")
 
 
 def clear_run_dir(path: str) -> None:
@@ -252,3 +279,96 @@ def load_experiment(run_dir: str) -> Dict[str, Any]:
     exp["_source"] = src
     return exp
 
+
+# ---------------------------------------------------------------------------------------------------- resume
+SAFE_ON_RESUME = ("train.log_every", "train.checkpoint_every", "train.checkpoint_every_steps",
+                  "train.keep_checkpoints", "train.timing_steps", "train.log_dir", "train.run_name")
+"""Config keys a ``--resume`` may change freely: they decide where the run lives, how often it logs and saves and
+what it times, never the weights. ``train.max_steps`` / ``train.epochs`` may grow (train longer), and the keys of
+the ``test`` section (evaluation only) may change too; any other change needs ``--resume_changed``."""
+_ABSENT = "<absent>"
+
+
+def _flat(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+_KINDS = {"task": "task", "dataset": "dataset", "model": "model", "optim": "optimizer", "scheduler": "scheduler"}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
+
+
+def with_defaults(exp: Dict[str, Any]) -> Dict[str, Any]:
+    """A validated experiment with every default spelled out (the component sections' signature defaults, the
+    train section's TrainConfig), so that an omitted key and its default compare equal; ``_`` keys left out."""
+    out = {k: v for k, v in exp.items() if not str(k).startswith("_")}
+    for section, kind in _KINDS.items():
+        sec = out.get(section)
+        if isinstance(sec, dict) and "type" in sec:
+            try:
+                keys = accepted_keys(kind, sec["type"])
+            except Exception:  # noqa: BLE001 - an unknown type: compare what is written
+                continue
+            out[section] = {**{k: d for k, d in keys.items() if d is not inspect.Parameter.empty}, **sec}
+    if isinstance(out.get("train"), dict):
+        out["train"] = dataclasses.asdict(TrainConfig(**out["train"]))
+    return _plain(out)
+
+
+def config_differences(old: Dict[str, Any], new: Dict[str, Any]) -> Dict[str, List[Any]]:
+    """``{"section.key": [old value, new value]}`` for every key whose value differs between two resolved
+    experiments, defaults spelled out (:func:`with_defaults`; keys starting with ``_``, e.g. ``_source``, are left
+    out; a key one side lacks reads ``<absent>``)."""
+    def plain(e):
+        return _flat(with_defaults(e))
+
+    a, b = plain(old), plain(new)
+    return {k: [a.get(k, _ABSENT), b.get(k, _ABSENT)] for k in sorted(set(a) | set(b))
+            if a.get(k, _ABSENT) != b.get(k, _ABSENT)}
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def safe_on_resume(key: str, old: Any, new: Any) -> bool:
+    """Whether changing ``key`` from ``old`` to ``new`` is safe on ``--resume`` (see :data:`SAFE_ON_RESUME`)."""
+    if key in SAFE_ON_RESUME or key == "test" or key.startswith("test."):
+        return True
+    if key in ("train.max_steps", "train.epochs"):
+        return _number(old) and _number(new) and new > old
+    return False
+
+
+def resume_changes(run_dir: str, exp: Dict[str, Any]) -> Tuple[Dict[str, List[Any]], Dict[str, List[Any]]]:
+    """``(safe, other)``: the config keys whose value differs between the run's config.yaml and ``exp``, split into
+    those safe to change on resume (:func:`safe_on_resume`) and the others; each ``{key: [old, new]}``.
+
+    Raises:
+        FileNotFoundError: the run has no config.yaml. ConfigError: it no longer validates.
+    """
+    diff = config_differences(load_experiment(run_dir), exp)
+    safe = {k: v for k, v in diff.items() if safe_on_resume(k, *v)}
+    return safe, {k: v for k, v in diff.items() if k not in safe}
+
+
+def describe_changes(changes: Dict[str, List[Any]], limit: int = 8) -> str:
+    """``model.hidden_dim 16 -> 32, optim.lr 0.001 -> 0.01`` (values shortened, at most ``limit`` keys)."""
+    def short(v):
+        t = v if isinstance(v, str) else json.dumps(v)
+        return t if len(t) <= 40 else t[:37] + "..."
+
+    items = [f"{k} {short(a)} -> {short(b)}" for k, (a, b) in changes.items()]
+    return ", ".join(items[:limit]) + (f" (+{len(items) - limit} more)" if len(items) > limit else "")

@@ -14,17 +14,20 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
 from util.build import build_components, task_type_of
-from util.checkpoints import CKPT_DIR, LATEST, TASK_STATE_FILE, checkpoint_dirs, load_resume_state
-from util.config import TrainConfig, section_kwargs
+from util.checkpoints import (CKPT_DIR, LATEST, TASK_STATE_FILE, checkpoint_dirs, load_resume_state, load_weights,
+                               newest_intact_checkpoint, verify_checkpoint)
+from util.config import ConfigError, TrainConfig, section_kwargs
+from util.fingerprint import compare_fingerprints
 from util.files import atomic_torch_save, atomic_write_text
 from util.metrics import psnr_from_mse
 from util.registry import build, get
-from util.run_dir import RunLock, check_run_dir, clear_run_dir, run_dir_of, save_experiment
+from util.run_dir import (META_FILE, RUN_MARKER_KEY, RUN_MARKER_VERSION, RunLock, check_run_dir, clear_run_dir,
+                          describe_changes, read_meta, resume_changes, run_dir_of, save_experiment)
 
 log = logging.getLogger("train")
 
@@ -180,42 +183,58 @@ def _truncate_log(path: str, step: int) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, progress: bool = True) -> str:
+def train(exp: Dict[str, Any], overwrite: bool = False, resume: bool = False, progress: bool = True,
+          resume_changed: bool = False) -> str:
     """Train the experiment; returns the run directory.
 
     The run directory is locked (``train.lock``, util.run_dir.RunLock) while the main process trains into it; a
     second process on the same run is refused. With ``overwrite`` the old run is deleted only after the config,
-    the data and the model have been validated (a bad data_dir leaves it untouched).
+    the data and the model have been validated (a bad data_dir leaves it untouched), and only when train.py wrote
+    it (util.run_dir.looks_like_run_dir).
+
+    ``resume`` compares the run's config.yaml with ``exp`` (util.run_dir.resume_changes) and the data's fingerprint
+    with meta.json's: the same -> resume; only keys safe to change on resume (intervals, timing, a larger
+    ``max_steps``, the test section) -> resume; anything else -> ConfigError naming the keys (or what changed in the
+    data), unless ``resume_changed``. Every resume is recorded in meta.json's ``resumes`` list (step, checkpoint,
+    changed keys, changed data). A ``max_steps`` below the checkpoint's step is refused.
 
     Args:
         exp: validated experiment (util.config.load_config).
         overwrite: delete an existing run directory of the same name first.
         resume: continue from the latest intact checkpoint of the existing run directory.
         progress: show a tqdm progress bar (main process).
+        resume_changed: resume (implies ``resume``) even though the config or the data differ from the run's;
+            the changes are recorded in meta.json's ``resumes``.
     """
     lock = RunLock(run_dir_of(exp))
     try:
-        return _train(exp, overwrite, resume, progress, lock)
+        return _train(exp, overwrite, resume or resume_changed, progress, lock, resume_changed)
     finally:
         lock.release()
 
 
-def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, lock: RunLock) -> str:
+def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, lock: RunLock,
+           resume_changed: bool = False) -> str:
     """The steps of a run, in order; each names what it does (the order of seeds, random draws and collective
     calls is the order of these calls)."""
     tc = TrainConfig(**exp["train"])
     accelerator = _accelerator(exp, tc)
     run_dir = run_dir_of(exp)
-    _claim_run_dir(accelerator, lock, run_dir, overwrite, resume)
+    resumed = _claim_run_dir(accelerator, lock, run_dir, overwrite, resume, exp, tc, resume_changed)
     run = _set_up(exp, tc, accelerator, run_dir)
     if overwrite and accelerator.is_main_process:  # config, data and model are valid: now the old run may go
         clear_run_dir(run_dir)
     accelerator.wait_for_everyone()
     start = 0
     if resume:
-        ck, start = load_resume_state(accelerator, run_dir)  # a damaged checkpoint: the previous intact one
+        _check_resumed_data(run, resumed, resume_changed)
+        ck, start = _load_resume_state(run, resumed)  # a damaged checkpoint: the previous intact one
         log.info("resumed from %s at step %d", ck, start)
-    writer = _open_run_files(run, start, resume)
+        if start > run.total:
+            raise ConfigError(_past_the_end(run.total, ck, start))
+        if resumed is not None:
+            resumed["record"].update(step=start, checkpoint=os.path.basename(os.path.normpath(ck)))
+    writer = _open_run_files(run, start, resume, resumed)
     timer = _StepTimer(run)
     _step_loop(run, start, writer, timer, progress)
     _finish(run, writer, timer)
@@ -257,12 +276,95 @@ def _accelerator(exp: Dict[str, Any], tc: TrainConfig):
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
 
 
-def _claim_run_dir(accelerator, lock: RunLock, run_dir: str, overwrite: bool, resume: bool) -> None:
-    """Main process: lock the run directory (creating it) and check what may be done with it; deletes nothing."""
+def _claim_run_dir(accelerator, lock: RunLock, run_dir: str, overwrite: bool, resume: bool,
+                   exp: Optional[Dict[str, Any]] = None, tc: Optional[TrainConfig] = None,
+                   resume_changed: bool = False) -> Optional[Dict[str, Any]]:
+    """Main process: lock the run directory (creating it) and check what may be done with it; deletes nothing.
+    With ``resume``: the config compared with the run's (:func:`_resume_config_check`); returns what the resume
+    record of meta.json needs (None on the other processes and without ``resume``)."""
+    resumed = None
     if accelerator.is_main_process:
         lock.acquire()  # creates the run directory; nothing is deleted yet
         check_run_dir(run_dir, overwrite=overwrite, resume=resume)
+        if resume and exp is not None:
+            resumed = _resume_config_check(run_dir, exp, tc, resume_changed)
     accelerator.wait_for_everyone()
+    return resumed
+
+
+def _past_the_end(total: int, ck: str, step: int) -> str:
+    return (f"--resume: the run would end at step {total} (train.max_steps / train.epochs), before the step of its "
+            f"checkpoint {ck} ({step}): it has already trained past that point. Resume with train.max_steps >= "
+            f"{step}, or score an earlier checkpoint with test.py --checkpoint")
+
+
+def _resume_config_check(run_dir: str, exp: Dict[str, Any], tc: TrainConfig, resume_changed: bool) -> Dict[str, Any]:
+    """``--resume``: compare the run's config.yaml with ``exp`` (util.run_dir.resume_changes) and the checkpoint's
+    step with ``train.max_steps``. Keys safe to change are logged; other changes are a ConfigError naming them
+    unless ``resume_changed`` (then a warning). Returns ``{"record": the entry of meta.json's resumes, "model":
+    the changed model keys}``."""
+    ck = newest_intact_checkpoint(run_dir)
+    step = verify_checkpoint(ck)
+    if tc.max_steps is not None and step > int(tc.max_steps):
+        raise ConfigError(_past_the_end(int(tc.max_steps), ck, step))
+    safe, other = resume_changes(run_dir, exp)
+    model = {k: v for k, v in other.items() if k == "model" or k.startswith("model.")}
+    if other and not resume_changed:
+        what = (f" (the model config differs: the checkpoint's weights belong to the run's model; "
+                f"{describe_changes(model)})" if model else "")
+        raise ConfigError(
+            f"--resume: '{run_dir}' was trained with another config: {describe_changes(other)}{what}. Resume with "
+            f"the run's config (its config.yaml), start a new run (--set train.run_name=NAME), or pass "
+            f"--resume_changed to continue with the new values (recorded in its meta.json, 'resumes')")
+    if other:
+        log.warning("--resume_changed: continuing '%s' with a changed config: %s (recorded in %s, 'resumes')",
+                    run_dir, describe_changes(other), META_FILE)
+    if safe:
+        log.info("--resume: config keys changed (safe on resume, recorded in %s): %s", META_FILE,
+                 describe_changes(safe))
+    record = dict(time=time.strftime("%Y-%m-%d %H:%M:%S"), step=step, checkpoint=os.path.basename(ck),
+                  changed={**safe, **other}, resume_changed=bool(other))
+    return dict(record=record, model=model, fingerprint=None)
+
+
+def _check_resumed_data(run: _Run, resumed: Optional[Dict[str, Any]], resume_changed: bool) -> None:
+    """Main process, ``--resume``: the data's fingerprint against the one in meta.json (runs written before
+    fingerprints: nothing to compare). A difference is a DataError naming it unless ``resume_changed``."""
+    if resumed is None:
+        return
+    fp = run.dataset.fingerprint()
+    resumed["fingerprint"] = fp  # written into meta.json by _open_run_files
+    diff = compare_fingerprints((read_meta(run.run_dir) or {}).get("data_fingerprint"), fp)
+    resumed["record"]["changed_data"] = diff
+    if diff and not resume_changed:
+        from util.errors import DataError
+
+        raise DataError(f"--resume: the training data of '{run.run_dir}' changed since it was trained: "
+                        f"{'; '.join(diff)}. Restore the data, start a new run, or pass --resume_changed to "
+                        f"continue on the new data (recorded in its meta.json, 'resumes')")
+    if diff:
+        log.warning("--resume_changed: the training data changed: %s (recorded in %s)", "; ".join(diff), META_FILE)
+        resumed["record"]["resume_changed"] = True
+
+
+def _load_resume_state(run: _Run, resumed: Optional[Dict[str, Any]]):
+    """util.checkpoints.load_resume_state; when the model config changed (``--resume_changed``), a checkpoint
+    whose weights do not fit the new model is a one-line ConfigError naming the first differing tensor."""
+    if resumed and resumed["model"]:
+        ck = newest_intact_checkpoint(run.run_dir)
+        saved = load_weights(ck)
+        mine = run.raw_model.state_dict()
+        for k in sorted(set(saved) | set(mine)):
+            a, b = saved.get(k), mine.get(k)
+            if a is None or b is None or tuple(a.shape) != tuple(b.shape):
+                def shape(t):
+                    return "absent" if t is None else f"of shape {list(t.shape)}"
+
+                raise ConfigError(
+                    f"--resume_changed: the model config differs from the run's ({describe_changes(resumed['model'])}"
+                    f") and its checkpoint does not fit the new model: tensor '{k}' is {shape(a)} in {ck} and "
+                    f"{shape(b)} in the new model. Start a new run for the new model (--set train.run_name=NAME)")
+    return load_resume_state(run.accelerator, run.run_dir)
 
 
 def _set_up(exp: Dict[str, Any], tc: TrainConfig, accelerator, run_dir: str) -> _Run:
@@ -286,15 +388,24 @@ def _set_up(exp: Dict[str, Any], tc: TrainConfig, accelerator, run_dir: str) -> 
                 steps_per_epoch=steps_per_epoch, total=total, ckpt_every=checkpoint_interval(tc, steps_per_epoch))
 
 
-def _open_run_files(run: _Run, start: int, resume: bool):
-    """Main process: config.yaml, meta.json (data facts, task type, model inputs), log.csv (cut back to ``start``
-    on resume) and the TensorBoard writer (None on the other processes or without TensorBoard)."""
+def _open_run_files(run: _Run, start: int, resume: bool, resumed: Optional[Dict[str, Any]] = None):
+    """Main process: meta.json first (the run marker util.run_dir.RUN_MARKER_KEY, data facts, task type, model
+    inputs, the data's fingerprint, and on resume the ``resumes`` list with this resume appended), config.yaml,
+    log.csv (cut back to ``start`` on resume) and the TensorBoard writer (None on the other processes or without
+    TensorBoard)."""
     accelerator, exp = run.accelerator, run.exp
     if not accelerator.is_main_process:
         return None
+    fingerprint = resumed["fingerprint"] if resumed and resumed.get("fingerprint") else run.dataset.fingerprint()
+    meta = {RUN_MARKER_KEY: RUN_MARKER_VERSION, **run.dataset.meta(), "task": task_type_of(exp),
+            "model_inputs": run.task.model_inputs(), "data_fingerprint": fingerprint}
+    if resume:
+        meta["resumes"] = list((read_meta(run.run_dir) or {}).get("resumes") or []) + (
+            [resumed["record"]] if resumed else [])
+    atomic_write_text(os.path.join(run.run_dir, META_FILE), json.dumps(meta, indent=1))
     save_experiment(exp, run.run_dir)
-    meta = dict(run.dataset.meta(), task=task_type_of(exp), model_inputs=run.task.model_inputs())
-    atomic_write_text(os.path.join(run.run_dir, "meta.json"), json.dumps(meta, indent=1))
+    if run.tc.timing_steps == 0:
+        log.info("train.timing_steps is 0: no step times are measured and no timing.json will be written")
     if resume:
         _truncate_log(run.log_path, start)
     elif not os.path.isfile(run.log_path):
@@ -509,9 +620,30 @@ class CollapseWatch:
         raise TrainingCollapsed(
             f"training collapsed at step {done}: the model {' and '.join(what)} for {self.patience} consecutive log "
             f"intervals ({self.patience * self.log_every} steps). A saturated output does not recover; stopped "
-            f"instead of training on. Fix: set model.init_output_mean: auto (start the output at the data mean), "
-            f"lower optim.lr, or add scheduler.warmup_steps; then rerun with --overwrite. "
+            f"instead of training on. Fix: {collapse_fixes(model)}; then rerun with --overwrite. "
             f"(train.collapse_check_steps: 0 turns this check off.)")
+
+
+def collapse_fixes(model: torch.nn.Module) -> str:
+    """The fixes of a collapsed run that ``model``'s type accepts (its config keys, util.registry.accepted_keys):
+    ``model.init_output_mean: auto`` and ``model.plane_init`` only where the model has these keys, then a lower
+    ``optim.lr`` and a warm-up (``scheduler.warmup_steps``, a key of every scheduler)."""
+    from util.registry import accepted_keys, names
+
+    keys: Dict[str, Any] = {}
+    registered = {get("model", n): n for n in names("model")}
+    for cls in type(model).__mro__:  # the registered type of the model (or of the class it derives from)
+        if cls in registered:
+            keys = accepted_keys("model", registered[cls], ("cond_dim", "spatial_dims", "out_dim"))
+            break
+    fixes = []
+    if "init_output_mean" in keys:
+        fixes.append("set model.init_output_mean: auto (start the output at the data mean)")
+    if "plane_init" in keys:
+        fixes.append("set model.plane_init: kplanes or ones (planes that start near 1 instead of a product of "
+                     "small values)")
+    fixes += ["lower optim.lr", "add a warm-up (scheduler.warmup_steps)"]
+    return ", ".join(fixes[:-1]) + " or " + fixes[-1]
 
 
 def _write_timing(accelerator, run_dir, step_times, total, writer) -> None:

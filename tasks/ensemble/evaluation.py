@@ -34,7 +34,8 @@ Files written into the output folder (``<run>/eval`` by default):
 (y) against the IDW predictor (x), one point per test member, with the diagonal; the title gives the wins count.
 
 ``dumps/member<row>_<resolution>_{pred,true}.npy`` (and .vti / PNG slices) for ``test.dump_members``: in data
-units (normalization undone).
+units (normalization undone). A listed row that would not be dumped (not a row of cond.npy, or a member of no
+split in ``test.splits``) is a ConfigError naming it, raised once the data is read and before any model work.
 """
 from __future__ import annotations
 
@@ -51,6 +52,7 @@ from tasks.base import CsvFile, EvalContext, Scores
 from tasks.ensemble.config import EnsembleTestConfig
 from util.evaluation_common import WEIGHTS_FIELDS, weights_line
 from util.files import atomic_save_npy
+from util.registry import ConfigError
 from util.tables import fmt_cell, text_table
 from util.metrics import count_wins, dataset_metrics, is_constant, member_metrics
 from tasks.ensemble.reference import IDWPredictor, MeanFieldPredictor, NearestMemberPredictor
@@ -293,6 +295,7 @@ def score(ctx: EvalContext) -> Scores:
     model, exp, tc, out_dir, progress = ctx.model, ctx.exp, ctx.test_config, ctx.out_dir, ctx.progress
     device, autocast = ctx.device, ctx.autocast
     dataset = build_dataset(exp)
+    check_dump_members(tc, dataset)  # before any model work: the member count is known only with the data
     model.to(device)
     synchronize(device)
     t0 = time.perf_counter()
@@ -370,6 +373,29 @@ def score(ctx: EvalContext) -> Scores:
 def n_points_of(sc: _Scorer, dataset) -> int:
     shape = dataset.spatial_shape if sc.key[2] == "full" else dataset.train_shape
     return int(np.prod(shape))
+
+
+def check_dump_members(tc: EnsembleTestConfig, dataset) -> None:
+    """ConfigError naming every row of ``test.dump_members`` that this evaluation would not dump: not a row of
+    cond.npy, or a member of no split in ``test.splits`` (only evaluated members are reconstructed)."""
+    if not tc.dump_members:
+        return
+    split_of = {"test": np.asarray(dataset.test_idx), "train": np.asarray(dataset.train_idx)}
+    evaluated = set(int(r) for s in tc.splits for r in split_of[s])
+    m = int(dataset.num_rows)
+    problems = []
+    for row in dict.fromkeys(int(r) for r in tc.dump_members):
+        if row in evaluated:
+            continue
+        if not 0 <= row < m:
+            problems.append(f"{row} (not a row of cond.npy: the data has {m} rows, 0..{m - 1})")
+            continue
+        other = [s for s in ("test", "train") if s not in tc.splits and row in set(split_of[s].tolist())]
+        problems.append(f"{row} (a {other[0]} member; test.splits is {list(tc.splits)}: add '{other[0]}')" if other
+                        else f"{row} (in neither the training nor the test rows of split.npy)")
+    if problems:
+        raise ConfigError(f"test.dump_members: cannot dump {'; '.join(problems)}. Only members of the evaluated "
+                          f"splits are reconstructed, so nothing would be written for these rows")
 
 
 def _dump(out_dir: str, row: int, res: str, pred: torch.Tensor, gt: torch.Tensor, dataset, tc: EnsembleTestConfig) -> None:

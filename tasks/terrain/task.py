@@ -7,7 +7,10 @@ reconstruction (each method's own encoder or inner loop, then its decoder) plus 
 Evaluation (:meth:`TerrainTask.evaluate`, :func:`benchmark`): every method is scored on the same tiles (the
 split of the run's dataset config, or another source via ``test.data_path``):
 
-- ``psnr``: per tile on the normalized tile, peak = the ground-truth tile's range (spec 3), mean over tiles;
+- ``psnr``: per tile on the normalized tile, peak = the ground-truth tile's range (spec 3), mean over tiles; a
+  constant tile (range 0) has no PSNR: it is left out of the means (PSNR, seam_dpsnr, validation), the column
+  ``psnr_flat_tiles`` counts such tiles (present only when there are some), and its tiles.csv row has an empty
+  ``psnr`` and a ``note`` saying why (a DEM whose every tile is constant is refused by the dataset);
 - ``rmse_z_m``: RMSE in metres over every pixel of every tile (pooled; aggregation NR);
 - ``rmse_grad``: RMSE (m/px) of the gradient vector vs central differences of the ground truth, on interior
   pixels (the 1-px border is excluded; NR); prediction by autodiff of the coordinate network for continuous
@@ -162,14 +165,21 @@ class TerrainTask(Task):
         if len(idx) > max_tiles:
             idx = idx[np.linspace(0, len(idx) - 1, max_tiles).round().astype(np.int64)]
         dev = next(model.parameters()).device
-        mse, psnr = [], []
+        mse, psnr, peak = [], [], []
         with torch.no_grad():
             for s in range(0, len(idx), batch_size):
                 t = self.dataset.tiles(idx[s:s + batch_size])["tile"].to(dev)
                 e = ((model.reconstruct(t).float() - t) ** 2).mean(dim=(1, 2, 3)).double()
                 mse.append(e.cpu())
-                psnr.append(_psnr(e.cpu(), (t.amax(dim=(1, 2, 3)) - t.amin(dim=(1, 2, 3))).double().cpu()))
-        return {"mse": float(torch.cat(mse).mean()), "psnr": float(torch.cat(psnr).mean())}
+                peak.append((t.amax(dim=(1, 2, 3)) - t.amin(dim=(1, 2, 3))).double().cpu())
+                psnr.append(_psnr(e.cpu(), peak[-1]))
+        out = {"mse": float(torch.cat(mse).mean())}
+        mean, n_flat = _mean_psnr(torch.cat(psnr), torch.cat(peak))
+        if mean is not None:
+            out["psnr"] = mean
+        if n_flat:
+            out["psnr_flat_tiles"] = n_flat
+        return out
 
     @classmethod
     def count_flops(cls, model, inputs: Dict[str, Any], n_cond: int = 100, n_points: int = 1000) -> Dict[str, Any]:
@@ -210,8 +220,13 @@ class TerrainTask(Task):
             ds_cfg = {k: v for k, v in exp["dataset"].items()
                       if k not in ("type", "path", "split_by", "gsd", "nodata")}
             from datasets.terrain import TerrainDataset
+            from util.errors import DataError
 
-            dataset = TerrainDataset(path=tc.data_path, split_by="none", **ds_cfg)
+            try:
+                dataset = TerrainDataset(path=tc.data_path, split_by="none", **ds_cfg)
+            except DataError as e:  # the source is the test section's, not the run's dataset.path
+                raise DataError(str(e).replace(f"dataset.path '{tc.data_path}'", f"test.data_path '{tc.data_path}'")
+                                ) from None
             split, label = "test", tc.data_path
         else:
             dataset = build_dataset(exp)
@@ -364,7 +379,8 @@ def write_tile_figure(path: str, model, dataset, idx: np.ndarray, dev, title: st
             if r == 0:
                 ax.set_title(cols[c], fontsize=9)
         region = dataset.region_names[int(dataset.region_of_tile[i])]
-        axes[r, 0].set_ylabel(f"tile {int(i)} ({region})\n{psnr:.2f} dB", fontsize=8)
+        quality = f"{psnr:.2f} dB" if hi > lo else "constant tile: no PSNR"
+        axes[r, 0].set_ylabel(f"tile {int(i)} ({region})\n{quality}", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -470,18 +486,34 @@ def _run(model, dataset, idx: np.ndarray, tc: TerrainTestConfig, dev, payloads: 
     return per_t, (float(np.mean(enc_t)) if enc_t else None, float(np.mean(dec_t)) if dec_t else None), torch.cat(zs)
 
 
+def _mean_psnr(psnr: Tensor, peak: Tensor) -> tuple:
+    """(mean of the per-tile PSNRs over the tiles whose range is > 0, number of constant tiles left out).
+
+    A constant tile has no PSNR (its peak, the tile's range, is 0: the ratio is -inf or nan), so it is left out
+    and counted instead; the mean is None when every tile is constant. Without constant tiles: the plain mean."""
+    flat = ~(peak > 0)
+    if not bool(flat.any()):
+        return float(psnr.mean()), 0
+    keep = ~flat
+    return (float(psnr[keep].mean()) if bool(keep.any()) else None), int(flat.sum())
+
+
 def _summary(per: Dict[str, Tensor]) -> Dict[str, float]:
-    out = {"psnr": float(_psnr(per["mse_n"], per["peak_n"]).mean()),
+    psnr, n_flat = _mean_psnr(_psnr(per["mse_n"], per["peak_n"]), per["peak_n"])
+    out = {"psnr": psnr,
            "rmse_z_m": math.sqrt(float(per["mse_m"].mean())),
            "rmse_grad": math.sqrt(float(per["grad_se"].mean())),
            "rmse_lap": math.sqrt(float(per["lap_se"].mean())),
            "max_grad": float(per["grad_se"].sqrt().max()), "max_lap": float(per["lap_se"].sqrt().max()),
            "slope_mae_deg": float(per["slope_ae"].mean())}
     if "seam_mse_n" in per:
-        out["seam_dpsnr"] = float((_psnr(per["seam_mse_n"], per["peak_n"]) - _psnr(per["inner_mse_n"],
-                                                                                   per["peak_n"])).mean())
+        out["seam_dpsnr"] = _mean_psnr(_psnr(per["seam_mse_n"], per["peak_n"]) - _psnr(per["inner_mse_n"],
+                                                                                       per["peak_n"]),
+                                       per["peak_n"])[0]
         out["seam_step_m"] = math.sqrt(float(per["seam_step_se"].mean()))
         out["step_m"] = math.sqrt(float(per["step_se"].mean()))
+    if n_flat:  # the reason for a PSNR over fewer tiles (or none): constant tiles have no PSNR
+        out["psnr_flat_tiles"] = n_flat
     return out
 
 
@@ -518,9 +550,13 @@ def benchmark(model, dataset, tc: Optional[TerrainTestConfig] = None, split: str
         row.update({"gflops_enc": fl["enc"], "gflops_dec": fl["dec"] + fl["neudec"], "gflops_infer": fl["infer"],
                     "kflops_px_dec": 1e6 * (fl["dec"] + fl["neudec"]) / px, "kflops_px_infer": 1e6 * fl["infer"] / px})
     tiles_rows = [{"index": int(i), "region": dataset.region_names[int(dataset.region_of_tile[i])],
-                   "psnr": float(_psnr(per["mse_n"][k], per["peak_n"][k])),
+                   # a constant tile (range 0) has no PSNR: an empty cell, and its ``note`` says why
+                   "psnr": float(_psnr(per["mse_n"][k], per["peak_n"][k])) if per["peak_n"][k] > 0 else None,
                    "rmse_z_m": math.sqrt(float(per["mse_m"][k])), "rmse_grad": math.sqrt(float(per["grad_se"][k]))}
                   for k, i in enumerate(idx)]
+    for r in tiles_rows:
+        if r["psnr"] is None:
+            r["note"] = "constant tile (range 0): no PSNR"
     ptq_rows = []
     if tc.ptq_bits:
         from models.terrain.quant import default_scope, entropy_bits, quantize_payload, quantize_weights_
@@ -545,13 +581,16 @@ def benchmark(model, dataset, tc: Optional[TerrainTestConfig] = None, split: str
                              "decoder_bits": tc.quantize_decoder or 32, "bpp": bpp_u, "bpp_ent": bpp_e,
                              "psnr": s["psnr"], "rmse_z_m": s["rmse_z_m"], "rmse_grad": s["rmse_grad"],
                              "rmse_lap": s["rmse_lap"],
-                             "dominates_fp32": bool(bpp_e <= row["bpp"] and s["psnr"] >= row["psnr"]
+                             "dominates_fp32": bool(s["psnr"] is not None and row["psnr"] is not None
+                                                    and bpp_e <= row["bpp"] and s["psnr"] >= row["psnr"]
                                                     and (bpp_e < row["bpp"] or s["psnr"] > row["psnr"]))})
+            if "psnr_flat_tiles" in s:
+                ptq_rows[-1]["psnr_flat_tiles"] = s["psnr_flat_tiles"]
     return {"row": row, "ptq": ptq_rows, "tiles": tiles_rows}
 
 
 _COLS = [("method", "{}"), ("bits", "{}"), ("scope", "{}"), ("floats", "{}"), ("encode_steps", "{}"), ("bpp", "{:.3f}"), ("bpp_ent", "{:.3f}"),
-         ("psnr", "{:.2f}"), ("rmse_z_m", "{:.3f}"), ("rmse_grad", "{:.4f}"), ("rmse_lap", "{:.4f}"),
+         ("psnr", "{:.2f}"), ("psnr_flat_tiles", "{}"), ("rmse_z_m", "{:.3f}"), ("rmse_grad", "{:.4f}"), ("rmse_lap", "{:.4f}"),
          ("slope_mae_deg", "{:.2f}"), ("seam_dpsnr", "{:+.2f}"), ("seam_step_m", "{:.3f}"), ("step_m", "{:.3f}"),
          ("enc_ms", "{:.2f}"), ("dec_ms", "{:.2f}"), ("kflops_px_dec", "{:.1f}"), ("kflops_px_infer", "{:.1f}")]
 

@@ -48,7 +48,8 @@ class TrainConfig:
             fp16 is refused on CPU.
         grad_clip: clip the global gradient norm to this value (None: off).
         timing_steps: number of steady steps (after 10 warm-up steps) whose mean time gives the
-            paper-convention training-time estimate (spec 5.6): mean step time x total steps.
+            paper-convention training-time estimate (spec 5.6): mean step time x total steps. 0: no step is
+            timed and no timing.json is written (the run says so when it starts).
         collapse_check_steps: during the first this many steps, stop training with an error when the model
             has collapsed (constant output over the batch, or every gradient exactly 0) at
             ``collapse_patience`` consecutive log intervals. 0 = off.
@@ -194,6 +195,9 @@ def validate_experiment(exp: Dict[str, Any], where: str = "") -> Dict[str, Any]:
             if default is inspect.Parameter.empty and k not in body:
                 raise ConfigError(f"missing key '{sec}.{k}'{loc}: required by {kind} type '{typ}'")
         out[sec] = check_component_values(sec, kind, typ, body, where, injected)
+    from util.config.schema import check_spatial_axes  # per-axis model keys vs the data's axes, when known
+
+    check_spatial_axes(out, where)
     for sec, cls in DATACLASS_SECTIONS.items():
         if sec == "test":
             cls = test_config_class(task_type)
@@ -233,6 +237,8 @@ def load_config(path: str, config_id: int = 0, overrides: Sequence[str] = ()) ->
         raise ConfigError(f"config_id {config_id} out of range: '{path}' holds {len(entries)} config(s) "
                           f"(valid ids 0..{len(entries) - 1})")
     where = f"{path}, config_id {config_id}"
+    if not isinstance(entries[config_id], dict):  # the entry's own error, with or without --set
+        validate_experiment(entries[config_id], where)
     exp = apply_overrides(entries[config_id], overrides)
     exp = validate_experiment(exp, where)
     exp["_source"] = {"file": path, "config_id": config_id, "overrides": list(overrides or ())}

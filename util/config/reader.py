@@ -15,7 +15,7 @@ import yaml
 
 from util.registry import ConfigError
 
-__all__ = ["yaml_load", "DuplicateKeyError", "parse_value", "read_config_file", "apply_overrides",
+__all__ = ["yaml_load", "DuplicateKeyError", "parse_value", "read_yaml_file", "read_config_file", "apply_overrides",
            "parse_test_overrides"]
 
 
@@ -90,21 +90,53 @@ def parse_value(raw: str, what: str) -> Any:
         raise ConfigError(f"{what}: the value is not valid YAML ({e})") from None
 
 
-def read_config_file(path: str) -> List[Dict[str, Any]]:
-    """Read a YAML config file: a list of experiment dicts (anchors and merge keys resolved)."""
+def read_yaml_file(path: str, what: str = "file") -> Any:
+    """Read one YAML file (UTF-8 text) by :func:`yaml_load`.
+
+    Args:
+        path: the file.
+        what: how error messages name it (``"config file"``, ``"jobs file"``).
+
+    Raises:
+        ConfigError naming the file: a folder (a YAML file was expected), missing, not UTF-8 text (the byte
+        position of the first bad byte, e.g. an image given as a config), not valid YAML, a duplicate key.
+    """
+    if os.path.isdir(path):
+        found = sorted(n for n in os.listdir(path) if n.endswith((".yaml", ".yml")))[:3]
+        hint = f" (e.g. {', '.join(os.path.join(path, n) for n in found)})" if found else ""
+        raise ConfigError(f"{what} '{path}' is a folder; expected a YAML file{hint}")
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' not found")
-    with open(path) as f:
+        raise ConfigError(f"{what} '{path}' not found")
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text (byte 0x{raw[e.start]:02x} at byte position "
+                          f"{e.start}, line {line}); expected a YAML file in UTF-8") from None
+    with open(path, encoding="utf-8") as f:
         try:
-            data = yaml_load(f)
+            return yaml_load(f)
         except DuplicateKeyError as e:
-            raise ConfigError(f"config file '{path}': {e}") from None
+            raise ConfigError(f"{what} '{path}': {e}") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+            raise ConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
+
+
+def read_config_file(path: str) -> List[Dict[str, Any]]:
+    """Read a YAML config file: a list of experiment dicts (anchors and merge keys resolved).
+
+    Raises:
+        ConfigError naming the file (see :func:`read_yaml_file`), or when it does not hold a non-empty list.
+    """
+    data = read_yaml_file(path, "config file")
     if isinstance(data, dict):
         data = [data]
     if not isinstance(data, list) or not data:
-        raise ConfigError(f"config file '{path}' must hold a non-empty YAML list of experiments")
+        got = "nothing" if data is None or data == [] else f"a {type(data).__name__}"
+        raise ConfigError(f"config file '{path}' must hold a non-empty YAML list of experiments (got {got}); "
+                          f"expected a YAML file like configs/demo/drrnet.yaml")
     return data
 
 

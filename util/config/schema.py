@@ -217,12 +217,74 @@ def _low_high(value):
         return "must be [low, high] with low <= high"
 
 
+def _axes_of(entry):
+    """Axes a per-axis resolution entry names: None for an int (any number of axes), else its length."""
+    return None if isinstance(entry, (int, float)) and not isinstance(entry, bool) else len(entry)
+
+
+def _per_axis_entry(value):
+    """A resolution of a spatial grid: an int (every axis) or one value per spatial axis (2 or 3)."""
+    n = _axes_of(value)
+    if n is not None and n not in (2, 3):
+        return (f"has {n} value{'s' if n != 1 else ''}; it must be an integer or one value per spatial axis (2 or "
+                f"3 values, array order)")
+
+
+def _per_axis_levels(value):
+    """Resolutions of several grid levels: each entry an int or 2 or 3 values, and the per-axis entries agree on
+    the number of spatial axes (a field has one)."""
+    if not isinstance(value, (list, tuple)):
+        return None
+    for i, entry in enumerate(value):
+        problem = _per_axis_entry(entry)
+        if problem:
+            return f"entry {i} ({show_value(entry)}) {problem}"
+    axes = {_axes_of(e) for e in value} - {None}
+    if len(axes) > 1:
+        return (f"mixes entries of {' and '.join(str(a) for a in sorted(axes))} spatial axes (a field has one "
+                f"number of axes)")
+
+
+SPATIAL_AXIS_KEYS: Dict[str, str] = {"spatial_resolutions": "levels", "ssr_resolution": "one"}
+"""Model keys whose per-axis entries are one value per spatial axis of the data ("levels": a list of such entries,
+one per grid level; "one": a single entry). Checked against the data's number of spatial axes at config load when
+the dataset section tells it (:func:`check_spatial_axes`)."""
+
+
+def check_spatial_axes(exp: Dict[str, Any], where: str = "") -> None:
+    """ConfigError when a per-axis model resolution (:data:`SPATIAL_AXIS_KEYS`) has another number of values than
+    the data has spatial axes, where the dataset section alone tells that number (the registered dataset's
+    ``config_spatial_dims(section)``, e.g. the demo's ``spatial_dims``, or ``dims`` of an ensemble); without it,
+    the model checks its resolutions when it is built."""
+    model, data = exp.get("model") or {}, exp.get("dataset") or {}
+    if not any(k in model for k in SPATIAL_AXIS_KEYS) or not isinstance(data.get("type"), str):
+        return
+    of = getattr(get("dataset", data["type"]), "config_spatial_dims", None)
+    dims = of(data) if of is not None else None
+    if dims is None:
+        return
+    loc = f" ({where})" if where else ""
+    for key, form in SPATIAL_AXIS_KEYS.items():
+        value = model.get(key)
+        if value is None:
+            continue
+        entries = list(value) if form == "levels" and isinstance(value, (list, tuple)) else [value]
+        for i, entry in enumerate(entries):
+            n = _axes_of(entry)
+            if n is not None and n != dims:
+                at = f"entry {i} ({show_value(entry)})" if form == "levels" else show_value(entry)
+                raise ConfigError(f"model.{key}{loc}: {at} has {n} values, but the data of dataset type "
+                                  f"'{data['type']}' has {dims} spatial axes; give an integer or {dims} values "
+                                  f"(array order), got {show_value(value)}")
+
+
 _POS = _at_least(1)
 _NONNEG = _at_least(0)
 _VERTICES = _at_least(2)  # a grid axis or line needs >= 2 vertices to interpolate
 
 RANGE_RULES: Dict[str, Dict[str, Any]] = {
-    "model": dict(init_output_mean=_number_or_auto),
+    "model": dict(init_output_mean=_number_or_auto, spatial_resolutions=_per_axis_levels,
+                  ssr_resolution=_per_axis_entry),
     "dataset": dict(cond_batch=_POS, spatial_log2batch=_in_range(0, 30, hi_inclusive=True), impsmp_bins=_POS,
                     impsmp_cluster_size=_POS, vp_k=_POS, vp_power=_above(0), downsample=_POS, dims=_POS,
                     sigma_x=_NONNEG, tau_x=_NONNEG, sigma_c=_NONNEG, tau_c=_NONNEG),
