@@ -31,10 +31,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import tempfile
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional
 
 import numpy as np
 

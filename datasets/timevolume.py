@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-import math
 import os
 from typing import Dict, List, Optional, Sequence, Tuple
 

@@ -12,7 +12,7 @@ import torch
 
 from tasks.base import CsvFile, JsonFile, Scores
 from tests.test_task_seam import ToyL1, _train, toy_config
-from util.config import ConfigError, _check_dataclass_fields
+from util.config import ConfigError, check_dataclass_fields
 from util.errors import DataError
 from util.registry import register
 
@@ -32,7 +32,7 @@ class ScoredTestConfig:
     undeclared: bool = False
 
     def __post_init__(self):
-        _check_dataclass_fields(self, "test")
+        check_dataclass_fields(self, "test")
 
 
 SCORED = []

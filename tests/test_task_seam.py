@@ -13,7 +13,7 @@ from torch import nn
 from datasets.base import Dataset
 from models.base import FieldModel
 from tasks.base import StepOutput, Task
-from util.config import ConfigError, _check_dataclass_fields, load_config
+from util.config import ConfigError, check_dataclass_fields, load_config
 from util.registry import register
 from util.run_dir import run_dir_of
 
@@ -64,7 +64,7 @@ class ToyTestConfig:
     margin: float = 0.1
 
     def __post_init__(self):
-        _check_dataclass_fields(self, "test")
+        check_dataclass_fields(self, "test")
 
 
 @register("task", "_toy_l1")

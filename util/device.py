@@ -1,7 +1,7 @@
 """The one device default of the program: CUDA when available, else the CPU."""
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Union
 
 import torch
 

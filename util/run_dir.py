@@ -37,7 +37,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-from util.checkpoints import CKPT_DIR, newest_intact_checkpoint
+from util.checkpoints import newest_intact_checkpoint
 from util.config import TrainConfig, run_name, validate_experiment, yaml_load
 from util.files import atomic_write_text
 from util.registry import accepted_keys

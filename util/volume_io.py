@@ -22,7 +22,6 @@ along the slice's last axis.
 """
 from __future__ import annotations
 
-import os
 import re
 import xml.etree.ElementTree as ET
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union

@@ -9,7 +9,7 @@ Contents:
 from __future__ import annotations
 
 import math
-from typing import List, Sequence
+from typing import List
 
 import numpy as np
 import torch

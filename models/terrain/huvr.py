@@ -26,7 +26,6 @@ resampled bilinearly when they differ), by 1 - cosine or MSE. Taps and weights a
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch

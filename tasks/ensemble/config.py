@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List
 
-from util.config import ConfigError, _check_dataclass_fields
+from util.config import ConfigError, check_dataclass_fields
 
 
 @dataclass
@@ -39,7 +39,7 @@ class EnsembleTestConfig:
     dump_png: bool = True
 
     def __post_init__(self):
-        _check_dataclass_fields(self, "test")
+        check_dataclass_fields(self, "test")
         if self.ref_power <= 0:
             raise ConfigError(f"test.ref_power must be > 0, got {self.ref_power}")
         if any(m < 0 for m in self.dump_members):

@@ -324,7 +324,6 @@ def score(ctx: EvalContext) -> Scores:
         coords = None
         if not use_grid_path:
             coords = (own_coords if own_coords is not None else grid_coords(shape)).to(device)
-        n_points = int(np.prod(shape))
         refs = []
         if tc.reference and "test" in tc.splits:
             tr_rows = splits["train"]

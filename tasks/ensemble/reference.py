@@ -27,7 +27,7 @@ accumulation is float64.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch

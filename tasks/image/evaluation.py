@@ -475,7 +475,6 @@ def evaluate_image(model_fn: ModelFn, truth, chunk_size: int = DEFAULT_CHUNK, de
     pend_n = 0
     C = None
     pred_u8 = err_u8 = None
-    kw = {}
 
     for r0, r1 in zip(row_edges[:-1], row_edges[1:]):
         r0, r1 = int(r0), int(r1)

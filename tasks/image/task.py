@@ -36,14 +36,14 @@ import numpy as np
 import torch
 
 from tasks.base import CsvFile, EvalContext, Scores, Task
-from util.config import _check_dataclass_fields
+from util.config import check_dataclass_fields
 from util.device import default_device
-from util.tables import fmt_cell, text_table, write_csv
+from util.tables import fmt_cell, text_table
 from util.registry import ConfigError, register
 
 log = logging.getLogger("test")
 
-__all__ = ["ImageTask", "ImageTestConfig", "IMAGE_FIELDS", "evaluate_model", "write_metrics", "format_table",
+__all__ = ["ImageTask", "ImageTestConfig", "IMAGE_FIELDS", "evaluate_model", "format_table",
            "image_channels_from_header"]
 
 IMAGE_FIELDS = ["predictor", "split", "resolution", "height", "width", "channels", "psnr", "ssim", "lpips", "mse",
@@ -100,7 +100,7 @@ class ImageTestConfig:
     error_colormap: str = "hot"
 
     def __post_init__(self):
-        _check_dataclass_fields(self, "test")
+        check_dataclass_fields(self, "test")
         if self.chunk_size is not None and int(self.chunk_size) < 1:
             raise ConfigError(f"test.chunk_size must be >= 1 or null (auto), got {self.chunk_size}")
         for r in self.resolutions:
@@ -219,12 +219,6 @@ def evaluate_model(model, dataset, test_config: Optional[ImageTestConfig] = None
         info("%s: PSNR %.3f dB, SSIM %s, inference %.3f s (bake %.3f s)", res, r["psnr"],
                  fmt_cell(r["ssim"] if tc.ssim_protocol != "raster" else r["ssim_raster"]), r["infer_s"], r["bake_s"])
     return rows
-
-
-def write_metrics(path: str, rows: List[Dict[str, Any]]) -> None:
-    """metrics.csv of an image run (:data:`IMAGE_FIELDS`; floats with 6 significant digits, empty for None/NaN),
-    written atomically."""
-    write_csv(path, rows, IMAGE_FIELDS, nan_cell="")
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:

@@ -46,7 +46,7 @@ import math
 import os
 import struct
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -469,7 +469,7 @@ def result_files(tc) -> List[str]:
     return ["metrics.json", "per_step.csv", ARTIFACT] + ([VOLUME] if tc.save_volume else [])
 
 
-def score(ctx) -> "Scores":
+def score(ctx):
     """Score a trained MoE-INR run (``MoETask.score``; ``ctx``: tasks.base.EvalContext).
 
     Memory: the INR is decompressed and scored one time step at a time (ground truth read from the dataset's

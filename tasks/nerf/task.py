@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from rendering.occupancy import OccupancyGrid
 from rendering.renderer import BACKENDS, render_rays
 from tasks.base import CsvFile, EvalContext, Scores, StepOutput, Task
-from util.config import _check_dataclass_fields
+from util.config import check_dataclass_fields
 from util.device import default_device
 from util.files import atomic_write
 from util.tables import text_table
@@ -77,7 +77,7 @@ class NeRFTestConfig:
     rebuild_updates: int = 4
 
     def __post_init__(self):
-        _check_dataclass_fields(self, "test")
+        check_dataclass_fields(self, "test")
         if int(self.chunk_rays) < 1:
             raise ConfigError(f"test.chunk_rays must be >= 1, got {self.chunk_rays}")
         if self.max_views is not None and int(self.max_views) < 1:

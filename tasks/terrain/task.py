@@ -107,9 +107,9 @@ class TerrainTestConfig:
     encode_steps: Optional[int] = None
 
     def __post_init__(self):
-        from util.config import _check_dataclass_fields
+        from util.config import check_dataclass_fields
 
-        _check_dataclass_fields(self, "test")
+        check_dataclass_fields(self, "test")
         for key, val, allowed in (("split", self.split, ("test", "val", "train")),
                                   ("derivatives", self.derivatives, ("auto", "fd")),
                                   ("ptq_scope", self.ptq_scope, ("auto", "tile", "dataset"))):

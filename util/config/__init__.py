@@ -27,7 +27,7 @@ from util.config.experiment import (COMPONENT_SECTIONS, DATACLASS_SECTIONS, DEFA
                                     section_kwargs, test_config_class, validate_experiment)
 from util.config.reader import (DuplicateKeyError, apply_overrides, parse_test_overrides, parse_value,
                                 read_config_file, yaml_load)
-from util.config.schema import (EMPTY_LIST_OK, NON_NEGATIVE, POSITIVE, RANGE_RULES, VERTICES, _check_dataclass_fields,
+from util.config.schema import (EMPTY_LIST_OK, NON_NEGATIVE, POSITIVE, RANGE_RULES, VERTICES, check_dataclass_fields,
                                 above, at_least, check_component_values, check_run_name, check_value,
                                 component_types, describe_type, in_range, low_high, one_of, show_value)
 from util.registry import ConfigError
@@ -38,4 +38,4 @@ __all__ = ["TrainConfig", "load_config", "apply_overrides", "validate_experiment
            "section_kwargs", "merge_test_config", "injected_keys", "test_config_class", "check_value",
            "check_run_name", "check_component_values", "component_types", "describe_type", "show_value",
            "RANGE_RULES", "EMPTY_LIST_OK", "at_least", "above", "in_range", "one_of", "low_high", "POSITIVE",
-           "NON_NEGATIVE", "VERTICES", "_check_dataclass_fields"]
+           "NON_NEGATIVE", "VERTICES", "check_dataclass_fields"]

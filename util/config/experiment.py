@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
 from util.config.reader import apply_overrides, read_config_file
-from util.config.schema import _check_dataclass_fields, check_component_values, check_run_name, show_value
+from util.config.schema import check_dataclass_fields, check_component_values, check_run_name, show_value
 from util.registry import ConfigError, accepted_keys, get, names
 
 def merge_test_config(cls, section: Optional[Dict[str, Any]], overrides: Optional[Dict[str, Any]], task: str):
@@ -76,7 +76,7 @@ class TrainConfig:
     val_every_steps: Optional[int] = None
 
     def __post_init__(self):
-        _check_dataclass_fields(self, "train")
+        check_dataclass_fields(self, "train")
         check_run_name(self.run_name, "train.run_name")
         if not self.log_dir.strip():
             raise ConfigError("train.log_dir must not be empty (use '.' for the current folder)")

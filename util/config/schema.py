@@ -386,7 +386,7 @@ def check_run_name(value, key: str, where: str = "") -> None:
         raise ConfigError(f"{key}{loc} {bad}, got {show_value(value)}")
 
 
-def _check_dataclass_fields(obj, section: str) -> None:
+def check_dataclass_fields(obj, section: str) -> None:
     """Type-check every field of a TrainConfig or test_config instance (integral floats for int fields made ints)."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
