@@ -54,6 +54,8 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bake_repeats", type=int, default=3)
     p.add_argument("--paths", default="plain,fast_forward,fast_grid,fast_grid_bf16,fast_grid_fp16")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also print where fast_grid's time goes (stencil / gather / matmul / activation passes)")
     p.add_argument("--compare", default=None, metavar="IDS",
                    help="comma-separated config ids: time bake + full-field reconstruction of each (any model)")
     args = p.parse_args(argv)
@@ -148,6 +150,92 @@ def main(argv=None):
               f"gflops={fpp[n] * pps / 1e9:.2f} peak_gflops={peak:.1f} floor_frac={pps / floor:.3f} "
               f"peak_mem_mb={mem[n]:.1f} max_abs_err={err:.3g} rel_l2_err={rel:.3g} median_s={t:.4g}",
               flush=True)
+    if args.breakdown:
+        for n in [n for n in wanted if n.startswith("fast_grid")]:
+            dt = {"fast_grid": None, "fast_grid_bf16": torch.bfloat16, "fast_grid_fp16": torch.float16}[n]
+            parts = [grid_breakdown(model, shape, c, chunk, dt) for c in conds]   # warm-up
+            parts = [grid_breakdown(model, shape, c, chunk, dt) for c in conds for _ in range(args.repeats)]
+            tot = {k: median([pp[k] for pp in parts]) * args.members for k in parts[0] if k != "out"}
+            err = max((pp["out"] - o).abs().max().item() for pp, o in zip(parts[::args.repeats], outs[n]))
+            peak = peaks["bfloat16" if dt is torch.bfloat16 else "float16" if dt is torch.float16 else "float32"]
+            floor_s = args.members * P * 2.0 * flops["decoder"] / (peak * 1e9)
+            total = sum(tot.values())
+            print(f"breakdown path={n} " + " ".join(f"{k}_s={v:.4g}" for k, v in tot.items())
+                  + f" total_s={total:.4g} " + " ".join(f"{k}_frac={v / total:.3f}" for k, v in tot.items())
+                  + f" matmul_floor_s={floor_s:.4g} floor_frac_of_total={floor_s / total:.3f} "
+                  f"floor_frac_of_matmul={floor_s / tot['matmul']:.3f} max_abs_diff_vs_path={err:.3g}", flush=True)
+
+
+@torch.no_grad()
+def grid_breakdown(model, shape, c, chunk_size, dtype=None) -> dict:
+    """``DRRNet.predict_grid``'s baked loop (models/drrnet.py) with a clock around each pass: seconds of
+    ``stencil`` (GridQuery.stencil: corner rows and weights of each chunk), ``gather`` (the interpolation of
+    the folded table: gather_interp, or the table slice on the identity lattice, plus the condition bias),
+    ``matmul`` (the decoder's addmm, bias included), ``activation`` (ReLU passes, the output activation and the
+    copy into the result), and ``out`` (the field, to check against predict_grid). Timers add a little
+    overhead per chunk; the sum is close to the path's time."""
+    import time
+
+    from models.components.mlp import output_activation
+    from models.fast_ops import GridQuery, gather_interp
+
+    if not model.is_baked:
+        model.bake()
+    dev = model._baked_fused.device
+    c = c.reshape(1, -1).to(dev, torch.float32)
+    lins = model.decoder.linears
+    cb = model.cond_bias(c)[0]
+    if dtype is None or dtype == model._baked_fused.dtype:
+        table = model._baked_fused
+        wb = [t for m in lins for t in (m.weight, m.bias)]
+    else:
+        table, *wb = model._lowp(dtype)
+        cb = cb.to(dtype)
+    P = math.prod(shape)
+    res = torch.empty(P, device=dev, dtype=torch.float32)
+    q = GridQuery(shape, model.ssr_shape, dev)
+    n = min(int(chunk_size), P)
+    H = table.shape[1]
+    bufs = [torch.empty(n, H, device=dev, dtype=table.dtype) for _ in range(2)]
+    w_t = [wb[2 * i].t() for i in range(len(lins))]
+    t = dict(stencil=0.0, gather=0.0, matmul=0.0, activation=0.0)
+    clock = time.perf_counter
+    for s, e in q.chunks(chunk_size):
+        m = e - s
+        h = bufs[0][:m]
+        t0 = clock()
+        if q.identity:
+            t1 = clock()
+            torch.add(table[s:e], cb, out=h)
+        else:
+            idx, w = q.stencil(s, e)
+            t1 = clock()
+            h.copy_(gather_interp(table, idx, w)).add_(cb)
+        t2 = clock()
+        h.relu_()
+        t3 = clock()
+        t["stencil"] += t1 - t0
+        t["gather"] += t2 - t1
+        t["activation"] += t3 - t2
+        for i in range(len(lins)):
+            t0 = clock()
+            if i < len(lins) - 1 and w_t[i].shape[1] == H:
+                nxt = bufs[(i + 1) % 2][:m]
+                torch.addmm(wb[2 * i + 1], h, w_t[i], out=nxt)
+                t1 = clock()
+                h = nxt.relu_()
+            else:
+                h = torch.addmm(wb[2 * i + 1], h, w_t[i])
+                t1 = clock()
+                if i < len(lins) - 1:
+                    h = h.relu_()
+            t["matmul"] += t1 - t0
+            t["activation"] += clock() - t1
+        t0 = clock()
+        res[s:e] = output_activation(h[:, 0].float(), model.out_activation)
+        t["activation"] += clock() - t0
+    t["out"] = res.reshape(shape)
+    return t
 
 
 def compare_models(args) -> None:

@@ -22,8 +22,12 @@ same batches, interleaved step by step, warm-up steps excluded, medians; CUDA ti
 * ``fast_unfused``: ``fused_refiner="never"`` (PE, refiner and fold through autograd instead of the chunked
                    vertex pipeline).
 
-Output: one line per path ``path=<name> steps_per_s=<float> points_per_s=<float> peak_mem_mb=<float>``
-followed by ratio_vs_plain, touched (refined vertices / lattice vertices), gflops (matmul FLOPs of forward
+``--precisions fp32,bf16`` runs every path in each precision (bf16: under ``torch.autocast(bfloat16)``, as
+``train.mixed_precision: bf16`` trains; the fused CPU paths then multiply in bf16, see models/fast_ops.py).
+A header line names the CPU and its bf16 support (util/cpu.py: amx_bf16 / avx512_bf16 / none / unknown).
+
+Output: one line per path and precision ``path=<name> steps_per_s=<float> points_per_s=<float>
+peak_mem_mb=<float>`` followed by precision (fp32 / bf16), ratio_vs_plain (vs the plain path in fp32), touched (refined vertices / lattice vertices), gflops (matmul FLOPs of forward
 and backward, 3x the forward's, per second) next to the measured matmul peak, and on the first batch
 loss_rel_err / grad_rel_err (max over parameters of ||g - g_plain|| / ||g_plain||) vs the plain path, in
 float32 and (grad_rel_err_fp64) in float64. In float32 a ReLU gate whose pre-activation lies within rounding
@@ -41,6 +45,7 @@ import torch
 
 from common import (PeakMemory, add_model_args, build_from_args, device_of, matmul_peak, median, model_flops,
                     setup_threads, timed)
+from util.cpu import describe as describe_cpu  # noqa: E402
 from util.optim import adam  # noqa: E402  (after common, which puts the repository on sys.path)
 
 
@@ -54,7 +59,14 @@ def main(argv=None):
     p.add_argument("--data_resolution", type=int, nargs="+", default=None,
                    help="lattice the batch voxels come from (int or per axis; default: the SSR shape)")
     p.add_argument("--paths", default="plain,fast,fast_dense,fast_sparse,fast_unfused")
+    p.add_argument("--precisions", default="fp32",
+                   help="comma list of fp32 / bf16: every path runs in each (bf16: torch.autocast(bfloat16), "
+                        "which train.mixed_precision: bf16 uses; the fused CPU paths then multiply in bf16)")
     args = p.parse_args(argv)
+    precisions = [q.strip() for q in args.precisions.split(",") if q.strip()]
+    bad = [q for q in precisions if q not in ("fp32", "bf16")]
+    if bad or not precisions:
+        raise SystemExit(f"--precisions: fp32 and/or bf16, got {args.precisions!r}")
     setup_threads(args)
     model, exp, desc = build_from_args(args)
     dev = device_of(args)
@@ -80,34 +92,40 @@ def main(argv=None):
     settings = {"plain": (False, "auto", "auto"), "fast": (True, "auto", "auto"),
                 "fast_dense": (True, "never", "auto"), "fast_sparse": (True, "always", "auto"),
                 "fast_unfused": (True, "auto", "never")}
-    wanted = [n for n in args.paths.split(",") if n in settings]
+    paths = [n for n in args.paths.split(",") if n in settings]
+    wanted = [(n, q) for n in paths for q in precisions]        # runs: (path, precision)
     models, opts = {}, {}
-    for n in wanted:
+    for r in wanted:
         m = copy.deepcopy(model)
-        m.fast_paths, m.sparse_refine, m.fused_refiner = settings[n]
+        m.fast_paths, m.sparse_refine, m.fused_refiner = settings[r[0]]
         m.train()
-        models[n] = m
-        opts[n] = adam(m, lr=1e-4)                          # the training default (fused Adam)
+        models[r] = m
+        opts[r] = adam(m, lr=1e-4)                          # the training default (fused Adam)
+
+    def loss_of(r, b):
+        m, (x, c, v) = models[r], b
+        with precision_context(r[1], dev):
+            return (m(x, c).float() - v).pow(2).mean()
 
     # equivalence on the first batch (no optimizer step)
     grads, losses, touched = {}, {}, {}
-    for n in wanted:
-        m = models[n]
+    for r in wanted:
+        m = models[r]
         m.zero_grad()
-        x, c, v = batches[0]
-        loss = (m(x, c) - v).pow(2).mean()
+        loss = loss_of(r, batches[0])
         loss.backward()
-        losses[n] = loss.item()
-        grads[n] = [q.grad.detach().clone() for q in m.parameters()]
-        touched[n] = m.last_refined_vertices if m.fast_paths else math.prod(m.ssr_shape)
+        losses[r] = loss.item()
+        grads[r] = [q.grad.detach().clone() for q in m.parameters()]
+        touched[r] = m.last_refined_vertices if m.fast_paths else math.prod(m.ssr_shape)
         m.zero_grad()
-    ref = wanted[0] if "plain" not in wanted else "plain"
+    ref_path = paths[0] if "plain" not in paths else "plain"
+    ref = (ref_path, "fp32") if "fp32" in precisions else (ref_path, precisions[0])
     # the same check in float64 (copies of the initial model): in float32 a ReLU pre-activation within
     # rounding of 0 can take the other branch in one path (one in millions of gates per step), which moves
     # some gradients by up to ~1e-3 relative on such batches; float64 shows the paths' equivalence itself
     grads64 = {}
     if dev.type == "cpu" or torch.cuda.is_available():
-        for n in wanted:
+        for n in paths:
             m = copy.deepcopy(model).double()
             m.fast_paths, m.sparse_refine, m.fused_refiner = settings[n]
             m.train()
@@ -116,9 +134,8 @@ def main(argv=None):
             grads64[n] = [q.grad for q in m.parameters()]
 
     def step(n, b):
-        m, opt = models[n], opts[n]
-        x, c, v = b
-        loss = (m(x, c) - v).pow(2).mean()
+        opt = opts[n]
+        loss = loss_of(n, b)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -132,33 +149,44 @@ def main(argv=None):
             if i >= args.warmup:
                 times[n].append(t)
 
-    peaks = matmul_peak(dev)
+    peaks = matmul_peak(dev, dtypes=(torch.float32,) + ((torch.bfloat16,) if "bf16" in precisions else ()))
     fl = model_flops(model)
     P = math.prod(model.ssr_shape) if model.use_pi else 0
     print(f"# model={desc} device={dev} threads={torch.get_num_threads()} batch={n_c}x{n_x} data_shape={list(data_shape)} "
           f"ssr={list(model.ssr_shape)} lattice_vertices={P} D_sp={model.spatial_feature_dim} steps={args.steps}")
+    print("# " + describe_cpu())
     print("# matmul peak GFLOP/s: " + " ".join(f"{k}={v:.1f}" for k, v in peaks.items()))
-    base = None
-    for n in wanted:
-        t = median(times[n])
+    base = 1.0 / median(times[ref])
+    for r in wanted:
+        n, prec = r
+        t = median(times[r])
         sps = 1.0 / t
-        if n == ref:
-            base = sps
-        V = touched[n] or P
+        V = touched[r] or P
         pts = n_c * n_x
         if n == "plain":
             fwd = V * fl["spatial_refiner"] + pts * (fl["fusion_full"] + fl["decoder"])
         else:
             fwd = V * (fl["spatial_refiner"] + fl["fold"]) + pts * fl["decoder"] + n_c * fl["fusion_cond"]
         gflops = 3 * 2 * fwd * sps / 1e9
-        lerr = abs(losses[n] - losses[ref]) / abs(losses[ref])
-        gerr = max(float((a - b_).norm() / b_.norm().clamp_min(1e-30)) for a, b_ in zip(grads[n], grads[ref]))
+        lerr = abs(losses[r] - losses[ref]) / abs(losses[ref])
+        gerr = max(float((a - b_).norm() / b_.norm().clamp_min(1e-30)) for a, b_ in zip(grads[r], grads[ref]))
         gerr64 = max(float((a - b_).norm() / b_.norm().clamp_min(1e-300))
-                     for a, b_ in zip(grads64[n], grads64[ref])) if grads64 else float("nan")
-        print(f"path={n} steps_per_s={sps:.4g} points_per_s={sps * pts:.6g} peak_mem_mb={mem[n]:.1f} "
-              f"ratio_vs_plain={sps / base:.3f} touched={V}/{P} gflops={gflops:.2f} peak_gflops={peaks['float32']:.1f} "
-              f"loss_rel_err={lerr:.3g} grad_rel_err={gerr:.3g} grad_rel_err_fp64={gerr64:.3g} median_s={t:.4g}",
-              flush=True)
+                     for a, b_ in zip(grads64[n], grads64[ref_path])) if grads64 else float("nan")
+        peak = peaks["bfloat16" if prec == "bf16" else "float32"]
+        print(f"path={n} steps_per_s={sps:.4g} points_per_s={sps * pts:.6g} peak_mem_mb={mem[r]:.1f} "
+              f"precision={prec} ratio_vs_plain={sps / base:.3f} touched={V}/{P} gflops={gflops:.2f} "
+              f"peak_gflops={peak:.1f} loss_rel_err={lerr:.3g} grad_rel_err={gerr:.3g} "
+              f"grad_rel_err_fp64={gerr64:.3g} median_s={t:.4g}", flush=True)
+
+
+def precision_context(precision: str, dev):
+    """The autocast of a benchmark run: none for fp32; bf16: ``torch.autocast(device, bfloat16)``, what
+    ``train.mixed_precision: bf16`` runs (Accelerate's autocast)."""
+    import contextlib
+
+    if precision == "bf16":
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 if __name__ == "__main__":

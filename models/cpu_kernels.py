@@ -65,6 +65,8 @@ _SIGNATURES = {
     "corner_stencil": [_I64, _I64, _PTR, _PTR, _PTR, _PTR],
     "mark_touched": [_I64, _PTR, _PTR, _I64, _PTR],
     "has_vector_math": [],
+    "f32_to_bf16": [_I64, _PTR, _PTR],
+    "bf16_to_f32": [_I64, _PTR, _PTR],
 }
 _RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int}
 
@@ -324,3 +326,21 @@ def mark_touched(idx: Tensor, w: Tensor, P: int):
     mask = torch.empty(P, dtype=torch.bool)
     u = library().mark_touched(idx.numel(), idx.data_ptr(), w.data_ptr(), int(P), mask.data_ptr())
     return mask, int(u)
+
+
+def to_bf16(x: Tensor) -> Tensor:
+    """x (contiguous float32) as bfloat16, round to nearest even: bitwise ``x.to(torch.bfloat16)``, in one pass."""
+    _check("to_bf16", x)
+    out = torch.empty(x.shape, dtype=torch.bfloat16)
+    library().f32_to_bf16(x.numel(), x.data_ptr(), out.data_ptr())
+    return out
+
+
+def from_bf16(x: Tensor) -> Tensor:
+    """x (contiguous bfloat16 CPU tensor) as float32 (exact): ``x.float()`` in one pass."""
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not x.is_contiguous():
+        raise ValueError(f"cpu_kernels.from_bf16: expected a contiguous bfloat16 CPU tensor, got {x.dtype} on "
+                         f"{x.device} (contiguous={x.is_contiguous()})")
+    out = torch.empty(x.shape, dtype=torch.float32)
+    library().bf16_to_f32(x.numel(), x.data_ptr(), out.data_ptr())
+    return out

@@ -299,10 +299,10 @@ class VertexPipeline(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, u, coeff, include_input, eps, chunk, n_blocks, keep, *weights):
+    def forward(ctx, u, coeff, include_input, eps, chunk, n_blocks, keep, lowp, *weights):
         ctx.save_for_backward(u, coeff, *weights)
-        ctx.cfg = (include_input, eps, chunk, n_blocks)
-        packed = _pack(weights, n_blocks)
+        ctx.cfg = (include_input, eps, chunk, n_blocks, lowp)
+        packed = _pack(weights, n_blocks, lowp)
         keep = keep and any(ctx.needs_input_grad)
         ctx.kept = []
         width = packed["fold"].shape[0] if packed["fold"] is not None else \
@@ -318,8 +318,8 @@ class VertexPipeline(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         u, coeff, *weights = ctx.saved_tensors
-        include_input, eps, chunk, n_blocks = ctx.cfg
-        packed = _pack(weights, n_blocks)
+        include_input, eps, chunk, n_blocks, lowp = ctx.cfg
+        packed = _pack(weights, n_blocks, lowp)
         need_u = ctx.needs_input_grad[0]
         # gradient accumulators: per block ([W1; W2] diag(wn), W3), then the fold weight
         acc = [torch.zeros_like(t) for blk in packed["blocks"] for t in (blk[1], blk[2])]
@@ -338,7 +338,7 @@ class VertexPipeline(torch.autograd.Function):
             g_u = _pipeline_chunk_backward(grad_out[s:s + chunk], saved, coeff, include_input, packed, acc, need_u)
             if need_u:
                 gu[s:s + chunk] = g_u
-        return (gu, None, None, None, None, None, None, *_unpack_grads(acc, packed))
+        return (gu, None, None, None, None, None, None, None, *_unpack_grads(acc, packed))
 
 
 class _TorchPrims:
@@ -407,6 +407,10 @@ class _TorchPrims:
         return gu + g3[:, :, 0] if include_input else gu
 
     @staticmethod
+    def to_bf16(x: Tensor) -> Tensor:
+        return x.to(torch.bfloat16)
+
+    @staticmethod
     def glu_fwd(ab: Tensor) -> Tensor:
         H = ab.shape[1] // 2
         return torch.relu(ab[:, :H]) * ab[:, H:]
@@ -419,6 +423,50 @@ class _TorchPrims:
         torch.ops.aten.threshold_backward.grad_input(gh * ab[:, H:], ab[:, :H], 0.0, grad_input=gab[:, :H])
         torch.mul(gh, ra, out=gab[:, H:])
         return gab, ra.mul_(ab[:, H:])
+
+
+def lowp_products(t: Tensor):
+    """torch.bfloat16 when the fused CPU paths should multiply in bf16 for ``t``: a float32 CPU tensor under
+    ``torch.autocast("cpu", dtype=torch.bfloat16)`` (``train.mixed_precision: bf16`` on CPU); else None (fp32)."""
+    if t.device.type == "cpu" and t.dtype == torch.float32 and torch.is_autocast_enabled("cpu") \
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        return torch.bfloat16
+    return None
+
+
+def _no_autocast(lowp):
+    """Autocast off inside a fused function that multiplies in ``lowp`` itself (its elementwise passes stay
+    float32); a no-op context without ``lowp`` (the fp32 path runs exactly as without this)."""
+    import contextlib
+
+    return torch.autocast("cpu", enabled=False) if lowp is not None else contextlib.nullcontext()
+
+
+def _lp_mm(a: Tensor, b: Tensor) -> Tensor:
+    """float32 ``a @ b`` with bf16 products: float32 operands are rounded to bf16 (a bf16 one, e.g. a packed
+    weight copy, is used as is), the product runs in bf16 with float32 accumulation inside the matrix product
+    (oneDNN: AMX or AVX512-BF16 where the CPU has them), and its result, rounded once to bf16 as under
+    ``torch.autocast``, comes back as float32, so that every sum around it (residual stream, gradient
+    accumulators across chunks) is float32. The conversions are single passes of the compiled kernels
+    (``to_bf16`` / ``from_bf16``) where available."""
+    return _from_bf16(torch.mm(_to_bf16(a), _to_bf16(b)))
+
+
+def _to_bf16(t: Tensor) -> Tensor:
+    if t.dtype == torch.bfloat16:
+        return t
+    ops = _prims(t)
+    if t.is_contiguous():
+        return ops.to_bf16(t)
+    if t.dim() == 2 and t.t().is_contiguous():                      # a transposed view (weight gradients)
+        return ops.to_bf16(t.t()).t()
+    return t.to(torch.bfloat16)
+
+
+def _from_bf16(t: Tensor) -> Tensor:
+    if t.device.type == "cpu" and t.is_contiguous() and cpu_kernels.library() is not None:
+        return cpu_kernels.from_bf16(t)
+    return t.float()
 
 
 def _pe_ops(t: Tensor):
@@ -435,7 +483,7 @@ def _prims(t: Tensor):
     return _TorchPrims
 
 
-def _pack(weights, n_blocks):
+def _pack(weights, n_blocks, lowp=None):
     """Per block (norm weight wn (D,), [W1; W2] (2H, D), W3 (D, H), [W1; W2] diag(wn), and the forward's
     right-hand operands as contiguous transposes: (diag(wn) [W1; W2]^T (D, 2H), W3^T (H, D))); the fold
     weight and its contiguous transpose.
@@ -443,15 +491,23 @@ def _pack(weights, n_blocks):
     The RMSNorm weight is folded into the projections (``(xh * wn) W^T = xh (W diag(wn))^T``), which saves an
     elementwise pass per block; the backward maps the gradient of the folded matrix back to W and wn. MKL
     multiplies by a contiguous (K, N) operand up to 1.25x faster than by a transposed view at these shapes.
+    With ``lowp`` (torch.bfloat16) also ``low``: per block the ``lowp`` copies of (W3, W12s, W12s^T, W3^T),
+    and ``fold_low`` / ``fold_t_low`` (see :func:`_lp_mm`).
     """
-    blocks = []
+    blocks, low = [], []
     for k in range(n_blocks):
         wn, w1, w2, w3 = weights[4 * k:4 * k + 4]
         w12 = torch.cat([w1, w2], 0)
         w12s = w12 * wn
         blocks.append((wn, w12, w3, w12s, w12s.t().contiguous(), w3.t().contiguous()))
+        if lowp is not None:          # bf16 copies of the matrix operands (fp32 masters stay as they are)
+            low.append(tuple(t.to(lowp) for t in blocks[-1][2:]))   # (W3, W12s, W12s^T, W3^T)
     fold = weights[4 * n_blocks] if len(weights) > 4 * n_blocks else None
-    return {"blocks": blocks, "fold": fold, "fold_t": fold.t().contiguous() if fold is not None else None}
+    packed = {"blocks": blocks, "fold": fold, "fold_t": fold.t().contiguous() if fold is not None else None,
+              "lowp": lowp, "low": low}
+    if lowp is not None and fold is not None:
+        packed["fold_low"], packed["fold_t_low"] = fold.to(lowp), packed["fold_t"].to(lowp)
+    return packed
 
 
 def _pipeline_chunk(u, coeff, include_input, eps, packed, keep, dest=None):
@@ -466,42 +522,60 @@ def _pipeline_chunk(u, coeff, include_input, eps, packed, keep, dest=None):
     else:
         x0 = u
     x = x0
-    for _, _, _, _, w12s_t, w3_t in packed["blocks"]:
+    lowp = packed["lowp"]
+    for k, (_, _, _, _, w12s_t, w3_t) in enumerate(packed["blocks"]):
         xh, r = ops.rms_norm_fwd(x.contiguous(), eps)
-        ab = xh @ w12s_t                                             # (n, 2H): [a | b]
+        if lowp is None:
+            ab = xh @ w12s_t                                         # (n, 2H): [a | b]
+        else:
+            ab = _lp_mm(xh, packed["low"][k][2])
         h = ops.glu_fwd(ab)                                          # relu(a) * b
         if keep:
             saved["blocks"].append((r, xh, ab))                     # h is recomputed from [a | b]
-        x = torch.addmm(x, h, w3_t)
+        x = torch.addmm(x, h, w3_t) if lowp is None else x + _lp_mm(h, packed["low"][k][3])
     g = x0 + x if packed["blocks"] else x0
     if keep:
         saved["g"] = g
     if dest is not None:
-        if packed["fold"] is not None:
+        if packed["fold"] is None:
+            dest.copy_(g)
+        elif lowp is None:
             torch.mm(g, packed["fold_t"], out=dest)
         else:
-            dest.copy_(g)
+            dest.copy_(_lp_mm(g, packed["fold_t_low"]))
     return saved
 
 
 def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_u):
     """Backward of one chunk: accumulates into ``acc`` (per block: the folded [W1; W2] diag(wn), W3; then
     the fold weight; see :func:`_unpack_grads`); returns the rows' gradient."""
-    if packed["fold"] is not None:
+    lowp = packed["lowp"]
+    if packed["fold"] is None:
+        gg = go
+    elif lowp is None:
         acc[-1].addmm_(go.t(), saved["g"])
         gg = go @ packed["fold"]                                     # (n, D)
     else:
-        gg = go
+        acc[-1].add_(_lp_mm(go.t(), saved["g"]))
+        gg = _lp_mm(go, packed["fold_low"])
     gx = gg
     ops = _prims(gx)
     for k in reversed(range(len(packed["blocks"]))):
         _, _, w3, w12s, _, _ = packed["blocks"][k]
         r, xh, ab = saved["blocks"][k]
-        gab, h = ops.glu_bwd(gx @ w3, ab)                            # d/da, d/db; h = relu(a) * b again
-        acc[2 * k + 1].addmm_(gx.t(), h)                             # dW3 (D, H)
-        acc[2 * k].addmm_(gab.t(), xh)                               # d([W1; W2] diag(wn))
+        if lowp is None:
+            gab, h = ops.glu_bwd(gx @ w3, ab)                        # d/da, d/db; h = relu(a) * b again
+            acc[2 * k + 1].addmm_(gx.t(), h)                         # dW3 (D, H)
+            acc[2 * k].addmm_(gab.t(), xh)                           # d([W1; W2] diag(wn))
+            gxh = gab @ w12s
+        else:                                                        # the same products in lowp (_lp_mm)
+            w3_low, w12s_low = packed["low"][k][:2]
+            gab, h = ops.glu_bwd(_lp_mm(gx, w3_low), ab)
+            acc[2 * k + 1].add_(_lp_mm(gx.t(), h))
+            acc[2 * k].add_(_lp_mm(gab.t(), xh))
+            gxh = _lp_mm(gab, w12s_low)
         # RMSNorm backward + residual; in place except the first time (gg is needed below)
-        gx = ops.rms_norm_bwd(gx, gab @ w12s, xh, r, out=None if gx is gg else gx)
+        gx = ops.rms_norm_bwd(gx, gxh, xh, r, out=None if gx is gg else gx)
     if not need_u:
         return None
     g2 = gg if packed["blocks"] else None                            # g = x0 + R(x0): both paths into x0
@@ -556,7 +630,10 @@ def vertex_pipeline(u: Tensor, pe, refiner, w_fold, chunk: int = 2048, keep_byte
     per_row = (D if pe is not None else 0) + D \
         + sum(D + 1 + 2 * blk.hidden for blk in blocks)
     keep = u.shape[0] * per_row * u.element_size() <= keep_bytes
-    return VertexPipeline.apply(u.contiguous(), coeff, include_input, eps, int(chunk), len(blocks), keep, *weights)
+    lowp = lowp_products(u)
+    with _no_autocast(lowp):
+        return VertexPipeline.apply(u.contiguous(), coeff, include_input, eps, int(chunk), len(blocks), keep, lowp,
+                                    *weights)
 
 
 class FusedHead(torch.autograd.Function):
@@ -570,13 +647,14 @@ class FusedHead(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, z, cb, n_per, chunk, activation, *wb):
+    def forward(ctx, z, cb, n_per, chunk, activation, lowp, *wb):
         outs, kept = [], []
+        low = _head_low(wb, lowp)
         for b0, b1, s, e in _head_segments(cb.shape[0], n_per, chunk):
-            hs, last, out = _head_chunk(z, cb, b0, b1, s, e, activation, wb)
+            hs, last, out = _head_chunk(z, cb, b0, b1, s, e, activation, wb, low)
             outs.append(out)
             kept.append((hs, last))
-        ctx.kept, ctx.cfg = kept, (n_per, chunk, activation, cb.shape[0])
+        ctx.kept, ctx.cfg = kept, (n_per, chunk, activation, cb.shape[0], lowp)
         ctx.save_for_backward(z, cb, *wb)
         return torch.cat(outs, 0) if len(outs) > 1 else outs[0]
 
@@ -584,7 +662,8 @@ class FusedHead(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, go):
         z, cb, *wb = ctx.saved_tensors
-        n_per, chunk, activation, B = ctx.cfg
+        n_per, chunk, activation, B, lowp = ctx.cfg
+        low = _head_low(wb, lowp)
         kept, ctx.kept = ctx.kept, []              # freed as used; a second backward (retain_graph) recomputes
         go = go.contiguous()
         ops = _prims(z)
@@ -596,7 +675,7 @@ class FusedHead(torch.autograd.Function):
             if kept:
                 (hs, last), kept[j] = kept[j], None
             else:
-                hs, last, _ = _head_chunk(z, cb, b0, b1, s, e, activation, wb)
+                hs, last, _ = _head_chunk(z, cb, b0, b1, s, e, activation, wb, low)
             g = go[s:e]
             if activation == "sigmoid":
                 g = g * last * (1.0 - last)
@@ -605,23 +684,40 @@ class FusedHead(torch.autograd.Function):
             n_last = len(wb) - 2
             gwb[n_last + 1].add_(g.sum(0))                           # output layer's bias
             for i in reversed(range(0, len(wb), 2)):
-                gwb[i].addmm_(g.t(), hs[i // 2])
-                g = g @ wb[i]                                        # d/d(layer input), before its ReLU
+                if low is None or i == n_last:                       # fp32 (the output layer always)
+                    gwb[i].addmm_(g.t(), hs[i // 2])
+                    g = g @ wb[i]                                    # d/d(layer input), before its ReLU
+                else:                                                # hidden layer: bf16 products
+                    gwb[i].add_(_lp_mm(g.t(), hs[i // 2]))
+                    g = _lp_mm(g, low[i // 2][0])
                 if i:                                                # ReLU backward + previous layer's bias
                     g = ops.relu_bwd_segsum(g, hs[i // 2], gwb[i - 1].view(1, -1), out=g)
                 else:                                                # ... + the per-condition term
                     ops.relu_bwd_segsum(g, hs[0], gcb[b0:b1], out=gz[s:e])
-        return (gz, gcb, None, None, None, *gwb)
+        return (gz, gcb, None, None, None, None, *gwb)
 
 
-def _head_chunk(z, cb, b0, b1, s, e, activation, wb):
+def _head_low(wb, lowp):
+    """None (fp32), or per hidden layer of the head (every linear layer but the output layer) its weight W and
+    W^T (contiguous) in ``lowp``."""
+    if lowp is None:
+        return None
+    return [(wb[i].to(lowp), wb[i].t().contiguous().to(lowp)) for i in range(0, len(wb) - 2, 2)]
+
+
+def _head_chunk(z, cb, b0, b1, s, e, activation, wb, low=None):
     """Forward of rows s..e-1 (conditions b0..b1-1): (inputs of every linear layer, what the output
-    activation's derivative needs, output)."""
+    activation's derivative needs, output). ``low`` (:func:`_head_low`): the hidden layers' products in bf16;
+    the bias, ReLU, output layer and activation stay float32."""
     ops = _prims(z)
     h = ops.bias_relu(z[s:e], cb[b0:b1])
     hs = [h]
     for i in range(0, len(wb), 2):
-        if i + 2 < len(wb):                                          # hidden layer: relu(h W^T + b)
+        if i + 2 < len(wb) and low is not None:                      # hidden layer, bf16 products
+            a = _lp_mm(h, low[i // 2][1])
+            h = ops.bias_relu(a, wb[i + 1].view(1, -1), out=a)
+            hs.append(h)
+        elif i + 2 < len(wb):                                        # hidden layer: relu(h W^T + b)
             h = ops.linear_relu(h, wb[i], wb[i + 1])
             hs.append(h)
         else:
@@ -658,4 +754,10 @@ def fused_head(z: Tensor, cb: Tensor, linears, activation: str, chunk: int = 409
         (B*N, out_dim).
     """
     wb = [t for m in linears for t in (m.weight, m.bias)]
-    return FusedHead.apply(z.contiguous(), cb.contiguous(), z.shape[0] // cb.shape[0], int(chunk), activation, *wb)
+    if z.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        z, cb = z.float(), cb.float()            # outputs of autocast linear layers (the condition term, and z
+                                                 # when fewer points than vertices) are bf16
+    lowp = lowp_products(z)
+    with _no_autocast(lowp):
+        return FusedHead.apply(z.contiguous(), cb.contiguous(), z.shape[0] // cb.shape[0], int(chunk), activation,
+                               lowp, *wb)

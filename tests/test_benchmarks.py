@@ -160,3 +160,46 @@ def test_terrain_regimes_bins_by_the_reference_gradient_error(tmp_path, capsys):
         terrain_regimes.main([ref, short])
     with pytest.raises(SystemExit, match="tiles.csv not found"):
         terrain_regimes.main([ref, str(tmp_path / "missing")])
+
+
+def test_bench_train_precision_column(capsys):
+    """--precisions fp32,bf16: each path in both, a precision field, the CPU line; bf16 close to fp32."""
+    bench_train.main(TINY + ["--steps", "1", "--conds", "2", "--points", "64", "--paths", "plain,fast",
+                             "--precisions", "fp32,bf16"])
+    out = capsys.readouterr().out
+    assert "bf16: " in out and out.count("# cpu: ") == 1
+    lines = path_lines(out)
+    assert [(fields(ln)["path"], fields(ln)["precision"]) for ln in lines] == [
+        ("plain", "fp32"), ("plain", "bf16"), ("fast", "fp32"), ("fast", "bf16")]
+    for ln in lines:
+        f = fields(ln)
+        assert float(f["steps_per_s"]) > 0
+        assert float(f["loss_rel_err"]) < (1e-5 if f["precision"] == "fp32" else 1e-2)
+    with pytest.raises(SystemExit):
+        bench_train.main(TINY + ["--steps", "1", "--precisions", "fp8"])
+
+
+def test_bench_inference_breakdown(capsys):
+    """--breakdown: the instrumented replica of predict_grid gives the same field and names every pass."""
+    bench_inference.main(TINY + ["--members", "1", "--resolution", "9", "--repeats", "1", "--bake_repeats", "1",
+                                 "--paths", "fast_grid,fast_grid_bf16", "--breakdown"])
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("breakdown ")]
+    assert [fields(ln)["path"] for ln in lines] == ["fast_grid", "fast_grid_bf16"]
+    for ln in lines:
+        f = fields(ln)
+        for k in ("stencil_s", "gather_s", "matmul_s", "activation_s", "total_s", "floor_frac_of_total"):
+            assert float(f[k]) >= 0, k
+        assert float(f["max_abs_diff_vs_path"]) == 0.0
+
+
+def test_bench_mmap_same_batches(tmp_path, capsys):
+    """bench_mmap on a tiny synthetic ensemble: both storages train, print peak RSS, and draw the same batches."""
+    import bench_mmap
+
+    res = bench_mmap.main(["--members", "6", "--resolution", "8", "--steps", "1", "--warmup", "0",
+                           "--log2batch", "5", "--cond_batch", "2", "--cluster_size", "4", "--threads", "1",
+                           "--dir", str(tmp_path / "mm")])
+    out = capsys.readouterr().out
+    assert set(res) == {"mmap", "memory"} and "same_batches=True" in out
+    assert all(r["peak_rss_mb"] > 0 and r["steps_per_s"] > 0 for r in res.values())
+    assert os.path.isfile(tmp_path / "mm" / "6x8" / "data" / "member_0005.npy")

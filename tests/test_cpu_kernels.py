@@ -203,3 +203,23 @@ def test_env_off_disables_silently(fresh):
         warnings.simplefilter("error")
         assert ck.library() is None and not ck.available()
     assert fast_ops._prims(torch.randn(2, 2)) is T
+
+
+def test_bf16_conversions_match_pytorch():
+    """to_bf16 rounds to nearest even: the bits of ``x.to(torch.bfloat16)`` (NaN stays NaN; its payload may
+    differ), including ties, infinities, overflow to inf and subnormals; from_bf16 is exact."""
+    from models import cpu_kernels
+
+    if cpu_kernels.library() is None:
+        pytest.skip("compiled CPU kernels unavailable")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(513, 7, generator=g) * torch.logspace(-30, 30, 7)
+    ties = torch.tensor([1.0 + 2 ** -8, 1.0 + 3 * 2 ** -8, -(1.0 + 2 ** -8), 3.39e38, float("inf"), -float("inf"),
+                         0.0, -0.0])
+    x = torch.cat([x.flatten(), ties])
+    b = cpu_kernels.to_bf16(x)
+    assert torch.equal(b.view(torch.int16), x.to(torch.bfloat16).view(torch.int16))
+    assert torch.isnan(cpu_kernels.to_bf16(torch.tensor([float("nan")]))).all()
+    assert torch.equal(cpu_kernels.from_bf16(b), b.float())
+    with pytest.raises(ValueError):
+        cpu_kernels.from_bf16(b.float())

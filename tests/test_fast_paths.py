@@ -366,3 +366,78 @@ def test_fused_functions_support_a_second_backward():
     second = torch.autograd.grad(loss, list(m.parameters()))
     for a, b in zip(first, second):
         close(b, a)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# bf16 mixed precision on CPU (train.mixed_precision: bf16 = torch.autocast("cpu", bfloat16))
+# ---------------------------------------------------------------------------------------------------------
+BF16_LOSS_RTOL = 1e-3      # relative error of the loss, bf16 step vs fp32 step
+BF16_GRAD_RTOL = 0.1       # relative L2 error of every parameter gradient (bf16 has 8 significant bits; on these
+                           # random U(-1, 1) models the fused bf16 step is up to ~6e-2 off, PyTorch's own bf16
+                           # autocast of the plain path up to ~4e-2)
+
+
+def _step_grads(m, x, c, v, bf16):
+    import contextlib
+
+    m.zero_grad(set_to_none=True)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+    with ctx:
+        out = m(x, c)
+        loss = F.mse_loss(out.float(), v)
+    loss.backward()
+    return out, loss.detach(), {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_bf16_training_step_matches_fp32(spatial_dims, monkeypatch):
+    """A bf16 step (fused paths: bf16 products, float32 elementwise passes, sums and output) equals the fp32 step
+    within BF16_*_RTOL (loss and every gradient), runs through the fused functions with bf16 products, is no
+    further from fp32 than PyTorch's bf16 autocast of the plain path, and leaves the fp32 step bitwise as it was."""
+    from models import fast_ops
+
+    m = small(spatial_dims)
+    m.train()
+    x, c = points(m, B=3, N=200)
+    # a target the model is far from: coherent gradients (with random targets some gradients are tiny sums of
+    # cancelling terms, whose bf16 error relative to their size says nothing about training)
+    v = torch.full((3, 200, 1), 2.0)
+    out32, l32, g32 = _step_grads(m, x, c, v, bf16=False)
+    calls = {"lp": 0, "vp": 0, "head": 0}
+    real_mm, real_vp, real_head = fast_ops._lp_mm, fast_ops.VertexPipeline.apply, fast_ops.FusedHead.apply
+
+    def count(key, fn):
+        def wrapped(*a, **k):
+            calls[key] += 1
+            return fn(*a, **k)
+        return wrapped
+    with monkeypatch.context() as mp:
+        mp.setattr(fast_ops, "_lp_mm", count("lp", real_mm))
+        mp.setattr(fast_ops.VertexPipeline, "apply", count("vp", real_vp))
+        mp.setattr(fast_ops.FusedHead, "apply", count("head", real_head))
+        outbf, lbf, gbf = _step_grads(m, x, c, v, bf16=True)
+    assert calls["vp"] >= 1 and calls["head"] >= 1 and calls["lp"] > 0, calls   # the fused paths, in bf16
+    assert outbf.dtype == torch.float32                                           # the output head in fp32
+    assert abs(float(lbf - l32)) <= BF16_LOSS_RTOL * float(l32)
+    errs = {n: rel(gbf[n], g32[n]) for n in g32}
+    assert max(errs.values()) <= BF16_GRAD_RTOL, errs
+    m.fast_paths = False                                  # PyTorch's bf16 autocast of the plain path, for scale
+    _, _, gplain = _step_grads(m, x, c, v, bf16=True)
+    plain_err = max(rel(gplain[n], g32[n]) for n in g32)
+    assert max(errs.values()) <= 2.5 * plain_err + 1e-2, (max(errs.values()), plain_err)
+    m.fast_paths = True
+    out2, l2, g2 = _step_grads(m, x, c, v, bf16=False)    # fp32 afterwards: bitwise the same
+    assert torch.equal(out2, out32) and torch.equal(l2, l32)
+    assert all(torch.equal(g2[n], g32[n]) for n in g32)
+
+
+def test_lowp_products_only_under_cpu_bf16_autocast():
+    from models.fast_ops import lowp_products
+
+    t = torch.zeros(2, 2)
+    assert lowp_products(t) is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lowp_products(t) is torch.bfloat16
+        assert lowp_products(t.double()) is None
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert lowp_products(t) is None

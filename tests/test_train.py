@@ -337,3 +337,37 @@ def test_log_csv_records_the_learning_rate_each_step_used(tmp_path):
     rows = read_log(run_dir_of(load_config(p, 0)))
     lrs = [float(r["lr"]) for r in rows]
     assert lrs == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_meta_records_cpu_features_and_bf16_trains_through_the_fused_paths(tmp_path, monkeypatch):
+    """meta.json names the CPU's bf16 support (util/cpu.py) and the precision; train.mixed_precision bf16 on CPU
+    trains through DRR-Net's fused CPU paths with bf16 products (not the autograd fall-back) to finite losses."""
+    from models import fast_ops
+    from util.run_dir import run_dir_of
+
+    calls = {"vp": 0, "lp": 0}
+    real_vp, real_lp = fast_ops.VertexPipeline.apply, fast_ops._lp_mm
+
+    def vp(*a):
+        calls["vp"] += 1
+        return real_vp(*a)
+
+    def lp(*a):
+        calls["lp"] += 1
+        return real_lp(*a)
+    monkeypatch.setattr(fast_ops.VertexPipeline, "apply", vp)
+    monkeypatch.setattr(fast_ops, "_lp_mm", lp)
+    runs = {}
+    for prec in ("auto", "bf16"):
+        (tmp_path / prec).mkdir()
+        cfg = tiny_config(tmp_path / prec, mixed_precision=prec)
+        run_train(cfg)
+        runs[prec] = run_dir_of(load_config(cfg, 0))
+        meta = json.load(open(os.path.join(runs[prec], "meta.json")))
+        assert meta["cpu_features"]["bf16"] in ("amx_bf16", "avx512_bf16", "none", "unknown")
+        assert meta["precision"] == ("fp32" if prec == "auto" else "bf16")
+        assert all(np.isfinite(float(r["loss"])) for r in read_log(runs[prec]))
+        if prec == "auto":
+            assert calls["vp"] > 0 and calls["lp"] == 0          # fp32: the fused paths, no bf16 product
+            calls.update(vp=0)
+    assert calls["vp"] > 0 and calls["lp"] > 0

@@ -24,6 +24,7 @@ from util.checkpoints import (CKPT_DIR, LATEST, TASK_STATE_FILE, checkpoint_dirs
 from util.config import ConfigError, TrainConfig, section_kwargs
 from util.fingerprint import compare_fingerprints
 from util.files import atomic_torch_save, atomic_write_text
+from util.cpu import cpu_features, describe as describe_cpu
 from util.metrics import psnr_from_mse
 from util.registry import build, get
 from util.run_dir import (META_FILE, RUN_MARKER_KEY, RUN_MARKER_VERSION, RunLock, check_run_dir, clear_run_dir,
@@ -41,6 +42,12 @@ def resolve_precision(mode: str, cuda: bool) -> str:
     if mode == "fp16" and not cuda:
         raise ValueError("train.mixed_precision=fp16 needs CUDA (fp16 autocast is GPU-only); use 'no' or 'auto' on CPU")
     return mode
+
+
+def precision_name(accelerator) -> str:
+    """The precision a run trains in: "fp32", "fp16" or "bf16" (Accelerate's "no" is fp32)."""
+    mp = str(accelerator.mixed_precision)
+    return "fp32" if mp == "no" else mp
 
 
 def total_steps_of(tc: TrainConfig, steps_per_epoch: int) -> int:
@@ -272,8 +279,19 @@ def _accelerator(exp: Dict[str, Any], tc: TrainConfig):
 
     cuda = torch.cuda.is_available()
     unused = bool(get("task", task_type_of(exp)).ddp_find_unused_parameters)
-    return Accelerator(mixed_precision=resolve_precision(tc.mixed_precision, cuda), cpu=not cuda,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+    kwargs = dict(mixed_precision=resolve_precision(tc.mixed_precision, cuda), cpu=not cuda,
+                  kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+    try:
+        return Accelerator(**kwargs)
+    except ValueError as e:
+        # Accelerate keeps one process-wide state: a second run in the same (single) process with another
+        # precision (tests, notebooks) is refused; start that state afresh. A distributed launch has one run.
+        from accelerate.state import AcceleratorState, PartialState
+
+        if "already been initialized" not in str(e) or PartialState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state()
+        return Accelerator(**kwargs)
 
 
 def _claim_run_dir(accelerator, lock: RunLock, run_dir: str, overwrite: bool, resume: bool,
@@ -398,7 +416,8 @@ def _open_run_files(run: _Run, start: int, resume: bool, resumed: Optional[Dict[
         return None
     fingerprint = resumed["fingerprint"] if resumed and resumed.get("fingerprint") else run.dataset.fingerprint()
     meta = {RUN_MARKER_KEY: RUN_MARKER_VERSION, **run.dataset.meta(), "task": task_type_of(exp),
-            "model_inputs": run.task.model_inputs(), "data_fingerprint": fingerprint}
+            "model_inputs": run.task.model_inputs(), "data_fingerprint": fingerprint,
+            "cpu_features": cpu_features(), "precision": precision_name(accelerator)}
     if resume:
         meta["resumes"] = list((read_meta(run.run_dir) or {}).get("resumes") or []) + (
             [resumed["record"]] if resumed else [])
@@ -418,9 +437,9 @@ def _open_run_files(run: _Run, start: int, resume: bool, resumed: Optional[Dict[
     except Exception as e:  # tensorboard missing or broken: train anyway
         log.warning("TensorBoard logging off (%s)", e)
     n_params = sum(p.numel() for p in run.model.parameters())
-    log.info("run %s: %d steps (%d per epoch), %d processes, %d parameters, device %s, precision %s",
+    log.info("run %s: %d steps (%d per epoch), %d processes, %d parameters, device %s, precision %s; %s",
              run.run_dir, run.total, run.steps_per_epoch, accelerator.num_processes, n_params, accelerator.device,
-             accelerator.mixed_precision)
+             precision_name(accelerator), describe_cpu(meta["cpu_features"]))
     return writer
 
 

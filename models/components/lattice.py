@@ -152,14 +152,15 @@ class RefinedLatticeMixin:
     def _use_fused(self, u: Tensor) -> bool:
         """Use the chunked vertex pipeline (models/fast_ops.vertex_pipeline) for rows u?
 
-        "auto": on CPU in float32 without autocast (where the per-row intermediates of the autograd
+        "auto": on CPU in float32, without autocast or under CPU bf16 autocast (then the pipeline multiplies
+        in bf16 itself: models/fast_ops.lowp_products) (where the per-row intermediates of the autograd
         composition are memory-bound); GPUs keep the autograd composition. Only ReLU-gated GLU blocks.
         """
         if self.fused_refiner == "never":
             return False
         blocks = self.spatial_refiner.blocks if self.spatial_refiner is not None else []
-        ok = u.dtype == torch.float32 and not torch.is_autocast_enabled(u.device.type) \
-            and all(isinstance(b.act, nn.ReLU) for b in blocks)
+        autocast_ok = not torch.is_autocast_enabled(u.device.type) or fast_ops.lowp_products(u) is not None
+        ok = u.dtype == torch.float32 and autocast_ok and all(isinstance(b.act, nn.ReLU) for b in blocks)
         return ok and (self.fused_refiner == "always" or u.device.type == "cpu")
 
     def _folded_features(self, x: Tensor, w_fold: Tensor) -> Tuple[Tensor, bool]:

@@ -338,3 +338,22 @@ int64_t mark_touched(int64_t MK, const int64_t *idx, const float *w, int64_t P, 
     for (int64_t p = 0; p < P; p++) u += mask[p];
     return u;
 }
+
+/* float32 -> bfloat16 with round-to-nearest-even (NaN -> 0x7FC0): the same bits as PyTorch's conversion.
+ * src (n) float32, dst (n) bf16 bit patterns. One pass (vectorized integer arithmetic). */
+void f32_to_bf16(int64_t n, const float *src, uint16_t *dst) {
+    const uint32_t *s = (const uint32_t *)src;
+    #pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t u = s[i];
+        const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+        dst[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)r;
+    }
+}
+
+/* bfloat16 -> float32 (exact: the bits shifted into the high half).   src (n) bf16 bits, dst (n) float32. */
+void bf16_to_f32(int64_t n, const uint16_t *src, float *dst) {
+    uint32_t *d = (uint32_t *)dst;
+    #pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
+}

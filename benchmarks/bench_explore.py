@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Latency of the browser explorer (issue 22): p50 / p95 per parameter update.
+
+Server side (the view model, as the page's worker runs it): the three slices (model planes + nearest + IDW-8 + the
+trust cue), the coarse volume and the full volume. End to end (``--browser``): headless Chromium on the served page,
+from a new parameter setting typed into the page to the model slice changed in the browser's Bokeh document, and to
+the full volume sent by the server.
+
+The model: the paper's Cloverleaf DRR-Net (configs/clover_600/drrnet.yaml, 6 parameters) with random weights, baked,
+on a 64^3 field; the training runs are random fields (only their count matters to the timing).
+
+    python benchmarks/bench_explore.py                      # server side, 50 updates
+    python benchmarks/bench_explore.py --browser --n 30     # and end to end in /usr/bin/chromium
+
+Targets (issue 22, 2-core CPU): slices within 100 ms p95, the full 3D field within 500 ms p95.
+"""
+import argparse
+import os
+import socket
+import sys
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+class _Runs:
+    """The dataset interface the view model reads (train/test rows, conditions, fields), with random fields."""
+
+    def __init__(self, n_train, n_test, cond_dim, shape, seed=0):
+        rng = np.random.default_rng(seed)
+        self.train_idx = np.arange(n_train)
+        self.test_idx = np.arange(n_train, n_train + n_test)
+        self._c = rng.uniform(0, 1, (n_train + n_test, cond_dim)).astype(np.float32)
+        base = rng.uniform(0, 1, shape).astype(np.float32)
+        self._f = [np.clip(base + 0.05 * rng.standard_normal(shape, dtype=np.float32), 0, 1)
+                   for _ in range(n_train + n_test)]
+
+    def conds(self, rows):
+        return torch.from_numpy(self._c[np.asarray(rows)])
+
+    def full_field(self, row):
+        return torch.from_numpy(self._f[int(row)])
+
+
+def build(args):
+    import models  # noqa: F401
+    from tasks.ensemble.explorer import ExplorerModel
+    from tasks.ensemble.surrogate import Surrogate
+    from util.build import build_model
+    from util.config import load_config
+
+    torch.manual_seed(0)
+    exp = load_config(args.config, 0)
+    model = build_model(exp, inputs={"cond_dim": args.cond_dim, "spatial_dims": 3})
+    with torch.no_grad():   # random weights of a trained magnitude (not the zero-ish init)
+        g = torch.Generator().manual_seed(1)
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    shape = [args.res] * 3
+    meta = {"cond_dim": args.cond_dim, "spatial_shape": shape, "spatial_dims": 3, "has_grid": True,
+            "value_min": 0.0, "value_max": 1.0, "log_transform": False,
+            "param_names": [f"p{i}" for i in range(args.cond_dim)], "param_min": [0.0] * args.cond_dim,
+            "param_max": [1.0] * args.cond_dim}
+    t = time.perf_counter()
+    s = Surrogate(model, meta, args.device or "cpu")
+    bake = time.perf_counter() - t
+    return ExplorerModel(s, _Runs(args.n_train, 10, args.cond_dim, tuple(shape))), bake
+
+
+def pct(xs):
+    a = np.asarray(xs) * 1e3
+    return f"p50 {np.percentile(a, 50):7.1f} ms   p95 {np.percentile(a, 95):7.1f} ms   (n={len(a)})"
+
+
+def server_side(vm, n, rng):
+    out = {"slices": [], "coarse volume": [], "full volume": []}
+    q0 = vm.parse(rng.uniform(0, 1, vm.d_c))
+    vm.slices(q0), vm.volume(q0, coarse=True), vm.volume(q0)     # warm-up
+    for _ in range(n):
+        q = vm.parse(rng.uniform(0, 1, vm.d_c))
+        t0 = time.perf_counter()
+        vm.slices(q)
+        t1 = time.perf_counter()
+        vm.volume(q, coarse=True)
+        t2 = time.perf_counter()
+        vm.volume(q)
+        t3 = time.perf_counter()
+        out["slices"].append(t1 - t0)
+        out["coarse volume"].append(t2 - t1)
+        out["full volume"].append(t3 - t2)
+    return out
+
+
+def end_to_end(vm, n, rng):
+    from playwright.sync_api import sync_playwright
+
+    from tasks.ensemble.explorer import app
+
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    server = app.serve(vm, port=port, threaded=True)
+    out = {"slices in the browser": [], "full volume sent": []}
+    try:
+        with sync_playwright() as p:
+            b = p.chromium.launch(executable_path="/usr/bin/chromium",
+                                  args=["--no-sandbox", "--use-gl=swiftshader", "--enable-unsafe-swiftshader"])
+            page = b.new_page(viewport={"width": 1400, "height": 1200})
+            for _ in range(50):
+                try:
+                    page.goto(f"http://127.0.0.1:{port}/")
+                    break
+                except Exception:
+                    time.sleep(0.2)
+            page.get_by_text("update 1", exact=True).wait_for(timeout=60000)
+            srv = app.PAGES[-1]
+            box = page.get_by_placeholder(srv.text_box.placeholder, exact=True)
+            get = "Bokeh.documents[0].get_model_by_name('src_model_0').data.image[0]"
+            for i in range(n + 1):
+                srv.worker.wait_idle(30)
+                page.evaluate(f"() => {{ window.__prev = Array.from({get}.slice(0, 256)); }}")
+                vols = srv.volume_updates
+                vals = ", ".join(f"{v:.6f}" for v in rng.uniform(0, 1, vm.d_c))
+                box.fill(vals)
+                t0 = time.perf_counter()
+                box.press("Enter")
+                page.wait_for_function(f"() => {{ const a = {get}; "
+                                       "return window.__prev.some((v, i) => v !== a[i]); }", polling=5, timeout=30000)
+                t1 = time.perf_counter()
+                while srv.volume_updates == vols and time.perf_counter() - t0 < 30:
+                    time.sleep(0.002)
+                t2 = time.perf_counter()
+                if i:   # the first is a warm-up
+                    out["slices in the browser"].append(t1 - t0)
+                    out["full volume sent"].append(t2 - t0)
+            b.close()
+    finally:
+        server.stop()
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/clover_600/drrnet.yaml")
+    p.add_argument("--cond_dim", type=int, default=6, help="Cloverleaf: 6 parameters")
+    p.add_argument("--res", type=int, default=64, help="field resolution per axis")
+    p.add_argument("--n_train", type=int, default=40, help="training runs (random fields) for nearest / IDW")
+    p.add_argument("--n", type=int, default=50, help="updates timed")
+    p.add_argument("--browser", action="store_true", help="also end to end in headless Chromium")
+    p.add_argument("--device", default=None)
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    vm, bake = build(args)
+    rng = np.random.default_rng(0)
+    print(f"explorer latency: {args.config} (random weights), {args.res}^3 field, d_c {args.cond_dim}, "
+          f"device {vm.s.device}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; bake {bake:.2f} s")
+    for k, v in server_side(vm, args.n, rng).items():
+        print(f"  server  {k:24s} {pct(v)}")
+    if args.browser:
+        for k, v in end_to_end(vm, args.n, rng).items():
+            print(f"  browser {k:24s} {pct(v)}")
+
+
+if __name__ == "__main__":
+    main()

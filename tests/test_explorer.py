@@ -1,0 +1,263 @@
+"""The browser explorer (issue 22): the view model against Surrogate.predict / predict.py and references computed
+here independently (nearest run, IDW-8, distance, box flag), bad input, refusals, update coalescing; and a real
+headless Chromium that opens the page, moves a slider and reads the served slice back."""
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+import tasks  # noqa: F401  (registers every task)
+from util.config import load_config
+from util.training import train
+
+SHAPE = (6, 7, 8)
+NAMES = ["radius", "speed", "gamma"]
+TRAIN_ROWS = list(range(10))
+TEST_ROWS = [10, 11]
+TINY_DRR = dict(type="drrnet", spatial_resolutions=[4, 6], spatial_channels=2, pe_frequencies=2,
+                spatial_refiner_layers=1, spatial_hidden_mult=2.0, cond_resolutions=[2, 4], cond_channels=2,
+                cond_refiner_layers=1, cond_hidden_mult=2.0, hidden_dim=16, decoder_layers=2)
+
+
+def _field(p):
+    z, y, x = np.meshgrid(*[np.linspace(0, 1, n) for n in SHAPE], indexing="ij")
+    return (3.0 + np.sin(4 * x * (0.5 + p[0]) + 3 * y * p[1] / 10 + z * p[2])).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained 3D ensemble run (seconds) with parameter names and ranges; test row 11 lies outside the
+    training runs' box in 'speed'."""
+    root = tmp_path_factory.mktemp("explore")
+    rng = np.random.default_rng(3)
+    params = np.column_stack([rng.uniform(0.2, 0.8, 12), rng.uniform(2.0, 8.0, 12), rng.uniform(1.0, 2.0, 12)])
+    params[11, 1] = 9.5   # a test run beyond every training run's speed
+    data = root / "data"
+    data.mkdir()
+    for i, p in enumerate(params):
+        np.save(data / f"m{i:02d}.npy", _field(p))
+    lo, hi = params.min(0), params.max(0)   # cond.npy: normalized; cond_meta.json: the units
+    np.save(root / "cond.npy", np.concatenate([np.arange(12)[:, None], (params - lo) / (hi - lo)], axis=1))
+    np.save(root / "split.npy", {"cond_idx": np.array(TRAIN_ROWS), "cond_idx_unseen": np.array(TEST_ROWS)},
+            allow_pickle=True)
+    (root / "cond_meta.json").write_text(json.dumps({"names": NAMES, "min": lo.tolist(),
+                                                     "max": hi.tolist()}))
+    exp = dict(name="tiny", model=TINY_DRR,
+               dataset=dict(type="ensemble", data_dir=str(data), cond_path=str(root / "cond.npy"),
+                            cond_split_path=str(root / "split.npy"), cond_batch=2, spatial_log2batch=5),
+               optim=dict(type="adam", lr=1e-2), scheduler=dict(type="constant"),
+               train=dict(max_steps=8, log_dir=str(root / "runs"), log_every=4, collapse_check_steps=0))
+    cfg = root / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump([exp]))
+    run_dir = train(load_config(str(cfg)), progress=False)
+    return dict(dir=str(run_dir), params=params, fields=[np.load(data / f"m{i:02d}.npy") for i in range(12)])
+
+
+@pytest.fixture(scope="module")
+def vm(run):
+    from tasks.ensemble.explorer import ExplorerModel
+
+    return ExplorerModel.open(run["dir"], device="cpu")
+
+
+def _normalized(run, raw):
+    lo, hi = run["params"].min(0), run["params"].max(0)
+    return (np.asarray(raw, dtype=np.float64) - lo) / (hi - lo)
+
+
+def test_view_matches_surrogate_and_independent_references(run, vm):
+    from tasks.ensemble.surrogate import Surrogate
+
+    raw = [0.45, 5.0, 1.4]   # no stored run
+    q = vm.parse(raw)
+    view = vm.slices(q, positions=[1, 5, 2])
+    full = Surrogate.load(run["dir"], device="cpu").predict(dict(zip(NAMES, raw)))
+    planes = [full[1], full[:, 5], full[:, :, 2]]
+    for a in range(3):
+        np.testing.assert_allclose(view.fields["model"][a], planes[a], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(vm.volume(q), full, rtol=1e-5, atol=1e-5)
+    assert vm.volume(q, coarse=True).shape == (3, 4, 4)
+
+    # nearest training run and IDW-8 (power 2), by hand in normalized parameter space
+    c = _normalized(run, raw)
+    tr_c = _normalized(run, run["params"][TRAIN_ROWS])
+    d = np.sqrt(((tr_c - c) ** 2).sum(1))
+    near = TRAIN_ROWS[int(np.argmin(d))]
+    order = np.argsort(d, kind="stable")[:8]
+    w = 1 / d[order] ** 2
+    idw = sum(wi * run["fields"][TRAIN_ROWS[i]] for wi, i in zip(w / w.sum(), order))
+    for a, cut in enumerate([lambda f: f[1], lambda f: f[:, 5], lambda f: f[:, :, 2]]):
+        np.testing.assert_allclose(view.fields["nearest"][a], cut(run["fields"][near]), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(view.fields["idw"][a], cut(idw), rtol=1e-4, atol=1e-4)
+    t = view.trust
+    assert t.nearest_row == near and t.distance == pytest.approx(d.min(), rel=1e-6)
+    assert t.max_model_idw == pytest.approx(max(np.abs(view.fields["model"][a] - cut(idw)).max() for a, cut in
+                                                enumerate([lambda f: f[1], lambda f: f[:, 5],
+                                                           lambda f: f[:, :, 2]])), abs=1e-4)
+    assert not t.outside_box and view.at_row is None and "truth" not in view.fields
+
+
+def test_stored_run_shows_truth_error_and_box_flag(run, vm):
+    q = vm.parse(run["params"][11])   # a test run outside the training box in 'speed'
+    view = vm.slices(q)
+    assert view.at_row == 11
+    assert view.trust.outside_box and view.trust.outside == ["speed"]
+    z = SHAPE[0] // 2
+    np.testing.assert_allclose(view.fields["truth"][0], run["fields"][11][z], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(view.fields["error"][0], view.fields["model"][0] - run["fields"][11][z], atol=1e-5)
+    q = vm.parse(run["params"][4])    # a training run: distance 0, nearest and IDW are that run
+    view = vm.slices(q)
+    assert view.at_row == 4 and view.trust.nearest_row == 4 and view.trust.distance == 0
+    np.testing.assert_allclose(view.fields["idw"][0], run["fields"][4][z], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("values, words", [
+    (["abc", 5, 1.5], "'abc' is not a number"), ([float("nan"), 5, 1.5], "not a finite number"),
+    ([0.5, 1e6, 1.5], "speed = 1e+06 is outside"), ([0.5], "expected 3 parameter values"),
+    (["", 5, 1.5], "is not a number"), ([None, 5, 1.5], "is not a number")])
+def test_bad_input_is_a_message(vm, values, words):
+    from tasks.ensemble.explorer import InputError
+
+    with pytest.raises(InputError, match=words.replace("+", r"\+").replace("(", r"\(")):
+        vm.parse(values)
+    with pytest.raises(InputError, match="outside"):
+        vm.slices(vm.parse([0.5, 5, 1.5]), positions=[0, 0, 99])
+
+
+def test_downloads_are_readable(vm, tmp_path):
+    import io
+
+    f = vm.volume(vm.parse([0.5, 5, 1.5]))
+    assert np.array_equal(np.load(io.BytesIO(vm.npy_bytes(f))), f)
+    vti = vm.vti_bytes(f)
+    assert vti.startswith(b"<?xml") or b"<VTKFile" in vti[:200]
+
+
+def test_refusals_are_one_line(run, tmp_path, capsys):
+    import explore
+
+    other = tmp_path / "img"
+    other.mkdir()
+    (other / "meta.json").write_text(json.dumps({"task": "image"}))
+    no_w = tmp_path / "now"
+    no_w.mkdir()
+    shutil.copy(os.path.join(run["dir"], "meta.json"), no_w / "meta.json")
+    for path, words in [(other, "is a 'image' run"), (no_w, "has no weights"), (tmp_path / "nope", "no meta.json")]:
+        with pytest.raises(SystemExit) as e:
+            explore.main(["--run", str(path)])
+        msg = str(e.value.code)
+        assert msg.startswith("error:") and words in msg and "\n" not in msg
+
+
+def test_coalescer_drops_stale_requests():
+    from tasks.ensemble.explorer import Coalescer
+
+    gate, seen = threading.Event(), []
+
+    def handle(req, superseded):
+        if req == 0:
+            gate.wait(5)
+            seen.append(("superseded", superseded()))
+        seen.append(req)
+
+    c = Coalescer(handle)
+    try:
+        c.submit(0)
+        time.sleep(0.05)
+        for i in range(1, 6):   # fast dragging while request 0 runs
+            c.submit(i)
+        gate.set()
+        assert c.wait_idle(5)
+        assert seen == [("superseded", True), 0, 5] and c.handled == [0, 5]
+    finally:
+        c.close()
+
+
+# ------------------------------------------------------------------------------------------- headless browser
+CHROMIUM = "/usr/bin/chromium"
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def browser():
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"{CHROMIUM} is missing in CI (.ci/run installs Debian's chromium)")
+        pytest.skip(f"no {CHROMIUM} (apt-get install -y chromium)")
+    sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--use-gl=swiftshader",
+                                                               "--enable-unsafe-swiftshader"])
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+def _served_plane(page, name):
+    return np.asarray(page.evaluate(
+        f"() => Array.from(Bokeh.documents[0].get_model_by_name('{name}').data.image[0])"), dtype=np.float32)
+
+
+def test_browser_moves_a_slider_and_sees_predict_py_output(run, vm, browser, tmp_path):
+    import predict
+    from tasks.ensemble.explorer import app
+
+    port = _free_port()
+    server = app.serve(vm, port=port, threaded=True)
+    try:
+        page = browser.new_page(viewport={"width": 1400, "height": 1200})
+        outside = []
+        page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(
+            (f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", "data:", "blob:")) else None)
+        for _ in range(50):   # the threaded server starts in the background
+            try:
+                page.goto(f"http://127.0.0.1:{port}/")
+                break
+            except Exception:
+                time.sleep(0.2)
+        page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && "
+                               "Bokeh.documents[0].get_model_by_name('src_model_0') !== null", timeout=30000)
+        page.get_by_text("update 1", exact=True).wait_for(timeout=30000)
+        srv = app.PAGES[-1]
+        before = _served_plane(page, "src_model_0")
+        box = page.locator(".noUi-handle").first.bounding_box()   # drag the first parameter's slider right
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        page.mouse.down()
+        for dx in range(10, 90, 10):
+            page.mouse.move(box["x"] + box["width"] / 2 + dx, box["y"] + box["height"] / 2)
+        page.mouse.up()
+        deadline = time.time() + 30
+        while np.array_equal(_served_plane(page, "src_model_0"), before) and time.time() < deadline:
+            page.wait_for_timeout(100)
+        srv.worker.wait_idle(30)
+        page.wait_for_timeout(300)
+        after = _served_plane(page, "src_model_0")
+        raw = srv.view.query.raw
+        assert raw[0] > float(np.mean(vm.lo[0] + vm.hi[0]) / 2)   # the slider moved right
+        assert not np.allclose(after, before)
+        out = tmp_path / "f.npy"
+        predict.main(["--run", run["dir"], "--values", *[repr(float(v)) for v in raw], "--out", str(out)])
+        expect = np.load(out)[SHAPE[0] // 2]
+        np.testing.assert_allclose(after.reshape(expect.shape), expect, rtol=1e-5, atol=1e-5)
+        # a stored run typed into the text box: truth and error rows appear
+        page.get_by_placeholder(srv.text_box.placeholder, exact=True).fill(", ".join(repr(float(v)) for v in run["params"][11]))
+        page.keyboard.press("Enter")
+        page.get_by_text("This is stored run 11").wait_for(timeout=30000)
+        assert srv.view.at_row == 11 and srv.slice_rows["error"].visible
+        page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
+        assert os.path.getsize(tmp_path / "explorer.png") > 10000
+        assert outside == [], f"the page fetched from outside the server: {outside[:3]}"
+    finally:
+        server.stop()
