@@ -169,15 +169,18 @@ def main(argv=None):
 @torch.no_grad()
 def grid_breakdown(model, shape, c, chunk_size, dtype=None) -> dict:
     """``DRRNet.predict_grid``'s baked loop (models/drrnet.py) with a clock around each pass: seconds of
-    ``stencil`` (GridQuery.stencil: corner rows and weights of each chunk), ``gather`` (the interpolation of
-    the folded table: gather_interp, or the table slice on the identity lattice, plus the condition bias),
-    ``matmul`` (the decoder's addmm, bias included), ``activation`` (ReLU passes, the output activation and the
+    ``stencil`` (0: the corners are computed inside the gather pass), ``gather`` (GridQuery.gather_bias_relu:
+    the interpolation of the folded table, or its rows on the identity lattice, plus the condition bias and
+    the first ReLU; compiled in one pass on CPU fp32, else stencil tensors + gather_interp + add + relu),
+    ``matmul`` (the decoder's addmm, bias included; on CPU fp32 the hidden layers' oneDNN linear with its ReLU
+    fused, so their ReLU counts here), ``activation`` (ReLU passes, the output activation and the
     copy into the result), and ``out`` (the field, to check against predict_grid). Timers add a little
     overhead per chunk; the sum is close to the path's time."""
     import time
 
     from models.components.mlp import output_activation
-    from models.fast_ops import GridQuery, gather_interp
+    from models.drrnet import _linear_relu_onednn, _onednn_linear_relu_ok, _output_activation_
+    from models.fast_ops import GridQuery
 
     if not model.is_baked:
         model.bake()
@@ -200,39 +203,40 @@ def grid_breakdown(model, shape, c, chunk_size, dtype=None) -> dict:
     w_t = [wb[2 * i].t() for i in range(len(lins))]
     t = dict(stencil=0.0, gather=0.0, matmul=0.0, activation=0.0)
     clock = time.perf_counter
+    cb = cb.contiguous()
+    last = len(lins) - 1
+    direct = table.dtype == torch.float32 and w_t[last].shape[1] == 1
+    fused_relu = direct and dev.type == "cpu" and _onednn_linear_relu_ok()
     for s, e in q.chunks(chunk_size):
         m = e - s
-        h = bufs[0][:m]
         t0 = clock()
-        if q.identity:
-            t1 = clock()
-            torch.add(table[s:e], cb, out=h)
-        else:
-            idx, w = q.stencil(s, e)
-            t1 = clock()
-            h.copy_(gather_interp(table, idx, w)).add_(cb)
-        t2 = clock()
-        h.relu_()
-        t3 = clock()
-        t["stencil"] += t1 - t0
-        t["gather"] += t2 - t1
-        t["activation"] += t3 - t2
+        h = q.gather_bias_relu(table, s, e, cb, bufs[0][:m])      # stencil, gather, + cb and ReLU in one
+        t["gather"] += clock() - t0                               # pass (compiled: no stencil tensors)
         for i in range(len(lins)):
             t0 = clock()
-            if i < len(lins) - 1 and w_t[i].shape[1] == H:
+            if i < last and fused_relu:                           # oneDNN linear with the ReLU fused
+                h = _linear_relu_onednn(h, wb[2 * i], wb[2 * i + 1])
+                t1 = clock()
+            elif i < last and w_t[i].shape[1] == H:
                 nxt = bufs[(i + 1) % 2][:m]
                 torch.addmm(wb[2 * i + 1], h, w_t[i], out=nxt)
                 t1 = clock()
                 h = nxt.relu_()
+            elif i == last and direct:
+                h = torch.addmm(wb[2 * i + 1], h, w_t[i], out=res[s:e].view(m, 1))
+                t1 = clock()
             else:
                 h = torch.addmm(wb[2 * i + 1], h, w_t[i])
                 t1 = clock()
-                if i < len(lins) - 1:
+                if i < last:
                     h = h.relu_()
             t["matmul"] += t1 - t0
             t["activation"] += clock() - t1
         t0 = clock()
-        res[s:e] = output_activation(h[:, 0].float(), model.out_activation)
+        if direct:
+            _output_activation_(res[s:e], model.out_activation)
+        else:
+            res[s:e] = output_activation(h[:, 0].float(), model.out_activation)
         t["activation"] += clock() - t0
     t["out"] = res.reshape(shape)
     return t

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -67,6 +68,7 @@ _SIGNATURES = {
     "has_vector_math": [],
     "f32_to_bf16": [_I64, _PTR, _PTR],
     "bf16_to_f32": [_I64, _PTR, _PTR],
+    "grid_gather_bias_relu": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR],
 }
 _RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int}
 
@@ -317,6 +319,28 @@ def corner_stencil(x: Tensor, shape) -> tuple:
     idx, w = torch.empty(M, K, dtype=torch.int64), torch.empty(M, K, dtype=x.dtype)
     library().corner_stencil(M, d, sh.data_ptr(), x.data_ptr(), idx.data_ptr(), w.data_ptr())
     return idx, w
+
+
+def grid_gather_bias_relu(q, start: int, stop: int, table: Tensor, bias: Tensor, out: Tensor) -> Tensor:
+    """relu(gather_corners(table, *q.stencil(start, stop)) + bias) into ``out`` (stop - start, C) without the
+    stencil tensors: q a models.fast_ops.GridQuery (its per-axis tables), table (P, C), bias (C,)."""
+    _check("grid_gather_bias_relu", table, bias, out, *q.axis_w)
+    M, C = stop - start, table.shape[1]
+    d = len(q.query_shape)
+    if not (0 <= start <= stop <= q.num_points) or out.shape != (M, C) or bias.shape != (C,) \
+            or q.corners > 256 or table.shape[0] != math.prod(q.lattice_shape):
+        raise ValueError(f"cpu_kernels.grid_gather_bias_relu: rows {start}..{stop} of {q.num_points}, out "
+                         f"{tuple(out.shape)}, bias {tuple(bias.shape)}, table {tuple(table.shape)}")
+    for t in q.axis_idx:
+        if t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError("cpu_kernels.grid_gather_bias_relu: per-axis rows must be contiguous int64 on the CPU")
+    ka = torch.tensor([t.shape[1] for t in q.axis_idx], dtype=torch.int64)
+    qs = torch.tensor(q.q_strides, dtype=torch.int64)
+    pi = (ctypes.c_void_p * d)(*[t.data_ptr() for t in q.axis_idx])
+    pw = (ctypes.c_void_p * d)(*[t.data_ptr() for t in q.axis_w])
+    library().grid_gather_bias_relu(start, M, d, qs.data_ptr(), ka.data_ptr(), ctypes.addressof(pi),
+                                    ctypes.addressof(pw), C, table.data_ptr(), bias.data_ptr(), out.data_ptr())
+    return out
 
 
 def mark_touched(idx: Tensor, w: Tensor, P: int):

@@ -45,7 +45,7 @@ from util.config import NON_NEGATIVE, POSITIVE, VERTICES, above, in_range, one_o
 from models.components.mlp import (AUTO_OUTPUT_MEAN, OUT_ACTIVATIONS, MLPDecoder, check_init_output_mean,
                                    init_output_bias, output_activation)
 from models.components.refiners import GLURefiner
-from models.fast_ops import GridQuery, fused_head, gather_interp
+from models.fast_ops import GridQuery, fused_head
 from util.registry import ConfigError, register
 from util.sampling import axis_coords, sample_grid
 
@@ -414,7 +414,10 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             chunk_size: points per chunk.
             fast: True: on a baked model with ``use_pi``, per chunk: rows of the folded lattice (a slice when
                 ``shape`` is the SSR shape, a row gather when every query vertex is a lattice vertex, else
-                the gather interpolation) + the member's condition bias, ReLU and the decoder (addmm). Other
+                the gather interpolation) + the member's condition bias, ReLU (on CPU fp32 one compiled pass,
+                ``GridQuery.gather_bias_relu``) and the decoder (addmm; on CPU fp32 the hidden layers as
+                oneDNN linear + fused ReLU where it exists, ``DRR_ONEDNN_LINEAR=off`` switches it off; the
+                last layer writes into the result). Other
                 models fall back to ``forward`` on chunked coordinates. False: the plain path
                 (grid_sample + per-point fusion) on chunked coordinates.
             dtype: compute dtype of the fast path (torch.bfloat16 / torch.float16; None = float32); the
@@ -453,25 +456,30 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         H = table.shape[1]
         bufs = [torch.empty(n, H, device=dev, dtype=table.dtype) for _ in range(2)]  # reused: no per-chunk
         w_t = [wb[2 * i].t() for i in range(len(lins))]                               # allocation
+        cb = cb.contiguous()
+        last = len(lins) - 1
+        direct = table.dtype == torch.float32 and w_t[last].shape[1] == 1          # last layer into res
+        fused_relu = direct and dev.type == "cpu" and _onednn_linear_relu_ok()      # hidden: linear + ReLU
         for s, e in q.chunks(chunk_size):
             m = e - s
-            h = bufs[0][:m]
-            if q.identity:
-                torch.add(table[s:e], cb, out=h)
-            else:
-                idx, w = q.stencil(s, e)
-                h.copy_(gather_interp(table, idx, w)).add_(cb)
-            h.relu_()
+            h = q.gather_bias_relu(table, s, e, cb, bufs[0][:m])                       # relu(rows + cb)
             for i in range(len(lins)):
-                if i < len(lins) - 1 and w_t[i].shape[1] == H:
+                if i < last and fused_relu:
+                    h = _linear_relu_onednn(h, wb[2 * i], wb[2 * i + 1])
+                elif i < last and w_t[i].shape[1] == H:
                     nxt = bufs[(i + 1) % 2][:m]
                     torch.addmm(wb[2 * i + 1], h, w_t[i], out=nxt)
                     h = nxt.relu_()
+                elif i == last and direct:
+                    h = torch.addmm(wb[2 * i + 1], h, w_t[i], out=res[s:e].view(m, 1))
                 else:
                     h = torch.addmm(wb[2 * i + 1], h, w_t[i])
-                    if i < len(lins) - 1:
+                    if i < last:
                         h = h.relu_()
-            res[s:e] = output_activation(h[:, 0].float(), self.out_activation)
+            if direct:
+                _output_activation_(res[s:e], self.out_activation)
+            else:
+                res[s:e] = output_activation(h[:, 0].float(), self.out_activation)
         return res.reshape(shape)
 
     @staticmethod
@@ -595,6 +603,43 @@ PAPER_CONFIGS: Dict[str, Dict[str, object]] = {
 # widths D_sp = L*d_fs*2K and D_c = d_c*L_c*d_fc, hidden = floor(D * hidden_mult)):
 # nyx 8,887,721 (-0.14%); mpas 4,642,945 (+0.93%); clover 854,345 (-5.07%: 0.854M printed as "0.9M").
 PAPER_PARAM_COUNTS: Dict[str, float] = {"nyx": 8.9e6, "mpas": 4.6e6, "clover": 0.9e6}
+
+
+_ONEDNN = {"ok": None}
+
+
+def _linear_relu_onednn(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``relu(h @ weight^T + bias)`` as one oneDNN primitive with the ReLU as its post-op (CPU float32; the
+    operator PyTorch's own compiler uses), which saves the separate ReLU pass over the (rows, out) result."""
+    return torch.ops.mkldnn._linear_pointwise(h, weight, bias, "relu", [], "")
+
+
+def _onednn_linear_relu_ok() -> bool:
+    """Whether :func:`_linear_relu_onednn` exists here and gives the same bits as addmm + relu on a probe
+    (checked once; the env var DRR_ONEDNN_LINEAR=off switches it off)."""
+    import os
+    if os.environ.get("DRR_ONEDNN_LINEAR", "auto").strip().lower() in ("0", "off", "never", "false", "no"):
+        return False
+    if _ONEDNN["ok"] is None:
+        try:
+            g = torch.Generator().manual_seed(0)
+            h, w, b = (torch.randn(s, generator=g) for s in ((67, 40), (24, 40), (24,)))
+            _ONEDNN["ok"] = bool(torch.backends.mkldnn.is_available()) and torch.equal(
+                _linear_relu_onednn(h, w, b), torch.addmm(b, h, w.t()).relu_())
+        except Exception:  # noqa: BLE001 - missing operator / build without oneDNN: the addmm path
+            _ONEDNN["ok"] = False
+    return _ONEDNN["ok"]
+
+
+def _output_activation_(a: Tensor, name: str) -> Tensor:
+    """``output_activation`` in place (the same kernels, so the same values)."""
+    if name == "sigmoid":
+        return torch.sigmoid(a, out=a)
+    if name == "clamp":
+        return a.clamp_(0.0, 1.0)
+    if name != "none":
+        raise ValueError(f"unknown output activation {name!r}")
+    return a
 
 
 def build_paper_model(name: str, **overrides) -> DRRNet:

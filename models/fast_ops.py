@@ -272,6 +272,26 @@ class GridQuery:
             ws.append(self.axis_w[k][j])
         return _combine(idxs, ws)
 
+    def gather_bias_relu(self, table: Tensor, start: int, stop: int, bias: Tensor, out: Tensor) -> Tensor:
+        """``relu(gather_interp(table, *stencil(start, stop)) + bias)`` into ``out`` (stop - start, C).
+
+        The first pass of baked inference (``DRRNet.predict_grid``): table (P, C) on the model lattice, bias
+        (C,). On CPU in float32 one compiled pass (``cpu_kernels.grid_gather_bias_relu``: each vertex's
+        corners from the per-axis tables, never materialized; on the identity lattice ``bias_relu`` of the
+        table's rows), with the same operations in the same order as the PyTorch composition, so the same
+        values bit for bit; else that composition.
+        """
+        if _prims(table) is cpu_kernels and bias.dtype == torch.float32 and bias.is_contiguous():
+            if self.identity:
+                return cpu_kernels.bias_relu(table[start:stop], bias.view(1, -1), out=out)
+            if self.corners <= 256 and all(w.dtype == torch.float32 for w in self.axis_w):
+                return cpu_kernels.grid_gather_bias_relu(self, start, stop, table, bias, out)
+        if self.identity:
+            torch.add(table[start:stop], bias, out=out)
+        else:
+            out.copy_(gather_interp(table, *self.stencil(start, stop))).add_(bias)
+        return out.relu_()
+
     def chunks(self, chunk_size: int):
         """Yield (start, stop) ranges covering the query lattice."""
         for s in range(0, self.num_points, int(chunk_size)):

@@ -154,6 +154,69 @@ def test_predict_grid_equals_plain(spatial_dims):
         assert lp.dtype == torch.float32 and rel(lp, want) < 5e-2
 
 
+def _predict_grid_reference(m, shape, c, chunk_size):
+    """The baked fp32 loop of DRRNet.predict_grid as it was before the fused first pass: stencil tensors per
+    chunk, gather_interp, add the condition bias, ReLU, decoder (addmm), output activation."""
+    import math
+    from models.components.mlp import output_activation
+    table, lins = m._baked_fused, m.decoder.linears
+    cb = m.cond_bias(c.reshape(1, -1))[0]
+    q = GridQuery(shape, m.ssr_shape)
+    res = torch.empty(math.prod(shape))
+    for s, e in q.chunks(chunk_size):
+        if q.identity:
+            h = torch.add(table[s:e], cb)
+        else:
+            h = gather_interp(table, *q.stencil(s, e)).add_(cb)
+        h.relu_()
+        for i, lin in enumerate(lins):
+            h = torch.addmm(lin.bias, h, lin.weight.t())
+            if i < len(lins) - 1:
+                h.relu_()
+        res[s:e] = output_activation(h[:, 0], m.out_activation)
+    return res.reshape(shape)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("activation", ["sigmoid", "clamp", "none"])
+@pytest.mark.parametrize("onednn", ["off", "auto"])
+def test_predict_grid_bitwise_equals_unfused_loop(spatial_dims, activation, onednn, monkeypatch):
+    """The fused first pass (GridQuery.gather_bias_relu: compiled stencil + gather + bias + ReLU) and the last
+    layer written into the result give the same bits as the unfused loop, on the identity, subsampling,
+    upsampling and odd lattices, for several chunk sizes. With the oneDNN linear + ReLU of the hidden layers
+    (DRR_ONEDNN_LINEAR auto, the default) the products may round differently (its kernels depend on the row
+    count): equal within the fast paths' tolerance."""
+    monkeypatch.setenv("DRR_ONEDNN_LINEAR", onednn)
+    m = small(spatial_dims, out_activation=activation)
+    m.bake()
+    c = torch.rand(m.cond_dim)
+    shapes = [m.ssr_shape, tuple(2 * n - 1 for n in m.ssr_shape), (3, 8, 5)[-spatial_dims:],
+              tuple((n + 1) // 2 for n in m.ssr_shape), (11, 4, 9)[-spatial_dims:]]
+    with torch.no_grad():
+        for shape in shapes:
+            for chunk in (1, 37, 1 << 13):
+                got = m.predict_grid(shape, c, chunk_size=chunk)
+                want = _predict_grid_reference(m, shape, c, chunk)
+                if onednn == "off":
+                    assert torch.equal(got, want), (shape, chunk, (got - want).abs().max())
+                else:
+                    close(got, want)
+
+
+@pytest.mark.parametrize("q,lat", [((5, 7, 6), (5, 7, 6)), ((3, 4, 6), (5, 7, 6)), ((9, 13, 11), (5, 7, 6)),
+                                   ((5, 7, 6), (9, 13, 11)), ((4, 7), (6, 5)), ((6,), (4,))])
+def test_grid_query_gather_bias_relu_equals_composition(q, lat):
+    gq = GridQuery(q, lat)
+    g = torch.Generator().manual_seed(3)
+    table = torch.randn(int(torch.tensor(lat).prod()), 19, generator=g)
+    bias = torch.randn(19, generator=g)
+    for s, e in [(0, gq.num_points), (1, min(gq.num_points, 29)), (gq.num_points - 3, gq.num_points)]:
+        out = torch.full((e - s, 19), float("nan"))
+        got = gq.gather_bias_relu(table, s, e, bias, out)
+        want = torch.relu(gather_interp(table, *gq.stencil(s, e)) + bias)
+        assert got.data_ptr() == out.data_ptr() and torch.equal(got, want)
+
+
 def test_predict_grid_unbaked_falls_back():
     m = small(3)
     m.eval()

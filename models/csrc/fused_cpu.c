@@ -357,3 +357,56 @@ void bf16_to_f32(int64_t n, const uint16_t *src, float *dst) {
     #pragma omp parallel for simd schedule(static)
     for (int64_t i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
 }
+
+/* Baked inference on a query lattice (models/fast_ops.GridQuery.gather_bias_relu, DRRNet.predict_grid):
+ * for the query vertices start .. start+M-1 (C-order flat indices of a query lattice with strides
+ * qstrides[0..d-1]), out[m, :] = relu(sum_k w_k * table[r_k, :] + bias) where the corners (r_k, w_k) come
+ * from per-axis tables: axis a contributes ka[a] (1 or 2) flat-row offsets axis_idx[a][j * ka[a] + b] and
+ * weights axis_w[a][j * ka[a] + b] at its query index j. Corners are enumerated with the first axis slowest,
+ * rows add up and weights multiply in axis order, corners are added in order k = 0..K-1, then the bias, then
+ * the ReLU: the same operations in the same order as GridQuery.stencil + gather_corners + add + relu (so the
+ * same bits), without materializing the stencil. table (P, C); bias (C); out (M, C). At most 2^8 corners. */
+void grid_gather_bias_relu(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const int64_t *ka,
+                           const int64_t *const *axis_idx, const float *const *axis_w, int64_t C,
+                           const float *table, const float *bias, float *out) {
+    #pragma omp parallel
+    {
+        int64_t cr[256];
+        float cw[256];
+        #pragma omp for schedule(static)
+        for (int64_t m = 0; m < M; m++) {
+            int64_t rem = start + m, n = 1;
+            cr[0] = 0;
+            cw[0] = 1.0f;                                       /* 1 * w exactly w: the first axis' weight */
+            for (int64_t a = 0; a < d; a++) {
+                const int64_t j = rem / qstrides[a], k = ka[a];
+                rem -= j * qstrides[a];
+                const int64_t *ia = axis_idx[a] + j * k;
+                const float *wa = axis_w[a] + j * k;
+                for (int64_t p = n - 1; p >= 0; p--) {          /* expand in place, back to front */
+                    const int64_t r0 = cr[p];
+                    const float w0 = cw[p];
+                    for (int64_t b = k - 1; b >= 0; b--) {
+                        cr[p * k + b] = r0 + ia[b];
+                        cw[p * k + b] = a == 0 ? wa[b] : w0 * wa[b];
+                    }
+                }
+                n *= k;
+            }
+            float *o = out + m * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
+            for (int64_t q = 0; q < n; q++) {
+                const float wq = cw[q];
+                const float *t = table + cr[q] * C;
+                #pragma omp simd
+                for (int64_t c = 0; c < C; c++) o[c] += wq * t[c];
+            }
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                const float v = o[c] + bias[c];
+                o[c] = v > 0.0f ? v : 0.0f;
+            }
+        }
+    }
+}
