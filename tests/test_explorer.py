@@ -241,7 +241,7 @@ def test_browser_moves_a_slider_and_sees_predict_py_output(run, vm, browser, tmp
         deadline = time.time() + 30
         while np.array_equal(_served_plane(page, "src_model_0"), before) and time.time() < deadline:
             page.wait_for_timeout(100)
-        srv.worker.wait_idle(30)
+        srv.wait_idle(30)
         page.wait_for_timeout(300)
         after = _served_plane(page, "src_model_0")
         raw = srv.view.query.raw
@@ -256,8 +256,62 @@ def test_browser_moves_a_slider_and_sees_predict_py_output(run, vm, browser, tmp
         page.keyboard.press("Enter")
         page.get_by_text("This is stored run 11").wait_for(timeout=30000)
         assert srv.view.at_row == 11 and srv.slice_rows["error"].visible
+        # the 3D view: the full volume written into the browser's vtk.js image in place (binary, no rebuild)
+        page.wait_for_function("() => window.explorerVolumeFull === 1", timeout=30000)
+        assert page.evaluate("() => window.explorerVolumeUpdates") >= 2
         page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
         assert os.path.getsize(tmp_path / "explorer.png") > 10000
         assert outside == [], f"the page fetched from outside the server: {outside[:3]}"
     finally:
         server.stop()
+
+
+# ------------------------------------------------------------------------------------------- mesh ensembles
+def test_mesh_run_point_view(tmp_path):
+    """An unstructured (mesh) run: the view is the values at the mesh's vertices (model = Surrogate.predict there,
+    nearest = that training run's field, IDW-8 = the inverse-distance mix computed here), and the page shows them
+    as points coloured by value."""
+    from tests.test_unstructured import TINY_MODEL, make_mesh_ensemble
+
+    from tasks.ensemble.explorer import ExplorerModel
+    from tasks.ensemble.explorer import app
+    from tasks.ensemble.surrogate import Surrogate
+
+    paths = make_mesh_ensemble(str(tmp_path / "mesh"))
+    exp = dict(name="mesh", model=TINY_MODEL,
+               dataset=dict(type="unstructured", cond_batch=2, spatial_log2batch=6, **paths),
+               optim=dict(type="adam", lr=1e-3), scheduler=dict(type="constant"),
+               train=dict(max_steps=3, log_dir=str(tmp_path / "runs"), log_every=3, collapse_check_steps=0))
+    cfg = tmp_path / "mesh.yaml"
+    cfg.write_text(yaml.safe_dump([exp]))
+    rd = str(train(load_config(str(cfg)), progress=False))
+    vm = ExplorerModel.open(rd, device="cpu")
+    assert not vm.has_grid
+    q = vm.parse([0.3, 0.6])
+    view = vm.slices(q)
+    n = len(vm.mesh_vertices())
+    expect = Surrogate.load(rd, device="cpu").predict([0.3, 0.6], normalized_params=True)
+    assert view.fields["model"][0].shape == (n,) == expect.shape
+    np.testing.assert_allclose(view.fields["model"][0], expect, rtol=1e-5, atol=1e-5)
+    conds = {int(r): vm.row_conds[int(r)] for r in vm.train_rows}
+    d = {r: float(np.linalg.norm(c - q.c)) for r, c in conds.items()}
+    near = min(d, key=d.get)
+    assert view.trust.nearest_row == near
+    np.testing.assert_allclose(view.fields["nearest"][0], vm.field(near), rtol=1e-6)
+    k = sorted(d, key=d.get)[:8]
+    w = np.array([1.0 / d[r] ** 2 for r in k])
+    idw = sum(wi * vm.normalized_field(r).astype(np.float64) for wi, r in zip(w / w.sum(), k))
+    from tasks.ensemble.surrogate import denormalize
+
+    np.testing.assert_allclose(view.fields["idw"][0], denormalize(idw, vm.meta), rtol=1e-4, atol=1e-5)
+    page = app.ExplorerPage(vm)   # no server: updates apply at once on the worker
+    try:
+        page.set_params([0.3, 0.6])
+        assert page.wait_idle(30)
+        src = page.sources["model"][0]
+        np.testing.assert_allclose(src.data["value"], expect, rtol=1e-5, atol=1e-5)
+        i, j = page.projection.value
+        np.testing.assert_array_equal(src.data["x"], vm.mesh_vertices()[:, i])
+        assert page.vtk is None and page.message.visible is False
+    finally:
+        page.close()

@@ -303,6 +303,9 @@ class ExplorerModel:
 
     def model_plane(self, q: Query, axis: int, k: int) -> np.ndarray:
         """The model's field (data units) on one plane: only that plane's vertices are queried."""
+        if not self.has_grid:   # a mesh: its vertices
+            self.mesh_vertices()
+            return denormalize(self._model_at(self._plane_cache["mesh"], q.c), self.meta)
         if len(self.shape) == 2:
             x = self._plane_coords_2d()
             return denormalize(self._model_at(x, q.c), self.meta).reshape(self.shape)
@@ -320,7 +323,15 @@ class ExplorerModel:
 
     @staticmethod
     def _cut(f: np.ndarray, axis: int, k: int) -> np.ndarray:
-        return f if f.ndim == 2 else np.take(f, k, axis=axis)
+        return f if f.ndim <= 2 else np.take(f, k, axis=axis)
+
+    def mesh_vertices(self) -> np.ndarray:
+        """A mesh ensemble's vertex coordinates (N, d) as the model sees them (normalized; cached)."""
+        x = self._plane_cache.get("mesh")
+        if x is None:
+            x = torch.from_numpy(np.asarray(self.s.mesh_coords(), dtype=np.float32)).to(self.s.device)
+            self._plane_cache["mesh"] = x
+        return x.cpu().numpy()
 
     def _idw_plane(self, q: Query, axis: int, k: int) -> np.ndarray:
         """IDW-8 on one plane (normalized): the weights of test.py's IDWPredictor over the planes of its members."""
@@ -334,13 +345,14 @@ class ExplorerModel:
     def slices(self, q: Query, positions: Optional[Sequence[Any]] = None) -> SliceView:
         """The query's view on the three planes through ``positions`` (array indices; default: the centre).
 
-        2D ensembles: one "slice", the whole field. Unstructured (mesh) ensembles are not sliced: use
-        :meth:`volume` (values at the mesh's vertices).
+        2D ensembles: one "slice", the whole field. Unstructured (mesh) ensembles: one "slice", the values at all
+        the mesh's vertices (``(N,)`` arrays; positions are ignored; :meth:`mesh_vertices` gives their coordinates).
         """
         if not self.has_grid:
-            raise InputError("this run's data is a mesh: it has no slices (its field is shown at its vertices)")
-        pos = self._check_positions(positions)
-        axes = [0] if len(self.shape) == 2 else [0, 1, 2]
+            pos, axes = [0], [0]
+        else:
+            pos = self._check_positions(positions)
+            axes = [0] if len(self.shape) == 2 else [0, 1, 2]
         fields: Dict[str, List[np.ndarray]] = {"model": [self.model_plane(q, a, pos[a]) for a in axes]}
         at = self.at_row(q) if self.dataset is not None else None
         max_diff, near_row, dist = float("nan"), -1, float("nan")
