@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -102,6 +102,8 @@ class EvalContext:
         progress: show progress (bars / per-item log lines).
         weights: the weights scored (util.evaluation_common.scored_weights).
         weights_path: the weights file or checkpoint folder loaded (``model.weights_path``).
+        data_check: compares a dataset with the fingerprint stored at training
+            (util.evaluation_common.DataCheck); :meth:`dataset` applies it.
     """
 
     run_dir: str
@@ -115,6 +117,17 @@ class EvalContext:
     progress: bool
     weights: Dict[str, Any]
     weights_path: Optional[str] = None
+    data_check: Optional[Callable[[Any], None]] = None
+
+    def dataset(self):
+        """The run's dataset (util.build.build_dataset), checked against the fingerprint stored at training: the
+        scoring's one way to read the run's data."""
+        from util.build import build_dataset
+
+        ds = build_dataset(self.exp)
+        if self.data_check is not None:
+            self.data_check(ds)
+        return ds
 
     def path(self, name: str) -> str:
         """A file of the output folder."""
@@ -227,8 +240,8 @@ class Task:
         unknown key is a ConfigError); refuse, before any work, when result files are already in ``out_dir``
         (FileExistsError naming the folder and the files) unless ``overwrite``; load the weights
         (util.build.load_trained_model) and record which ones (a warning unless the final model.pt of a finished
-        run); :meth:`score`, during which the run's dataset, when the scoring builds it
-        (``util.build.build_dataset``), is checked against the fingerprint stored in meta.json at training
+        run); :meth:`score`, during which the run's dataset, when the scoring reads it
+        (:meth:`EvalContext.dataset`), is checked against the fingerprint stored in meta.json at training
         (util.evaluation_common.DataCheck: a difference is a DataError naming what changed unless
         ``allow_changed_data``; a run without a fingerprint gets a one-line warning); add to every row the weights
         columns, the machine columns (``cpu``, ``threads``) and the data check (``data_fingerprint``); write the
@@ -252,7 +265,7 @@ class Task:
             ``threads`` and ``data_fingerprint``.
         """
         from util.config import merge_test_config
-        from util.build import checking_dataset, load_trained_model, task_type_of
+        from util.build import load_trained_model, task_type_of
         from util.device import default_device
         from util.evaluation_common import (DATA_FIELD, MACHINE_FIELDS, DataCheck, machine_columns, scored_weights,
                                             warn_if_not_final, write_json)
@@ -276,12 +289,11 @@ class Task:
         dev = default_device(device)
         autocast = dev.type == "cuda" and exp["train"].get("mixed_precision", "auto") in ("auto", "fp16")
         os.makedirs(out_dir, exist_ok=True)
+        data_check = DataCheck(run_dir, meta, allow_changed=allow_changed_data)
         ctx = EvalContext(run_dir=run_dir, out_dir=out_dir, exp=exp, meta=meta, model=model, test_config=tc,
                           device=dev, autocast=autocast, progress=progress, weights=weights,
-                          weights_path=weights_path)
-        data_check = DataCheck(run_dir, meta, allow_changed=allow_changed_data)
-        with checking_dataset(exp, data_check):
-            scores = cls.score(ctx)
+                          weights_path=weights_path, data_check=data_check)
+        scores = cls.score(ctx)
         undeclared = [n for n in scores.files if n not in names]
         if undeclared:
             raise RuntimeError(f"task {cls.__name__} writes {undeclared} but result_files() does not name them "

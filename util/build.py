@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional
 
 from util.checkpoints import load_default_weights, load_weights
 from util.config import ConfigError, section_kwargs
@@ -19,31 +19,10 @@ from util.registry import accepted_keys, build, get
 from util.run_dir import load_experiment
 
 
-_DATA_CHECKS: List[Tuple[Dict[str, Any], Callable[[Any], None]]] = []
-
-
-@contextlib.contextmanager
-def checking_dataset(exp: Dict[str, Any], check: Callable[[Any], None]):
-    """While active, every :func:`build_dataset` of ``exp``'s dataset (same ``dataset`` section and seed) passes
-    the built dataset to ``check`` before returning it: ``Task.evaluate`` compares the data's fingerprint with the
-    one stored at training this way, when (and only if) the task's scoring reads the run's data."""
-    key = {"dataset": exp.get("dataset"), "seed": int(exp["train"].get("seed", 0))}
-    _DATA_CHECKS.append((key, check))
-    try:
-        yield
-    finally:
-        _DATA_CHECKS.remove((key, check))
-
-
 def build_dataset(exp: Dict[str, Any]):
-    """The experiment's dataset (seed injected from train.seed); checked by an active :func:`checking_dataset`."""
-    ds = build("dataset", exp["dataset"]["type"], section="dataset",
-               injected={"seed": int(exp["train"].get("seed", 0))}, **section_kwargs(exp, "dataset"))
-    key = {"dataset": exp.get("dataset"), "seed": int(exp["train"].get("seed", 0))}
-    for k, check in list(_DATA_CHECKS):
-        if k == key:
-            check(ds)
-    return ds
+    """The experiment's dataset (seed injected from train.seed)."""
+    return build("dataset", exp["dataset"]["type"], section="dataset",
+                 injected={"seed": int(exp["train"].get("seed", 0))}, **section_kwargs(exp, "dataset"))
 
 
 def task_type_of(exp: Dict[str, Any]) -> str:

@@ -52,7 +52,7 @@ def machine_columns() -> Dict[str, Any]:
 
 class DataCheck:
     """The training-data check of one evaluation: ``check(dataset)`` (called when the scoring builds the run's
-    dataset, util.build.checking_dataset) compares ``dataset.fingerprint()`` with the one stored in meta.json.
+    dataset through tasks.base.EvalContext.dataset) compares ``dataset.fingerprint()`` with the one stored in meta.json.
 
     A difference is a DataError naming what changed, unless ``allow_changed`` (then a warning); a run trained before
     fingerprints gets a one-line warning. :attr:`column` is the value of the :data:`DATA_FIELD` column.

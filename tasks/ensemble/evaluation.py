@@ -56,7 +56,6 @@ from util.registry import ConfigError
 from util.tables import fmt_cell, text_table
 from util.metrics import count_wins, dataset_metrics, is_constant, member_metrics
 from tasks.ensemble.reference import IDWPredictor, MeanFieldPredictor, NearestMemberPredictor
-from util.build import build_dataset
 from util.sampling import grid_coords
 from util.timing import synchronize
 
@@ -292,9 +291,9 @@ def score(ctx: EvalContext) -> Scores:
     """
     from tqdm.auto import tqdm
 
-    model, exp, tc, out_dir, progress = ctx.model, ctx.exp, ctx.test_config, ctx.out_dir, ctx.progress
+    model, tc, out_dir, progress = ctx.model, ctx.test_config, ctx.out_dir, ctx.progress
     device, autocast = ctx.device, ctx.autocast
-    dataset = build_dataset(exp)
+    dataset = ctx.dataset()
     check_dump_members(tc, dataset)  # before any model work: the member count is known only with the data
     model.to(device)
     synchronize(device)

@@ -273,9 +273,7 @@ class ImageTask(Task):
     def score(cls, ctx: EvalContext) -> Scores:
         """Score a trained image run (:func:`evaluate_model` on the run's dataset; the PNGs into the output folder);
         rows: :data:`IMAGE_FIELDS` plus ``pred_png``, ``error_png``; ``metrics.csv`` holds them."""
-        from util.build import build_dataset
-
-        dataset = build_dataset(ctx.exp)
+        dataset = ctx.dataset()
         rows = evaluate_model(ctx.model, dataset, ctx.test_config, ctx.out_dir, ctx.device, ctx.autocast,
                               ctx.progress)
         return Scores(rows, {METRICS_FILE: CsvFile(rows, IMAGE_FIELDS, nan_cell="")})

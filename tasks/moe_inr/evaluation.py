@@ -483,10 +483,9 @@ def score(ctx):
         rows: one for the INR (method "moe_inr") and one per matched baseline compressor.
     """
     from tasks.base import CsvFile, JsonFile, Scores
-    from util.build import build_dataset
 
-    model, exp, tc, out_dir, run_dir = ctx.model, ctx.exp, ctx.test_config, ctx.out_dir, ctx.run_dir
-    dataset = build_dataset(exp)
+    model, tc, out_dir, run_dir = ctx.model, ctx.test_config, ctx.out_dir, ctx.run_dir
+    dataset = ctx.dataset()
     device = ctx.device
 
     art = save_fp16(model, os.path.join(out_dir, ARTIFACT))

@@ -320,11 +320,11 @@ class NeRFTask(Task):
         """Score a trained NeRF run: :meth:`evaluate_model` with the occupancy grid saved with the weights scored
         (util.checkpoints.load_task_state), or, for a run without one, a grid rebuilt from the trained density
         (a warning says so); ``metrics.csv`` (rows per view and ``mean``) and PNGs; see the module docstring."""
-        from util.build import build_dataset, build_task
+        from util.build import build_task
         from util.checkpoints import load_task_state
 
         model, tc = ctx.model, ctx.test_config
-        task = build_task(ctx.exp, build_dataset(ctx.exp))
+        task = build_task(ctx.exp, ctx.dataset())
         state = load_task_state(ctx.run_dir, ctx.weights_path)
         if state is not None and GRID_STATE_KEY in state:
             task.load_state_dict(state)

@@ -212,8 +212,6 @@ class TerrainTask(Task):
     def score(cls, ctx: EvalContext) -> Scores:
         """:func:`benchmark` of the run's model on its data (or ``test.data_path``); ``tiles.png`` written here;
         rows: the fp32 row then the quantization rows; files ``metrics.csv``, ``ptq.csv``, ``tiles.csv``."""
-        from util.build import build_dataset
-
         model, exp, tc, run_dir, dev = ctx.model, ctx.exp, ctx.test_config, ctx.run_dir, ctx.device
         if tc.data_path is not None:
             # the other source's own pixel size and nodata value, not the training data's
@@ -229,7 +227,7 @@ class TerrainTask(Task):
                                 ) from None
             split, label = "test", tc.data_path
         else:
-            dataset = build_dataset(exp)
+            dataset = ctx.dataset()
             split, label = tc.split, f"{exp['dataset'].get('path', '')}:{tc.split}"
         name = os.path.basename(os.path.normpath(run_dir))  # the run directory: unique even with train.run_name
         res = benchmark(model.to(dev), dataset, tc, split=split, device=dev, name=name)
