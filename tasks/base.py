@@ -268,7 +268,8 @@ class Task:
         from util.build import load_trained_model, task_type_of
         from util.device import default_device
         from util.evaluation_common import (DATA_FIELD, MACHINE_FIELDS, DataCheck, machine_columns, scored_weights,
-                                            warn_if_not_final, write_json)
+                                            warn_if_not_final)
+        from util.files import write_json
         from util.run_dir import load_experiment
         from util.tables import write_csv
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+from tests.test_demo import all_files  # bytes of every file of a folder (to show that nothing was written)
 from tests.test_run_safety import TINY
 
 
@@ -54,16 +55,6 @@ def meta_of(rd):
     return json.load(open(os.path.join(rd, "meta.json")))
 
 
-def snapshot(rd):
-    """Bytes of every file of a run directory (to show that nothing was written)."""
-    out = {}
-    for root, _, files in os.walk(rd):
-        for n in files:
-            p = os.path.join(root, n)
-            out[os.path.relpath(p, rd)] = open(p, "rb").read()
-    return out
-
-
 @pytest.fixture
 def trained(tmp_path):
     """A finished 6-step run (checkpoints at steps 3 and 6)."""
@@ -102,12 +93,12 @@ def test_a_run_carries_the_marker_and_overwrite_deletes_it(trained):
 def test_resume_with_a_changed_config_is_refused_naming_the_keys(trained):
     cfg, rd = trained
     os.remove(os.path.join(rd, "finished.json"))
-    before = snapshot(rd)
+    before = all_files(rd)
     with pytest.raises(SystemExit) as e:
         train_main(cfg, "--resume", "--set", "optim.lr=0.01", "--set", "train.seed=5")
     msg = one_line_exit(e)
     assert "optim.lr 0.001 -> 0.01" in msg and "train.seed 0 -> 5" in msg and "--resume_changed" in msg
-    assert snapshot(rd) == before  # config.yaml / meta.json not rewritten
+    assert all_files(rd) == before  # config.yaml / meta.json not rewritten
 
 
 def test_resume_with_safe_changes_is_recorded(trained):
@@ -149,13 +140,13 @@ def test_resume_with_another_model_says_so_in_one_line(trained):
 def test_resume_with_max_steps_below_the_checkpoint_is_refused(trained):
     cfg, rd = trained
     os.remove(os.path.join(rd, "finished.json"))  # e.g. killed after the last checkpoint
-    before = snapshot(rd)
+    before = all_files(rd)
     for flag in ("--resume", "--resume_changed"):
         with pytest.raises(SystemExit) as e:
             train_main(cfg, flag, "--set", "train.max_steps=3")
         msg = one_line_exit(e)
         assert "step 3" in msg and "step_0000006" in msg and "max_steps >= 6" in msg
-        assert snapshot(rd) == before  # no model.pt / finished.json labelled step 3
+        assert all_files(rd) == before  # no model.pt / finished.json labelled step 3
 
 
 # ------------------------------------------------------------------------------------------------ item 5
@@ -200,7 +191,7 @@ def test_metrics_record_the_cpu_model_and_thread_count(trained):
     """Numbers a user can reproduce: the machine that scored is in every metrics row."""
     import torch
 
-    from util.evaluation_common import cpu_model
+    from util.cpu import cpu_model
 
     _, rd = trained
     test_main("--run", rd)

@@ -72,6 +72,19 @@ def cpu_features(path: Optional[str] = None) -> Dict[str, object]:
     return out
 
 
+def cpu_model() -> str:
+    """The CPU model (``model name`` of /proc/cpuinfo on Linux, else ``platform.processor()`` / machine)."""
+    try:
+        with open(CPUINFO) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip().lower() in ("model name", "hardware", "cpu model") and value.strip():
+                    return " ".join(value.split())
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
 def describe(features: Optional[Dict[str, object]] = None) -> str:
     """One line for benchmark output, e.g. ``cpu: Intel(R) Xeon(R) ... | bf16: amx_bf16 | 2 cores``."""
     f = cpu_features() if features is None else features

@@ -1,22 +1,22 @@
 """What every task's evaluation shares (``tasks.base.Task.evaluate`` uses it): the record of which weights were
 scored (``weights``, ``step``, ``total_steps``, ``final_weights``) with its warning and its table line, the machine
 that scored them (``cpu``, ``threads``: summation order, hence the last digits, depends on both), the check of the
-training data against the fingerprint stored at training (``data_fingerprint``), and the atomic writer of a JSON
-result file. (The evaluation device's default is util.device.default_device.)
+training data against the fingerprint stored at training (``data_fingerprint``). (The CPU model is
+util.cpu.cpu_model, the atomic JSON writer util.files.write_json, the evaluation device's default
+util.device.default_device.)
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
 from typing import Any, Dict, List, Optional
 
 from util.checkpoints import latest_checkpoint
-from util.files import atomic_write, read_json
+from util.cpu import cpu_model
+from util.files import read_json
 
 __all__ = ["WEIGHTS_FIELDS", "MACHINE_FIELDS", "DATA_FIELD", "scored_weights", "warn_if_not_final", "weights_line",
-           "write_json", "cpu_model", "machine_columns", "DataCheck"]
+           "machine_columns", "DataCheck"]
 
 log = logging.getLogger("test")
 
@@ -28,19 +28,6 @@ DATA_FIELD = "data_fingerprint"
 """Column of every task's metrics saying whether the data read matched the fingerprint stored at training:
 ``same``, ``CHANGED: ...`` (scored with --allow_changed_data), ``not stored`` (a run trained before fingerprints)
 or ``not read`` (the evaluation did not read the run's data)."""
-
-
-def cpu_model() -> str:
-    """The CPU model (``model name`` of /proc/cpuinfo on Linux, else ``platform.processor()`` / machine)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip().lower() in ("model name", "hardware", "cpu model") and value.strip():
-                    return " ".join(value.split())
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 def machine_columns() -> Dict[str, Any]:
@@ -177,8 +164,3 @@ def weights_line(r: Dict[str, Any]) -> str:
     if not r.get("final_weights", True):
         line += ": NOT the final weights of a finished run"
     return line
-
-
-def write_json(path: str, obj: Any, indent: Optional[int] = 1) -> None:
-    """``json.dump(obj, indent=indent)`` into ``path`` atomically (a reader sees the old or the whole new file)."""
-    atomic_write(path, lambda f: json.dump(obj, f, indent=indent), mode="w")

@@ -109,6 +109,11 @@ def publish_folder(root: str, fill: Callable[[str], None]) -> bool:
     return True
 
 
+def write_json(path: str, obj: Any, indent: Optional[int] = 1) -> None:
+    """``json.dump(obj, indent=indent)`` into ``path`` atomically (a reader sees the old or the whole new file)."""
+    atomic_write(path, lambda f: json.dump(obj, f, indent=indent), mode="w")
+
+
 def read_json(path: str) -> Dict[str, Any]:
     with open(path) as f:
         return json.load(f)
