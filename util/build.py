@@ -12,7 +12,7 @@ import contextlib
 import os
 from typing import Any, Callable, Dict, Optional
 
-from util.checkpoints import load_default_weights, load_weights
+from util.checkpoints import first_tensor_mismatch, load_default_weights, load_weights
 from util.config import ConfigError, section_kwargs
 from util.files import read_json
 from util.registry import accepted_keys, build, get
@@ -146,16 +146,15 @@ def load_trained_model(run_dir: str, checkpoint: Optional[str] = None, map_locat
     # a checkpoint of another architecture: name the first differing tensor (not PyTorch's state-dict dump)
     if not isinstance(state, dict):
         raise ConfigError(f"weights '{checkpoint}' hold a {type(state).__name__}, not a state dict of tensors")
-    own = model.state_dict()
-    diffs = [f"tensor '{k}' of the model is missing from the checkpoint" if k not in state else
-             f"tensor '{k}' has shape {list(getattr(state[k], 'shape', ()))} in the checkpoint, {list(v.shape)} in the model built "
-             f"from the config" for k, v in own.items()
-             if k not in state or tuple(getattr(state[k], "shape", ())) != tuple(getattr(v, "shape", ()))]
-    diffs += [f"the checkpoint holds tensor '{k}', which the model does not have" for k in state if k not in own]
-    if diffs:
+    diff = first_tensor_mismatch(state, model.state_dict())
+    if diff is not None:
+        k, saved, own = diff
+        what = (f"tensor '{k}' of the model is missing from the checkpoint" if saved is None else
+                f"the checkpoint holds tensor '{k}', which the model does not have" if own is None else
+                f"tensor '{k}' has shape {saved} in the checkpoint, {own} in the model built from the config")
         raise ConfigError(f"the model in checkpoint '{checkpoint}' differs from the model of the run's config "
                           f"('{os.path.join(run_dir, 'config.yaml')}', model type '{exp['model']['type']}'): "
-                          f"{diffs[0]}; is it another run's checkpoint?")
+                          f"{what}; is it another run's checkpoint?")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise ConfigError(f"weights in '{checkpoint}' do not fit the model of '{run_dir}': "

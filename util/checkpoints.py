@@ -241,6 +241,25 @@ def load_weights(path: str, map_location="cpu") -> Dict[str, Any]:
 
 
 
+def first_tensor_mismatch(saved: Dict[str, Any], own: Dict[str, Any]
+                          ) -> Optional[Tuple[str, Optional[List[int]], Optional[List[int]]]]:
+    """The first tensor on which a saved state dict and a model's own disagree, in the model's order, then the names
+    only the saved one holds: ``(name, shape in saved or None when absent, shape in own or None when absent)``;
+    None when every name and shape agree (what ``load_state_dict`` needs)."""
+    def shape(t):
+        return list(getattr(t, "shape", ()))
+
+    for k, v in own.items():
+        if k not in saved:
+            return k, None, shape(v)
+        if shape(saved[k]) != shape(v):
+            return k, shape(saved[k]), shape(v)
+    for k, v in saved.items():
+        if k not in own:
+            return k, shape(v), None
+    return None
+
+
 def load_default_weights(run_dir: str, map_location="cpu") -> Tuple[str, Dict[str, Any]]:
     """(path, state dict) of a run's default weights: ``model.pt`` when present and loadable, else the newest
     checkpoint that loads; each damaged file is skipped with a warning naming it.

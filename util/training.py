@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from util.build import build_components, task_type_of
-from util.checkpoints import (CKPT_DIR, LATEST, TASK_STATE_FILE, checkpoint_dirs, load_resume_state, load_weights,
-                               newest_intact_checkpoint, verify_checkpoint)
+from util.checkpoints import (CKPT_DIR, LATEST, TASK_STATE_FILE, checkpoint_dirs, first_tensor_mismatch,
+                               load_resume_state, load_weights, newest_intact_checkpoint, verify_checkpoint)
 from util.config import ConfigError, TrainConfig, section_kwargs
 from util.fingerprint import compare_fingerprints
 from util.files import atomic_torch_save, atomic_write_text
@@ -370,18 +370,17 @@ def _load_resume_state(run: _Run, resumed: Optional[Dict[str, Any]]):
     whose weights do not fit the new model is a one-line ConfigError naming the first differing tensor."""
     if resumed and resumed["model"]:
         ck = newest_intact_checkpoint(run.run_dir)
-        saved = load_weights(ck)
-        mine = run.raw_model.state_dict()
-        for k in sorted(set(saved) | set(mine)):
-            a, b = saved.get(k), mine.get(k)
-            if a is None or b is None or tuple(a.shape) != tuple(b.shape):
-                def shape(t):
-                    return "absent" if t is None else f"of shape {list(t.shape)}"
+        diff = first_tensor_mismatch(load_weights(ck), run.raw_model.state_dict())
+        if diff is not None:
+            k, saved, own = diff
 
-                raise ConfigError(
-                    f"--resume_changed: the model config differs from the run's ({describe_changes(resumed['model'])}"
-                    f") and its checkpoint does not fit the new model: tensor '{k}' is {shape(a)} in {ck} and "
-                    f"{shape(b)} in the new model. Start a new run for the new model (--set train.run_name=NAME)")
+            def shape(s):
+                return "absent" if s is None else f"of shape {s}"
+
+            raise ConfigError(
+                f"--resume_changed: the model config differs from the run's ({describe_changes(resumed['model'])}"
+                f") and its checkpoint does not fit the new model: tensor '{k}' is {shape(saved)} in {ck} and "
+                f"{shape(own)} in the new model. Start a new run for the new model (--set train.run_name=NAME)")
     return load_resume_state(run.accelerator, run.run_dir)
 
 
