@@ -293,13 +293,12 @@ class ExplorerModel:
 
     @torch.no_grad()
     def _model_at(self, x: torch.Tensor, c: np.ndarray) -> np.ndarray:
-        """Normalized model values at coordinates ``x`` (N, d) for condition ``c``."""
-        ct = torch.as_tensor(c, dtype=torch.float32, device=self.s.device).reshape(1, -1)
-        out = np.empty(x.shape[0], dtype=np.float32)
-        n = self.s.chunk_size
-        for s in range(0, x.shape[0], n):
-            out[s:s + n] = self.s.model(x[None, s:s + n], ct)[0, :, 0].float().cpu().numpy()
-        return out
+        """Normalized model values at coordinates ``x`` (N, d) for condition ``c`` (test.py's chunked
+        reconstruction, tasks.ensemble.evaluation.predict_field)."""
+        from tasks.ensemble.evaluation import predict_field
+
+        ct = torch.as_tensor(c, dtype=torch.float32, device=self.s.device)
+        return predict_field(self.s.model, x, ct, (x.shape[0],), self.s.chunk_size).cpu().numpy()
 
     def model_plane(self, q: Query, axis: int, k: int) -> np.ndarray:
         """The model's field (data units) on one plane: only that plane's vertices are queried."""
