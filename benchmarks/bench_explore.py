@@ -3,9 +3,10 @@
 
 Server side (the view model, as the page's worker runs it): the three slices (model planes + nearest + IDW-8 + the
 trust cue), the coarse volume and the full volume. End to end (``--browser``): headless Chromium (software WebGL) on
-the served page, from a new parameter setting typed into the page (Enter) to the model slice changed in the browser's
-Bokeh document, and to the full volume written into the browser's vtk.js image and rendered (the page's VOLUME_JS
-flag). Each update starts once the previous one is fully rendered.
+the served page, on the browser's clock, from a parameter change (alternately: the first parameter's slider moved, as
+a drag does, and all six typed into the page's box + Enter) to the model's new slice painted (the page's DRAWN_JS
+stamp, after the next animation frame), and to the full volume written into the browser's vtk.js image and rendered
+(VOLUME_JS's stamp). Each update starts once the previous one is fully rendered.
 
 The model: the paper's Cloverleaf DRR-Net (configs/clover_600/drrnet.yaml, 6 parameters) with random weights, baked,
 on a 64^3 field; the training runs are random fields (only their count matters to the timing).
@@ -104,7 +105,8 @@ def end_to_end(vm, n, rng):
         so.bind(("127.0.0.1", 0))
         port = so.getsockname()[1]
     server = app.serve(vm, port=port, threaded=True)
-    out = {"slices in the browser": [], "full volume rendered": []}
+    out = {f"{w} ({d})": [] for d in ("slider", "typed") for w in ("slices", "full volume")}
+    out["3D render in the page"] = []   # of the full volume: write into vtk.js' image + render
     try:
         with sync_playwright() as p:
             b = p.chromium.launch(executable_path="/usr/bin/chromium",
@@ -120,24 +122,34 @@ def end_to_end(vm, n, rng):
             srv = app.PAGES[-1]
             box = page.get_by_placeholder(srv.text_box.placeholder, exact=True)
             get = "Bokeh.documents[0].get_model_by_name('src_model_0').data.image[0]"
-            for i in range(n + 1):
+            # the Bokeh slider model of the first parameter (a drag in the page moves its value the same way)
+            slider_id = next(iter(srv.sliders[0]._slider._models.values()))[0].id
+            for i in range(2 * n + 2):
+                drive = "slider" if i % 2 == 0 else "typed"
                 srv.wait_idle(30)
                 page.evaluate(f"() => {{ window.__prev = Array.from({get}.slice(0, 256)); }}")
                 page.wait_for_function("() => window.explorerVolumeFull === 1", polling=5, timeout=30000)
                 page.evaluate("() => { window.explorerVolumeFull = 0; }")
-                vals = ", ".join(f"{v:.6f}" for v in rng.uniform(0, 1, vm.d_c))
-                box.fill(vals)
-                t0 = time.perf_counter()
-                box.press("Enter")
-                page.wait_for_function(f"() => {{ const a = {get}; "
-                                       "return window.__prev.some((v, i) => v !== a[i]); }", polling=5, timeout=30000)
-                t1 = time.perf_counter()
-                # the full volume written into the browser's vtk.js image and rendered (VOLUME_JS sets the flag)
-                page.wait_for_function("() => window.explorerVolumeFull === 1", polling=5, timeout=30000)
-                t2 = time.perf_counter()
-                if i:   # the first is a warm-up
-                    out["slices in the browser"].append(t1 - t0)
-                    out["full volume rendered"].append(t2 - t0)
+                if drive == "slider":
+                    t0 = page.evaluate("([id, v]) => { const t = performance.now(); "
+                                       "Bokeh.documents[0].get_model_by_id(id).value = v; return t; }",
+                                       [slider_id, float(rng.uniform(0, 1))])
+                else:
+                    box.fill(", ".join(f"{v:.6f}" for v in rng.uniform(0, 1, vm.d_c)))
+                    t0 = page.evaluate("() => performance.now()")
+                    box.press("Enter")
+                # the model's slice painted (the page's DRAWN_JS stamps it), then the full volume written into the
+                # browser's vtk.js image and rendered (VOLUME_JS stamps it); both on the browser's clock
+                page.wait_for_function(f"() => {{ const a = {get}; return window.__prev.some((v, i) => v !== a[i]) "
+                                       f"&& window.explorerSlicesDrawnAt > {t0}; }}", polling=5, timeout=30000)
+                page.wait_for_function(f"() => window.explorerVolumeFull === 1 && window.explorerVolumeAt > {t0}",
+                                       polling=5, timeout=30000)
+                t1, t2, r = page.evaluate("() => [window.explorerSlicesDrawnAt, window.explorerVolumeAt, "
+                                          "window.explorerVolumeRenderMs]")
+                if i >= 2:   # the first of each is a warm-up
+                    out[f"slices ({drive})"].append((t1 - t0) / 1e3)
+                    out[f"full volume ({drive})"].append((t2 - t0) / 1e3)
+                    out["3D render in the page"].append(r / 1e3)
             b.close()
     finally:
         server.stop()

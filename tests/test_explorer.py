@@ -205,6 +205,19 @@ def browser():
             b.close()
 
 
+def _in_session(srv, fn):
+    """Run ``fn`` as a callback of the page's server session (a widget changed from the test thread) and wait."""
+    done = threading.Event()
+
+    def run():
+        try:
+            fn()
+        finally:
+            done.set()
+    srv.doc.add_next_tick_callback(run)
+    assert done.wait(30)
+
+
 def _served_plane(page, name):
     return np.asarray(page.evaluate(
         f"() => Array.from(Bokeh.documents[0].get_model_by_name('{name}').data.image[0])"), dtype=np.float32)
@@ -219,6 +232,8 @@ def test_browser_moves_a_slider_and_sees_predict_py_output(run, vm, browser, tmp
     try:
         page = browser.new_page(viewport={"width": 1400, "height": 1200})
         outside = []
+        errors = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(
             (f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", "data:", "blob:")) else None)
         for _ in range(50):   # the threaded server starts in the background
@@ -259,6 +274,29 @@ def test_browser_moves_a_slider_and_sees_predict_py_output(run, vm, browser, tmp
         # the 3D view: the full volume written into the browser's vtk.js image in place (binary, no rebuild)
         page.wait_for_function("() => window.explorerVolumeFull === 1", timeout=30000)
         assert page.evaluate("() => window.explorerVolumeUpdates") >= 2
+        # slice updates re-laid the page out without re-rendering the unchanged 3D scene (the layout guard)
+        assert page.evaluate("() => window.explorerVtkLayoutSkips || 0") >= 1
+        # an isosurface at a value inside the field's range (vtk.js marching cubes in the page), none above it
+        srv.wait_idle(30)
+        field = srv.volume
+        iso = float(np.percentile(field, 50))
+        page.get_by_role("button", name="isosurface", exact=True).click()
+        _in_session(srv, lambda: setattr(srv.iso_value, "value", iso))   # as typed into the page's box
+        page.wait_for_function(f"() => Bokeh.documents[0].get_model_by_name('iso').data.value[0] === {iso!r}",
+                               timeout=30000)
+        page.wait_for_function("() => (window.explorerIsoPoints || 0) > 0", timeout=30000)
+        _in_session(srv, lambda: setattr(srv.iso_value, "value", float(field.max()) + 1.0))
+        page.wait_for_function("() => window.explorerIsoPoints === 0", timeout=30000)
+        assert srv.iso_source.data["mode"] == ["isosurface"]
+        # the log scale reaches the 3D view: the volume sent is the field's log position on the data's range
+        _in_session(srv, lambda: setattr(srv.log_scale, "value", True))
+        lo, hi = vm.value_range
+        expect = lo + (np.log10(field) - np.log10(lo)) / (np.log10(hi) - np.log10(lo)) * (hi - lo)
+        sent = np.asarray(srv.vol_source.data["v"][0]).reshape(field.shape, order="F")
+        np.testing.assert_allclose(sent, np.clip(expect, lo, hi), rtol=1e-5, atol=1e-6)
+        _in_session(srv, lambda: setattr(srv.iso_value, "value", float("nan")))
+        assert "isosurface value" in srv.message.object and srv.message.visible
+        assert errors == [], f"errors in the page: {errors[:3]}"
         page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
         assert os.path.getsize(tmp_path / "explorer.png") > 10000
         assert outside == [], f"the page fetched from outside the server: {outside[:3]}"

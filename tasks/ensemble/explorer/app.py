@@ -36,31 +36,90 @@ VOLUME_JS = """
 // into the vtk.js image data of the page's VTKVolume view and render once. Setting the pane's object instead makes
 // Panel's view tear the whole vtk.js scene down and rebuild it (new WebGL context, shader compiles, controller
 // widget): ~1.2-1.9 s of blocked main thread per update in software WebGL, against ~60-80 ms for this.
-const values = src.data.v[0];
+// The same code runs when the 3D view's settings (`iso`: volume / isosurface / both, the isosurface value) change.
 function find(view) {
   if (view._vtk_renwin != null && view.volume !== undefined && 'vtk_image_data' in view) return view;
   for (const child of view.children()) { const v = find(child); if (v != null) return v; }
   return null;
 }
+function guard(view) {
+  // Bokeh lays the whole page out again after any change of text or widgets, and Panel's VTK view answers every
+  // layout with a resize and a render of the 3D scene: ~250 ms of readPixels per slice update in software WebGL,
+  // for an unchanged picture. Same size: skip both (a real resize still goes through).
+  if (view.__explorer_guard) return;
+  view.__explorer_guard = true;
+  const after = view.after_layout.bind(view);
+  view.after_layout = function () {
+    const c = view._vtk_container;
+    const size = c.clientWidth + "x" + c.clientHeight;
+    if (size !== view.__explorer_size) { view.__explorer_size = size; return after(); }
+    const renderable = view._renderable;   // Panel's view resizes and renders only when this is set
+    view._renderable = false;
+    try { return after(); } finally {
+      view._renderable = renderable;
+      window.explorerVtkLayoutSkips = (window.explorerVtkLayoutSkips || 0) + 1;
+    }
+  };
+}
 function apply(tries) {
   let view = null;
   for (const root of Bokeh.index) { view = find(root); if (view != null) break; }
+  if (view != null) guard(view);
   const volume = view != null ? view.volume : undefined;
   if (volume == null) {   // the 3D view is not built yet
     if (tries < 400) setTimeout(() => apply(tries + 1), 50);
     return;
   }
+  const t0 = performance.now();
   const image = volume.getMapper().getInputData();
-  const scalars = image.getPointData().getScalars();
-  if (scalars.getData().length !== values.length) return;
-  scalars.getData().set(values);
-  scalars.modified();
-  image.modified();
+  if (cb_obj === src) {   // a new volume (else: only the 3D view's settings changed)
+    const values = src.data.v[0];
+    const scalars = image.getPointData().getScalars();
+    if (scalars.getData().length !== values.length) return;
+    scalars.getData().set(values);
+    scalars.modified();
+    image.modified();
+  }
+  // volume rendering and / or an isosurface (vtk.js' marching cubes on the same image, built once)
+  const mode = iso.data.mode[0];
+  volume.setVisibility(mode !== "isosurface");
+  let surf = view.__explorer_iso;
+  if (mode !== "volume" && surf == null) {
+    const mc = vtk.Filters.General.vtkImageMarchingCubes.newInstance({computeNormals: true, mergePoints: true});
+    mc.setInputData(image);
+    const mapper = vtk.Rendering.Core.vtkMapper.newInstance({scalarVisibility: false});
+    mapper.setInputConnection(mc.getOutputPort());
+    const actor = vtk.Rendering.Core.vtkActor.newInstance();
+    actor.setMapper(mapper);
+    actor.getProperty().setColor(0.85, 0.85, 0.8);
+    view._vtk_renwin.getRenderer().addActor(actor);
+    surf = view.__explorer_iso = {mc, actor};
+  }
+  if (surf != null) {
+    surf.actor.setVisibility(mode !== "volume");
+    surf.mc.setContourValue(iso.data.value[0]);
+    if (mode !== "volume") {
+      surf.mc.update();
+      window.explorerIsoPoints = surf.mc.getOutputData().getNumberOfPoints();
+    }
+  }
   view._vtk_renwin.getRenderWindow().render();
-  window.explorerVolumeUpdates = (window.explorerVolumeUpdates || 0) + 1;
-  window.explorerVolumeFull = src.data.full[0];
+  if (cb_obj === src) {
+    window.explorerVolumeUpdates = (window.explorerVolumeUpdates || 0) + 1;
+    window.explorerVolumeFull = src.data.full[0];
+    if (src.data.full[0] === 1) window.explorerVolumeAt = performance.now();
+    window.explorerVolumeRenderMs = performance.now() - t0;
+  }
 }
 apply(0);
+"""
+
+DRAWN_JS = """
+// the model's slice arrived: once the browser has painted it (after the next animation frame), tell the server
+requestAnimationFrame(() => setTimeout(() => {
+  window.explorerSlicesDrawnAt = performance.now();
+  drawn.data = {n: [drawn.data.n[0] + 1]};
+}, 0));
 """
 
 PAGES: List["ExplorerPage"] = []
@@ -89,6 +148,9 @@ class ExplorerPage:
         self.volume_updates = 0
         self.updated = threading.Event()
         self._applying = False
+        self._after_drawn = None
+        self._star = None
+        self.drawn: Optional[ColumnDataSource] = None
         d3 = len(vm.shape) == 3 and vm.has_grid
         self.axes = [0, 1, 2] if d3 else [0]
         mid = (vm.lo + vm.hi) / 2
@@ -107,6 +169,7 @@ class ExplorerPage:
                                                step=span / 500, fixed_start=lo, fixed_end=hi if hi > lo else lo + 1,
                                                width=300, format="0[.]0000")
             w.param.watch(self._on_params, "value")
+            _undebounced(w)
             self.sliders.append(w)
             f = figure(height=34, width=300, x_range=Range1d(lo, hi if hi > lo else lo + 1), y_range=Range1d(0, 1),
                        toolbar_location=None, min_border=0, min_border_left=10, min_border_right=10)
@@ -125,6 +188,7 @@ class ExplorerPage:
         self.text_box = pn.widgets.TextInput(label="Go to parameters (comma-separated, simulation units)",
                                              placeholder=", ".join(_fmt(v) for v in mid), width=300)
         self.text_box.param.watch(self._on_text, "value")
+        _undebounced(self.text_box)
         self.message = pn.pane.Alert("", alert_type="danger", visible=False, width=300, name="message")
         self.cmap = pn.widgets.Select(label="Colormap", options=list(PALETTES), value="viridis", width=140)
         self.log_scale = pn.widgets.Checkbox(label="log scale", value=False,
@@ -135,6 +199,7 @@ class ExplorerPage:
                                                value=n // 2, width=300) for a, n in enumerate(vm.shape)] if d3 else []
         for p in self.positions:
             p.param.watch(self._on_params, "value")
+            _undebounced(p)
 
         # -- parameter space: scatter matrix of the stored runs (click one: the sliders move to it)
         self.space = self._scatter_matrix(runs, mid)
@@ -153,7 +218,21 @@ class ExplorerPage:
                                          display_slices=False, render_background="#222",
                                          controller_expanded=False, shadow=False)
             self.vol_source = ColumnDataSource({"v": [placeholder.ravel(order="F")], "full": [0]}, name="volume")
-            self.vol_source.js_on_change("data", CustomJS(args=dict(src=self.vol_source), code=VOLUME_JS))
+            # the 3D view's settings: volume rendering and / or an isosurface at a value (the data's units; with
+            # the log scale on, at the same place on the log scale as the volume's colours)
+            self.view3d = pn.widgets.RadioButtonGroup(label="3D view", options=["volume", "isosurface", "both"],
+                                                      value="volume", width=300)
+            self.iso_value = pn.widgets.FloatInput(label="isosurface value", value=float((vlo + vhi) / 2),
+                                                   start=float(vlo), end=float(vhi), width=140)
+            self.iso_source = ColumnDataSource({"mode": ["volume"], "value": [float((vlo + vhi) / 2)]}, name="iso")
+            self.view3d.param.watch(self._on_view3d, "value")
+            self.iso_value.param.watch(self._on_view3d, "value")
+            js = CustomJS(args=dict(src=self.vol_source, iso=self.iso_source), code=VOLUME_JS)
+            self.vol_source.js_on_change("data", js)
+            self.iso_source.js_on_change("data", js)
+            # the browser tells when it has drawn the model's slices (DRAWN_JS); only then the volume is computed
+            self.drawn = ColumnDataSource({"n": [0]}, name="drawn")
+            self.drawn.on_change("data", self._on_drawn)
 
         # -- slices with one fixed colour range (the data's), log optional; error on its own diverging scale
         self.lin_mapper = LinearColorMapper(palette=Viridis256, low=vlo, high=vhi)
@@ -200,7 +279,8 @@ class ExplorerPage:
                     if nm != "error":
                         self.bars.append(bar)
                 if nm == "model" and a == self.axes[0] and self.vol_source is not None:
-                    f.tags = [self.vol_source]   # puts the volume's source into the page's document
+                    f.tags = [self.vol_source, self.drawn, self.iso_source]   # into the page's document
+                    src.js_on_change("data", CustomJS(args=dict(drawn=self.drawn), code=DRAWN_JS))
                 figs.append(pn.pane.Bokeh(f))
                 self.sources[nm].append(src)
             self.slice_rows[nm] = pn.Row(*figs, visible=nm not in ("truth", "error"))
@@ -222,7 +302,8 @@ class ExplorerPage:
                          "(PNG of a view: the save tool above each plot)", width=340)
         main = pn.Column(self.status, self.trust,
                          pn.Row(pn.Column("### Parameter space (click a run)", self.space),
-                                pn.Column("### 3D view", self.vtk) if self.vtk is not None else pn.Spacer()),
+                                pn.Column("### 3D view", self.vtk, self.view3d, self.iso_value)
+                                if self.vtk is not None else pn.Spacer()),
                          *self.slice_rows.values())
         self.layout = pn.Row(side, main, name="explorer")
 
@@ -351,6 +432,30 @@ class ExplorerPage:
                 g.color_mapper = mapper
         for b in self.bars:
             b.color_mapper = mapper
+        if self.vtk is not None:   # the 3D view follows the log scale: the shown volume and the isosurface value
+            self._on_view3d()
+            if self.volume is not None:
+                self._apply_volume(self.volume, True)
+
+    def _on_view3d(self, *_):
+        try:
+            v = float(self.iso_value.value)
+        except (TypeError, ValueError):
+            v = float("nan")
+        if not math.isfinite(v):
+            self._show_message(f"isosurface value: expected a number, got {self.iso_value.value!r}")
+            return
+        self.iso_source.data = {"mode": [self.view3d.value], "value": [float(self._display(np.float32(v)))]}
+
+    def _display(self, vol: np.ndarray) -> np.ndarray:
+        """A field as the 3D view shows it: as is, or with the log scale on, its log position mapped onto the
+        data's value range (the volume's colour and opacity functions span that fixed range)."""
+        if not self.log_scale.value:
+            return vol
+        lo, hi = self.vm.value_range
+        llo, lhi = math.log10(lo), math.log10(hi)
+        t = (np.log10(np.maximum(np.asarray(vol, dtype=np.float64), lo)) - llo) / (lhi - llo)
+        return (lo + np.clip(t, 0.0, 1.0) * (hi - lo)).astype(np.float32)
 
     def _show_message(self, text: str) -> None:
         self.message.object = text
@@ -365,12 +470,36 @@ class ExplorerPage:
         except InputError as e:
             self._schedule(partial(self._show_message, str(e)))
             return
-        if view is not None:
-            self._schedule(partial(self._apply_view, view))
+        vol_req = None
         if self.vol_worker is not None:
             now = time.monotonic()
             dragging, self._last_change = now - self._last_change < DRAG_S, now
-            self.vol_worker.submit((q, dragging))
+            vol_req = (q, dragging)
+        if self.drawn is not None and self._in_server():
+            # progressive: the model's slices now; the rest of the view and the volume once the browser has drawn
+            # them (DRAWN_JS -> _on_drawn). On 2 cores, drawing the references and computing the volume at the same
+            # time as the browser draws the model's slices doubled the slices' latency.
+            self._after_drawn = (view, vol_req)
+            self._schedule(partial(self._apply_model_held, view))
+            return
+        self._schedule(partial(self._apply_view, view))
+        if vol_req is not None:
+            self.vol_worker.submit(vol_req)
+
+    def _on_drawn(self, attr, old, new):
+        """The browser drew the newest model slices: the rest of the view, then the volume."""
+        pending, self._after_drawn = self._after_drawn, None
+        if pending is None:
+            return
+        view, vol_req = pending
+        # as a next-tick callback of the session, like the worker's updates (in this Bokeh callback Panel does not
+        # know the session's document, and its panes' changes would not reach the browser)
+        self.doc.add_next_tick_callback(partial(self._apply_rest_held, view))
+        if vol_req is not None:
+            self.vol_worker.submit(vol_req)
+
+    def _in_server(self) -> bool:
+        return self.doc is not None and getattr(self.doc, "session_context", None) is not None
 
     def _handle_volume(self, req, superseded):
         """While dragging: a coarse volume (upsampled to the full lattice: the browser's vtk.js image keeps its size)
@@ -408,30 +537,52 @@ class ExplorerPage:
             fn()
 
     def _apply_view(self, view: SliceView):
-        if self.doc is not None and getattr(self.doc, "session_context", None) is not None:
+        """The whole view at once (pages without a 3D view, and pages built outside a server)."""
+        if self._in_server():
             with pn.io.hold(self.doc):   # one batch of events for the whole view
-                self._apply_view_now(view)
+                self._apply_model(view)
+                self._apply_rest(view)
         else:
-            self._apply_view_now(view)
+            self._apply_model(view)
+            self._apply_rest(view)
 
-    def _apply_view_now(self, view: SliceView):
+    def _apply_model_held(self, view: SliceView):
+        with pn.io.hold(self.doc):
+            self._apply_model(view)
+
+    def _apply_rest_held(self, view: SliceView):
+        with pn.io.hold(self.doc):
+            self._apply_rest(view)
+
+    def _set_row(self, nm: str, arrs) -> None:
+        for src, arr in zip(self.sources[nm], arrs or []):
+            if self.mesh:
+                src.data["value"] = np.ascontiguousarray(arr, dtype=np.float32)
+            else:
+                src.data = {"image": [np.ascontiguousarray(arr, dtype=np.float32)]}
+
+    def _apply_model(self, view: SliceView):
         self.view = view
-        for nm, srcs in self.sources.items():
-            arrs = view.fields.get(nm)
-            for src, arr in zip(srcs, arrs or []):
-                if self.mesh:
-                    src.data["value"] = np.ascontiguousarray(arr, dtype=np.float32)
-                else:
-                    src.data = {"image": [np.ascontiguousarray(arr, dtype=np.float32)]}
+        self._set_row("model", view.fields["model"])
+        self.updates += 1
+        self.status.object = f"update {self.updates}"
+
+    def _apply_rest(self, view: SliceView):
+        for nm in self.sources:
+            if nm != "model":
+                self._set_row(nm, view.fields.get(nm))
         has_truth = "truth" in view.fields
         for nm in ("truth", "error"):
             if nm in self.slice_rows:
                 self.slice_rows[nm].visible = has_truth
         q = view.query
         for i, n in enumerate(self.vm.param_names):
-            self.rugs[i].data = {"x": [float(q.raw[i])], "y": [0.5]}
-        self.query_source.data = {**{n: [float(q.raw[i])] for i, n in enumerate(self.vm.param_names)},
-                                  **({"zero": [0.0]} if "zero" in self.query_source.data else {})}
+            if self.rugs[i].data["x"][0] != float(q.raw[i]):   # each changed mark costs the browser a repaint
+                self.rugs[i].data = {"x": [float(q.raw[i])], "y": [0.5]}
+        if self.drawn is not None and self._in_server():
+            self._star = q   # with the full volume (ten scatter plots to repaint for one star: after the 3D view)
+        else:
+            self._set_star(q)
         self._show_message("")
         t = view.trust
         lines = [f"**Query**: " + ", ".join(f"{n} = {_fmt(v)}" for n, v in zip(self.vm.param_names, q.raw))]
@@ -447,16 +598,23 @@ class ExplorerPage:
         else:
             lines.append("(the run's data is not readable: model only, no training runs to compare with)")
         self.trust.object = "\n\n".join(lines)
-        self.updates += 1
-        self.status.object = f"update {self.updates}"
         self.updated.set()
+
+    def _set_star(self, q) -> None:
+        """The query's mark in the parameter-space view."""
+        self.query_source.data = {**{n: [float(q.raw[i])] for i, n in enumerate(self.vm.param_names)},
+                                  **({"zero": [0.0]} if "zero" in self.query_source.data else {})}
 
     def _apply_volume(self, vol: np.ndarray, full: bool):
         # binary float32 in VTKVolume's (Fortran) order; VOLUME_JS writes it into the vtk.js image in place
-        self.vol_source.data = {"v": [np.asarray(vol, dtype=np.float32).ravel(order="F")], "full": [int(full)]}
+        shown = self._display(np.asarray(vol, dtype=np.float32))
+        self.vol_source.data = {"v": [shown.ravel(order="F")], "full": [int(full)]}
         if full:
             self.volume = vol
             self.volume_updates += 1
+            star, self._star = self._star, None
+            if star is not None:
+                self._set_star(star)
 
     # -- downloads -----------------------------------------------------------------------------------------
     def _current_field(self) -> np.ndarray:
@@ -491,6 +649,14 @@ def _lower_priority() -> None:
         os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + VOLUME_NICE))
     except OSError:  # pragma: no cover - not permitted: run at normal priority
         pass
+
+
+def _undebounced(widget) -> None:
+    """Panel holds a widget's first change from the browser for 50 ms (``Syncable._debounce``) to batch quick
+    changes; the explorer coalesces in its own workers, so the page's sliders hand every change on at once (a
+    50 ms of the 100 ms budget for the slices)."""
+    for w in widget.select(pn.widgets.Widget):
+        w._debounce = 0
 
 
 def _upsample(vol: np.ndarray, shape: Sequence[int]) -> np.ndarray:
