@@ -565,7 +565,6 @@ class ExplorerPage:
         self.view = view
         self._set_row("model", view.fields["model"])
         self.updates += 1
-        self.status.object = f"update {self.updates}"
 
     def _apply_rest(self, view: SliceView):
         for nm in self.sources:
@@ -598,6 +597,7 @@ class ExplorerPage:
         else:
             lines.append("(the run's data is not readable: model only, no training runs to compare with)")
         self.trust.object = "\n\n".join(lines)
+        self.status.object = f"update {self.updates}"
         self.updated.set()
 
     def _set_star(self, q) -> None:
