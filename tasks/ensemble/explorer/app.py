@@ -272,17 +272,12 @@ class ExplorerPage:
                 r = f.image(image="image", x=0, y=0, dw=plane[1], dh=plane[0], source=src, color_mapper=mapper)
                 if nm != "error":
                     self.glyphs.append(r.glyph)
-                if a == self.axes[-1]:
-                    bar = ColorBar(color_mapper=mapper, ticker=BasicTicker(), width=8, location=(0, 0))
-                    f.add_layout(bar, "right")
-                    f.width += 70
-                    if nm != "error":
-                        self.bars.append(bar)
                 if nm == "model" and a == self.axes[0] and self.vol_source is not None:
                     f.tags = [self.vol_source, self.drawn, self.iso_source]   # into the page's document
                     src.js_on_change("data", CustomJS(args=dict(drawn=self.drawn), code=DRAWN_JS))
                 figs.append(pn.pane.Bokeh(f))
                 self.sources[nm].append(src)
+            figs.append(self._bar_figure(nm, 260 if self.mesh else 230))
             self.slice_rows[nm] = pn.Row(*figs, visible=nm not in ("truth", "error"))
 
         self.trust = pn.pane.Markdown("", width=520, name="trust")
@@ -338,11 +333,23 @@ class ExplorerPage:
                       fill_color={"field": "value", "transform": mapper})
         if nm != "error":
             self.glyphs.append(r.glyph)
+        self.sources[nm].append(src)
+        return pn.pane.Bokeh(f)
+
+    def _bar_figure(self, nm: str, height: int):
+        """A row's colour bar in a figure of its own: it repaints only when its mapper changes. Inside a slice's
+        figure it was repainted with every new slice, and in software rendering one colour bar's paint took ~80 ms
+        (its tick labels' font metrics force style and layout), half of the slices' time to the screen."""
+        mapper = self.err_mapper if nm == "error" else self.lin_mapper
+        f = figure(width=80, height=height, toolbar_location=None, x_range=Range1d(0, 1), y_range=Range1d(0, 1),
+                   min_border_left=0, min_border_right=0, outline_line_color=None)
+        f.axis.visible = False
+        f.grid.visible = False
+        f.rect(x=[0.5], y=[0.5], width=[0.0], height=[0.0], alpha=0.0)   # a plot needs a renderer
         bar = ColorBar(color_mapper=mapper, ticker=BasicTicker(), width=8, location=(0, 0))
-        f.add_layout(bar, "right")
+        f.add_layout(bar, "left")
         if nm != "error":
             self.bars.append(bar)
-        self.sources[nm].append(src)
         return pn.pane.Bokeh(f)
 
     def _on_projection(self, *_):
