@@ -18,6 +18,8 @@ synchronized):
   - ``fast_grid``:  ``model.predict_grid`` (no coordinates; on the SSR shape a slice of the folded lattice,
                     on a subsampling lattice a row gather, else the gather interpolation; addmm decoder);
   - ``fast_grid_bf16`` (and ``fast_grid_fp16`` on CUDA): the same in reduced precision, with its error;
+  - ``fast_grid_bftable``: ``predict_grid(table_dtype=torch.bfloat16)``: the folded table stored in bfloat16
+                    (half the bytes of the gather), everything else float32; its floor is the fp32 one;
 * peak memory of each path (CUDA: max_memory_allocated; CPU: sampled RSS delta);
 * achieved GFLOP/s of each path (its own matmul FLOPs: plain = full fusion + decoder per point, fast =
   decoder per point; 1 multiply-add = 2 FLOP) next to the measured matmul peak, and the matmul-bound floor
@@ -53,7 +55,7 @@ def main(argv=None):
     p.add_argument("--chunk_size", type=int, default=None, help="points per chunk (default: 2^13 CPU, 2^18 CUDA)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bake_repeats", type=int, default=3)
-    p.add_argument("--paths", default="plain,fast_forward,fast_grid,fast_grid_bf16,fast_grid_fp16")
+    p.add_argument("--paths", default="plain,fast_forward,fast_grid,fast_grid_bf16,fast_grid_fp16,fast_grid_bftable")
     p.add_argument("--breakdown", action="store_true",
                    help="also print where fast_grid's time goes (stencil / gather / matmul / activation passes)")
     p.add_argument("--compare", default=None, metavar="IDS",
@@ -107,6 +109,8 @@ def main(argv=None):
         "fast_forward": lambda: run_predict_field(True),
         "fast_grid": lambda: [model.predict_grid(shape, c, chunk) for c in conds],
         "fast_grid_bf16": lambda: [model.predict_grid(shape, c, chunk, dtype=torch.bfloat16) for c in conds],
+        "fast_grid_bftable": lambda: [model.predict_grid(shape, c, chunk, table_dtype=torch.bfloat16)
+                                      for c in conds],
         "fast_grid_fp16": lambda: [model.predict_grid(shape, c, chunk, dtype=torch.float16) for c in conds],
     }
     wanted = [n for n in args.paths.split(",") if n in paths]
@@ -151,7 +155,7 @@ def main(argv=None):
               f"peak_mem_mb={mem[n]:.1f} max_abs_err={err:.3g} rel_l2_err={rel:.3g} median_s={t:.4g}",
               flush=True)
     if args.breakdown:
-        for n in [n for n in wanted if n.startswith("fast_grid")]:
+        for n in [n for n in wanted if n in ("fast_grid", "fast_grid_bf16", "fast_grid_fp16")]:
             dt = {"fast_grid": None, "fast_grid_bf16": torch.bfloat16, "fast_grid_fp16": torch.float16}[n]
             parts = [grid_breakdown(model, shape, c, chunk, dt) for c in conds]   # warm-up
             parts = [grid_breakdown(model, shape, c, chunk, dt) for c in conds for _ in range(args.repeats)]

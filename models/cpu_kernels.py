@@ -69,6 +69,7 @@ _SIGNATURES = {
     "f32_to_bf16": [_I64, _PTR, _PTR],
     "bf16_to_f32": [_I64, _PTR, _PTR],
     "grid_gather_bias_relu": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR],
+    "grid_gather_bias_relu_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR],
 }
 _RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int}
 
@@ -323,8 +324,14 @@ def corner_stencil(x: Tensor, shape) -> tuple:
 
 def grid_gather_bias_relu(q, start: int, stop: int, table: Tensor, bias: Tensor, out: Tensor) -> Tensor:
     """relu(gather_corners(table, *q.stencil(start, stop)) + bias) into ``out`` (stop - start, C) without the
-    stencil tensors: q a models.fast_ops.GridQuery (its per-axis tables), table (P, C), bias (C,)."""
-    _check("grid_gather_bias_relu", table, bias, out, *q.axis_w)
+    stencil tensors: q a models.fast_ops.GridQuery (its per-axis tables), table (P, C), bias (C,).
+
+    ``table`` float32, or bfloat16 (rows read as float32 exactly and accumulated in float32 in the same order:
+    bitwise the float32 kernel on ``table.float()``, with half the bytes read)."""
+    bf16 = table.dtype == torch.bfloat16
+    if bf16 and (table.device.type != "cpu" or not table.is_contiguous()):
+        raise ValueError("cpu_kernels.grid_gather_bias_relu: a bfloat16 table must be a contiguous CPU tensor")
+    _check("grid_gather_bias_relu", *([] if bf16 else [table]), bias, out, *q.axis_w)
     M, C = stop - start, table.shape[1]
     d = len(q.query_shape)
     if not (0 <= start <= stop <= q.num_points) or out.shape != (M, C) or bias.shape != (C,) \
@@ -338,8 +345,9 @@ def grid_gather_bias_relu(q, start: int, stop: int, table: Tensor, bias: Tensor,
     qs = torch.tensor(q.q_strides, dtype=torch.int64)
     pi = (ctypes.c_void_p * d)(*[t.data_ptr() for t in q.axis_idx])
     pw = (ctypes.c_void_p * d)(*[t.data_ptr() for t in q.axis_w])
-    library().grid_gather_bias_relu(start, M, d, qs.data_ptr(), ka.data_ptr(), ctypes.addressof(pi),
-                                    ctypes.addressof(pw), C, table.data_ptr(), bias.data_ptr(), out.data_ptr())
+    fn = library().grid_gather_bias_relu_bf16t if bf16 else library().grid_gather_bias_relu
+    fn(start, M, d, qs.data_ptr(), ka.data_ptr(), ctypes.addressof(pi), ctypes.addressof(pw), C, table.data_ptr(),
+       bias.data_ptr(), out.data_ptr())
     return out
 
 

@@ -402,7 +402,8 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
 
     @torch.no_grad()
     def predict_grid(self, shape: Sequence[int], c: Tensor, chunk_size: int = 1 << 13, fast: bool = True,
-                     dtype: Optional[torch.dtype] = None, out: Optional[Tensor] = None) -> Tensor:
+                     dtype: Optional[torch.dtype] = None, out: Optional[Tensor] = None,
+                     table_dtype: Optional[torch.dtype] = None) -> Tensor:
         """Reconstruct one member on the vertices of a lattice (e.g. its full resolution).
 
         Same values as ``forward(grid_coords(shape)[None], c)`` (output channel 0), computed in chunks of
@@ -423,6 +424,10 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             dtype: compute dtype of the fast path (torch.bfloat16 / torch.float16; None = float32); the
                 result is float32.
             out: optional float32 tensor with prod(shape) elements to write into.
+            table_dtype: torch.bfloat16: the fast path reads the folded table stored in bfloat16 (a copy made
+                once, cached until unbake) and computes everything else in float32: half the bytes of the
+                gather, which bounds a query coarser than the lattice (each lattice row read about once); the
+                result is exactly the float32 path on the table rounded to bfloat16. Only with ``dtype`` None.
 
         Returns:
             float32 tensor of ``shape`` on the model's device.
@@ -445,8 +450,14 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             return res.reshape(shape)
         lins = self.decoder.linears
         cb = self.cond_bias(c)[0]                                       # (hidden,)
+        if table_dtype not in (None, torch.float32, torch.bfloat16) or (table_dtype is not None and
+                                                                         dtype is not None):
+            raise ValueError(f"predict_grid: table_dtype {table_dtype} (expected None or torch.bfloat16, and "
+                             f"only with dtype None; got dtype {dtype})")
         if dtype is None or dtype == self._baked_fused.dtype:
             table = self._baked_fused
+            if table_dtype == torch.bfloat16:
+                table = self._lowp(torch.bfloat16)[0]
             wb = [t for m in lins for t in (m.weight, m.bias)]
         else:
             table, *wb = self._lowp(dtype)
@@ -454,11 +465,12 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         q = GridQuery(shape, self.ssr_shape, dev)
         n = min(int(chunk_size), P)
         H = table.shape[1]
-        bufs = [torch.empty(n, H, device=dev, dtype=table.dtype) for _ in range(2)]  # reused: no per-chunk
+        act_dtype = cb.dtype                                                      # the products' dtype
+        bufs = [torch.empty(n, H, device=dev, dtype=act_dtype) for _ in range(2)]    # reused: no per-chunk
         w_t = [wb[2 * i].t() for i in range(len(lins))]                               # allocation
         cb = cb.contiguous()
         last = len(lins) - 1
-        direct = table.dtype == torch.float32 and w_t[last].shape[1] == 1          # last layer into res
+        direct = act_dtype == torch.float32 and w_t[last].shape[1] == 1            # last layer into res
         fused_relu = direct and dev.type == "cpu" and _onednn_linear_relu_ok()      # hidden: linear + ReLU
         for s, e in q.chunks(chunk_size):
             m = e - s

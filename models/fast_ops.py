@@ -281,6 +281,17 @@ class GridQuery:
         table's rows), with the same operations in the same order as the PyTorch composition, so the same
         values bit for bit; else that composition.
         """
+        if table.dtype == torch.bfloat16 and out.dtype == torch.float32:   # a bf16 table read into float32
+            if self.identity:
+                return torch.add(table[start:stop], bias, out=out).relu_()
+            if (table.device.type == "cpu" and cpu_kernels.library() is not None and self.corners <= 256
+                    and bias.dtype == torch.float32 and bias.is_contiguous()
+                    and all(w.dtype == torch.float32 for w in self.axis_w)):
+                return cpu_kernels.grid_gather_bias_relu(self, start, stop, table, bias, out)
+            idx, w = self.stencil(start, stop)          # the composition, rows converted per chunk
+            rows = table.index_select(0, idx.reshape(-1)).float().view(*idx.shape, -1)
+            torch.sum(rows * w.float().unsqueeze(-1), dim=1, out=out)
+            return out.add_(bias).relu_()
         if _prims(table) is cpu_kernels and bias.dtype == torch.float32 and bias.is_contiguous():
             if self.identity:
                 return cpu_kernels.bias_relu(table[start:stop], bias.view(1, -1), out=out)

@@ -217,6 +217,58 @@ def test_grid_query_gather_bias_relu_equals_composition(q, lat):
         assert got.data_ptr() == out.data_ptr() and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("q,lat", [((5, 7, 6), (5, 7, 6)), ((9, 13, 11), (5, 7, 6)), ((4, 7), (6, 5))])
+def test_gather_bias_relu_bf16_table_equals_float_table(q, lat):
+    """A bfloat16 table read into float32: with the compiled kernels bitwise the float32 pass on table.float()
+    (rows widened exactly, the same accumulation order); the PyTorch fallback equals it within float32
+    rounding (its sum runs in another order)."""
+    from models import cpu_kernels
+
+    gq = GridQuery(q, lat)
+    g = torch.Generator().manual_seed(5)
+    table = torch.randn(int(torch.tensor(lat).prod()), 19, generator=g).to(torch.bfloat16)
+    bias = torch.randn(19, generator=g)
+    for s, e in [(0, gq.num_points), (2, min(gq.num_points, 31))]:
+        got = gq.gather_bias_relu(table, s, e, bias, torch.full((e - s, 19), float("nan")))
+        want = gq.gather_bias_relu(table.float(), s, e, bias, torch.empty(e - s, 19))
+        assert got.dtype == torch.float32
+        if cpu_kernels.library() is not None or gq.identity:
+            assert torch.equal(got, want), (s, e, (got - want).abs().max())
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_predict_grid_bf16_table_is_float_path_on_rounded_table(spatial_dims):
+    """predict_grid(table_dtype=bfloat16) = the float32 fast path on the folded table rounded to bfloat16, bit
+    for bit with the compiled kernels, and close to the float32 result; a bad table_dtype is refused."""
+    from models import cpu_kernels
+
+    m = small(spatial_dims)
+    m.bake()
+    c = torch.rand(m.cond_dim)
+    with torch.no_grad():
+        for shape in [m.ssr_shape, (11, 4, 9)[-spatial_dims:], tuple(2 * n - 1 for n in m.ssr_shape)]:
+            got = m.predict_grid(shape, c, chunk_size=37, table_dtype=torch.bfloat16)
+            full = m.predict_grid(shape, c, chunk_size=37)
+            orig = m._baked_fused
+            m._baked_fused = orig.to(torch.bfloat16).float()
+            try:
+                want = m.predict_grid(shape, c, chunk_size=37)
+            finally:
+                m._baked_fused = orig
+            if cpu_kernels.library() is not None or shape == m.ssr_shape:
+                assert torch.equal(got, want), (shape, (got - want).abs().max())
+            else:                                 # the PyTorch fallback sums the corners in another order
+                torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+            assert not torch.equal(got, full)
+            torch.testing.assert_close(got, full, rtol=2e-2, atol=2e-2)
+        with pytest.raises(ValueError, match="table_dtype"):
+            m.predict_grid(m.ssr_shape, c, table_dtype=torch.float16)
+        with pytest.raises(ValueError, match="table_dtype"):
+            m.predict_grid(m.ssr_shape, c, dtype=torch.bfloat16, table_dtype=torch.bfloat16)
+
+
 def test_predict_grid_unbaked_falls_back():
     m = small(3)
     m.eval()

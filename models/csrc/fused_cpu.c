@@ -366,47 +366,60 @@ void bf16_to_f32(int64_t n, const uint16_t *src, float *dst) {
  * rows add up and weights multiply in axis order, corners are added in order k = 0..K-1, then the bias, then
  * the ReLU: the same operations in the same order as GridQuery.stencil + gather_corners + add + relu (so the
  * same bits), without materializing the stencil. table (P, C); bias (C); out (M, C). At most 2^8 corners. */
-void grid_gather_bias_relu(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const int64_t *ka,
-                           const int64_t *const *axis_idx, const float *const *axis_w, int64_t C,
-                           const float *table, const float *bias, float *out) {
-    #pragma omp parallel
-    {
-        int64_t cr[256];
-        float cw[256];
-        #pragma omp for schedule(static)
-        for (int64_t m = 0; m < M; m++) {
-            int64_t rem = start + m, n = 1;
-            cr[0] = 0;
-            cw[0] = 1.0f;                                       /* 1 * w exactly w: the first axis' weight */
-            for (int64_t a = 0; a < d; a++) {
-                const int64_t j = rem / qstrides[a], k = ka[a];
-                rem -= j * qstrides[a];
-                const int64_t *ia = axis_idx[a] + j * k;
-                const float *wa = axis_w[a] + j * k;
-                for (int64_t p = n - 1; p >= 0; p--) {          /* expand in place, back to front */
-                    const int64_t r0 = cr[p];
-                    const float w0 = cw[p];
-                    for (int64_t b = k - 1; b >= 0; b--) {
-                        cr[p * k + b] = r0 + ia[b];
-                        cw[p * k + b] = a == 0 ? wa[b] : w0 * wa[b];
-                    }
-                }
-                n *= k;
-            }
-            float *o = out + m * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) o[c] = 0.0f;
-            for (int64_t q = 0; q < n; q++) {
-                const float wq = cw[q];
-                const float *t = table + cr[q] * C;
-                #pragma omp simd
-                for (int64_t c = 0; c < C; c++) o[c] += wq * t[c];
-            }
-            #pragma omp simd
-            for (int64_t c = 0; c < C; c++) {
-                const float v = o[c] + bias[c];
-                o[c] = v > 0.0f ? v : 0.0f;
-            }
-        }
-    }
+/* relu(sum_q w_q table[row_q] + bias) per query vertex, corners from the per-axis tables (never materialized).
+   One body for two table types: float32, and bfloat16 rows (half the bytes of a memory-bound gather) read as
+   float32 (exact: the bits shifted up) and accumulated in float32 in the same order. */
+#define GRID_GATHER_BIAS_RELU(NAME, TTYPE, LOAD)                                                                 \
+void NAME(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const int64_t *ka,                    \
+          const int64_t *const *axis_idx, const float *const *axis_w, int64_t C,                              \
+          const TTYPE *table, const float *bias, float *out) {                                                \
+    _Pragma("omp parallel")                                                                                    \
+    {                                                                                                          \
+        int64_t cr[256];                                                                                       \
+        float cw[256];                                                                                         \
+        _Pragma("omp for schedule(static)")                                                                    \
+        for (int64_t m = 0; m < M; m++) {                                                                      \
+            int64_t rem = start + m, n = 1;                                                                    \
+            cr[0] = 0;                                                                                         \
+            cw[0] = 1.0f;                               /* 1 * w exactly w: the first axis' weight */          \
+            for (int64_t a = 0; a < d; a++) {                                                                  \
+                const int64_t j = rem / qstrides[a], k = ka[a];                                                \
+                rem -= j * qstrides[a];                                                                        \
+                const int64_t *ia = axis_idx[a] + j * k;                                                       \
+                const float *wa = axis_w[a] + j * k;                                                           \
+                for (int64_t p = n - 1; p >= 0; p--) {  /* expand in place, back to front */                   \
+                    const int64_t r0 = cr[p];                                                                  \
+                    const float w0 = cw[p];                                                                    \
+                    for (int64_t b = k - 1; b >= 0; b--) {                                                     \
+                        cr[p * k + b] = r0 + ia[b];                                                            \
+                        cw[p * k + b] = a == 0 ? wa[b] : w0 * wa[b];                                           \
+                    }                                                                                          \
+                }                                                                                              \
+                n *= k;                                                                                        \
+            }                                                                                                  \
+            float *o = out + m * C;                                                                            \
+            _Pragma("omp simd")                                                                                \
+            for (int64_t c = 0; c < C; c++) o[c] = 0.0f;                                                       \
+            for (int64_t q = 0; q < n; q++) {                                                                  \
+                const float wq = cw[q];                                                                        \
+                const TTYPE *t = table + cr[q] * C;                                                            \
+                _Pragma("omp simd")                                                                            \
+                for (int64_t c = 0; c < C; c++) o[c] += wq * LOAD(t[c]);                                       \
+            }                                                                                                  \
+            _Pragma("omp simd")                                                                                \
+            for (int64_t c = 0; c < C; c++) {                                                                  \
+                const float v = o[c] + bias[c];                                                                \
+                o[c] = v > 0.0f ? v : 0.0f;                                                                    \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
 }
+
+#define LOAD_F32(x) (x)
+static inline float load_bf16(uint16_t x) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)x << 16;
+    return v.f;
+}
+GRID_GATHER_BIAS_RELU(grid_gather_bias_relu, float, LOAD_F32)
+GRID_GATHER_BIAS_RELU(grid_gather_bias_relu_bf16t, uint16_t, load_bf16)
