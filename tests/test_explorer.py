@@ -10,9 +10,11 @@ import time
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import tasks  # noqa: F401  (registers every task)
+from tasks.ensemble.surrogate import denormalize
 from util.config import load_config
 from util.training import train
 
@@ -83,6 +85,18 @@ def test_view_matches_surrogate_and_independent_references(run, vm):
         np.testing.assert_allclose(view.fields["model"][a], planes[a], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(vm.volume(q), full, rtol=1e-5, atol=1e-5)
     assert vm.volume(q, coarse=True).shape == (3, 4, 4)
+    # the 3D view's volume: the float32 fast path on the folded table rounded to bfloat16
+    m = vm.s.model
+    c32 = torch.as_tensor(q.c, dtype=torch.float32)
+    orig = m._baked_fused
+    m._baked_fused = orig.to(torch.bfloat16).float()
+    try:
+        rounded = denormalize(m.predict_grid(SHAPE, c32).numpy(), vm.meta)
+    finally:
+        m._baked_fused = orig
+    shown = vm.volume(q, display=True)
+    np.testing.assert_allclose(shown, rounded, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(shown, full, rtol=1e-2, atol=1e-2)
 
     # nearest training run and IDW-8 (power 2), by hand in normalized parameter space
     c = _normalized(run, raw)

@@ -514,11 +514,11 @@ class ExplorerPage:
         q, dragging = req
         _lower_priority()
         if COARSE_FIRST and dragging:
-            coarse = self.vm.volume(q, coarse=True)
+            coarse = self.vm.volume(q, coarse=True, display=True)
             if superseded():
                 return
             self._schedule(partial(self._apply_volume, _upsample(coarse, self.vm.shape), False))
-        full = self.vm.volume(q)
+        full = self.vm.volume(q, display=True)
         if superseded():
             return
         self._schedule(partial(self._apply_volume, full, True))

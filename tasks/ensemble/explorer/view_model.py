@@ -14,6 +14,7 @@ test.py's (``tasks.ensemble.reference``): the nearest training member and IDW ov
 """
 from __future__ import annotations
 
+import inspect
 import io
 import math
 import os
@@ -373,18 +374,25 @@ class ExplorerModel:
         return SliceView(query=q, positions=pos, fields=fields, trust=trust, at_row=at)
 
     @torch.no_grad()
-    def volume(self, q: Query, coarse: bool = False) -> np.ndarray:
+    def volume(self, q: Query, coarse: bool = False, display: bool = False) -> np.ndarray:
         """The model's whole field in data units: the data's grid (``coarse``: every axis halved, at least 2
         vertices, for a quick first picture), or for a mesh ensemble its values at the vertices.
 
         Gridded: DRR-Net's baked fast path (``predict_grid``) when the model has one, else ``forward`` in chunks.
+        ``display``: for the 3D view only, a baked DRR-Net on the CPU reads its folded table stored in bfloat16
+        (``predict_grid(table_dtype=torch.bfloat16)``: ~1.3x faster on the paper model, ~2e-5 relative from the
+        float32 field; a bfloat16 copy of the table, half its memory, is kept). Downloads use float32.
         """
         if not self.has_grid:
             return self.s.predict(list(q.c), normalized_params=True)
         shape = tuple(max(2, (n + 1) // 2) for n in self.shape) if coarse else self.shape
         m = self.s.model   # every FieldModel has predict_grid (DRR-Net's: the folded lattice)
         c = torch.as_tensor(q.c, dtype=torch.float32, device=self.s.device)
-        v = m.predict_grid(shape, c, min(self.s.chunk_size, 1 << 16))
+        kw = {}
+        if display and torch.device(self.s.device).type == "cpu" and getattr(m, "_baked_fused", None) is not None \
+                and "table_dtype" in inspect.signature(m.predict_grid).parameters:
+            kw["table_dtype"] = torch.bfloat16
+        v = m.predict_grid(shape, c, min(self.s.chunk_size, 1 << 16), **kw)
         return denormalize(v[..., 0].reshape(shape) if v.ndim == 2 and v.shape != shape else v.reshape(shape).cpu().numpy(), self.meta)
 
     # -- downloads ---------------------------------------------------------------------------------------
