@@ -232,6 +232,25 @@ def test_spatial_resolutions_that_fit_the_data_still_load(tmp_path):
     assert exp["model"]["spatial_resolutions"] == [[4, 4, 4], 8]
 
 
+def test_spatial_resolutions_checked_at_build_name_the_config(ens, tmp_path):
+    """An ensemble section without ``dims``: the data's number of axes is known only when the model is built;
+    the error still names the config file and id."""
+    from util.config import load_config
+    from util.training import train
+
+    model = {"spatial_resolutions": [[4, 4, 4], 8], "spatial_channels": 2, "pe_frequencies": 2,
+             "spatial_refiner_layers": 1, "cond_resolutions": [2, 4], "cond_channels": 2, "cond_refiner_layers": 1,
+             "hidden_dim": 8, "decoder_layers": 2}
+    path = _config(tmp_path, model, {"type": "ensemble", "cond_batch": 2, "spatial_log2batch": 3, **ens})
+    exp = load_config(path, 0)
+    exp["train"]["log_dir"] = str(tmp_path / "runs")
+    with pytest.raises(ConfigError) as e:
+        train(exp, progress=False)
+    msg = str(e.value)
+    assert "spatial_resolutions" in msg and "expected an int or 2 values" in msg
+    assert msg.endswith(f"({path}, config_id 0)")
+
+
 # --------------------------------------------------------------------------- the collapse detector's advice
 class _OneProcess:
     device = torch.device("cpu")

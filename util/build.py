@@ -61,7 +61,13 @@ def build_model(exp: Dict[str, Any], cond_dim: Optional[int] = None, spatial_dim
     keys = accepted_keys("model", typ, tuple(injected))
     if "init_output_mean" in keys and kwargs.get("init_output_mean", keys["init_output_mean"]) == "auto":
         kwargs["init_output_mean"] = None if output_mean is None else float(output_mean)
-    return build("model", typ, section="model", injected=injected, **kwargs)
+    try:
+        return build("model", typ, section="model", injected=injected, **kwargs)
+    except ConfigError as e:   # checks only the data can make (e.g. per-axis sizes vs its axes): name the config
+        src = exp.get("_source") or {}
+        if src.get("file") is None or str(src["file"]) in str(e):
+            raise
+        raise ConfigError(f"{e} ({src['file']}, config_id {src.get('config_id', 0)})") from e
 
 
 
