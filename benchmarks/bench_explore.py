@@ -18,7 +18,6 @@ Targets (issue 22, 2-core CPU): slices within 100 ms p95, the full 3D field with
 """
 import argparse
 import os
-import socket
 import sys
 import time
 
@@ -99,25 +98,14 @@ def server_side(vm, n, rng):
 def end_to_end(vm, n, rng):
     from playwright.sync_api import sync_playwright
 
-    from tasks.ensemble.explorer import app
+    from tasks.ensemble.explorer import app, headless
 
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        port = so.getsockname()[1]
-    server = app.serve(vm, port=port, threaded=True)
     out = {f"{w} ({d})": [] for d in ("slider", "typed") for w in ("slices", "full volume")}
     out["3D render in the page"] = []   # of the full volume: write into vtk.js' image + render
-    try:
+    with headless.served(vm) as port:
         with sync_playwright() as p:
-            b = p.chromium.launch(executable_path="/usr/bin/chromium",
-                                  args=["--no-sandbox", "--use-gl=swiftshader", "--enable-unsafe-swiftshader"])
-            page = b.new_page(viewport={"width": 1400, "height": 1200})
-            for _ in range(50):
-                try:
-                    page.goto(f"http://127.0.0.1:{port}/")
-                    break
-                except Exception:
-                    time.sleep(0.2)
+            b = headless.launch(p)
+            page = headless.open_page(b, port, {"width": 1400, "height": 1200})
             page.get_by_text("update 1", exact=True).wait_for(timeout=60000)
             srv = app.PAGES[-1]
             box = page.get_by_placeholder(srv.text_box.placeholder, exact=True)
@@ -151,8 +139,6 @@ def end_to_end(vm, n, rng):
                     out[f"full volume ({drive})"].append((t2 - t0) / 1e3)
                     out["3D render in the page"].append(r / 1e3)
             b.close()
-    finally:
-        server.stop()
     return out
 
 

@@ -10,9 +10,7 @@ isosurface are drawn, and saves a full-page PNG.
 """
 import argparse
 import os
-import socket
 import sys
-import time
 
 import numpy as np
 
@@ -28,25 +26,14 @@ def main(argv=None):
     args = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
-    from tasks.ensemble.explorer import ExplorerModel, app
+    from tasks.ensemble.explorer import ExplorerModel, app, headless
 
     vm = ExplorerModel.open(args.run, device="cpu")
     row = int(vm.test_rows[0]) if args.row is None else args.row
-    with socket.socket() as so:
-        so.bind(("127.0.0.1", 0))
-        port = so.getsockname()[1]
-    server = app.serve(vm, port=port, threaded=True)
-    try:
+    with headless.served(vm) as port:
         with sync_playwright() as pw:
-            b = pw.chromium.launch(executable_path=args.chromium,
-                                   args=["--no-sandbox", "--use-gl=swiftshader", "--enable-unsafe-swiftshader"])
-            page = b.new_page(viewport={"width": 1500, "height": 1000})
-            for _ in range(50):
-                try:
-                    page.goto(f"http://127.0.0.1:{port}/")
-                    break
-                except Exception:
-                    time.sleep(0.2)
+            b = headless.launch(pw, args.chromium)
+            page = headless.open_page(b, port, {"width": 1500, "height": 1000})
             page.get_by_text("update 1", exact=True).wait_for(timeout=60000)
             srv = app.PAGES[-1]
             page.get_by_placeholder(srv.text_box.placeholder, exact=True).fill(
@@ -65,8 +52,6 @@ def main(argv=None):
             page.wait_for_timeout(1000)
             page.screenshot(path=args.out, full_page=True)
             b.close()
-    finally:
-        server.stop()
     print(f"wrote {args.out} (run {args.run}, stored run {row})")
 
 

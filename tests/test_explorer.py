@@ -4,7 +4,6 @@ headless Chromium that opens the page, moves a slider and reads the served slice
 import json
 import os
 import shutil
-import socket
 import threading
 import time
 
@@ -14,6 +13,7 @@ import torch
 import yaml
 
 import tasks  # noqa: F401  (registers every task)
+from tasks.ensemble.explorer.headless import CHROMIUM
 from tasks.ensemble.surrogate import denormalize
 from util.config import load_config
 from util.training import train
@@ -194,15 +194,6 @@ def test_coalescer_drops_stale_requests():
 
 
 # ------------------------------------------------------------------------------------------- headless browser
-CHROMIUM = "/usr/bin/chromium"
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def browser():
     if not os.path.exists(CHROMIUM):
@@ -210,9 +201,10 @@ def browser():
             pytest.fail(f"{CHROMIUM} is missing in CI (.ci/run installs Debian's chromium)")
         pytest.skip(f"no {CHROMIUM} (apt-get install -y chromium)")
     sync_playwright = pytest.importorskip("playwright.sync_api").sync_playwright
+    from tasks.ensemble.explorer import headless
+
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox", "--use-gl=swiftshader",
-                                                               "--enable-unsafe-swiftshader"])
+        b = headless.launch(p)
         try:
             yield b
         finally:
@@ -239,23 +231,17 @@ def _served_plane(page, name):
 
 def test_browser_moves_a_slider_and_sees_predict_py_output(run, vm, browser, tmp_path):
     import predict
-    from tasks.ensemble.explorer import app
+    from tasks.ensemble.explorer import app, headless
 
-    port = _free_port()
-    server = app.serve(vm, port=port, threaded=True)
-    try:
-        page = browser.new_page(viewport={"width": 1400, "height": 1200})
-        outside = []
-        errors = []
+    outside, errors = [], []
+
+    def listen(page):
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("request", lambda r: outside.append(r.url) if not r.url.startswith(
             (f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}", "data:", "blob:")) else None)
-        for _ in range(50):   # the threaded server starts in the background
-            try:
-                page.goto(f"http://127.0.0.1:{port}/")
-                break
-            except Exception:
-                time.sleep(0.2)
+
+    with headless.served(vm) as port:
+        page = headless.open_page(browser, port, {"width": 1400, "height": 1200}, setup=listen)
         page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0 && "
                                "Bokeh.documents[0].get_model_by_name('src_model_0') !== null", timeout=30000)
         page.get_by_text("update 1", exact=True).wait_for(timeout=30000)
@@ -314,8 +300,6 @@ def test_browser_moves_a_slider_and_sees_predict_py_output(run, vm, browser, tmp
         page.screenshot(path=str(tmp_path / "explorer.png"), full_page=True)
         assert os.path.getsize(tmp_path / "explorer.png") > 10000
         assert outside == [], f"the page fetched from outside the server: {outside[:3]}"
-    finally:
-        server.stop()
 
 
 # ------------------------------------------------------------------------------------------- mesh ensembles
