@@ -5,6 +5,7 @@ callbacks only submit requests; the worker computes and hands the results back t
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
@@ -312,7 +313,7 @@ class ExplorerPage:
         except Exception:  # pragma: no cover - outside a server (tests build the page directly)
             pass
         PAGES.append(self)
-        if self.doc is not None and getattr(self.doc, "session_context", None) is not None:
+        if self._in_server():
             # the first update once the browser holds the document: a change made before it pulled the document
             # would not fire the volume's JavaScript callback (the 3D view would keep its placeholder)
             pn.state.onload(self._submit)
@@ -482,12 +483,12 @@ class ExplorerPage:
             now = time.monotonic()
             dragging, self._last_change = now - self._last_change < DRAG_S, now
             vol_req = (q, dragging)
-        if self.drawn is not None and self._in_server():
+        if self._progressive():
             # progressive: the model's slices now; the rest of the view and the volume once the browser has drawn
             # them (DRAWN_JS -> _on_drawn). On 2 cores, drawing the references and computing the volume at the same
             # time as the browser draws the model's slices doubled the slices' latency.
             self._after_drawn = (view, vol_req)
-            self._schedule(partial(self._apply_model_held, view))
+            self._schedule(partial(self._held, self._apply_model, view))
             return
         self._schedule(partial(self._apply_view, view))
         if vol_req is not None:
@@ -501,12 +502,16 @@ class ExplorerPage:
         view, vol_req = pending
         # as a next-tick callback of the session, like the worker's updates (in this Bokeh callback Panel does not
         # know the session's document, and its panes' changes would not reach the browser)
-        self.doc.add_next_tick_callback(partial(self._apply_rest_held, view))
+        self.doc.add_next_tick_callback(partial(self._held, self._apply_rest, view))
         if vol_req is not None:
             self.vol_worker.submit(vol_req)
 
     def _in_server(self) -> bool:
         return self.doc is not None and getattr(self.doc, "session_context", None) is not None
+
+    def _progressive(self) -> bool:
+        """Updates paced by the browser's DRAWN_JS ack: a served page with a 3D view."""
+        return self.drawn is not None and self._in_server()
 
     def _handle_volume(self, req, superseded):
         """While dragging: a coarse volume (upsampled to the full lattice: the browser's vtk.js image keeps its size)
@@ -538,28 +543,20 @@ class ExplorerPage:
         self._schedule(partial(self._show_message, f"update failed: {type(e).__name__}: {e}"))
 
     def _schedule(self, fn):
-        if self.doc is not None and getattr(self.doc, "session_context", None) is not None:
+        if self._in_server():
             self.doc.add_next_tick_callback(fn)
         else:  # no server session (the page built in a test): apply at once
             fn()
 
     def _apply_view(self, view: SliceView):
         """The whole view at once (pages without a 3D view, and pages built outside a server)."""
-        if self._in_server():
-            with pn.io.hold(self.doc):   # one batch of events for the whole view
-                self._apply_model(view)
-                self._apply_rest(view)
-        else:
-            self._apply_model(view)
-            self._apply_rest(view)
+        self._held(self._apply_model, view)
+        self._held(self._apply_rest, view)
 
-    def _apply_model_held(self, view: SliceView):
-        with pn.io.hold(self.doc):
-            self._apply_model(view)
-
-    def _apply_rest_held(self, view: SliceView):
-        with pn.io.hold(self.doc):
-            self._apply_rest(view)
+    def _held(self, apply, view: SliceView):
+        """``apply(view)`` as one batch of document events (in a server session)."""
+        with pn.io.hold(self.doc) if self._in_server() else contextlib.nullcontext():
+            apply(view)
 
     def _set_row(self, nm: str, arrs) -> None:
         for src, arr in zip(self.sources[nm], arrs or []):
@@ -585,13 +582,13 @@ class ExplorerPage:
         for i, n in enumerate(self.vm.param_names):
             if self.rugs[i].data["x"][0] != float(q.raw[i]):   # each changed mark costs the browser a repaint
                 self.rugs[i].data = {"x": [float(q.raw[i])], "y": [0.5]}
-        if self.drawn is not None and self._in_server():
+        if self._progressive():
             self._star = q   # with the full volume (ten scatter plots to repaint for one star: after the 3D view)
         else:
             self._set_star(q)
         self._show_message("")
         t = view.trust
-        lines = [f"**Query**: " + ", ".join(f"{n} = {_fmt(v)}" for n, v in zip(self.vm.param_names, q.raw))]
+        lines = ["**Query**: " + ", ".join(f"{n} = {_fmt(v)}" for n, v in zip(self.vm.param_names, q.raw))]
         if view.at_row is not None:
             lines.append(f"**This is stored run {view.at_row}**: its true field and the model's error are shown.")
         if self.vm.dataset is not None:

@@ -14,7 +14,6 @@ test.py's (``tasks.ensemble.reference``): the nearest training member and IDW ov
 """
 from __future__ import annotations
 
-import inspect
 import io
 import math
 import os
@@ -26,6 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from models.drrnet import DRRNet
 from tasks.ensemble.reference import IDWPredictor, NearestMemberPredictor
 from tasks.ensemble.surrogate import Surrogate, denormalize
 from util.sampling import axis_coords
@@ -389,8 +389,8 @@ class ExplorerModel:
         m = self.s.model   # every FieldModel has predict_grid (DRR-Net's: the folded lattice)
         c = torch.as_tensor(q.c, dtype=torch.float32, device=self.s.device)
         kw = {}
-        if display and torch.device(self.s.device).type == "cpu" and getattr(m, "_baked_fused", None) is not None \
-                and "table_dtype" in inspect.signature(m.predict_grid).parameters:
+        if display and torch.device(self.s.device).type == "cpu" and isinstance(m, DRRNet) \
+                and m._baked_fused is not None:
             kw["table_dtype"] = torch.bfloat16
         v = m.predict_grid(shape, c, min(self.s.chunk_size, 1 << 16), **kw)
         return denormalize(v[..., 0].reshape(shape) if v.ndim == 2 and v.shape != shape else v.reshape(shape).cpu().numpy(), self.meta)
