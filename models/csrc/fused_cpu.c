@@ -351,11 +351,17 @@ void f32_to_bf16(int64_t n, const float *src, uint16_t *dst) {
     }
 }
 
-/* bfloat16 -> float32 (exact: the bits shifted into the high half).   src (n) bf16 bits, dst (n) float32. */
+/* bfloat16 -> float32 (exact: the bits shifted into the high half). */
+static inline float load_bf16(uint16_t x) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)x << 16;
+    return v.f;
+}
+
+/* src (n) bf16 bits, dst (n) float32. */
 void bf16_to_f32(int64_t n, const uint16_t *src, float *dst) {
-    uint32_t *d = (uint32_t *)dst;
     #pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < n; i++) d[i] = (uint32_t)src[i] << 16;
+    for (int64_t i = 0; i < n; i++) dst[i] = load_bf16(src[i]);
 }
 
 /* Baked inference on a query lattice (models/fast_ops.GridQuery.gather_bias_relu, DRRNet.predict_grid):
@@ -416,10 +422,5 @@ void NAME(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const in
 }
 
 #define LOAD_F32(x) (x)
-static inline float load_bf16(uint16_t x) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)x << 16;
-    return v.f;
-}
 GRID_GATHER_BIAS_RELU(grid_gather_bias_relu, float, LOAD_F32)
 GRID_GATHER_BIAS_RELU(grid_gather_bias_relu_bf16t, uint16_t, load_bf16)
