@@ -279,26 +279,22 @@ class GridQuery:
         (C,). On CPU in float32 one compiled pass (``cpu_kernels.grid_gather_bias_relu``: each vertex's
         corners from the per-axis tables, never materialized; on the identity lattice ``bias_relu`` of the
         table's rows), with the same operations in the same order as the PyTorch composition, so the same
-        values bit for bit; else that composition.
+        values bit for bit; else that composition. A bfloat16 table with a float32 ``out`` is read into float32
+        (compiled: bitwise the float32 pass on ``table.float()``).
         """
-        if table.dtype == torch.bfloat16 and out.dtype == torch.float32:   # a bf16 table read into float32
-            if self.identity:
-                return torch.add(table[start:stop], bias, out=out).relu_()
-            if (table.device.type == "cpu" and cpu_kernels.library() is not None and self.corners <= 256
-                    and bias.dtype == torch.float32 and bias.is_contiguous()
-                    and all(w.dtype == torch.float32 for w in self.axis_w)):
-                return cpu_kernels.grid_gather_bias_relu(self, start, stop, table, bias, out)
-            idx, w = self.stencil(start, stop)          # the composition, rows converted per chunk
-            rows = table.index_select(0, idx.reshape(-1)).float().view(*idx.shape, -1)
-            torch.sum(rows * w.float().unsqueeze(-1), dim=1, out=out)
-            return out.add_(bias).relu_()
-        if _prims(table) is cpu_kernels and bias.dtype == torch.float32 and bias.is_contiguous():
-            if self.identity:
+        wide = table.dtype == torch.bfloat16 and out.dtype == torch.float32   # a bf16 table read into float32
+        if (wide or _prims(table) is cpu_kernels) and cpu_kernels.library() is not None \
+                and table.device.type == "cpu" and bias.dtype == torch.float32 and bias.is_contiguous():
+            if self.identity and not wide:
                 return cpu_kernels.bias_relu(table[start:stop], bias.view(1, -1), out=out)
-            if self.corners <= 256 and all(w.dtype == torch.float32 for w in self.axis_w):
+            if not self.identity and self.corners <= 256 and all(w.dtype == torch.float32 for w in self.axis_w):
                 return cpu_kernels.grid_gather_bias_relu(self, start, stop, table, bias, out)
         if self.identity:
             torch.add(table[start:stop], bias, out=out)
+        elif wide:                                       # the composition, rows widened per chunk
+            idx, w = self.stencil(start, stop)
+            rows = table.index_select(0, idx.reshape(-1)).float().view(*idx.shape, -1)
+            torch.sum(rows * w.float().unsqueeze(-1), dim=1, out=out).add_(bias)
         else:
             out.copy_(gather_interp(table, *self.stencil(start, stop))).add_(bias)
         return out.relu_()
