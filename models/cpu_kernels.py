@@ -68,8 +68,8 @@ _SIGNATURES = {
     "has_vector_math": [],
     "f32_to_bf16": [_I64, _PTR, _PTR],
     "bf16_to_f32": [_I64, _PTR, _PTR],
-    "grid_gather_bias_relu": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR],
-    "grid_gather_bias_relu_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _PTR],
+    "grid_gather_bias_relu": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
+    "grid_gather_bias_relu_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
 }
 _RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int}
 
@@ -322,9 +322,11 @@ def corner_stencil(x: Tensor, shape) -> tuple:
     return idx, w
 
 
-def grid_gather_bias_relu(q, start: int, stop: int, table: Tensor, bias: Tensor, out: Tensor) -> Tensor:
+def grid_gather_bias_relu(q, start: int, stop: int, table: Tensor, bias: Tensor, out: Tensor,
+                          relu: bool = True) -> Tensor:
     """relu(gather_corners(table, *q.stencil(start, stop)) + bias) into ``out`` (stop - start, C) without the
-    stencil tensors: q a models.fast_ops.GridQuery (its per-axis tables), table (P, C), bias (C,).
+    stencil tensors: q a models.fast_ops.GridQuery (its per-axis tables), table (P, C), bias (C,); ``relu``
+    False: without the ReLU.
 
     ``table`` float32, or bfloat16 (rows read as float32 exactly and accumulated in float32 in the same order:
     bitwise the float32 kernel on ``table.float()``, with half the bytes read)."""
@@ -347,7 +349,7 @@ def grid_gather_bias_relu(q, start: int, stop: int, table: Tensor, bias: Tensor,
     pw = (ctypes.c_void_p * d)(*[t.data_ptr() for t in q.axis_w])
     fn = library().grid_gather_bias_relu_bf16t if bf16 else library().grid_gather_bias_relu
     fn(start, M, d, qs.data_ptr(), ka.data_ptr(), ctypes.addressof(pi), ctypes.addressof(pw), C, table.data_ptr(),
-       bias.data_ptr(), out.data_ptr())
+       bias.data_ptr(), int(bool(relu)), out.data_ptr())
     return out
 
 

@@ -292,6 +292,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         self._set_fast_options(fast_paths, sparse_refine, sparse_refine_ratio, fused_refiner)
         self.register_buffer("_baked_lines", None, persistent=False)  # (d_c, H, L_c*d_fc) with a cond refiner
         self._lowp_cache: Dict[torch.dtype, Tuple[Tensor, ...]] = {}
+        self._rows_cache: Optional[Tuple[tuple, Tensor]] = None   # predict_grid(keep_rows=True)
         self.register_load_state_dict_pre_hook(DRRNet._drop_cache_on_load)
 
     # ------------------------------------------------------------------------------------------------
@@ -403,7 +404,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
     @torch.no_grad()
     def predict_grid(self, shape: Sequence[int], c: Tensor, chunk_size: int = 1 << 13, fast: bool = True,
                      dtype: Optional[torch.dtype] = None, out: Optional[Tensor] = None,
-                     table_dtype: Optional[torch.dtype] = None) -> Tensor:
+                     table_dtype: Optional[torch.dtype] = None, keep_rows: bool = False) -> Tensor:
         """Reconstruct one member on the vertices of a lattice (e.g. its full resolution).
 
         Same values as ``forward(grid_coords(shape)[None], c)`` (output channel 0), computed in chunks of
@@ -428,6 +429,12 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 once, cached until unbake) and computes everything else in float32: half the bytes of the
                 gather, which bounds a query coarser than the lattice (each lattice row read about once); the
                 result is exactly the float32 path on the table rounded to bfloat16. Only with ``dtype`` None.
+            keep_rows: keep the folded table resampled onto this query lattice (prod(shape) x hidden float32,
+                the interpolation of every query vertex; it does not depend on the condition) and reuse it while
+                the next calls ask for the same ``shape`` (and ``table_dtype``): later members then cost the
+                condition bias, the ReLU and the decoder only, with bitwise the same result. One lattice is kept
+                at a time (``unbake`` drops it). For many members queried on one lattice that is not the model
+                lattice (an explorer's volume, a resolution sweep). Only with ``dtype`` None.
 
         Returns:
             float32 tensor of ``shape`` on the model's device.
@@ -463,6 +470,10 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             table, *wb = self._lowp(dtype)
             cb = cb.to(dtype)
         q = GridQuery(shape, self.ssr_shape, dev)
+        if keep_rows and not q.identity:
+            if dtype is not None:
+                raise ValueError(f"predict_grid: keep_rows needs dtype None (float32 products), got {dtype}")
+            table, q = self._resampled_rows(q, table, chunk_size), GridQuery(shape, shape, dev)
         n = min(int(chunk_size), P)
         H = table.shape[1]
         act_dtype = cb.dtype                                                      # the products' dtype
@@ -493,6 +504,20 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             else:
                 res[s:e] = output_activation(h[:, 0].float(), self.out_activation)
         return res.reshape(shape)
+
+    def _resampled_rows(self, q: GridQuery, table: Tensor, chunk_size: int) -> Tensor:
+        """The folded ``table`` interpolated at every vertex of ``q``'s query lattice (float32, kept for the next
+        call with the same lattice and table: ``predict_grid(keep_rows=True)``)."""
+        key = (q.query_shape, table.dtype, table.device)
+        kept = self._rows_cache
+        if kept is None or kept[0] != key:
+            self._rows_cache = None   # the previous lattice's rows go before the new ones are made
+            rows = torch.empty(q.num_points, table.shape[1], device=table.device, dtype=torch.float32)
+            zero = torch.zeros(table.shape[1], device=table.device, dtype=torch.float32)
+            for s, e in q.chunks(chunk_size):
+                q.gather_bias_relu(table, s, e, zero, rows[s:e], relu=False)
+            kept = self._rows_cache = (key, rows)
+        return kept[1]
 
     @staticmethod
     def _axis_coords(n: int, dev) -> Tensor:
@@ -542,6 +567,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         self._baked_grid = None
         self._baked_fused = None
         self._lowp_cache = {}
+        self._rows_cache = None
         self._baked_lines = None
 
     @staticmethod

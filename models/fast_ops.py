@@ -272,8 +272,10 @@ class GridQuery:
             ws.append(self.axis_w[k][j])
         return _combine(idxs, ws)
 
-    def gather_bias_relu(self, table: Tensor, start: int, stop: int, bias: Tensor, out: Tensor) -> Tensor:
-        """``relu(gather_interp(table, *stencil(start, stop)) + bias)`` into ``out`` (stop - start, C).
+    def gather_bias_relu(self, table: Tensor, start: int, stop: int, bias: Tensor, out: Tensor,
+                         relu: bool = True) -> Tensor:
+        """``relu(gather_interp(table, *stencil(start, stop)) + bias)`` into ``out`` (stop - start, C)
+        (``relu`` False: without the ReLU).
 
         The first pass of baked inference (``DRRNet.predict_grid``): table (P, C) on the model lattice, bias
         (C,). On CPU in float32 one compiled pass (``cpu_kernels.grid_gather_bias_relu``: each vertex's
@@ -285,10 +287,10 @@ class GridQuery:
         wide = table.dtype == torch.bfloat16 and out.dtype == torch.float32   # a bf16 table read into float32
         if (wide or _prims(table) is cpu_kernels) and cpu_kernels.library() is not None \
                 and table.device.type == "cpu" and bias.dtype == torch.float32 and bias.is_contiguous():
-            if self.identity and not wide:
+            if self.identity and not wide and relu:
                 return cpu_kernels.bias_relu(table[start:stop], bias.view(1, -1), out=out)
             if not self.identity and self.corners <= 256 and all(w.dtype == torch.float32 for w in self.axis_w):
-                return cpu_kernels.grid_gather_bias_relu(self, start, stop, table, bias, out)
+                return cpu_kernels.grid_gather_bias_relu(self, start, stop, table, bias, out, relu)
         if self.identity:
             torch.add(table[start:stop], bias, out=out)
         elif wide:                                       # the composition, rows widened per chunk
@@ -297,7 +299,7 @@ class GridQuery:
             torch.sum(rows * w.float().unsqueeze(-1), dim=1, out=out).add_(bias)
         else:
             out.copy_(gather_interp(table, *self.stencil(start, stop))).add_(bias)
-        return out.relu_()
+        return out.relu_() if relu else out
 
     def chunks(self, chunk_size: int):
         """Yield (start, stop) ranges covering the query lattice."""

@@ -2,6 +2,8 @@
 path: outputs within 1e-5 relative (fp32), and for training the same loss and parameter gradients, on small
 random models with non-trivial grids (U(-1, 1)), 2D and 3D, odd shapes, on- and off-vertex coordinates and
 the boundary +-1."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,6 +269,36 @@ def test_predict_grid_bf16_table_is_float_path_on_rounded_table(spatial_dims):
             m.predict_grid(m.ssr_shape, c, table_dtype=torch.float16)
         with pytest.raises(ValueError, match="table_dtype"):
             m.predict_grid(m.ssr_shape, c, dtype=torch.bfloat16, table_dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("table_dtype", [None, torch.bfloat16])
+def test_predict_grid_keep_rows_equals_fresh_interpolation(spatial_dims, table_dtype):
+    """predict_grid(keep_rows=True): the folded table resampled onto the query lattice once, then only bias, ReLU
+    and decoder per member: bitwise the path that interpolates every call, for every member, on lattices finer,
+    coarser and equal to the model lattice; one lattice kept at a time, dropped by unbake; refused with dtype."""
+    m = small(spatial_dims)
+    m.bake()
+    cs = torch.rand(3, m.cond_dim)
+    finer = tuple(2 * n - 1 for n in m.ssr_shape)
+    coarser = (11, 4, 9)[-spatial_dims:]
+    with torch.no_grad():
+        for shape in [coarser, finer, m.ssr_shape, coarser]:
+            for c in cs:
+                want = m.predict_grid(shape, c, chunk_size=37, table_dtype=table_dtype)
+                got = m.predict_grid(shape, c, chunk_size=37, table_dtype=table_dtype, keep_rows=True)
+                assert torch.equal(got, want), (shape, (got - want).abs().max())
+            if shape != m.ssr_shape:   # the model lattice itself needs no resampling
+                assert m._rows_cache is not None and m._rows_cache[1].shape == (math.prod(shape), m._baked_fused.shape[1])
+        kept = m._rows_cache[1]
+        m.predict_grid(coarser, cs[0], keep_rows=True, table_dtype=table_dtype)
+        assert m._rows_cache[1] is kept                      # reused, not rebuilt
+        m.predict_grid(finer, cs[0], keep_rows=True, table_dtype=table_dtype)
+        assert m._rows_cache[1] is not kept                  # one lattice at a time
+        with pytest.raises(ValueError, match="keep_rows"):
+            m.predict_grid(coarser, cs[0], keep_rows=True, dtype=torch.bfloat16)
+    m.unbake()
+    assert m._rows_cache is None
 
 
 def test_predict_grid_unbaked_falls_back():

@@ -378,7 +378,7 @@ void bf16_to_f32(int64_t n, const uint16_t *src, float *dst) {
 #define GRID_GATHER_BIAS_RELU(NAME, TTYPE, LOAD)                                                                 \
 void NAME(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const int64_t *ka,                    \
           const int64_t *const *axis_idx, const float *const *axis_w, int64_t C,                              \
-          const TTYPE *table, const float *bias, float *out) {                                                \
+          const TTYPE *table, const float *bias, int64_t relu, float *out) {                                  \
     _Pragma("omp parallel")                                                                                    \
     {                                                                                                          \
         int64_t cr[256];                                                                                       \
@@ -415,7 +415,7 @@ void NAME(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const in
             _Pragma("omp simd")                                                                                \
             for (int64_t c = 0; c < C; c++) {                                                                  \
                 const float v = o[c] + bias[c];                                                                \
-                o[c] = v > 0.0f ? v : 0.0f;                                                                    \
+                o[c] = v > 0.0f || !relu ? v : 0.0f;                                                           \
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
