@@ -104,16 +104,39 @@ function apply(tries) {
       window.explorerIsoPoints = surf.mc.getOutputData().getNumberOfPoints();
     }
   }
-  view._vtk_renwin.getRenderWindow().render();
-  if (cb_obj === src) {
-    window.explorerVolumeUpdates = (window.explorerVolumeUpdates || 0) + 1;
-    window.explorerVolumeFull = src.data.full[0];
-    if (src.data.full[0] === 1) window.explorerVolumeAt = performance.now();
-    window.explorerVolumeRenderMs = performance.now() - t0;
-  }
+  const renwin = view._vtk_renwin.getRenderWindow();
+  if (cb_obj !== src) { renwin.render(); return; }
+  // a new volume: drawn first with a longer ray step (PREVIEW_STEP x the view's own), the view's step restored at
+  // once (vtk.js has read it into this frame); the same picture at the view's step once the page has been quiet
+  // for REFINE_DELAY_MS with no newer volume (software WebGL: ~230 ms of ray casting at the view's step, ~85 ms
+  // at 4x, the page blocked meanwhile)
+  const mapper = volume.getMapper();
+  const step = mapper.getSampleDistance();
+  if (window.explorerViewStep === undefined) window.explorerViewStep = step;
+  mapper.setSampleDistance(step * PREVIEW_STEP);
+  try { renwin.render(); } finally { mapper.setSampleDistance(step); }
+  const n = window.explorerVolumeUpdates = (window.explorerVolumeUpdates || 0) + 1;
+  window.explorerVolumeRenderMs = performance.now() - t0;   // the page's own work; WebGL draws in the frame
+  const full = src.data.full[0];
+  const framed = (f) => requestAnimationFrame(() => setTimeout(f, 0));   // after the frame holding the picture
+  framed(() => {
+    if (full === 1) window.explorerVolumeAt = performance.now();
+    window.explorerVolumeFull = full;
+    const shown = performance.now();
+    setTimeout(() => {
+      if (window.explorerVolumeUpdates !== n || (window.explorerSlicesDrawnAt || 0) > shown) return;   // moving on
+      renwin.render();
+      framed(() => { window.explorerVolumeRefined = n; if (full === 1) window.explorerVolumeRefinedAt = performance.now(); });
+    }, REFINE_DELAY_MS);
+  });
 }
 apply(0);
 """
+PREVIEW_STEP = 4
+"""The 3D view draws each new volume first with this many times its ray step (VOLUME_JS), then refines."""
+REFINE_DELAY_MS = 150
+"""Quiet time (no newer volume, no newer slices) before the 3D view redraws a new volume at its own ray step."""
+VOLUME_JS = VOLUME_JS.replace("PREVIEW_STEP", str(PREVIEW_STEP)).replace("REFINE_DELAY_MS", str(REFINE_DELAY_MS))
 
 DRAWN_JS = """
 // the model's slice arrived: once the browser has painted it (after the next animation frame), tell the server
@@ -122,6 +145,11 @@ requestAnimationFrame(() => setTimeout(() => {
   drawn.data = {n: [drawn.data.n[0] + 1]};
 }, 0));
 """
+
+HIDDEN = {"visibility": "hidden"}
+"""The style of a slice row that keeps its place in the page but is not shown."""
+SHOWN = {"visibility": "visible"}
+"""(BokehJS applies the keys of a new style and keeps the others: "shown" is said, not left out.)"""
 
 PAGES: List["ExplorerPage"] = []
 """The pages served by this process (newest last): the browser test and the benchmark read their state."""
@@ -279,7 +307,10 @@ class ExplorerPage:
                 figs.append(pn.pane.Bokeh(f))
                 self.sources[nm].append(src)
             figs.append(self._bar_figure(nm, 260 if self.mesh else 230))
-            self.slice_rows[nm] = pn.Row(*figs, visible=nm not in ("truth", "error"))
+            # the true field and the error rows keep their place in the page, hidden by CSS while the query is not
+            # a stored run: toggling `visible` made Bokeh lay the whole page out again (~0.7 s in software
+            # rendering for each move onto or off a stored run); a style change needs no layout
+            self.slice_rows[nm] = pn.Row(*figs, styles=HIDDEN if nm in ("truth", "error") else SHOWN)
 
         self.trust = pn.pane.Markdown("", width=520, name="trust")
         self.status = pn.pane.Markdown("", name="status")
@@ -395,8 +426,8 @@ class ExplorerPage:
         if not self._applying:
             self._submit()
 
-    def _submit(self):
-        vals = [w.value for w in self.sliders]
+    def _submit(self, vals: Optional[Sequence[float]] = None):
+        vals = [w.value for w in self.sliders] if vals is None else list(vals)
         pos = [p.value for p in self.positions] if self.positions else None
         self.worker.submit((vals, pos))
 
@@ -412,14 +443,17 @@ class ExplorerPage:
         self.set_params(q.raw)
 
     def set_params(self, raw: Sequence[float]) -> None:
-        """Move every slider at once (one update)."""
+        """Move every slider at once (one update). The update is asked for first: the slices are computed while
+        the sliders are moved (in a server session, their changes go to the page as one message)."""
+        raw = [float(v) for v in raw]
+        self._submit(raw)
         self._applying = True
         try:
-            for w, v in zip(self.sliders, raw):
-                w.value = float(v)
+            with pn.io.hold(self.doc) if self._in_server() else contextlib.nullcontext():
+                for w, v in zip(self.sliders, raw):
+                    w.value = v
         finally:
             self._applying = False
-        self._submit()
 
     def _on_pick(self, attr, old, new):
         if not new:
@@ -519,11 +553,11 @@ class ExplorerPage:
         q, dragging = req
         _lower_priority()
         if COARSE_FIRST and dragging:
-            coarse = self.vm.volume(q, coarse=True, display=True)
+            coarse = self.vm.volume(q, coarse=True)
             if superseded():
                 return
             self._schedule(partial(self._apply_volume, _upsample(coarse, self.vm.shape), False))
-        full = self.vm.volume(q, display=True)
+        full = self.vm.volume(q)
         if superseded():
             return
         self._schedule(partial(self._apply_volume, full, True))
@@ -576,8 +610,8 @@ class ExplorerPage:
                 self._set_row(nm, view.fields.get(nm))
         has_truth = "truth" in view.fields
         for nm in ("truth", "error"):
-            if nm in self.slice_rows:
-                self.slice_rows[nm].visible = has_truth
+            if nm in self.slice_rows and self.row_shown(nm) != has_truth:
+                self.slice_rows[nm].styles = SHOWN if has_truth else HIDDEN
         q = view.query
         for i, n in enumerate(self.vm.param_names):
             if self.rugs[i].data["x"][0] != float(q.raw[i]):   # each changed mark costs the browser a repaint
@@ -603,6 +637,10 @@ class ExplorerPage:
         self.trust.object = "\n\n".join(lines)
         self.status.object = f"update {self.updates}"
         self.updated.set()
+
+    def row_shown(self, nm: str) -> bool:
+        """Whether the slice row ``nm`` (model, nearest, idw, truth, error) is shown in the page."""
+        return self.slice_rows[nm].styles.get("visibility") != "hidden"
 
     def _set_star(self, q) -> None:
         """The query's mark in the parameter-space view."""
