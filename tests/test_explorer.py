@@ -288,6 +288,13 @@ def test_browser_moves_a_slider_and_sees_predict_py_output(run, vm, browser, tmp
         page.keyboard.press("Enter")
         page.get_by_text("This is stored run 11").wait_for(timeout=30000)
         assert srv.view.at_row == 11 and srv.row_shown("error") and srv.row_shown("truth")
+        # the sliders moved to the typed values (with the rest of the view), in the server and in the page
+        srv.wait_idle(30)
+        typed = [float(v) for v in run["params"][11]]
+        page.wait_for_function("([id, v]) => Math.abs(Bokeh.documents[0].get_model_by_id(id).value - v) < 1e-9",
+                               arg=[next(iter(srv.sliders[-1]._slider._models.values()))[0].id, typed[-1]],
+                               timeout=30000)
+        assert [w.value for w in srv.sliders] == pytest.approx(typed, abs=1e-12)
         page.wait_for_function(f"() => {_ROW_VISIBILITY_JS}({_row_id(srv, 'error')!r}) === 'visible'", timeout=30000)
         assert _row_visibility(page, srv, "truth") == "visible"
         # the 3D view: the full volume written into the browser's vtk.js image in place (binary, no rebuild)
