@@ -79,15 +79,15 @@ def pct(xs):
 def server_side(vm, n, rng):
     out = {"slices": [], "coarse volume": [], "full volume": []}
     q0 = vm.parse(rng.uniform(0, 1, vm.d_c))
-    vm.slices(q0), vm.volume(q0, coarse=True), vm.volume(q0)     # warm-up
+    vm.slices(q0), vm.volume(q0, coarse=True, display=True), vm.volume(q0, display=True)     # warm-up
     for _ in range(n):
         q = vm.parse(rng.uniform(0, 1, vm.d_c))
         t0 = time.perf_counter()
         vm.slices(q)
         t1 = time.perf_counter()
-        vm.volume(q, coarse=True)
+        vm.volume(q, coarse=True, display=True)
         t2 = time.perf_counter()
-        vm.volume(q)
+        vm.volume(q, display=True)
         t3 = time.perf_counter()
         out["slices"].append(t1 - t0)
         out["coarse volume"].append(t2 - t1)

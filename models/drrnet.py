@@ -429,12 +429,12 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 once, cached until unbake) and computes everything else in float32: half the bytes of the
                 gather, which bounds a query coarser than the lattice (each lattice row read about once); the
                 result is exactly the float32 path on the table rounded to bfloat16. Only with ``dtype`` None.
-            keep_rows: keep the folded table resampled onto this query lattice (prod(shape) x hidden float32,
+            keep_rows: keep the folded table resampled onto this query lattice (prod(shape) x hidden values,
                 the interpolation of every query vertex; it does not depend on the condition) and reuse it while
                 the next calls ask for the same ``shape`` (and ``table_dtype``): later members then cost the
                 condition bias, the ReLU and the decoder only, with bitwise the same result. One lattice is kept
                 at a time (``unbake`` drops it). For many members queried on one lattice that is not the model
-                lattice (an explorer's volume, a resolution sweep). Only with ``dtype`` None.
+                lattice (an explorer's volume, a resolution sweep). With ``dtype``: kept in that dtype.
 
         Returns:
             float32 tensor of ``shape`` on the model's device.
@@ -471,9 +471,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             cb = cb.to(dtype)
         q = GridQuery(shape, self.ssr_shape, dev)
         if keep_rows and not q.identity:
-            if dtype is not None:
-                raise ValueError(f"predict_grid: keep_rows needs dtype None (float32 products), got {dtype}")
-            table, q = self._resampled_rows(q, table, chunk_size), GridQuery(shape, shape, dev)
+            table, q = self._resampled_rows(q, table, cb.dtype, chunk_size), GridQuery(shape, shape, dev)
         n = min(int(chunk_size), P)
         H = table.shape[1]
         act_dtype = cb.dtype                                                      # the products' dtype
@@ -505,15 +503,16 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 res[s:e] = output_activation(h[:, 0].float(), self.out_activation)
         return res.reshape(shape)
 
-    def _resampled_rows(self, q: GridQuery, table: Tensor, chunk_size: int) -> Tensor:
-        """The folded ``table`` interpolated at every vertex of ``q``'s query lattice (float32, kept for the next
-        call with the same lattice and table: ``predict_grid(keep_rows=True)``)."""
-        key = (q.query_shape, table.dtype, table.device)
+    def _resampled_rows(self, q: GridQuery, table: Tensor, dtype: torch.dtype, chunk_size: int) -> Tensor:
+        """The folded ``table`` interpolated at every vertex of ``q``'s query lattice, in the products' ``dtype``
+        (as the interpolating path computes them before the condition bias), kept for the next call with the same
+        lattice, table and dtype: ``predict_grid(keep_rows=True)``."""
+        key = (q.query_shape, table.dtype, dtype, table.device)
         kept = self._rows_cache
         if kept is None or kept[0] != key:
             self._rows_cache = None   # the previous lattice's rows go before the new ones are made
-            rows = torch.empty(q.num_points, table.shape[1], device=table.device, dtype=torch.float32)
-            zero = torch.zeros(table.shape[1], device=table.device, dtype=torch.float32)
+            rows = torch.empty(q.num_points, table.shape[1], device=table.device, dtype=dtype)
+            zero = torch.zeros(table.shape[1], device=table.device, dtype=dtype)
             for s, e in q.chunks(chunk_size):
                 q.gather_bias_relu(table, s, e, zero, rows[s:e], relu=False)
             kept = self._rows_cache = (key, rows)

@@ -93,6 +93,16 @@ def test_view_matches_surrogate_and_independent_references(run, vm):
         want = denormalize(m.predict_grid(SHAPE, c32).numpy(), vm.meta)
         np.testing.assert_array_equal(vm.volume(qq), want)
         assert m._rows_cache is not None and m._rows_cache[0][0] == SHAPE
+    # the 3D view's volume: bf16 products on a CPU with AMX-BF16 (bitwise predict_grid in bf16), else float32
+    from util.cpu import cpu_features
+
+    amx = cpu_features()["bf16"] == "amx_bf16"
+    assert vm.display_dtype == (torch.bfloat16 if amx else None)
+    shown = vm.volume(q, display=True)
+    want = denormalize(m.predict_grid(SHAPE, torch.as_tensor(q.c, dtype=torch.float32),
+                                      dtype=vm.display_dtype).numpy(), vm.meta)
+    np.testing.assert_array_equal(shown, want)
+    np.testing.assert_allclose(shown, full, rtol=1e-2, atol=1e-2)
 
     # nearest training run and IDW-8 (power 2), by hand in normalized parameter space
     c = _normalized(run, raw)

@@ -276,7 +276,8 @@ def test_predict_grid_bf16_table_is_float_path_on_rounded_table(spatial_dims):
 def test_predict_grid_keep_rows_equals_fresh_interpolation(spatial_dims, table_dtype):
     """predict_grid(keep_rows=True): the folded table resampled onto the query lattice once, then only bias, ReLU
     and decoder per member: bitwise the path that interpolates every call, for every member, on lattices finer,
-    coarser and equal to the model lattice; one lattice kept at a time, dropped by unbake; refused with dtype."""
+    coarser and equal to the model lattice, also with bf16 products; one lattice kept at a time, dropped by
+    unbake."""
     m = small(spatial_dims)
     m.bake()
     cs = torch.rand(3, m.cond_dim)
@@ -295,8 +296,11 @@ def test_predict_grid_keep_rows_equals_fresh_interpolation(spatial_dims, table_d
         assert m._rows_cache[1] is kept                      # reused, not rebuilt
         m.predict_grid(finer, cs[0], keep_rows=True, table_dtype=table_dtype)
         assert m._rows_cache[1] is not kept                  # one lattice at a time
-        with pytest.raises(ValueError, match="keep_rows"):
-            m.predict_grid(coarser, cs[0], keep_rows=True, dtype=torch.bfloat16)
+        for c in cs:   # reduced precision: rows kept in that dtype, bitwise its interpolating path too
+            want = m.predict_grid(coarser, c, chunk_size=37, dtype=torch.bfloat16)
+            got = m.predict_grid(coarser, c, chunk_size=37, dtype=torch.bfloat16, keep_rows=True)
+            assert torch.equal(got, want), (got - want).abs().max()
+            assert m._rows_cache[1].dtype == torch.bfloat16
     m.unbake()
     assert m._rows_cache is None
 

@@ -2,8 +2,9 @@
 
 Read from the ``flags`` line of ``/proc/cpuinfo`` (Linux, x86_64). Where that file is absent or unreadable
 (macOS, Windows, a sandbox) the answer is ``"unknown"``, never an error: the training loop records it in
-meta.json and the benchmarks print it, and nothing chooses a code path from it (``train.mixed_precision``
-is the user's choice; ``auto`` stays fp32 on CPU).
+meta.json and the benchmarks print it. Training never chooses a code path from it (``train.mixed_precision``
+is the user's choice; ``auto`` stays fp32 on CPU); the explorer's 3D view computes its display volume with bf16
+products where it says ``amx_bf16`` (``ExplorerModel.display_dtype``).
 
 * ``"amx_bf16"``: AMX tiles with bf16 products (Intel Sapphire Rapids and later): bf16 matrix products run
   several times faster than fp32 through oneDNN.

@@ -146,6 +146,8 @@ requestAnimationFrame(() => setTimeout(() => {
 }, 0));
 """
 
+TRUST_HEIGHT = 190
+"""Height (px) of the query / trust text: room for its four paragraphs at the most."""
 HIDDEN = {"visibility": "hidden"}
 """The style of a slice row that keeps its place in the page but is not shown."""
 SHOWN = {"visibility": "visible"}
@@ -313,8 +315,11 @@ class ExplorerPage:
             # rendering for each move onto or off a stored run); a style change needs no layout
             self.slice_rows[nm] = pn.Row(*figs, styles=HIDDEN if nm in ("truth", "error") else SHOWN)
 
-        self.trust = pn.pane.Markdown("", width=520, name="trust")
-        self.status = pn.pane.Markdown("", name="status")
+        # fixed sizes: a text pane that grows or shrinks (the extrapolation warning coming and going) sets off the
+        # page's resize observers and Bokeh lays the whole page out again (~0.35 s in software rendering)
+        self.trust = pn.pane.Markdown("", width=520, height=TRUST_HEIGHT, name="trust",
+                                      styles={"overflow-y": "auto"})
+        self.status = pn.pane.Markdown("", width=200, height=30, name="status")
 
         # -- downloads (built on request from the current query; nothing is read from the browser but the query)
         self.dl_npy = pn.widgets.FileDownload(callback=self._download_npy, filename="field.npy",
@@ -563,11 +568,11 @@ class ExplorerPage:
         q, dragging = req
         _lower_priority()
         if COARSE_FIRST and dragging:
-            coarse = self.vm.volume(q, coarse=True)
+            coarse = self.vm.volume(q, coarse=True, display=True)
             if superseded():
                 return
             self._schedule(partial(self._apply_volume, _upsample(coarse, self.vm.shape), False))
-        full = self.vm.volume(q)
+        full = self.vm.volume(q, display=True)
         if superseded():
             return
         self._schedule(partial(self._apply_volume, full, True))
