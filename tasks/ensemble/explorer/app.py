@@ -146,7 +146,7 @@ requestAnimationFrame(() => setTimeout(() => {
 }, 0));
 """
 
-TRUST_HEIGHT = 190
+TRUST_HEIGHT = 160
 """Height (px) of the query / trust text: room for its four paragraphs at the most."""
 HIDDEN = {"visibility": "hidden"}
 """The style of a slice row that keeps its place in the page but is not shown."""
