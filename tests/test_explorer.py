@@ -175,6 +175,31 @@ def test_refusals_are_one_line(run, tmp_path, capsys):
         assert msg.startswith("error:") and words in msg and "\n" not in msg
 
 
+def test_typed_values_stay_the_query_until_the_sliders_show_them(run, vm):
+    """On a served page typed values reach the sliders only with the rest of the view; a slice position or one
+    parameter slider moved meanwhile keeps the other typed values in the query (not the sliders' old ones)."""
+    from tasks.ensemble.explorer import app
+
+    page = app.ExplorerPage(vm)   # no server: updates apply at once on the worker
+    try:
+        assert page.wait_idle(30)
+        typed = [float(v) for v in run["params"][11]]
+        page._slider_values = list(typed)            # as set_params leaves them on a served page
+        page.positions[0].value = 1                  # a slice position moved
+        assert page.wait_idle(30)
+        np.testing.assert_allclose(page.view.query.raw, typed)
+        assert page.view.positions[0] == 1
+        lo, hi = float(vm.lo[0]), float(vm.hi[0])
+        page.sliders[0].value = (lo + hi) / 2        # one parameter slider moved
+        assert page.wait_idle(30)
+        np.testing.assert_allclose(page.view.query.raw, [(lo + hi) / 2] + typed[1:])
+        # outside a server the rest of the view came at once: the sliders show the query now
+        assert page._slider_values is None
+        assert [w.value for w in page.sliders] == pytest.approx([(lo + hi) / 2] + typed[1:])
+    finally:
+        page.close()
+
+
 def test_coalescer_drops_stale_requests():
     from tasks.ensemble.explorer import Coalescer
 
@@ -230,24 +255,22 @@ def _in_session(srv, fn):
     assert done.wait(30)
 
 
-_VTK_VIEW_JS = """(() => {
-  function find(v) { if (v._vtk_renwin != null && v.volume !== undefined) return v;
-                     for (const c of v.children()) { const r = find(c); if (r) return r; } return null; }
-  for (const root of Bokeh.index) { const v = find(root); if (v != null) return v; } return null; })()"""
-_ROW_VISIBILITY_JS = """(id => {
-  function find(v) { if (v.model.id === id) return v; for (const c of v.children()) { const r = find(c); if (r) return r; }
+_FIND_VIEW_JS = """(pred => {
+  function find(v) { if (pred(v)) return v; for (const c of v.children()) { const r = find(c); if (r) return r; }
                      return null; }
-  for (const root of Bokeh.index) { const v = find(root); if (v != null) return getComputedStyle(v.el).visibility; }
-  return null; })"""
+  for (const root of Bokeh.index) { const v = find(root); if (v != null) return v; } return null; })"""
+"""A JavaScript function: the page's first Bokeh view (depth first) for which ``pred(view)`` holds, or null."""
+_VTK_VIEW_JS = f"{_FIND_VIEW_JS}(v => v._vtk_renwin != null && v.volume !== undefined)"
 
 
-def _row_id(srv, nm):
-    return next(iter(srv.slice_rows[nm]._models.values()))[0].id
+def _row_visibility_js(srv, nm):
+    """JavaScript: the CSS visibility of slice row ``nm``'s element in the page."""
+    rid = next(iter(srv.slice_rows[nm]._models.values()))[0].id
+    return f"getComputedStyle({_FIND_VIEW_JS}(v => v.model.id === {rid!r}).el).visibility"
 
 
 def _row_visibility(page, srv, nm):
-    """The CSS visibility of slice row ``nm``'s element in the page."""
-    return page.evaluate(f"() => {_ROW_VISIBILITY_JS}({_row_id(srv, nm)!r})")
+    return page.evaluate(f"() => {_row_visibility_js(srv, nm)}")
 
 
 def _served_plane(page, name):
@@ -305,7 +328,7 @@ def test_browser_moves_a_slider_and_sees_predict_py_output(run, vm, browser, tmp
                                arg=[next(iter(srv.sliders[-1]._slider._models.values()))[0].id, typed[-1]],
                                timeout=30000)
         assert [w.value for w in srv.sliders] == pytest.approx(typed, abs=1e-12)
-        page.wait_for_function(f"() => {_ROW_VISIBILITY_JS}({_row_id(srv, 'error')!r}) === 'visible'", timeout=30000)
+        page.wait_for_function(f"() => {_row_visibility_js(srv, 'error')} === 'visible'", timeout=30000)
         assert _row_visibility(page, srv, "truth") == "visible"
         # the 3D view: the full volume written into the browser's vtk.js image in place (binary, no rebuild)
         page.wait_for_function("() => window.explorerVolumeFull === 1", timeout=30000)

@@ -428,10 +428,15 @@ class ExplorerPage:
         return pn.GridBox(*figs, ncols=min(3, len(figs)))
 
     # -- callbacks (server thread of the session) --------------------------------------------------------
-    def _on_params(self, *_):
-        if not self._applying:
-            self._slider_values = None   # a slider moved in the page: the newest query is the sliders'
-            self._submit()
+    def _on_params(self, event=None):
+        if self._applying:
+            return
+        vals = self._slider_values
+        if vals is not None:   # typed values the sliders do not show yet stay the query's, but for a moved slider
+            vals = [float(event.new) if event is not None and event.obj is w else v
+                    for w, v in zip(self.sliders, vals)]
+            self._slider_values = vals
+        self._submit(vals)
 
     def _submit(self, vals: Optional[Sequence[float]] = None):
         vals = [w.value for w in self.sliders] if vals is None else list(vals)

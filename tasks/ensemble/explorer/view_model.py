@@ -28,6 +28,7 @@ import torch
 from models.drrnet import DRRNet
 from tasks.ensemble.reference import IDWPredictor, NearestMemberPredictor
 from tasks.ensemble.surrogate import Surrogate, denormalize
+from util.cpu import cpu_features
 from util.sampling import axis_coords
 
 __all__ = ["ExplorerModel", "InputError", "RunRefused", "Query", "SliceView", "Trust", "Coalescer",
@@ -37,6 +38,8 @@ IDW_K, IDW_POWER = 8, 2.0
 """The IDW reference of the page: test.py's defaults (``test.ref_k``, ``test.ref_power``)."""
 
 AT_RUN_TOL = 1e-6
+"""A query within this normalized distance of a stored run is that run (its true field and error are shown);
+the stored conditions are float32."""
 DISPLAY_BF16 = True
 """The 3D view's volume with bf16 products where the CPU has AMX-BF16 (``ExplorerModel.display_dtype``)."""
 KEEP_ROWS_BYTES = 1 << 30
@@ -44,8 +47,6 @@ KEEP_ROWS_BYTES = 1 << 30
 VOLUME_CHUNK = 1 << 14
 """Points per chunk of a volume on the CPU (the decoder's activations of a chunk stay in the caches: 2^16 was 1.7x
 slower than 2^14 on the paper Cloverleaf model)."""
-"""A query within this normalized distance of a stored run is that run (its true field and error are shown);
-the stored conditions are float32."""
 
 
 class InputError(ValueError):
@@ -130,7 +131,14 @@ class ExplorerModel:
         self.train_rows = np.zeros(0, dtype=np.int64)
         self.test_rows = np.zeros(0, dtype=np.int64)
         self._field_cache: Dict[int, np.ndarray] = {}
-        self._display_dtype: Any = "?"   # decided on first use (display_dtype)
+        m = surrogate.model
+        # the products' dtype of the 3D view's volume (volume(display=True)): bfloat16 for a baked DRR-Net on a CPU
+        # with AMX-BF16 (util.cpu; 1.7x faster at 64^3 on the paper Cloverleaf model, ~4e-4 relative L2 from
+        # float32), else None (float32)
+        self.display_dtype: Optional[torch.dtype] = None
+        if DISPLAY_BF16 and surrogate.device.type == "cpu" and isinstance(m, DRRNet) \
+                and getattr(m, "_baked_fused", None) is not None and cpu_features()["bf16"] == "amx_bf16":
+            self.display_dtype = torch.bfloat16
         if dataset is not None:
             self.train_rows = np.asarray(dataset.train_idx, dtype=np.int64)
             self.test_rows = np.asarray(dataset.test_idx, dtype=np.int64)
@@ -381,20 +389,6 @@ class ExplorerModel:
                       outside_box=bool(out), outside=out)
         return SliceView(query=q, positions=pos, fields=fields, trust=trust, at_row=at)
 
-    @property
-    def display_dtype(self) -> Optional[torch.dtype]:
-        """The products' dtype of the 3D view's volume (``volume(display=True)``): bfloat16 for a baked DRR-Net on
-        a CPU with AMX-BF16 (``util.cpu``; 1.7x faster at 64^3 on the paper Cloverleaf model, ~4e-4 relative
-        L2 from float32), else None (float32)."""
-        if self._display_dtype == "?":
-            from util.cpu import cpu_features
-
-            m = self.s.model
-            ok = (DISPLAY_BF16 and torch.device(self.s.device).type == "cpu" and isinstance(m, DRRNet)
-                  and getattr(m, "_baked_fused", None) is not None and cpu_features()["bf16"] == "amx_bf16")
-            self._display_dtype = torch.bfloat16 if ok else None
-        return self._display_dtype
-
     @torch.no_grad()
     def volume(self, q: Query, coarse: bool = False, display: bool = False) -> np.ndarray:
         """The model's whole field in data units: the data's grid (``coarse``: every axis halved, at least 2
@@ -403,8 +397,8 @@ class ExplorerModel:
         Gridded: the model's ``predict_grid`` (DRR-Net: its baked fast path). The full-resolution field of a baked
         DRR-Net keeps the folded table resampled onto the data's grid (``predict_grid(keep_rows=True)``: made by
         the first volume, prod(shape) x hidden float32, when that is at most ``KEEP_ROWS_BYTES``): every later
-        volume costs the condition bias and the decoder only (2.5x faster on the paper Cloverleaf model at 64^3),
-        with bitwise the same field. ``display``: for the 3D view only, products in :attr:`display_dtype`
+        volume costs the condition bias and the decoder only (1.7x faster on the paper Cloverleaf model at 64^3),
+        with bitwise the same field. ``display``: for the 3D view only, products in ``display_dtype``
         (downloads and the slices stay float32).
         """
         if not self.has_grid:
