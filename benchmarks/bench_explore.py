@@ -2,11 +2,13 @@
 """Latency of the browser explorer (issue 22): p50 / p95 per parameter update.
 
 Server side (the view model, as the page's worker runs it): the three slices (model planes + nearest + IDW-8 + the
-trust cue), the coarse volume and the full volume. End to end (``--browser``): headless Chromium (software WebGL) on
-the served page, on the browser's clock, from a parameter change (alternately: the first parameter's slider moved, as
-a drag does, and all six typed into the page's box + Enter) to the model's new slice painted (the page's DRAWN_JS
-stamp, after the next animation frame), and to the full volume written into the browser's vtk.js image and rendered
-(VOLUME_JS's stamp). Each update starts once the previous one is fully rendered.
+trust cue), the coarse volume and the full volume (the 3D view's: ``volume(display=True)``). End to end
+(``--browser``): headless Chromium (software WebGL) on the served page, on the browser's clock, from a parameter
+change (alternately: the first parameter's slider moved, as a drag does, and all six typed into the page's box, from
+the page's Enter keydown) to the frame that shows the model's new slice (DRAWN_JS's stamp), the frame that shows
+the full volume (drawn with the preview ray step; VOLUME_JS's stamp) and the frame that shows it redrawn at the
+view's own ray step. Each update starts once the previous one is fully drawn (a pause). The queries are drawn
+independently of the runs' conditions (a query on a stored run also shows its truth and error rows).
 
 The model: the paper's Cloverleaf DRR-Net (configs/clover_600/drrnet.yaml, 6 parameters) with random weights, baked,
 on a 64^3 field; the training runs are random fields (only their count matters to the timing).
