@@ -23,6 +23,8 @@ synchronized):
   - ``fast_grid_keep``: ``predict_grid(keep_rows=True)``: the folded table resampled onto the queried lattice
                     once (made in the warm-up, not timed: the time of members after the first on one lattice),
                     then per member only condition bias, ReLU and decoder; bitwise ``fast_grid``;
+                    ``fast_grid_keep_bf16``: the same with bf16 products (rows kept in bf16), bitwise
+                    ``fast_grid_bf16``;
 * peak memory of each path (CUDA: max_memory_allocated; CPU: sampled RSS delta);
 * achieved GFLOP/s of each path (its own matmul FLOPs: plain = full fusion + decoder per point, fast =
   decoder per point; 1 multiply-add = 2 FLOP) next to the measured matmul peak, and the matmul-bound floor
@@ -59,7 +61,7 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bake_repeats", type=int, default=3)
     p.add_argument("--paths", default="plain,fast_forward,fast_grid,fast_grid_bf16,fast_grid_fp16,fast_grid_bftable,"
-                                       "fast_grid_keep")
+                                       "fast_grid_keep,fast_grid_keep_bf16")
     p.add_argument("--breakdown", action="store_true",
                    help="also print where fast_grid's time goes (stencil / gather / matmul / activation passes)")
     p.add_argument("--compare", default=None, metavar="IDS",
@@ -116,6 +118,8 @@ def main(argv=None):
         "fast_grid_bftable": lambda: [model.predict_grid(shape, c, chunk, table_dtype=torch.bfloat16)
                                       for c in conds],
         "fast_grid_keep": lambda: [model.predict_grid(shape, c, chunk, keep_rows=True) for c in conds],
+        "fast_grid_keep_bf16": lambda: [model.predict_grid(shape, c, chunk, keep_rows=True, dtype=torch.bfloat16)
+                                        for c in conds],
         "fast_grid_fp16": lambda: [model.predict_grid(shape, c, chunk, dtype=torch.float16) for c in conds],
     }
     wanted = [n for n in args.paths.split(",") if n in paths]

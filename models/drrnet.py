@@ -292,7 +292,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         self._set_fast_options(fast_paths, sparse_refine, sparse_refine_ratio, fused_refiner)
         self.register_buffer("_baked_lines", None, persistent=False)  # (d_c, H, L_c*d_fc) with a cond refiner
         self._lowp_cache: Dict[torch.dtype, Tuple[Tensor, ...]] = {}
-        self._rows_cache: Optional[Tuple[tuple, Tensor]] = None   # predict_grid(keep_rows=True)
+        self._rows_cache: Dict[torch.dtype, Tuple[tuple, Tensor]] = {}   # predict_grid(keep_rows=True)
         self.register_load_state_dict_pre_hook(DRRNet._drop_cache_on_load)
 
     # ------------------------------------------------------------------------------------------------
@@ -433,8 +433,9 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 the interpolation of every query vertex; it does not depend on the condition) and reuse it while
                 the next calls ask for the same ``shape`` (and ``table_dtype``): later members then cost the
                 condition bias, the ReLU and the decoder only, with bitwise the same result. One lattice is kept
-                at a time (``unbake`` drops it). For many members queried on one lattice that is not the model
-                lattice (an explorer's volume, a resolution sweep). With ``dtype``: kept in that dtype.
+                per products' dtype (float32; with ``dtype``, in that dtype); ``unbake`` drops them. For many
+                members queried on one lattice that is not the model lattice (an explorer's volume, a
+                resolution sweep).
 
         Returns:
             float32 tensor of ``shape`` on the model's device.
@@ -507,15 +508,15 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         """The folded ``table`` interpolated at every vertex of ``q``'s query lattice, in the products' ``dtype``
         (as the interpolating path computes them before the condition bias), kept for the next call with the same
         lattice, table and dtype: ``predict_grid(keep_rows=True)``."""
-        key = (q.query_shape, table.dtype, dtype, table.device)
-        kept = self._rows_cache
+        key = (q.query_shape, table.dtype, table.device)
+        kept = self._rows_cache.get(dtype)
         if kept is None or kept[0] != key:
-            self._rows_cache = None   # the previous lattice's rows go before the new ones are made
+            self._rows_cache.pop(dtype, None)   # the previous lattice's rows go before the new ones are made
             rows = torch.empty(q.num_points, table.shape[1], device=table.device, dtype=dtype)
             zero = torch.zeros(table.shape[1], device=table.device, dtype=dtype)
             for s, e in q.chunks(chunk_size):
                 q.gather_bias_relu(table, s, e, zero, rows[s:e], relu=False)
-            kept = self._rows_cache = (key, rows)
+            kept = self._rows_cache[dtype] = (key, rows)
         return kept[1]
 
     @staticmethod
@@ -566,7 +567,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         self._baked_grid = None
         self._baked_fused = None
         self._lowp_cache = {}
-        self._rows_cache = None
+        self._rows_cache = {}
         self._baked_lines = None
 
     @staticmethod

@@ -92,7 +92,7 @@ def test_view_matches_surrogate_and_independent_references(run, vm):
         c32 = torch.as_tensor(qq.c, dtype=torch.float32)
         want = denormalize(m.predict_grid(SHAPE, c32).numpy(), vm.meta)
         np.testing.assert_array_equal(vm.volume(qq), want)
-        assert m._rows_cache is not None and m._rows_cache[0][0] == SHAPE
+        assert m._rows_cache[torch.float32][0][0] == SHAPE
     # the 3D view's volume: bf16 products on a CPU with AMX-BF16 (bitwise predict_grid in bf16), else float32
     from util.cpu import cpu_features
 

@@ -276,8 +276,8 @@ def test_predict_grid_bf16_table_is_float_path_on_rounded_table(spatial_dims):
 def test_predict_grid_keep_rows_equals_fresh_interpolation(spatial_dims, table_dtype):
     """predict_grid(keep_rows=True): the folded table resampled onto the query lattice once, then only bias, ReLU
     and decoder per member: bitwise the path that interpolates every call, for every member, on lattices finer,
-    coarser and equal to the model lattice, also with bf16 products; one lattice kept at a time, dropped by
-    unbake."""
+    coarser and equal to the model lattice, also with bf16 products; one lattice kept per products' dtype,
+    dropped by unbake."""
     m = small(spatial_dims)
     m.bake()
     cs = torch.rand(3, m.cond_dim)
@@ -290,19 +290,21 @@ def test_predict_grid_keep_rows_equals_fresh_interpolation(spatial_dims, table_d
                 got = m.predict_grid(shape, c, chunk_size=37, table_dtype=table_dtype, keep_rows=True)
                 assert torch.equal(got, want), (shape, (got - want).abs().max())
             if shape != m.ssr_shape:   # the model lattice itself needs no resampling
-                assert m._rows_cache is not None and m._rows_cache[1].shape == (math.prod(shape), m._baked_fused.shape[1])
-        kept = m._rows_cache[1]
+                assert m._rows_cache[torch.float32][1].shape == (math.prod(shape), m._baked_fused.shape[1])
+        kept = m._rows_cache[torch.float32][1]
         m.predict_grid(coarser, cs[0], keep_rows=True, table_dtype=table_dtype)
-        assert m._rows_cache[1] is kept                      # reused, not rebuilt
+        assert m._rows_cache[torch.float32][1] is kept       # reused, not rebuilt
         m.predict_grid(finer, cs[0], keep_rows=True, table_dtype=table_dtype)
-        assert m._rows_cache[1] is not kept                  # one lattice at a time
+        assert m._rows_cache[torch.float32][1] is not kept   # one lattice at a time
         for c in cs:   # reduced precision: rows kept in that dtype, bitwise its interpolating path too
             want = m.predict_grid(coarser, c, chunk_size=37, dtype=torch.bfloat16)
             got = m.predict_grid(coarser, c, chunk_size=37, dtype=torch.bfloat16, keep_rows=True)
             assert torch.equal(got, want), (got - want).abs().max()
-            assert m._rows_cache[1].dtype == torch.bfloat16
+            assert m._rows_cache[torch.bfloat16][1].dtype == torch.bfloat16
+        # one lattice per products' dtype: the float32 rows stay beside the bf16 ones
+        assert m._rows_cache[torch.float32][0][0] == finer and m._rows_cache[torch.bfloat16][0][0] == coarser
     m.unbake()
-    assert m._rows_cache is None
+    assert m._rows_cache == {}
 
 
 def test_predict_grid_unbaked_falls_back():
