@@ -7,7 +7,8 @@ trust cue), the coarse volume and the full volume (the 3D view's: ``volume(displ
 change (alternately: the first parameter's slider moved, as a drag does, and all six typed into the page's box, from
 the page's Enter keydown) to the frame that shows the model's new slice (DRAWN_JS's stamp), the frame that shows
 the full volume (drawn with the preview ray step; VOLUME_JS's stamp) and the frame that shows it redrawn at the
-view's own ray step. Each update starts once the previous one is fully drawn (a pause). The queries are drawn
+view's own ray step. Each update starts once the previous one is fully drawn and at least DRAG_S + 0.1 s after it
+(a single change, not a drag: no preview ray step, so both volume stamps coincide). The queries are drawn
 independently of the runs' conditions (a query on a stored run also shows its truth and error rows).
 
 The model: the paper's Cloverleaf DRR-Net (configs/clover_600/drrnet.yaml, 6 parameters) with random weights, baked,
@@ -117,6 +118,7 @@ def end_to_end(vm, n, rng):
             get = "Bokeh.documents[0].get_model_by_name('src_model_0').data.image[0]"
             # the Bokeh slider model of the first parameter (a drag in the page moves its value the same way)
             slider_id = next(iter(srv.sliders[0]._slider._models.values()))[0].id
+            last = time.monotonic()
             for i in range(2 * n + 2):
                 drive = "slider" if i % 2 == 0 else "typed"
                 srv.wait_idle(30)
@@ -124,6 +126,8 @@ def end_to_end(vm, n, rng):
                 page.wait_for_function("() => window.explorerVolumeFull === 1 && window.explorerVolumeRefined === "
                                        "window.explorerVolumeUpdates", polling=5, timeout=30000)   # a pause
                 page.evaluate("() => { window.explorerVolumeFull = 0; }")
+                time.sleep(max(0.0, app.DRAG_S + 0.1 - (time.monotonic() - last)))   # a single change, not a drag
+                last = time.monotonic()
                 if drive == "slider":
                     t0 = page.evaluate("([id, v]) => { const t = performance.now(); "
                                        "Bokeh.documents[0].get_model_by_id(id).value = v; return t; }",

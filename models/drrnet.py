@@ -404,7 +404,8 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
     @torch.no_grad()
     def predict_grid(self, shape: Sequence[int], c: Tensor, chunk_size: int = 1 << 13, fast: bool = True,
                      dtype: Optional[torch.dtype] = None, out: Optional[Tensor] = None,
-                     table_dtype: Optional[torch.dtype] = None, keep_rows: bool = False) -> Tensor:
+                     table_dtype: Optional[torch.dtype] = None, keep_rows: bool = False,
+                     vertices: Optional[Tensor] = None) -> Tensor:
         """Reconstruct one member on the vertices of a lattice (e.g. its full resolution).
 
         Same values as ``forward(grid_coords(shape)[None], c)`` (output channel 0), computed in chunks of
@@ -436,6 +437,9 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 per products' dtype (float32; with ``dtype``, in that dtype); ``unbake`` drops them. For many
                 members queried on one lattice that is not the model lattice (an explorer's volume, a
                 resolution sweep).
+            vertices: with ``keep_rows``, only these flat (C-order) vertex indices of the lattice, in this order
+                (e.g. the planes an explorer shows, read from the kept rows); returns a (len(vertices),) tensor,
+                equal to the full lattice's values there up to the products' summation order.
 
         Returns:
             float32 tensor of ``shape`` on the model's device.
@@ -448,6 +452,11 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         P = math.prod(shape)
         res = out.reshape(-1) if out is not None else torch.empty(P, device=dev, dtype=torch.float32)
         use_fast = fast and self.use_pi and self.is_baked and self._baked_fused is not None
+        if vertices is not None and (not use_fast or out is not None):
+            if out is not None:
+                raise ValueError("predict_grid: vertices and out do not go together")
+            full = self.predict_grid(shape, c, chunk_size, fast, dtype, None, table_dtype)
+            return full.reshape(-1)[vertices.to(full.device, torch.int64).reshape(-1)]
         if not use_fast:
             q = GridQuery(shape, shape, dev)
             coord_axes = [self._axis_coords(n, dev) for n in shape]
@@ -473,6 +482,14 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         q = GridQuery(shape, self.ssr_shape, dev)
         if keep_rows and not q.identity:
             table, q = self._resampled_rows(q, table, cb.dtype, chunk_size), GridQuery(shape, shape, dev)
+        if vertices is not None:
+            if not keep_rows:
+                raise ValueError("predict_grid: vertices needs keep_rows=True")
+            vertices = vertices.to(dev, torch.int64).reshape(-1)
+            table = table.index_select(0, vertices)
+            shape = P = vertices.numel()
+            q = GridQuery((P,), (P,), dev)
+            res = torch.empty(P, device=dev, dtype=torch.float32)
         n = min(int(chunk_size), P)
         H = table.shape[1]
         act_dtype = cb.dtype                                                      # the products' dtype

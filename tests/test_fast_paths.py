@@ -303,8 +303,19 @@ def test_predict_grid_keep_rows_equals_fresh_interpolation(spatial_dims, table_d
             assert m._rows_cache[torch.bfloat16][1].dtype == torch.bfloat16
         # one lattice per products' dtype: the float32 rows stay beside the bf16 ones
         assert m._rows_cache[torch.float32][0][0] == finer and m._rows_cache[torch.bfloat16][0][0] == coarser
+        # some vertices only (an explorer's planes): the full lattice's values there
+        idx = torch.tensor([0, 5, 3, math.prod(coarser) - 1, 7])
+        for dt in (None, torch.bfloat16):
+            full = m.predict_grid(coarser, cs[0], dtype=dt, keep_rows=True).reshape(-1)
+            got = m.predict_grid(coarser, cs[0], dtype=dt, keep_rows=True, vertices=idx)
+            torch.testing.assert_close(got, full[idx], rtol=1e-5 if dt is None else 1e-2, atol=1e-6)
+        with pytest.raises(ValueError, match="keep_rows"):
+            m.predict_grid(coarser, cs[0], vertices=idx)
     m.unbake()
     assert m._rows_cache == {}
+    with torch.no_grad():   # not baked: the plain path's values at those vertices
+        full = m.predict_grid(coarser, cs[0]).reshape(-1)
+        torch.testing.assert_close(m.predict_grid(coarser, cs[0], vertices=idx), full[idx])
 
 
 def test_predict_grid_unbaked_falls_back():

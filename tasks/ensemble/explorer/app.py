@@ -106,34 +106,41 @@ function apply(tries) {
   }
   const renwin = view._vtk_renwin.getRenderWindow();
   if (cb_obj !== src) { renwin.render(); return; }
-  // a new volume: drawn first with a longer ray step (PREVIEW_STEP x the view's own), the view's step restored at
-  // once (vtk.js has read it into this frame); the same picture at the view's step once the page has been quiet
-  // for REFINE_DELAY_MS with no newer volume (software WebGL: ~230 ms of ray casting at the view's step, ~85 ms
-  // at 4x, the page blocked meanwhile)
+  // a new volume. While dragging (`preview`): drawn first with a longer ray step (PREVIEW_STEP x the view's own;
+  // the view's step restored at once, vtk.js has read it into this frame), and again at the view's step once the
+  // page has been quiet for REFINE_DELAY_MS with no newer volume or slices (software WebGL: ~230 ms of ray casting
+  // at the view's step, ~85 ms at 4x, the page blocked meanwhile). Otherwise drawn at the view's step at once.
   const mapper = volume.getMapper();
   const step = mapper.getSampleDistance();
   if (window.explorerViewStep === undefined) window.explorerViewStep = step;
-  mapper.setSampleDistance(step * PREVIEW_STEP);
+  const preview = src.data.preview !== undefined && src.data.preview[0] === 1;
+  if (preview) mapper.setSampleDistance(step * PREVIEW_STEP);
   try { renwin.render(); } finally { mapper.setSampleDistance(step); }
   const n = window.explorerVolumeUpdates = (window.explorerVolumeUpdates || 0) + 1;
   window.explorerVolumeRenderMs = performance.now() - t0;   // the page's own work; WebGL draws in the frame
   const full = src.data.full[0];
   const framed = (f) => requestAnimationFrame(() => setTimeout(f, 0));   // after the frame holding the picture
+  const refined = () => {
+    window.explorerVolumeRefined = n;
+    if (full === 1) window.explorerVolumeRefinedAt = performance.now();
+  };
   framed(() => {
     if (full === 1) window.explorerVolumeAt = performance.now();
     window.explorerVolumeFull = full;
+    if (!preview) { refined(); return; }
     const shown = performance.now();
     setTimeout(() => {
       if (window.explorerVolumeUpdates !== n || (window.explorerSlicesDrawnAt || 0) > shown) return;   // moving on
       renwin.render();
-      framed(() => { window.explorerVolumeRefined = n; if (full === 1) window.explorerVolumeRefinedAt = performance.now(); });
+      framed(refined);
     }, REFINE_DELAY_MS);
   });
 }
 apply(0);
 """
 PREVIEW_STEP = 4
-"""The 3D view draws each new volume first with this many times its ray step (VOLUME_JS), then refines."""
+"""While dragging, the 3D view draws each new volume first with this many times its ray step (VOLUME_JS), then
+redraws it at its own step once the page is quiet."""
 REFINE_DELAY_MS = 150
 """Quiet time (no newer volume, no newer slices) before the 3D view redraws a new volume at its own ray step."""
 VOLUME_JS = VOLUME_JS.replace("PREVIEW_STEP", str(PREVIEW_STEP)).replace("REFINE_DELAY_MS", str(REFINE_DELAY_MS))
@@ -179,8 +186,7 @@ class ExplorerPage:
         self.volume_updates = 0
         self.updated = threading.Event()
         self._applying = False
-        self._after_drawn = None
-        self._star = None
+        self._after_drawn: Optional[threading.Event] = None   # set once the browser drew the newest slices
         self._slider_values: Optional[List[float]] = None   # typed / picked values the sliders still have to show
         self.drawn: Optional[ColumnDataSource] = None
         d3 = len(vm.shape) == 3 and vm.has_grid
@@ -249,7 +255,8 @@ class ExplorerPage:
             self.vtk = pn.pane.VTKVolume(placeholder, width=420, height=380,
                                          display_slices=False, render_background="#222",
                                          controller_expanded=False, shadow=False)
-            self.vol_source = ColumnDataSource({"v": [placeholder.ravel(order="F")], "full": [0]}, name="volume")
+            self.vol_source = ColumnDataSource({"v": [placeholder.ravel(order="F")], "full": [0], "preview": [0]},
+                                               name="volume")
             # the 3D view's settings: volume rendering and / or an isosurface at a value (the data's units; with
             # the log scale on, at the same place on the log scale as the volume's colours)
             self.view3d = pn.widgets.RadioButtonGroup(label="3D view", options=["volume", "isosurface", "both"],
@@ -532,33 +539,35 @@ class ExplorerPage:
         except InputError as e:
             self._schedule(partial(self._show_message, str(e)))
             return
-        vol_req = None
-        if self.vol_worker is not None:
-            now = time.monotonic()
-            dragging, self._last_change = now - self._last_change < DRAG_S, now
-            vol_req = (q, dragging)
-        if self._progressive():
-            # progressive: the model's slices now; the rest of the view and the volume once the browser has drawn
-            # them (DRAWN_JS -> _on_drawn). On 2 cores, drawing the references and computing the volume at the same
-            # time as the browser draws the model's slices doubled the slices' latency.
-            self._after_drawn = (view, vol_req)
-            self._schedule(partial(self._held, self._apply_model, view))
+        if self.vol_worker is None:   # no 3D view: the whole view at once
+            self._schedule(partial(self._apply_view, view))
             return
-        self._schedule(partial(self._apply_view, view))
-        if vol_req is not None:
-            self.vol_worker.submit(vol_req)
+        now = time.monotonic()
+        dragging, self._last_change = now - self._last_change < DRAG_S, now
+        sent, drawn = threading.Event(), threading.Event()
+        if self._progressive():
+            # progressive, paced by the browser: the model's slices now; the volume is computed once they are on
+            # their way (niced, while the browser draws them) but sent only once the browser has drawn them
+            # (DRAWN_JS -> _on_drawn sets `drawn`), and the rest of the view after the volume. On 2 cores anything
+            # else the page draws while it draws the model's slices delays them (drawing the references and the
+            # volume at the same time doubled their latency).
+            self._after_drawn = drawn
+        else:   # a page built outside a server: at once
+            drawn.set()
+        self._schedule(partial(self._send_model, view, sent))
+        self.vol_worker.submit((view, dragging, sent, drawn))
+
+    def _send_model(self, view: SliceView, sent: threading.Event) -> None:
+        try:
+            self._held(self._apply_model, view)
+        finally:
+            sent.set()
 
     def _on_drawn(self, attr, old, new):
-        """The browser drew the newest model slices: the rest of the view, then the volume."""
+        """The browser drew the newest model slices: the volume may go."""
         pending, self._after_drawn = self._after_drawn, None
-        if pending is None:
-            return
-        view, vol_req = pending
-        # as a next-tick callback of the session, like the worker's updates (in this Bokeh callback Panel does not
-        # know the session's document, and its panes' changes would not reach the browser)
-        self.doc.add_next_tick_callback(partial(self._held, self._apply_rest, view))
-        if vol_req is not None:
-            self.vol_worker.submit(vol_req)
+        if pending is not None:
+            pending.set()
 
     def _in_server(self) -> bool:
         return self.doc is not None and getattr(self.doc, "session_context", None) is not None
@@ -568,19 +577,29 @@ class ExplorerPage:
         return self.drawn is not None and self._in_server()
 
     def _handle_volume(self, req, superseded):
-        """While dragging: a coarse volume (upsampled to the full lattice: the browser's vtk.js image keeps its size)
-        first; then the full one (unless a newer request is waiting)."""
-        q, dragging = req
+        """The volume of a view (while dragging: a coarse one first, upsampled to the full lattice so that the
+        browser's vtk.js image keeps its size), sent once the browser has drawn the view's model slices, then the
+        rest of the view; nothing of it once a newer request waits."""
+        view, dragging, sent, drawn = req
         _lower_priority()
-        if COARSE_FIRST and dragging:
-            coarse = self.vm.volume(q, coarse=True, display=True)
-            if superseded():
-                return
-            self._schedule(partial(self._apply_volume, _upsample(coarse, self.vm.shape), False))
-        full = self.vm.volume(q, display=True)
+        sent.wait(DRAWN_TIMEOUT_S)   # the model's slices go out first
         if superseded():
             return
-        self._schedule(partial(self._apply_volume, full, True))
+        vols = []
+        if COARSE_FIRST and dragging:
+            vols.append((_upsample(self.vm.volume(view.query, coarse=True, display=True), self.vm.shape), False))
+        vols.append((self.vm.volume(view.query, display=True), True))
+        deadline = time.monotonic() + DRAWN_TIMEOUT_S
+        while not drawn.wait(0.01):   # the browser is still drawing the model's slices
+            if superseded():
+                return
+            if time.monotonic() > deadline:   # no word from the page: go on
+                break
+        if superseded():
+            return
+        for vol, full in vols:
+            self._schedule(partial(self._apply_volume, vol, full, dragging))
+        self._schedule(partial(self._held, self._apply_rest, view))
 
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until both workers are idle (slices first: they feed the volume worker)."""
@@ -639,10 +658,7 @@ class ExplorerPage:
         for i, n in enumerate(self.vm.param_names):
             if self.rugs[i].data["x"][0] != float(q.raw[i]):   # each changed mark costs the browser a repaint
                 self.rugs[i].data = {"x": [float(q.raw[i])], "y": [0.5]}
-        if self._progressive():
-            self._star = q   # with the full volume (ten scatter plots to repaint for one star: after the 3D view)
-        else:
-            self._set_star(q)
+        self._set_star(q)
         self._show_message("")
         t = view.trust
         lines = ["**Query**: " + ", ".join(f"{n} = {_fmt(v)}" for n, v in zip(self.vm.param_names, q.raw))]
@@ -670,16 +686,14 @@ class ExplorerPage:
         self.query_source.data = {**{n: [float(q.raw[i])] for i, n in enumerate(self.vm.param_names)},
                                   **({"zero": [0.0]} if "zero" in self.query_source.data else {})}
 
-    def _apply_volume(self, vol: np.ndarray, full: bool):
-        # binary float32 in VTKVolume's (Fortran) order; VOLUME_JS writes it into the vtk.js image in place
+    def _apply_volume(self, vol: np.ndarray, full: bool, preview: bool = False):
+        """Send a volume: binary float32 in VTKVolume's (Fortran) order; VOLUME_JS writes it into the vtk.js image in
+        place (``preview``: drawn first with a longer ray step, while dragging)."""
         shown = self._display(np.asarray(vol, dtype=np.float32))
-        self.vol_source.data = {"v": [shown.ravel(order="F")], "full": [int(full)]}
+        self.vol_source.data = {"v": [shown.ravel(order="F")], "full": [int(full)], "preview": [int(preview)]}
         if full:
             self.volume = vol
             self.volume_updates += 1
-            star, self._star = self._star, None
-            if star is not None:
-                self._set_star(star)
 
     # -- downloads -----------------------------------------------------------------------------------------
     def _current_field(self) -> np.ndarray:
@@ -695,10 +709,12 @@ class ExplorerPage:
 
 VOLUME_NICE = 10
 """Niceness added to the volume worker thread (0: none)."""
-COARSE_FIRST = True
+DRAWN_TIMEOUT_S = 2.0
+"""The volume worker waits at most this long for the browser's word that it drew the slices."""
+COARSE_FIRST = False
 """While the parameters change quickly (dragging: the previous change less than DRAG_S ago), send a coarse volume
-(every axis halved) before the full one; a single change goes straight to the full volume (in headless software
-WebGL each extra volume costs the browser a render: full volume ~150 ms later with a coarse one first)."""
+(every axis halved) before the full one. Off: the full 64^3 volume of the paper model takes ~40 ms on the server,
+and in software WebGL each extra volume costs the browser a render (~85-230 ms)."""
 DRAG_S = 0.5
 _NICED = set()
 

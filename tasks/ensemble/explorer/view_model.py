@@ -326,7 +326,27 @@ class ExplorerModel:
             x = self._plane_coords_2d()
             return denormalize(self._model_at(x, q.c), self.meta).reshape(self.shape)
         plane = [n for a, n in enumerate(self.shape) if a != axis]
+        if self._keeps_rows():   # the plane's vertices read from the table kept on the data's grid (the volume's)
+            idx = self._plane_cache.get(("idx", axis, k))
+            if idx is None:
+                idx = torch.from_numpy(np.take(np.arange(math.prod(self.shape)).reshape(self.shape), k, axis=axis)
+                                       .ravel())
+                self._plane_cache[("idx", axis, k)] = idx
+            c = torch.as_tensor(q.c, dtype=torch.float32, device=self.s.device)
+            with torch.no_grad():
+                v = self.s.model.predict_grid(self.shape, c, self._chunk(), keep_rows=True, vertices=idx)
+            return denormalize(v.cpu().numpy(), self.meta).reshape(plane)
         return denormalize(self._model_at(self._plane_coords(axis, k), q.c), self.meta).reshape(plane)
+
+    def _keeps_rows(self) -> bool:
+        """A baked DRR-Net whose folded table, resampled onto the data's grid, fits ``KEEP_ROWS_BYTES``: the volume
+        and the slices read the kept rows (``predict_grid(keep_rows=True)``)."""
+        m = self.s.model
+        table = getattr(m, "_baked_fused", None) if isinstance(m, DRRNet) and m.is_baked and m.fast_paths else None
+        return self.has_grid and table is not None and math.prod(self.shape) * table.shape[1] * 4 <= KEEP_ROWS_BYTES
+
+    def _chunk(self) -> int:
+        return self.s.chunk_size if self.s.device.type == "cuda" else VOLUME_CHUNK
 
     def _plane_coords_2d(self) -> torch.Tensor:
         x = self._plane_cache.get("2d")
@@ -407,13 +427,11 @@ class ExplorerModel:
         m = self.s.model   # every FieldModel has predict_grid (DRR-Net's: the folded lattice)
         c = torch.as_tensor(q.c, dtype=torch.float32, device=self.s.device)
         kw = {}
-        table = getattr(m, "_baked_fused", None) if isinstance(m, DRRNet) else None
-        if not coarse and table is not None and math.prod(shape) * table.shape[1] * 4 <= KEEP_ROWS_BYTES:
+        if not coarse and self._keeps_rows():
             kw["keep_rows"] = True
         if display and self.display_dtype is not None:
             kw["dtype"] = self.display_dtype
-        chunk = self.s.chunk_size if torch.device(self.s.device).type == "cuda" else VOLUME_CHUNK
-        v = m.predict_grid(shape, c, chunk, **kw)
+        v = m.predict_grid(shape, c, self._chunk(), **kw)
         if v.ndim == len(shape) + 1:   # (*shape, C): the field is channel 0
             v = v[..., 0]
         return denormalize(v.reshape(shape).cpu().numpy(), self.meta)
