@@ -7,8 +7,9 @@
     >>> coarse, full = vm.volume(q, coarse=True), vm.volume(q)
 
 Parameters come in the simulation's units (names and ranges from the run's meta.json; normalized [0, 1] when the
-data had none). The model is queried only on what is shown: the three slice planes through ``forward`` on the baked
-model (DRR-Net: the folded lattice), the volume through ``predict_grid`` (DRR-Net's fast path). The references are
+data had none). The model is queried only on what is shown: the three slice planes and the volume through
+``predict_grid`` (a baked DRR-Net: its folded table kept resampled onto the data's grid; other models ``forward`` at
+the planes' vertices). The references are
 test.py's (``tasks.ensemble.reference``): the nearest training member and IDW over the 8 nearest training members
 (power 2), both in the normalized value space test.py scores in, shown in data units.
 """
