@@ -200,6 +200,24 @@ def test_typed_values_stay_the_query_until_the_sliders_show_them(run, vm):
         page.close()
 
 
+def test_drawn_ack_releases_only_its_own_volume(vm):
+    """The page's ack of older slices (DRAWN_JS counts the model updates it drew) does not release the volume of a
+    newer update; the ack of that update, or of a later one, does."""
+    from tasks.ensemble.explorer import app
+
+    page = app.ExplorerPage(vm)
+    try:
+        assert page.wait_idle(30)
+        ev = threading.Event()
+        page._after_drawn = (3, ev)        # model update 3 sent, its volume waiting
+        page._on_drawn("data", None, {"n": [2]})
+        assert not ev.is_set() and page._after_drawn == (3, ev)
+        page._on_drawn("data", None, {"n": [3]})
+        assert ev.is_set() and page._after_drawn is None
+    finally:
+        page.close()
+
+
 def test_coalescer_drops_stale_requests():
     from tasks.ensemble.explorer import Coalescer
 

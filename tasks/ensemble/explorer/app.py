@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from functools import partial
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import panel as pn
@@ -186,7 +186,8 @@ class ExplorerPage:
         self.volume_updates = 0
         self.updated = threading.Event()
         self._applying = False
-        self._after_drawn: Optional[threading.Event] = None   # set once the browser drew the newest slices
+        # (number of the newest model update sent, its event set when the page reports it drawn)
+        self._after_drawn: Optional[Tuple[int, threading.Event]] = None
         self._slider_values: Optional[List[float]] = None   # typed / picked values the sliders still have to show
         self.drawn: Optional[ColumnDataSource] = None
         d3 = len(vm.shape) == 3 and vm.has_grid
@@ -544,30 +545,32 @@ class ExplorerPage:
             return
         now = time.monotonic()
         dragging, self._last_change = now - self._last_change < DRAG_S, now
+        # progressive, paced by the browser: the model's slices now; the volume is computed once they are on their
+        # way (niced, while the browser draws them) but sent only once the browser has drawn them (DRAWN_JS ->
+        # _on_drawn sets `drawn`), and the rest of the view after the volume. On 2 cores anything else the page
+        # draws while it draws the model's slices delays them (drawing the references and the volume at the same
+        # time doubled their latency). A page built outside a server: at once.
         sent, drawn = threading.Event(), threading.Event()
-        if self._progressive():
-            # progressive, paced by the browser: the model's slices now; the volume is computed once they are on
-            # their way (niced, while the browser draws them) but sent only once the browser has drawn them
-            # (DRAWN_JS -> _on_drawn sets `drawn`), and the rest of the view after the volume. On 2 cores anything
-            # else the page draws while it draws the model's slices delays them (drawing the references and the
-            # volume at the same time doubled their latency).
-            self._after_drawn = drawn
-        else:   # a page built outside a server: at once
+        if not self._progressive():
             drawn.set()
-        self._schedule(partial(self._send_model, view, sent))
+        self._schedule(partial(self._send_model, view, sent, drawn))
         self.vol_worker.submit((view, dragging, sent, drawn))
 
-    def _send_model(self, view: SliceView, sent: threading.Event) -> None:
+    def _send_model(self, view: SliceView, sent: threading.Event, drawn: threading.Event) -> None:
         try:
             self._held(self._apply_model, view)
+            if not drawn.is_set():
+                self._after_drawn = (self.updates, drawn)   # released by the page's ack of this model update
         finally:
             sent.set()
 
     def _on_drawn(self, attr, old, new):
-        """The browser drew the newest model slices: the volume may go."""
-        pending, self._after_drawn = self._after_drawn, None
-        if pending is not None:
-            pending.set()
+        """The browser drew model updates up to number ``new["n"]`` (DRAWN_JS counts them): once that is the newest
+        one sent, its volume may go (an ack of older slices does not release it)."""
+        pending = self._after_drawn
+        if pending is not None and int(new["n"][0]) >= pending[0]:
+            self._after_drawn = None
+            pending[1].set()
 
     def _in_server(self) -> bool:
         return self.doc is not None and getattr(self.doc, "session_context", None) is not None
