@@ -22,7 +22,7 @@ def main(argv=None):
     p.add_argument("--run", default="runs/demo_drrnet")
     p.add_argument("--row", type=int, default=None, help="stored run to show (default: the first test run)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "explorer.png"))
-    p.add_argument("--chromium", default="/usr/bin/chromium")
+    p.add_argument("--chromium", default=None, help="the browser (default: headless.CHROMIUM, Debian's chromium)")
     args = p.parse_args(argv)
     from playwright.sync_api import sync_playwright
 
@@ -32,7 +32,7 @@ def main(argv=None):
     row = int(vm.test_rows[0]) if args.row is None else args.row
     with headless.served(vm) as port:
         with sync_playwright() as pw:
-            b = headless.launch(pw, args.chromium)
+            b = headless.launch(pw, args.chromium or headless.CHROMIUM)
             page = headless.open_page(b, port, {"width": 1500, "height": 1000})
             page.get_by_text("update 1", exact=True).wait_for(timeout=60000)
             srv = app.PAGES[-1]

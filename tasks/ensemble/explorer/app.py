@@ -113,7 +113,7 @@ function apply(tries) {
   const mapper = volume.getMapper();
   const step = mapper.getSampleDistance();
   if (window.explorerViewStep === undefined) window.explorerViewStep = step;
-  const preview = src.data.preview !== undefined && src.data.preview[0] === 1;
+  const preview = src.data.preview[0] === 1;
   if (preview) mapper.setSampleDistance(step * PREVIEW_STEP);
   try { renwin.render(); } finally { mapper.setSampleDistance(step); }
   const n = window.explorerVolumeUpdates = (window.explorerVolumeUpdates || 0) + 1;
@@ -270,7 +270,7 @@ class ExplorerPage:
             js = CustomJS(args=dict(src=self.vol_source, iso=self.iso_source), code=VOLUME_JS)
             self.vol_source.js_on_change("data", js)
             self.iso_source.js_on_change("data", js)
-            # the browser tells when it has drawn the model's slices (DRAWN_JS); only then the volume is computed
+            # the browser tells when it has drawn the model's slices (DRAWN_JS); only then their volume is sent
             self.drawn = ColumnDataSource({"n": [0]}, name="drawn")
             self.drawn.on_change("data", self._on_drawn)
 

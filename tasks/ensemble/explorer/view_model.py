@@ -132,13 +132,12 @@ class ExplorerModel:
         self.train_rows = np.zeros(0, dtype=np.int64)
         self.test_rows = np.zeros(0, dtype=np.int64)
         self._field_cache: Dict[int, np.ndarray] = {}
-        m = surrogate.model
         # the products' dtype of the 3D view's volume (volume(display=True)): bfloat16 for a baked DRR-Net on a CPU
         # with AMX-BF16 (util.cpu; 1.7x faster at 64^3 on the paper Cloverleaf model, ~4e-4 relative L2 from
         # float32), else None (float32)
         self.display_dtype: Optional[torch.dtype] = None
-        if DISPLAY_BF16 and surrogate.device.type == "cpu" and isinstance(m, DRRNet) \
-                and getattr(m, "_baked_fused", None) is not None and cpu_features()["bf16"] == "amx_bf16":
+        if DISPLAY_BF16 and surrogate.device.type == "cpu" and self._fast_table() is not None \
+                and cpu_features()["bf16"] == "amx_bf16":
             self.display_dtype = torch.bfloat16
         if dataset is not None:
             self.train_rows = np.asarray(dataset.train_idx, dtype=np.int64)
@@ -334,16 +333,19 @@ class ExplorerModel:
                                        .ravel())
                 self._plane_cache[("idx", axis, k)] = idx
             c = torch.as_tensor(q.c, dtype=torch.float32, device=self.s.device)
-            with torch.no_grad():
-                v = self.s.model.predict_grid(self.shape, c, self._chunk(), keep_rows=True, vertices=idx)
+            v = self.s.model.predict_grid(self.shape, c, self._chunk(), keep_rows=True, vertices=idx)
             return denormalize(v.cpu().numpy(), self.meta).reshape(plane)
         return denormalize(self._model_at(self._plane_coords(axis, k), q.c), self.meta).reshape(plane)
+
+    def _fast_table(self) -> Optional[torch.Tensor]:
+        """The folded table of a baked DRR-Net on its fast path (None for any other model)."""
+        m = self.s.model
+        return getattr(m, "_baked_fused", None) if isinstance(m, DRRNet) and m.is_baked and m.fast_paths else None
 
     def _keeps_rows(self) -> bool:
         """A baked DRR-Net whose folded table, resampled onto the data's grid, fits ``KEEP_ROWS_BYTES``: the volume
         and the slices read the kept rows (``predict_grid(keep_rows=True)``)."""
-        m = self.s.model
-        table = getattr(m, "_baked_fused", None) if isinstance(m, DRRNet) and m.is_baked and m.fast_paths else None
+        table = self._fast_table()
         return self.has_grid and table is not None and math.prod(self.shape) * table.shape[1] * 4 <= KEEP_ROWS_BYTES
 
     def _chunk(self) -> int:
