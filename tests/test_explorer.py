@@ -218,6 +218,29 @@ def test_drawn_ack_releases_only_its_own_volume(vm):
         page.close()
 
 
+def test_colour_bars_follow_the_colours_on_mappers_of_their_own(vm):
+    """The colour bars never share a mapper with a slice image (BokehJS repaints every bar on a shared mapper with
+    each new image), and still show the chosen palette and scale."""
+    from bokeh.models import LogColorMapper
+
+    from tasks.ensemble.explorer import app
+
+    page = app.ExplorerPage(vm)
+    try:
+        assert page.wait_idle(30)
+        image_mappers = {id(g.color_mapper) for g in page.glyphs} | {id(page.err_mapper)}
+        assert page.bars and all(id(b.color_mapper) not in image_mappers for b in page.bars)
+        page.cmap.value = [k for k in app.PALETTES if k != page.cmap.value][0]
+        page.log_scale.value = True
+        for b in page.bars:
+            assert isinstance(b.color_mapper, LogColorMapper) and id(b.color_mapper) not in image_mappers
+            assert list(b.color_mapper.palette) == list(app.PALETTES[page.cmap.value])
+            assert (b.color_mapper.low, b.color_mapper.high) == (page.log_mapper.low, page.log_mapper.high)
+        assert all(g.color_mapper is page.log_mapper for g in page.glyphs)
+    finally:
+        page.close()
+
+
 def test_coalescer_drops_stale_requests():
     from tasks.ensemble.explorer import Coalescer
 

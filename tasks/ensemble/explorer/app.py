@@ -164,6 +164,11 @@ PAGES: List["ExplorerPage"] = []
 """The pages served by this process (newest last): the browser test and the benchmark read their state."""
 
 
+def _twin(mapper):
+    """A new colour mapper with ``mapper``'s class, palette and range."""
+    return type(mapper)(palette=list(mapper.palette), low=mapper.low, high=mapper.high)
+
+
 def _fmt(x: float) -> str:
     return f"{x:.4g}"
 
@@ -279,6 +284,9 @@ class ExplorerPage:
         self.log_mapper = LogColorMapper(palette=Viridis256, low=max(vlo, 1e-12), high=max(vhi, 2e-12))
         err = 0.1 * (vhi - vlo) if vhi > vlo else 1.0
         self.err_mapper = LinearColorMapper(palette=list(reversed(RdBu11)), low=-err, high=err)
+        # the colour bars read twins of these: BokehJS re-scans a mapper whenever an image using it gets new data
+        # and every colour bar on that mapper repaints then (four bars, ~10 ms of each slice update in the browser)
+        self.bar_mappers = {id(m): _twin(m) for m in (self.lin_mapper, self.log_mapper, self.err_mapper)}
         self.sources: Dict[str, List[ColumnDataSource]] = {}
         self.glyphs: List = []
         self.bars: List[ColorBar] = []
@@ -383,10 +391,10 @@ class ExplorerPage:
         return pn.pane.Bokeh(f)
 
     def _bar_figure(self, nm: str, height: int):
-        """A row's colour bar in a figure of its own: it repaints only when its mapper changes. Inside a slice's
-        figure it was repainted with every new slice, and in software rendering one colour bar's paint took ~80 ms
-        (its tick labels' font metrics force style and layout), half of the slices' time to the screen."""
-        mapper = self.err_mapper if nm == "error" else self.lin_mapper
+        """A row's colour bar in a figure of its own, on a twin of the row's mapper: it repaints only when the
+        colours change. Inside a slice's figure it was repainted with every new slice, and in software rendering
+        one colour bar's paint took ~80 ms (its tick labels' font metrics force style and layout)."""
+        mapper = self.bar_mappers[id(self.err_mapper if nm == "error" else self.lin_mapper)]
         f = figure(width=80, height=height, toolbar_location=None, x_range=Range1d(0, 1), y_range=Range1d(0, 1),
                    min_border_left=0, min_border_right=0, outline_line_color=None)
         f.axis.visible = False
@@ -492,8 +500,9 @@ class ExplorerPage:
 
     def _on_colors(self, *_):
         pal = PALETTES[self.cmap.value]
-        self.lin_mapper.palette = pal
-        self.log_mapper.palette = pal
+        for m in (self.lin_mapper, self.log_mapper):
+            m.palette = pal
+            self.bar_mappers[id(m)].palette = pal
         mapper = self.log_mapper if self.log_scale.value else self.lin_mapper
         for g in self.glyphs:
             if self.mesh:
@@ -501,7 +510,7 @@ class ExplorerPage:
             else:
                 g.color_mapper = mapper
         for b in self.bars:
-            b.color_mapper = mapper
+            b.color_mapper = self.bar_mappers[id(mapper)]
         if self.vtk is not None:   # the 3D view follows the log scale: the shown volume and the isosurface value
             self._on_view3d()
             if self.volume is not None:
@@ -536,29 +545,30 @@ class ExplorerPage:
         vals, pos = req
         try:
             q = self.vm.parse(vals)
-            view = self.vm.slices(q, pos)
+            model = self.vm.model_slices(q, pos)
         except InputError as e:
             self._schedule(partial(self._show_message, str(e)))
             return
         if self.vol_worker is None:   # no 3D view: the whole view at once
-            self._schedule(partial(self._apply_view, view))
+            self._schedule(partial(self._apply_view, self.vm.slices(q, pos, model=model)))
             return
         now = time.monotonic()
         dragging, self._last_change = now - self._last_change < DRAG_S, now
-        # progressive, paced by the browser: the model's slices now; the volume is computed once they are on their
-        # way (niced, while the browser draws them) but sent only once the browser has drawn them (DRAWN_JS ->
-        # _on_drawn sets `drawn`), and the rest of the view after the volume. On 2 cores anything else the page
-        # draws while it draws the model's slices delays them (drawing the references and the volume at the same
-        # time doubled their latency). A page built outside a server: at once.
+        # progressive, paced by the browser: the model's slices now; the references meanwhile; the volume is
+        # computed once the slices are on their way (niced, while the browser draws them) but sent only once the
+        # browser has drawn them (DRAWN_JS -> _on_drawn sets `drawn`), and the rest of the view after the volume. On
+        # 2 cores anything else the page draws while it draws the model's slices delays them (drawing the
+        # references and the volume at the same time doubled their latency). A page built outside a server: at once.
         sent, drawn = threading.Event(), threading.Event()
         if not self._progressive():
             drawn.set()
-        self._schedule(partial(self._send_model, view, sent, drawn))
-        self.vol_worker.submit((view, dragging, sent, drawn))
+        self._schedule(partial(self._send_model, model, sent, drawn))
+        self.vol_worker.submit((self.vm.slices(q, pos, model=model), dragging, sent, drawn))
 
-    def _send_model(self, view: SliceView, sent: threading.Event, drawn: threading.Event) -> None:
+    def _send_model(self, model: List[np.ndarray], sent: threading.Event, drawn: threading.Event) -> None:
         try:
-            self._held(self._apply_model, view)
+            with pn.io.hold(self.doc) if self._in_server() else contextlib.nullcontext():
+                self._apply_model(model)
             if not drawn.is_set():
                 self._after_drawn = (self.updates, drawn)   # released by the page's ack of this model update
         finally:
@@ -626,7 +636,7 @@ class ExplorerPage:
 
     def _apply_view(self, view: SliceView):
         """The whole view at once (pages without a 3D view, and pages built outside a server)."""
-        self._held(self._apply_model, view)
+        self._held(lambda v: self._apply_model(v.fields["model"]), view)
         self._held(self._apply_rest, view)
 
     def _held(self, apply, view: SliceView):
@@ -641,12 +651,12 @@ class ExplorerPage:
             else:
                 src.data = {"image": [np.ascontiguousarray(arr, dtype=np.float32)]}
 
-    def _apply_model(self, view: SliceView):
-        self.view = view
-        self._set_row("model", view.fields["model"])
+    def _apply_model(self, model: List[np.ndarray]):
+        self._set_row("model", model)
         self.updates += 1
 
     def _apply_rest(self, view: SliceView):
+        self.view = view
         pending, self._slider_values = self._slider_values, None
         if pending is not None:
             self._move_sliders(pending)

@@ -21,7 +21,7 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -319,23 +319,33 @@ class ExplorerModel:
 
     def model_plane(self, q: Query, axis: int, k: int) -> np.ndarray:
         """The model's field (data units) on one plane: only that plane's vertices are queried."""
+        return self._model_planes(q, [axis], [k])[0]
+
+    def _model_planes(self, q: Query, axes: Sequence[int], ks: Sequence[int]) -> List[np.ndarray]:
+        """The model's field (data units) on the planes ``axes[i]`` at index ``ks[i]`` (3D grids), the whole field
+        (2D grids) or the vertices (mesh ensembles)."""
         if not self.has_grid:   # a mesh: its vertices
             self.mesh_vertices()
-            return denormalize(self._model_at(self._plane_cache["mesh"], q.c), self.meta)
+            return [denormalize(self._model_at(self._plane_cache["mesh"], q.c), self.meta)]
         if len(self.shape) == 2:
             x = self._plane_coords_2d()
-            return denormalize(self._model_at(x, q.c), self.meta).reshape(self.shape)
-        plane = [n for a, n in enumerate(self.shape) if a != axis]
-        if self._keeps_rows():   # the plane's vertices read from the table kept on the data's grid (the volume's)
-            idx = self._plane_cache.get(("idx", axis, k))
-            if idx is None:
-                idx = torch.from_numpy(np.take(np.arange(math.prod(self.shape)).reshape(self.shape), k, axis=axis)
-                                       .ravel())
-                self._plane_cache[("idx", axis, k)] = idx
+            return [denormalize(self._model_at(x, q.c), self.meta).reshape(self.shape)]
+        shapes = [[n for a, n in enumerate(self.shape) if a != axis] for axis in axes]
+        if self._keeps_rows():   # the planes' vertices read from the table kept on the data's grid (the volume's),
+            idx = []             # all planes in one query
+            for axis, k in zip(axes, ks):
+                i = self._plane_cache.get(("idx", axis, k))
+                if i is None:
+                    i = torch.from_numpy(np.take(np.arange(math.prod(self.shape)).reshape(self.shape), k, axis=axis)
+                                         .ravel())
+                    self._plane_cache[("idx", axis, k)] = i
+                idx.append(i)
             c = torch.as_tensor(q.c, dtype=torch.float32, device=self.s.device)
-            v = self.s.model.predict_grid(self.shape, c, self._chunk(), keep_rows=True, vertices=idx)
-            return denormalize(v.cpu().numpy(), self.meta).reshape(plane)
-        return denormalize(self._model_at(self._plane_coords(axis, k), q.c), self.meta).reshape(plane)
+            v = self.s.model.predict_grid(self.shape, c, self._chunk(), keep_rows=True, vertices=torch.cat(idx))
+            parts = torch.split(v, [len(i) for i in idx])
+            return [denormalize(p.cpu().numpy(), self.meta).reshape(sh) for p, sh in zip(parts, shapes)]
+        return [denormalize(self._model_at(self._plane_coords(axis, k), q.c), self.meta).reshape(sh)
+                for axis, k, sh in zip(axes, ks, shapes)]
 
     def _fast_table(self) -> Optional[torch.Tensor]:
         """The folded table of a baked DRR-Net on its fast path (None for any other model)."""
@@ -381,18 +391,30 @@ class ExplorerModel:
             acc = p * wi if acc is None else acc + p * wi
         return acc.astype(np.float32)
 
-    def slices(self, q: Query, positions: Optional[Sequence[Any]] = None) -> SliceView:
+    def _layout(self, positions: Optional[Sequence[Any]]) -> Tuple[List[int], List[int]]:
+        """(positions, axes) of the shown planes: 3D grids three planes, 2D grids and meshes one "slice"."""
+        if not self.has_grid:
+            return [0], [0]
+        pos = self._check_positions(positions)
+        return pos, ([0] if len(self.shape) == 2 else [0, 1, 2])
+
+    def model_slices(self, q: Query, positions: Optional[Sequence[Any]] = None) -> List[np.ndarray]:
+        """The model's part of :meth:`slices` alone (what the page draws first)."""
+        pos, axes = self._layout(positions)
+        return self._model_planes(q, axes, [pos[a] for a in axes])
+
+    def slices(self, q: Query, positions: Optional[Sequence[Any]] = None,
+               model: Optional[List[np.ndarray]] = None) -> SliceView:
         """The query's view on the three planes through ``positions`` (array indices; default: the centre).
 
         2D ensembles: one "slice", the whole field. Unstructured (mesh) ensembles: one "slice", the values at all
         the mesh's vertices (``(N,)`` arrays; positions are ignored; :meth:`mesh_vertices` gives their coordinates).
+        ``model``: the model's planes already computed by :meth:`model_slices` for the same query and positions.
         """
-        if not self.has_grid:
-            pos, axes = [0], [0]
-        else:
-            pos = self._check_positions(positions)
-            axes = [0] if len(self.shape) == 2 else [0, 1, 2]
-        fields: Dict[str, List[np.ndarray]] = {"model": [self.model_plane(q, a, pos[a]) for a in axes]}
+        pos, axes = self._layout(positions)
+        if model is None:
+            model = self._model_planes(q, axes, [pos[a] for a in axes])
+        fields: Dict[str, List[np.ndarray]] = {"model": list(model)}
         at = self.at_row(q) if self.dataset is not None else None
         max_diff, near_row, dist = float("nan"), -1, float("nan")
         if self.dataset is not None:
