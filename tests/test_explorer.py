@@ -83,6 +83,12 @@ def test_view_matches_surrogate_and_independent_references(run, vm):
     planes = [full[1], full[:, 5], full[:, :, 2]]
     for a in range(3):
         np.testing.assert_allclose(view.fields["model"][a], planes[a], rtol=1e-5, atol=1e-5)
+        # the three planes in one query (the page's first message) = each plane on its own (up to the matrix
+        # products' blocking for another number of rows)
+        np.testing.assert_allclose(view.fields["model"][a], vm.model_plane(q, a, [1, 5, 2][a]), rtol=1e-6, atol=0)
+    model = vm.model_slices(q, positions=[1, 5, 2])
+    assert all(np.array_equal(m, f) for m, f in zip(model, view.fields["model"]))
+    assert vm.slices(q, positions=[1, 5, 2], model=model).fields["model"] == model
     np.testing.assert_allclose(vm.volume(q), full, rtol=1e-5, atol=1e-5)
     assert vm.volume(q, coarse=True).shape == (3, 4, 4)
     # the volume keeps DRR-Net's table resampled onto the data's grid: bitwise predict_grid's interpolating path,
