@@ -17,7 +17,8 @@ the fused paths with both against autograd).
 Environment:
 
 * ``DRR_CPU_KERNELS``: ``auto`` (default: build / load on first use, fall back with a warning) or ``off``
-  (``0``, ``never``: always the PyTorch operators).
+  (``0``, ``never``: always the PyTorch operators). Read until the library is loaded, then no more (the fused
+  paths ask for it hundreds of times a step; :func:`reset` makes the next call read it again).
 * ``DRR_KERNEL_CACHE``: folder of the compiled libraries (default ``$XDG_CACHE_HOME/drrnet_kernels``, i.e.
   ``~/.cache/drrnet_kernels``). A library is named by a hash of the source, the compiler, its flags and the
   CPU's feature flags (it is built with ``-march=native``), so machines sharing a home folder do not mix.
@@ -67,6 +68,12 @@ _SIGNATURES = {
     "mark_touched": [_I64, _PTR, _PTR, _I64, _PTR],
     "has_vector_math": [],
     "f32_to_bf16": [_I64, _PTR, _PTR],
+    "rms_norm_fwd_lp": [_I64, _I64, _PTR, ctypes.c_float, _PTR, _PTR, _PTR],
+    "glu_fwd_lp": [_I64, _I64, _PTR, _PTR],
+    "glu_bwd_lp": [_I64, _I64, _PTR, _PTR, _PTR, _PTR],
+    "rms_norm_bwd_lp": [_I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "add_bf16": [_I64, _PTR, _PTR, _PTR],
+    "add_to_bf16": [_I64, _PTR, _PTR, _PTR],
     "bf16_to_f32": [_I64, _PTR, _PTR],
     "grid_gather_bias_relu": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "grid_gather_bias_relu_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
@@ -135,10 +142,10 @@ def _build(cc: str) -> str:
 
 def library() -> Optional[ctypes.CDLL]:
     """The loaded kernel library, building it on first use; None when disabled or unavailable (warned once)."""
-    if not enabled_by_env():
-        return None
     if _state["tried"]:
         return _state["lib"]
+    if not enabled_by_env():
+        return None
     with _lock:
         if not _state["tried"]:
             try:
@@ -377,4 +384,78 @@ def from_bf16(x: Tensor) -> Tensor:
                          f"{x.device} (contiguous={x.is_contiguous()})")
     out = torch.empty(x.shape, dtype=torch.float32)
     library().bf16_to_f32(x.numel(), x.data_ptr(), out.data_ptr())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# bf16 training: the passes around a bf16 product read its bf16 result / write its bf16 operands (each the
+# float32 twin's bits, rounded to bf16 where the result is an operand; twins in models/fast_ops._TorchPrims).
+# ----------------------------------------------------------------------------------------------------
+def _check_bf16(name: str, *ts: Tensor) -> None:
+    for t in ts:
+        if t.device.type != "cpu" or t.dtype != torch.bfloat16 or not t.is_contiguous():
+            raise ValueError(f"cpu_kernels.{name}: expected contiguous bfloat16 CPU tensors, got "
+                             f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
+
+
+def rms_norm_fwd_lp(x: Tensor, eps: float):
+    """(xh, xh as bf16, r) of :func:`rms_norm_fwd`."""
+    _check("rms_norm_fwd_lp", x)
+    n, D = x.shape
+    xh, xhb, r = torch.empty_like(x), torch.empty(n, D, dtype=torch.bfloat16), torch.empty(n, 1, dtype=x.dtype)
+    library().rms_norm_fwd_lp(n, D, x.data_ptr(), float(eps), xh.data_ptr(), xhb.data_ptr(), r.data_ptr())
+    return xh, xhb, r
+
+
+def glu_fwd_lp(ab: Tensor) -> Tensor:
+    """bf16(relu(a) * b) for a bf16 ab = [a | b] (n, 2H)."""
+    _check_bf16("glu_fwd_lp", ab)
+    n, H2 = ab.shape
+    h = torch.empty(n, H2 // 2, dtype=torch.bfloat16)
+    library().glu_fwd_lp(n, H2 // 2, ab.data_ptr(), h.data_ptr())
+    return h
+
+
+def glu_bwd_lp(gh: Tensor, ab: Tensor):
+    """:func:`glu_bwd` on bf16 gh (n, H) and ab (n, 2H); (gab, h) as bf16."""
+    _check_bf16("glu_bwd_lp", gh, ab)
+    n, H = gh.shape
+    if tuple(ab.shape) != (n, 2 * H):
+        raise ValueError(f"cpu_kernels.glu_bwd_lp: ab {tuple(ab.shape)} must be ({n}, {2 * H})")
+    gab, h = torch.empty_like(ab), torch.empty_like(gh)
+    library().glu_bwd_lp(n, H, gh.data_ptr(), ab.data_ptr(), gab.data_ptr(), h.data_ptr())
+    return gab, h
+
+
+def rms_norm_bwd_lp(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """:func:`rms_norm_bwd` with gxh a bf16 tensor."""
+    out = torch.empty_like(gx) if out is None else out
+    _check("rms_norm_bwd_lp", gx, xh, r, out)
+    _check_bf16("rms_norm_bwd_lp", gxh)
+    n, D = gx.shape
+    if gxh.shape != gx.shape or xh.shape != gx.shape or out.shape != gx.shape:
+        raise ValueError(f"cpu_kernels.rms_norm_bwd_lp: shapes gx {tuple(gx.shape)}, gxh {tuple(gxh.shape)}, "
+                         f"xh {tuple(xh.shape)}, out {tuple(out.shape)} differ")
+    library().rms_norm_bwd_lp(n, D, gx.data_ptr(), gxh.data_ptr(), xh.data_ptr(), r.data_ptr(), out.data_ptr())
+    return out
+
+
+def add_bf16(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """a + b for a float32 and b bfloat16 of one shape, into ``out`` (may be a; default a new tensor)."""
+    out = torch.empty_like(a) if out is None else out
+    _check("add_bf16", a, out)
+    _check_bf16("add_bf16", b)
+    if b.shape != a.shape or out.shape != a.shape:
+        raise ValueError(f"cpu_kernels.add_bf16: shapes {tuple(a.shape)}, {tuple(b.shape)}, {tuple(out.shape)}")
+    library().add_bf16(a.numel(), a.data_ptr(), b.data_ptr(), out.data_ptr())
+    return out
+
+
+def add_to_bf16(a: Tensor, b: Tensor) -> Tensor:
+    """bf16(a + b) for float32 a and b of one shape."""
+    _check("add_to_bf16", a, b)
+    if b.shape != a.shape:
+        raise ValueError(f"cpu_kernels.add_to_bf16: shapes {tuple(a.shape)} and {tuple(b.shape)} differ")
+    out = torch.empty(a.shape, dtype=torch.bfloat16)
+    library().add_to_bf16(a.numel(), a.data_ptr(), b.data_ptr(), out.data_ptr())
     return out

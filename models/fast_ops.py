@@ -453,6 +453,34 @@ class _TorchPrims:
         torch.mul(gh, ra, out=gab[:, H:])
         return gab, ra.mul_(ab[:, H:])
 
+    # bf16 training: the passes around a bf16 product (bf16 results in, bf16 operands out; see cpu_kernels)
+    @staticmethod
+    def rms_norm_fwd_lp(x: Tensor, eps: float):
+        xh, r = _TorchPrims.rms_norm_fwd(x, eps)
+        return xh, xh.to(torch.bfloat16), r
+
+    @staticmethod
+    def glu_fwd_lp(ab: Tensor) -> Tensor:
+        return _TorchPrims.glu_fwd(ab.float()).to(torch.bfloat16)
+
+    @staticmethod
+    def glu_bwd_lp(gh: Tensor, ab: Tensor):
+        gab, h = _TorchPrims.glu_bwd(gh.float(), ab.float())
+        return gab.to(torch.bfloat16), h.to(torch.bfloat16)
+
+    @staticmethod
+    def rms_norm_bwd_lp(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor, out=None) -> Tensor:
+        return _TorchPrims.rms_norm_bwd(gx, gxh.float(), xh, r, out)
+
+    @staticmethod
+    def add_bf16(a: Tensor, b: Tensor, out=None) -> Tensor:
+        res = a + b.float()
+        return res if out is None else out.copy_(res)
+
+    @staticmethod
+    def add_to_bf16(a: Tensor, b: Tensor) -> Tensor:
+        return (a + b).to(torch.bfloat16)
+
 
 def lowp_products(t: Tensor):
     """torch.bfloat16 when the fused CPU paths should multiply in bf16 for ``t``: a float32 CPU tensor under
@@ -553,25 +581,35 @@ def _pipeline_chunk(u, coeff, include_input, eps, packed, keep, dest=None):
     x = x0
     lowp = packed["lowp"]
     for k, (_, _, _, _, w12s_t, w3_t) in enumerate(packed["blocks"]):
-        xh, r = ops.rms_norm_fwd(x.contiguous(), eps)
         if lowp is None:
+            xh, r = ops.rms_norm_fwd(x.contiguous(), eps)
             ab = xh @ w12s_t                                         # (n, 2H): [a | b]
-        else:
-            ab = _lp_mm(xh, packed["low"][k][2])
-        h = ops.glu_fwd(ab)                                          # relu(a) * b
+            h = ops.glu_fwd(ab)                                      # relu(a) * b
+            if keep:
+                saved["blocks"].append((r, xh, ab))                 # h is recomputed from [a | b]
+            x = torch.addmm(x, h, w3_t)
+        else:       # bf16 products: the passes write their operands in bf16 and read their results in bf16
+            low = packed["low"][k]
+            xh, xhb, r = ops.rms_norm_fwd_lp(x.contiguous(), eps)
+            ab = torch.mm(xhb, low[2])                               # bf16 [a | b]
+            if keep:
+                saved["blocks"].append((r, xh, ab, xhb))
+            x = ops.add_bf16(x, torch.mm(ops.glu_fwd_lp(ab), low[3]), out=None if x is x0 else x)
+    if lowp is not None and packed["fold"] is not None:             # g only feeds the fold's bf16 products
+        g = ops.add_to_bf16(x0, x) if packed["blocks"] else ops.to_bf16(x0.contiguous())
         if keep:
-            saved["blocks"].append((r, xh, ab))                     # h is recomputed from [a | b]
-        x = torch.addmm(x, h, w3_t) if lowp is None else x + _lp_mm(h, packed["low"][k][3])
+            saved["g"] = g
+        if dest is not None:
+            dest.copy_(torch.mm(g, packed["fold_t_low"]))
+        return saved
     g = x0 + x if packed["blocks"] else x0
     if keep:
         saved["g"] = g
     if dest is not None:
         if packed["fold"] is None:
             dest.copy_(g)
-        elif lowp is None:
-            torch.mm(g, packed["fold_t"], out=dest)
         else:
-            dest.copy_(_lp_mm(g, packed["fold_t_low"]))
+            torch.mm(g, packed["fold_t"], out=dest)
     return saved
 
 
@@ -579,32 +617,34 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_
     """Backward of one chunk: accumulates into ``acc`` (per block: the folded [W1; W2] diag(wn), W3; then
     the fold weight; see :func:`_unpack_grads`); returns the rows' gradient."""
     lowp = packed["lowp"]
+    ops = _prims(go)
     if packed["fold"] is None:
         gg = go
     elif lowp is None:
         acc[-1].addmm_(go.t(), saved["g"])
         gg = go @ packed["fold"]                                     # (n, D)
-    else:
-        acc[-1].add_(_lp_mm(go.t(), saved["g"]))
-        gg = _lp_mm(go, packed["fold_low"])
+    else:                                                            # bf16 products (saved["g"] is bf16)
+        gob = ops.to_bf16(go.contiguous())
+        ops.add_bf16(acc[-1], torch.mm(gob.t(), saved["g"]), out=acc[-1])
+        gg = _from_bf16(torch.mm(gob, packed["fold_low"]))
     gx = gg
-    ops = _prims(gx)
     for k in reversed(range(len(packed["blocks"]))):
         _, _, w3, w12s, _, _ = packed["blocks"][k]
-        r, xh, ab = saved["blocks"][k]
+        r, xh, ab, *xhb = saved["blocks"][k]
         if lowp is None:
             gab, h = ops.glu_bwd(gx @ w3, ab)                        # d/da, d/db; h = relu(a) * b again
             acc[2 * k + 1].addmm_(gx.t(), h)                         # dW3 (D, H)
             acc[2 * k].addmm_(gab.t(), xh)                           # d([W1; W2] diag(wn))
             gxh = gab @ w12s
-        else:                                                        # the same products in lowp (_lp_mm)
+            # RMSNorm backward + residual; in place except the first time (gg is needed below)
+            gx = ops.rms_norm_bwd(gx, gxh, xh, r, out=None if gx is gg else gx)
+        else:                                                        # the same products in bf16
             w3_low, w12s_low = packed["low"][k][:2]
-            gab, h = ops.glu_bwd(_lp_mm(gx, w3_low), ab)
-            acc[2 * k + 1].add_(_lp_mm(gx.t(), h))
-            acc[2 * k].add_(_lp_mm(gab.t(), xh))
-            gxh = _lp_mm(gab, w12s_low)
-        # RMSNorm backward + residual; in place except the first time (gg is needed below)
-        gx = ops.rms_norm_bwd(gx, gxh, xh, r, out=None if gx is gg else gx)
+            gxb = ops.to_bf16(gx)
+            gab, h = ops.glu_bwd_lp(torch.mm(gxb, w3_low), ab)       # bf16 operands of the products below
+            ops.add_bf16(acc[2 * k + 1], torch.mm(gxb.t(), h), out=acc[2 * k + 1])
+            ops.add_bf16(acc[2 * k], torch.mm(gab.t(), xhb[0]), out=acc[2 * k])
+            gx = ops.rms_norm_bwd_lp(gx, torch.mm(gab, w12s_low), xh, r, out=None if gx is gg else gx)
     if not need_u:
         return None
     g2 = gg if packed["blocks"] else None                            # g = x0 + R(x0): both paths into x0

@@ -58,6 +58,49 @@ def test_refiner_kernels_equal_twins(lib, threads, n, D, H):
     assert torch.equal(gab, gab0) and torch.equal(h, h0)
 
 
+@pytest.mark.parametrize("n,D,H", [(1, 5, 3), (37, 64, 128), (130, 33, 70)])
+def test_bf16_training_kernels_are_the_fp32_passes_rounded(lib, threads, n, D, H):
+    """The passes around a bf16 product (bf16 results in, bf16 operands out) give their float32 pass on the same
+    values followed by the bf16 rounding: elementwise the same bits, the RMSNorm passes (row sums, vectorized
+    differently) to fp32 rounding, each bf16 output the rounding of its float32 result; their PyTorch twins
+    likewise; in place where asked."""
+    g = torch.Generator().manual_seed(7 * n + D)
+    bf = torch.bfloat16
+    x = torch.randn(n, D, generator=g)
+    xh, xhb, r = ck.rms_norm_fwd_lp(x, 1e-6)
+    xh0, r0 = ck.rms_norm_fwd(x, 1e-6)
+    assert rel(xh, xh0) < 1e-6 and rel(r, r0) < 1e-6 and torch.equal(xhb, xh.to(bf)) and xhb.dtype == bf
+    txh, txhb, tr = T.rms_norm_fwd_lp(x, 1e-6)
+    assert rel(txh, xh) < 1e-6 and rel(tr, r) < 1e-6 and torch.equal(txhb, txh.to(bf))
+
+    ab = torch.randn(n, 2 * H, generator=g).to(bf)
+    ab[:, 0] = 0.0
+    assert torch.equal(ck.glu_fwd_lp(ab), ck.glu_fwd(ab.float()).to(bf))
+    assert torch.equal(T.glu_fwd_lp(ab), ck.glu_fwd_lp(ab))
+    gh = torch.randn(n, H, generator=g).to(bf)
+    gab, h = ck.glu_bwd_lp(gh, ab)
+    gab0, h0 = ck.glu_bwd(gh.float(), ab.float())
+    assert torch.equal(gab, gab0.to(bf)) and torch.equal(h, h0.to(bf)) and gab.dtype == h.dtype == bf
+    tgab, th = T.glu_bwd_lp(gh, ab)
+    assert torch.equal(tgab, gab) and torch.equal(th, h)
+
+    gx, gxh = torch.randn(n, D, generator=g), torch.randn(n, D, generator=g).to(bf)
+    want = ck.rms_norm_bwd(gx, gxh.float(), xh, r)
+    assert rel(ck.rms_norm_bwd_lp(gx, gxh, xh, r), want) < 1e-6
+    inplace = gx.clone()
+    assert ck.rms_norm_bwd_lp(inplace, gxh, xh, r, out=inplace) is inplace and rel(inplace, want) < 1e-6
+    assert rel(T.rms_norm_bwd_lp(gx, gxh, xh, r), want) < 1e-6
+
+    a, b = torch.randn(n, D, generator=g), torch.randn(n, D, generator=g)
+    assert torch.equal(ck.add_bf16(a, b.to(bf)), a + b.to(bf).float())
+    acc = a.clone()
+    assert ck.add_bf16(acc, b.to(bf), out=acc) is acc and torch.equal(acc, a + b.to(bf).float())
+    assert torch.equal(T.add_bf16(a, b.to(bf)), acc)
+    assert torch.equal(ck.add_to_bf16(a, b), (a + b).to(bf)) and torch.equal(T.add_to_bf16(a, b), (a + b).to(bf))
+    with pytest.raises(ValueError, match="bfloat16"):
+        ck.glu_fwd_lp(ab.float())
+
+
 @pytest.mark.parametrize("nb,n_per,H", [(1, 1, 4), (3, 7, 20), (4, 33, 70)])
 def test_head_kernels_equal_twins(lib, threads, nb, n_per, H):
     g = torch.Generator().manual_seed(nb * 100 + H)

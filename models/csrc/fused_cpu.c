@@ -364,6 +364,100 @@ void bf16_to_f32(int64_t n, const uint16_t *src, float *dst) {
     for (int64_t i = 0; i < n; i++) dst[i] = load_bf16(src[i]);
 }
 
+/* float32 -> bfloat16 bits of one value (round to nearest even, NaN -> 0x7FC0), as f32_to_bf16. */
+static inline uint16_t store_bf16(float f) {
+    union { float f; uint32_t u; } v;
+    v.f = f;
+    const uint32_t u = v.u;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* bf16 training (models/fast_ops.py, train.mixed_precision: bf16): the passes around a bf16 matrix product
+ * read its bf16 result and write its bf16 operands themselves, instead of separate conversion passes. Each
+ * computes in float32 exactly what its float32 twin computes on the same (bf16-valued) inputs and rounds only
+ * what becomes a product's operand, so the results are the bits of the twin followed by f32_to_bf16. */
+
+/* rms_norm_fwd, with xh also as bf16 (xhb: the next product's operand). */
+void rms_norm_fwd_lp(int64_t n, int64_t D, const float *x, float eps, float *xh, uint16_t *xhb, float *r) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *xi = x + i * D;
+        float *o = xh + i * D;
+        uint16_t *ob = xhb + i * D;
+        float ss = 0.0f;
+        #pragma omp simd reduction(+:ss)
+        for (int64_t j = 0; j < D; j++) ss += xi[j] * xi[j];
+        const float ri = 1.0f / sqrtf(ss / (float)D + eps);
+        r[i] = ri;
+        #pragma omp simd
+        for (int64_t j = 0; j < D; j++) {
+            const float v = xi[j] * ri;
+            o[j] = v;
+            ob[j] = store_bf16(v);
+        }
+    }
+}
+
+/* glu_fwd on a bf16 ab (a product's result), h written as bf16 (the next product's operand). */
+void glu_fwd_lp(int64_t n, int64_t H, const uint16_t *ab, uint16_t *h) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *a = ab + i * 2 * H, *b = a + H;
+        uint16_t *o = h + i * H;
+        #pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            const float av = load_bf16(a[j]);
+            o[j] = store_bf16((av > 0.0f ? av : 0.0f) * load_bf16(b[j]));
+        }
+    }
+}
+
+/* glu_bwd on bf16 gh and ab (products' results); gab and h written as bf16 (both only feed products). */
+void glu_bwd_lp(int64_t n, int64_t H, const uint16_t *gh, const uint16_t *ab, uint16_t *gab, uint16_t *h) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *a = ab + i * 2 * H, *b = a + H, *g = gh + i * H;
+        uint16_t *ga = gab + i * 2 * H, *gb = ga + H, *o = h + i * H;
+        #pragma omp simd
+        for (int64_t j = 0; j < H; j++) {
+            const float av = load_bf16(a[j]), bv = load_bf16(b[j]), gv = load_bf16(g[j]);
+            const int pos = av > 0.0f;
+            ga[j] = store_bf16(pos ? gv * bv : 0.0f);
+            gb[j] = store_bf16(pos ? gv * av : 0.0f);
+            o[j] = store_bf16((pos ? av : 0.0f) * bv);
+        }
+    }
+}
+
+/* rms_norm_bwd with gxh a bf16 product's result. */
+void rms_norm_bwd_lp(int64_t n, int64_t D, const float *gx, const uint16_t *gxh, const float *xh, const float *r,
+                     float *out) {
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const uint16_t *g = gxh + i * D;
+        const float *y = xh + i * D, *a = gx + i * D;
+        float *o = out + i * D;
+        float s = 0.0f;
+        #pragma omp simd reduction(+:s)
+        for (int64_t j = 0; j < D; j++) s += load_bf16(g[j]) * y[j];
+        const float ri = r[i], m = s / (float)D * ri;
+        #pragma omp simd
+        for (int64_t j = 0; j < D; j++) o[j] = a[j] + (ri * load_bf16(g[j]) - m * y[j]);
+    }
+}
+
+/* out = a + b for a float32, b a bf16 product's result (n values; out may be a). */
+void add_bf16(int64_t n, const float *a, const uint16_t *b, float *out) {
+    #pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = a[i] + load_bf16(b[i]);
+}
+
+/* out = bf16(a + b), a and b float32 (n values): a sum that is only a product's operand. */
+void add_to_bf16(int64_t n, const float *a, const float *b, uint16_t *out) {
+    #pragma omp parallel for simd schedule(static)
+    for (int64_t i = 0; i < n; i++) out[i] = store_bf16(a[i] + b[i]);
+}
+
 /* Baked inference on a query lattice (models/fast_ops.GridQuery.gather_bias_relu, DRRNet.predict_grid):
  * for the query vertices start .. start+M-1 (C-order flat indices of a query lattice with strides
  * qstrides[0..d-1]), out[m, :] = relu(sum_k w_k * table[r_k, :] + bias) where the corners (r_k, w_k) come
