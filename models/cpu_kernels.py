@@ -74,6 +74,8 @@ _SIGNATURES = {
     "rms_norm_bwd_lp": [_I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "add_bf16": [_I64, _PTR, _PTR, _PTR],
     "add_to_bf16": [_I64, _PTR, _PTR, _PTR],
+    "relu_bwd_segsum_lp": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
+    "bias_relu_lp": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     "bf16_to_f32": [_I64, _PTR, _PTR],
     "grid_gather_bias_relu": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "grid_gather_bias_relu_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
@@ -459,3 +461,35 @@ def add_to_bf16(a: Tensor, b: Tensor) -> Tensor:
     out = torch.empty(a.shape, dtype=torch.bfloat16)
     library().add_to_bf16(a.numel(), a.data_ptr(), b.data_ptr(), out.data_ptr())
     return out
+
+
+def bias_relu_lp(x: Tensor, bias: Tensor, operand: bool = True):
+    """(:func:`bias_relu` of x, the result as bf16 or None): x float32 or bfloat16 (a product's result);
+    ``operand`` False: no bf16 copy."""
+    nb, H = bias.shape
+    _check("bias_relu_lp", bias)
+    (_check_bf16 if x.dtype == torch.bfloat16 else _check)("bias_relu_lp", x)
+    if x.dim() != 2 or x.shape[1] != H or x.shape[0] % nb:
+        raise ValueError(f"cpu_kernels.bias_relu_lp: x {tuple(x.shape)} does not match bias {tuple(bias.shape)}")
+    out = torch.empty(x.shape, dtype=torch.float32)
+    outb = torch.empty(x.shape, dtype=torch.bfloat16) if operand else None
+    bf = x.dtype == torch.bfloat16
+    library().bias_relu_lp(nb, x.shape[0] // nb, H, None if bf else x.data_ptr(), x.data_ptr() if bf else None,
+                           bias.data_ptr(), out.data_ptr(), outb.data_ptr() if operand else None)
+    return out, outb
+
+
+def relu_bwd_segsum_lp(g: Tensor, h: Tensor, segsum: Tensor, out: Optional[Tensor] = None, operand: bool = True):
+    """(:func:`relu_bwd_segsum` of a bf16 g into ``out`` (default a new float32 tensor), the result as bf16 or
+    None (``operand`` False))."""
+    _check_bf16("relu_bwd_segsum_lp", g)
+    out = torch.empty(g.shape, dtype=torch.float32) if out is None else out
+    _check("relu_bwd_segsum_lp", h, segsum, out)
+    nb, H = segsum.shape
+    if g.dim() != 2 or g.shape[1] != H or g.shape[0] % nb or h.shape != g.shape or out.shape != g.shape:
+        raise ValueError(f"cpu_kernels.relu_bwd_segsum_lp: g {tuple(g.shape)}, h {tuple(h.shape)}, out "
+                         f"{tuple(out.shape)} do not match segsum {tuple(segsum.shape)}")
+    outb = torch.empty(g.shape, dtype=torch.bfloat16) if operand else None
+    library().relu_bwd_segsum_lp(nb, g.shape[0] // nb, H, g.data_ptr(), h.data_ptr(), out.data_ptr(),
+                                 outb.data_ptr() if operand else None, segsum.data_ptr())
+    return out, outb

@@ -481,6 +481,16 @@ class _TorchPrims:
     def add_to_bf16(a: Tensor, b: Tensor) -> Tensor:
         return (a + b).to(torch.bfloat16)
 
+    @staticmethod
+    def bias_relu_lp(x: Tensor, bias: Tensor, operand: bool = True):
+        out = _TorchPrims.bias_relu(x.float(), bias)
+        return out, (out.to(torch.bfloat16) if operand else None)
+
+    @staticmethod
+    def relu_bwd_segsum_lp(g: Tensor, h: Tensor, segsum: Tensor, out=None, operand: bool = True):
+        out = _TorchPrims.relu_bwd_segsum(g.float(), h, segsum, out)
+        return out, (out.to(torch.bfloat16) if operand else None)
+
 
 def lowp_products(t: Tensor):
     """torch.bfloat16 when the fused CPU paths should multiply in bf16 for ``t``: a float32 CPU tensor under
@@ -499,28 +509,8 @@ def _no_autocast(lowp):
     return torch.autocast("cpu", enabled=False) if lowp is not None else contextlib.nullcontext()
 
 
-def _lp_mm(a: Tensor, b: Tensor) -> Tensor:
-    """float32 ``a @ b`` with bf16 products: float32 operands are rounded to bf16 (a bf16 one, e.g. a packed
-    weight copy, is used as is), the product runs in bf16 with float32 accumulation inside the matrix product
-    (oneDNN: AMX or AVX512-BF16 where the CPU has them), and its result, rounded once to bf16 as under
-    ``torch.autocast``, comes back as float32, so that every sum around it (residual stream, gradient
-    accumulators across chunks) is float32. The conversions are single passes of the compiled kernels
-    (``to_bf16`` / ``from_bf16``) where available."""
-    return _from_bf16(torch.mm(_to_bf16(a), _to_bf16(b)))
-
-
-def _to_bf16(t: Tensor) -> Tensor:
-    if t.dtype == torch.bfloat16:
-        return t
-    ops = _prims(t)
-    if t.is_contiguous():
-        return ops.to_bf16(t)
-    if t.dim() == 2 and t.t().is_contiguous():                      # a transposed view (weight gradients)
-        return ops.to_bf16(t.t()).t()
-    return t.to(torch.bfloat16)
-
-
 def _from_bf16(t: Tensor) -> Tensor:
+    """A bf16 product's result as float32 (exact; the compiled single pass where available)."""
     if t.device.type == "cpu" and t.is_contiguous() and cpu_kernels.library() is not None:
         return cpu_kernels.from_bf16(t)
     return t.float()
@@ -549,7 +539,7 @@ def _pack(weights, n_blocks, lowp=None):
     elementwise pass per block; the backward maps the gradient of the folded matrix back to W and wn. MKL
     multiplies by a contiguous (K, N) operand up to 1.25x faster than by a transposed view at these shapes.
     With ``lowp`` (torch.bfloat16) also ``low``: per block the ``lowp`` copies of (W3, W12s, W12s^T, W3^T),
-    and ``fold_low`` / ``fold_t_low`` (see :func:`_lp_mm`).
+    and ``fold_low`` / ``fold_t_low``.
     """
     blocks, low = [], []
     for k in range(n_blocks):
@@ -752,17 +742,23 @@ class FusedHead(torch.autograd.Function):
                 g = g * ((last >= 0.0) & (last <= 1.0)).to(g.dtype)
             n_last = len(wb) - 2
             gwb[n_last + 1].add_(g.sum(0))                           # output layer's bias
+            if low is not None:
+                hs, hsb = hs
+            gb = None                                                # g as bf16 (a product's operand)
             for i in reversed(range(0, len(wb), 2)):
                 if low is None or i == n_last:                       # fp32 (the output layer always)
                     gwb[i].addmm_(g.t(), hs[i // 2])
                     g = g @ wb[i]                                    # d/d(layer input), before its ReLU
                 else:                                                # hidden layer: bf16 products
-                    gwb[i].add_(_lp_mm(g.t(), hs[i // 2]))
-                    g = _lp_mm(g, low[i // 2][0])
-                if i:                                                # ReLU backward + previous layer's bias
-                    g = ops.relu_bwd_segsum(g, hs[i // 2], gwb[i - 1].view(1, -1), out=g)
-                else:                                                # ... + the per-condition term
-                    ops.relu_bwd_segsum(g, hs[0], gcb[b0:b1], out=gz[s:e])
+                    gb = ops.to_bf16(g) if gb is None else gb
+                    ops.add_bf16(gwb[i], torch.mm(gb.t(), hsb[i // 2]), out=gwb[i])
+                    g = torch.mm(gb, low[i // 2][0])                 # bf16
+                seg = gwb[i - 1].view(1, -1) if i else gcb[b0:b1]
+                dest = gz[s:e] if not i else None if g.dtype == torch.bfloat16 else g
+                if g.dtype == torch.bfloat16:                        # ReLU backward + previous layer's bias (or
+                    g, gb = ops.relu_bwd_segsum_lp(g, hs[i // 2], seg, out=dest, operand=i > 0)   # condition
+                else:                                                # term), and the next operand
+                    g, gb = ops.relu_bwd_segsum(g, hs[i // 2], seg, out=dest), None
         return (gz, gcb, None, None, None, None, *gwb)
 
 
@@ -779,20 +775,26 @@ def _head_chunk(z, cb, b0, b1, s, e, activation, wb, low=None):
     activation's derivative needs, output). ``low`` (:func:`_head_low`): the hidden layers' products in bf16;
     the bias, ReLU, output layer and activation stay float32."""
     ops = _prims(z)
-    h = ops.bias_relu(z[s:e], cb[b0:b1])
+    n_hidden = len(wb) // 2 - 1
+    if low is None:
+        h = ops.bias_relu(z[s:e], cb[b0:b1])
+    else:           # bf16 products: each layer's input also as bf16 (hb: the operand), kept for the backward
+        h, hb = ops.bias_relu_lp(z[s:e], cb[b0:b1], operand=n_hidden > 0)
+        hsb = [hb]
     hs = [h]
     for i in range(0, len(wb), 2):
         if i + 2 < len(wb) and low is not None:                      # hidden layer, bf16 products
-            a = _lp_mm(h, low[i // 2][1])
-            h = ops.bias_relu(a, wb[i + 1].view(1, -1), out=a)
+            h, hb = ops.bias_relu_lp(torch.mm(hsb[-1], low[i // 2][1]), wb[i + 1].view(1, -1),
+                                     operand=i + 4 < len(wb))
             hs.append(h)
+            hsb.append(hb)
         elif i + 2 < len(wb):                                        # hidden layer: relu(h W^T + b)
             h = ops.linear_relu(h, wb[i], wb[i + 1])
             hs.append(h)
         else:
             a = torch.addmm(wb[i + 1], h, wb[i].t())
     out = output_activation(a, activation)
-    return hs, (out if activation == "sigmoid" else a), out
+    return (hs if low is None else (hs, hsb)), (out if activation == "sigmoid" else a), out
 
 
 def _head_segments(B: int, n_per: int, chunk: int):

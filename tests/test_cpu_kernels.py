@@ -102,6 +102,35 @@ def test_bf16_training_kernels_are_the_fp32_passes_rounded(lib, threads, n, D, H
 
 
 @pytest.mark.parametrize("nb,n_per,H", [(1, 1, 4), (3, 7, 20), (4, 33, 70)])
+def test_bf16_head_kernels_are_the_fp32_passes_rounded(lib, threads, nb, n_per, H):
+    """The head's passes around its bf16 products: bias + ReLU of a float32 or bf16 input, and the ReLU backward
+    of a bf16 gradient with its per-segment sums, equal the float32 kernels on the same values (sums included),
+    with the bf16 copy of each result the rounding of it; their PyTorch twins likewise."""
+    g = torch.Generator().manual_seed(nb * 10 + H)
+    bf = torch.bfloat16
+    x, bias = torch.randn(nb * n_per, H, generator=g), torch.randn(nb, H, generator=g)
+    for xin in (x, x.to(bf)):
+        out, outb = ck.bias_relu_lp(xin, bias)
+        want = ck.bias_relu(xin.float(), bias)
+        assert torch.equal(out, want) and torch.equal(outb, want.to(bf))
+        tout, toutb = T.bias_relu_lp(xin, bias)
+        assert torch.equal(tout, want) and torch.equal(toutb, outb)
+    assert ck.bias_relu_lp(x, bias, operand=False)[1] is None
+
+    gr, h = torch.randn(nb * n_per, H, generator=g).to(bf), torch.relu(torch.randn(nb * n_per, H, generator=g))
+    s1, s0, s2 = (torch.full((nb, H), 0.5) for _ in range(3))
+    out, outb = ck.relu_bwd_segsum_lp(gr, h, s1)
+    want = ck.relu_bwd_segsum(gr.float(), h, s0)
+    assert torch.equal(out, want) and torch.equal(s1, s0) and torch.equal(outb, want.to(bf))
+    dest = torch.empty(nb * n_per, H)
+    r, rb = ck.relu_bwd_segsum_lp(gr, h, s2, out=dest, operand=False)
+    assert r is dest and rb is None and torch.equal(dest, want) and torch.equal(s2, s0)
+    ts = torch.full((nb, H), 0.5)
+    tout, toutb = T.relu_bwd_segsum_lp(gr, h, ts)
+    assert torch.equal(tout, want) and torch.equal(toutb, outb) and rel(ts, s0) < 1e-6
+
+
+@pytest.mark.parametrize("nb,n_per,H", [(1, 1, 4), (3, 7, 20), (4, 33, 70)])
 def test_head_kernels_equal_twins(lib, threads, nb, n_per, H):
     g = torch.Generator().manual_seed(nb * 100 + H)
     x, bias = torch.randn(nb * n_per, H, generator=g), torch.randn(nb, H, generator=g)

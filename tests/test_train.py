@@ -346,17 +346,13 @@ def test_meta_records_cpu_features_and_bf16_trains_through_the_fused_paths(tmp_p
     from util.run_dir import run_dir_of
 
     calls = {"vp": 0, "lp": 0}
-    real_vp, real_lp = fast_ops.VertexPipeline.apply, fast_ops._lp_mm
+    real_vp = fast_ops.VertexPipeline.apply
 
-    def vp(*a):
+    def vp(*a):                 # VertexPipeline.apply(u, coeff, include_input, eps, chunk, n_blocks, keep, lowp, ...)
         calls["vp"] += 1
+        calls["lp"] += a[7] is torch.bfloat16
         return real_vp(*a)
-
-    def lp(*a):
-        calls["lp"] += 1
-        return real_lp(*a)
     monkeypatch.setattr(fast_ops.VertexPipeline, "apply", vp)
-    monkeypatch.setattr(fast_ops, "_lp_mm", lp)
     runs = {}
     for prec in ("auto", "bf16"):
         (tmp_path / prec).mkdir()

@@ -25,6 +25,21 @@ int has_vector_math(void) { return 1; }
 int has_vector_math(void) { return 0; }
 #endif
 
+/* bfloat16 -> float32 (exact: the bits shifted into the high half). */
+static inline float load_bf16(uint16_t x) {
+    union { uint32_t u; float f; } v;
+    v.u = (uint32_t)x << 16;
+    return v.f;
+}
+
+/* float32 -> bfloat16 bits of one value (round to nearest even, NaN -> 0x7FC0), as f32_to_bf16. */
+static inline uint16_t store_bf16(float f) {
+    union { float f; uint32_t u; } v;
+    v.f = f;
+    const uint32_t u = v.u;
+    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
 /* RMSNorm without its scale: r[i] = 1 / sqrt(mean_j x[i,j]^2 + eps), xh = x * r.   x, xh (n, D); r (n). */
 void rms_norm_fwd(int64_t n, int64_t D, const float *x, float eps, float *xh, float *r) {
     #pragma omp parallel for schedule(static)
@@ -155,9 +170,10 @@ void bias_relu(int64_t nb, int64_t n_per, int64_t H, const float *x, const float
  * bias added before the ReLU):  out = g * (h > 0);  segsum[b, :] += sum of out's rows of segment b.
  * g, h, out (nb * n_per, H) (out may be g); segsum (nb, H). Each thread takes a fixed range of rows; sums go
  * through float blocks of at most 64 rows into per-thread double partials, which are added in thread order
- * (deterministic for a given thread count). */
-void relu_bwd_segsum(int64_t nb, int64_t n_per, int64_t H, const float *g, const float *h, float *out,
-                     float *segsum) {
+ * (deterministic for a given thread count). One body for float32 g and for bf16 g (gb, a bf16 product's result;
+ * g NULL), with the result also as bf16 into outb (optional: NULL). */
+static void relu_bwd_segsum_any(int64_t nb, int64_t n_per, int64_t H, const float *g, const uint16_t *gb,
+                                const float *h, float *out, uint16_t *outb, float *segsum) {
     const int64_t n = nb * n_per, NH = nb * H;
     int nt_max = 1;
 #ifdef _OPENMP
@@ -178,11 +194,23 @@ void relu_bwd_segsum(int64_t nb, int64_t n_per, int64_t H, const float *g, const
         int64_t cur = -1, cnt = 0;
         #pragma omp for schedule(static)
         for (int64_t i = 0; i < n; i++) {
-            const float *gi = g + i * H, *hi = h + i * H;
+            const float *hi = h + i * H;
             float *o = out + i * H;
             const int64_t b = i / n_per;
-            #pragma omp simd
-            for (int64_t j = 0; j < H; j++) o[j] = hi[j] > 0.0f ? gi[j] : 0.0f;
+            if (gb) {
+                const uint16_t *gi = gb + i * H;
+                #pragma omp simd
+                for (int64_t j = 0; j < H; j++) o[j] = hi[j] > 0.0f ? load_bf16(gi[j]) : 0.0f;
+            } else {
+                const float *gi = g + i * H;
+                #pragma omp simd
+                for (int64_t j = 0; j < H; j++) o[j] = hi[j] > 0.0f ? gi[j] : 0.0f;
+            }
+            if (outb) {
+                uint16_t *ob = outb + i * H;
+                #pragma omp simd
+                for (int64_t j = 0; j < H; j++) ob[j] = store_bf16(o[j]);
+            }
             if (!acc || !blk) {                               /* no scratch memory: atomic adds */
                 for (int64_t j = 0; j < H; j++) {
                     #pragma omp atomic
@@ -213,6 +241,11 @@ void relu_bwd_segsum(int64_t nb, int64_t n_per, int64_t H, const float *g, const
         }
         free(part);
     }
+}
+
+void relu_bwd_segsum(int64_t nb, int64_t n_per, int64_t H, const float *g, const float *h, float *out,
+                     float *segsum) {
+    relu_bwd_segsum_any(nb, n_per, H, g, NULL, h, out, NULL, segsum);
 }
 
 /* Feature-upsampling positional encoding of u (n, C) with K frequencies coeff (K): per channel c the row of
@@ -351,25 +384,10 @@ void f32_to_bf16(int64_t n, const float *src, uint16_t *dst) {
     }
 }
 
-/* bfloat16 -> float32 (exact: the bits shifted into the high half). */
-static inline float load_bf16(uint16_t x) {
-    union { uint32_t u; float f; } v;
-    v.u = (uint32_t)x << 16;
-    return v.f;
-}
-
 /* src (n) bf16 bits, dst (n) float32. */
 void bf16_to_f32(int64_t n, const uint16_t *src, float *dst) {
     #pragma omp parallel for simd schedule(static)
     for (int64_t i = 0; i < n; i++) dst[i] = load_bf16(src[i]);
-}
-
-/* float32 -> bfloat16 bits of one value (round to nearest even, NaN -> 0x7FC0), as f32_to_bf16. */
-static inline uint16_t store_bf16(float f) {
-    union { float f; uint32_t u; } v;
-    v.f = f;
-    const uint32_t u = v.u;
-    return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 /* bf16 training (models/fast_ops.py, train.mixed_precision: bf16): the passes around a bf16 matrix product
@@ -456,6 +474,44 @@ void add_bf16(int64_t n, const float *a, const uint16_t *b, float *out) {
 void add_to_bf16(int64_t n, const float *a, const float *b, uint16_t *out) {
     #pragma omp parallel for simd schedule(static)
     for (int64_t i = 0; i < n; i++) out[i] = store_bf16(a[i] + b[i]);
+}
+
+/* relu_bwd_segsum of a bf16 g (a product's result), the result also as bf16 into outb (optional: 0). */
+void relu_bwd_segsum_lp(int64_t nb, int64_t n_per, int64_t H, const uint16_t *g, const float *h, float *out,
+                        uint16_t *outb, float *segsum) {
+    relu_bwd_segsum_any(nb, n_per, H, NULL, g, h, out, outb, segsum);
+}
+
+/* bias_relu of a float32 x or (x NULL) a bf16 xb (a product's result), with the result also as bf16 into outb
+ * (optional: 0; the next product's operand). */
+void bias_relu_lp(int64_t nb, int64_t n_per, int64_t H, const float *x, const uint16_t *xb, const float *bias,
+                  float *out, uint16_t *outb) {
+    const int64_t n = nb * n_per;
+    #pragma omp parallel for schedule(static)
+    for (int64_t i = 0; i < n; i++) {
+        const float *b = bias + (i / n_per) * H;
+        float *o = out + i * H;
+        if (xb) {
+            const uint16_t *xi = xb + i * H;
+            #pragma omp simd
+            for (int64_t j = 0; j < H; j++) {
+                const float v = load_bf16(xi[j]) + b[j];
+                o[j] = v > 0.0f ? v : 0.0f;
+            }
+        } else {
+            const float *xi = x + i * H;
+            #pragma omp simd
+            for (int64_t j = 0; j < H; j++) {
+                const float v = xi[j] + b[j];
+                o[j] = v > 0.0f ? v : 0.0f;
+            }
+        }
+        if (outb) {
+            uint16_t *ob = outb + i * H;
+            #pragma omp simd
+            for (int64_t j = 0; j < H; j++) ob[j] = store_bf16(o[j]);
+        }
+    }
 }
 
 /* Baked inference on a query lattice (models/fast_ops.GridQuery.gather_bias_relu, DRRNet.predict_grid):
