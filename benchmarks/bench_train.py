@@ -24,7 +24,11 @@ same batches, interleaved step by step, warm-up steps excluded, medians; CUDA ti
 
 ``--precisions fp32,bf16`` runs every path in each precision (bf16: under ``torch.autocast(bfloat16)``, as
 ``train.mixed_precision: bf16`` trains; the fused CPU paths then multiply in bf16, see models/fast_ops.py).
-A header line names the CPU and its bf16 support (util/cpu.py: amx_bf16 / avx512_bf16 / none / unknown).
+A header line names the CPU and its bf16 support (util/cpu.py: amx_bf16 / avx512_bf16 / none / unknown) and the
+allocator's setting: by default glibc's malloc is set up as train.py sets it on the CPU (``util.cpu.tune_malloc``:
+a step's memory kept between steps; ``--malloc default`` keeps glibc's defaults, under which the plain path's
+large frees happen to raise glibc's adaptive mmap threshold for the other paths too, while a real run of the
+fused paths alone does not get that).
 
 Output: one line per path and precision ``path=<name> steps_per_s=<float> points_per_s=<float>
 peak_mem_mb=<float>`` (peak extra memory of the warm-up steps, the only ones measured for memory: the memory
@@ -41,12 +45,13 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 
 import torch
 
 from common import (PeakMemory, add_model_args, build_from_args, device_of, matmul_peak, median, model_flops,
                     setup_threads, timed)
-from util.cpu import describe as describe_cpu  # noqa: E402
+from util.cpu import describe as describe_cpu, tune_malloc  # noqa: E402
 from util.optim import adam  # noqa: E402  (after common, which puts the repository on sys.path)
 
 
@@ -60,6 +65,9 @@ def main(argv=None):
     p.add_argument("--data_resolution", type=int, nargs="+", default=None,
                    help="lattice the batch voxels come from (int or per axis; default: the SSR shape)")
     p.add_argument("--paths", default="plain,fast,fast_dense,fast_sparse,fast_unfused")
+    p.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                   help="tuned: glibc's allocator set up as train.py sets it on the CPU (util.cpu.tune_malloc); "
+                        "default: glibc's defaults")
     p.add_argument("--precisions", default="fp32",
                    help="comma list of fp32 / bf16: every path runs in each (bf16: torch.autocast(bfloat16), "
                         "which train.mixed_precision: bf16 uses; the fused CPU paths then multiply in bf16)")
@@ -69,6 +77,9 @@ def main(argv=None):
     if bad or not precisions:
         raise SystemExit(f"--precisions: fp32 and/or bf16, got {args.precisions!r}")
     setup_threads(args)
+    if args.malloc == "default":
+        os.environ["DRR_MALLOC"] = "default"
+    malloc_state = tune_malloc() if device_of(args).type == "cpu" else "device memory"
     model, exp, desc = build_from_args(args)
     dev = device_of(args)
     d = model.spatial_dims
@@ -158,7 +169,7 @@ def main(argv=None):
     P = math.prod(model.ssr_shape) if model.use_pi else 0
     print(f"# model={desc} device={dev} threads={torch.get_num_threads()} batch={n_c}x{n_x} data_shape={list(data_shape)} "
           f"ssr={list(model.ssr_shape)} lattice_vertices={P} D_sp={model.spatial_feature_dim} steps={args.steps}")
-    print("# " + describe_cpu())
+    print("# " + describe_cpu() + f" | malloc: {malloc_state}")
     print("# matmul peak GFLOP/s: " + " ".join(f"{k}={v:.1f}" for k, v in peaks.items()))
     base = 1.0 / median(times[ref])
     for r in wanted:

@@ -49,3 +49,29 @@ def test_fallback_without_cpuinfo(tmp_path):
     f = cpu.cpu_features(str(tmp_path / "cpuinfo"))
     assert f["bf16"] == "avx512_bf16" and f["source"] == str(tmp_path / "cpuinfo")
     assert cpu.cpu_features()["bf16"] in cpu.KINDS     # this machine: whatever it is, one of the kinds
+
+
+def test_tune_malloc_once_and_only_where_asked(monkeypatch):
+    """tune_malloc sets glibc's thresholds once per process (where the C library is glibc), says so in one line,
+    and leaves the allocator alone where DRR_MALLOC=default or the user's own MALLOC_*_ variables are set."""
+    import platform
+
+    for k in ("DRR_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setattr(cpu, "_malloc_state", {})
+    calls = []
+    monkeypatch.setattr(cpu, "_mallopt_thresholds", lambda: calls.append(1) or "tuned")
+    assert cpu.tune_malloc() == "tuned" and cpu.tune_malloc() == "tuned" and calls == [1]   # once
+    monkeypatch.setattr(cpu, "_malloc_state", {})
+    monkeypatch.setenv("DRR_MALLOC", "default")
+    assert "defaults" in cpu.tune_malloc() and calls == [1]
+    monkeypatch.setattr(cpu, "_malloc_state", {})
+    monkeypatch.delenv("DRR_MALLOC")
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1000000")
+    assert "environment" in cpu.tune_malloc() and calls == [1]
+    monkeypatch.undo()
+    state = cpu._mallopt_thresholds()                  # the real call on this machine
+    if platform.system() == "Linux" and platform.libc_ver()[0].startswith("glibc"):
+        assert state.startswith("glibc mmap threshold 32 MiB, trim threshold 256 MiB"), state
+    else:
+        assert "unchanged" in state or "defaults" in state, state

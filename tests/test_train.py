@@ -343,6 +343,7 @@ def test_meta_records_cpu_features_and_bf16_trains_through_the_fused_paths(tmp_p
     """meta.json names the CPU's bf16 support (util/cpu.py) and the precision; train.mixed_precision bf16 on CPU
     trains through DRR-Net's fused CPU paths with bf16 products (not the autograd fall-back) to finite losses."""
     from models import fast_ops
+    from util.cpu import tune_malloc
     from util.run_dir import run_dir_of
 
     calls = {"vp": 0, "lp": 0}
@@ -362,6 +363,7 @@ def test_meta_records_cpu_features_and_bf16_trains_through_the_fused_paths(tmp_p
         meta = json.load(open(os.path.join(runs[prec], "meta.json")))
         assert meta["cpu_features"]["bf16"] in ("amx_bf16", "avx512_bf16", "none", "unknown")
         assert meta["precision"] == ("fp32" if prec == "auto" else "bf16")
+        assert meta["malloc"] == tune_malloc()                # the allocator's setting, one line
         assert all(np.isfinite(float(r["loss"])) for r in read_log(runs[prec]))
         if prec == "auto":
             assert calls["vp"] > 0 and calls["lp"] == 0          # fp32: the fused paths, no bf16 product

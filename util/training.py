@@ -24,7 +24,7 @@ from util.checkpoints import (CKPT_DIR, LATEST, TASK_STATE_FILE, checkpoint_dirs
 from util.config import ConfigError, TrainConfig, section_kwargs
 from util.fingerprint import compare_fingerprints
 from util.files import atomic_torch_save, atomic_write_text
-from util.cpu import cpu_features, describe as describe_cpu
+from util.cpu import cpu_features, describe as describe_cpu, tune_malloc
 from util.metrics import psnr_from_mse
 from util.registry import build, get
 from util.run_dir import (META_FILE, RUN_MARKER_KEY, RUN_MARKER_VERSION, RunLock, check_run_dir, clear_run_dir,
@@ -226,6 +226,8 @@ def _train(exp: Dict[str, Any], overwrite: bool, resume: bool, progress: bool, l
     calls is the order of these calls)."""
     tc = TrainConfig(**exp["train"])
     accelerator = _accelerator(exp, tc)
+    if accelerator.device.type == "cpu":
+        tune_malloc()   # the step's tensors' memory kept between steps (util/cpu.py; recorded in meta.json)
     run_dir = run_dir_of(exp)
     resumed = _claim_run_dir(accelerator, lock, run_dir, overwrite, resume, exp, tc, resume_changed)
     run = _set_up(exp, tc, accelerator, run_dir)
@@ -416,7 +418,8 @@ def _open_run_files(run: _Run, start: int, resume: bool, resumed: Optional[Dict[
     fingerprint = resumed["fingerprint"] if resumed and resumed.get("fingerprint") else run.dataset.fingerprint()
     meta = {RUN_MARKER_KEY: RUN_MARKER_VERSION, **run.dataset.meta(), "task": task_type_of(exp),
             "model_inputs": run.task.model_inputs(), "data_fingerprint": fingerprint,
-            "cpu_features": cpu_features(), "precision": precision_name(accelerator)}
+            "cpu_features": cpu_features(), "precision": precision_name(accelerator),
+            "malloc": tune_malloc() if accelerator.device.type == "cpu" else "device memory (CUDA)"}
     if resume:
         meta["resumes"] = list((read_meta(run.run_dir) or {}).get("resumes") or []) + (
             [resumed["record"]] if resumed else [])
