@@ -758,12 +758,12 @@ class FusedHead(torch.autograd.Function):
                     gb = ops.to_bf16(g) if gb is None else gb
                     ops.add_bf16(gwb[i], torch.mm(gb.t(), hsb[i // 2]), out=gwb[i])
                     g = torch.mm(gb, low[i // 2][0])                 # bf16
+                # ReLU backward + the previous layer's bias (the first layer: + the per-condition term, into gz)
                 seg = gwb[i - 1].view(1, -1) if i else gcb[b0:b1]
-                dest = gz[s:e] if not i else None if g.dtype == torch.bfloat16 else g
-                if g.dtype == torch.bfloat16:                        # ReLU backward + previous layer's bias (or
-                    g, gb = ops.relu_bwd_segsum_lp(g, hs[i // 2], seg, out=dest, operand=i > 0)   # condition
-                else:                                                # term), and the next operand
-                    g, gb = ops.relu_bwd_segsum(g, hs[i // 2], seg, out=dest), None
+                if g.dtype == torch.bfloat16:                        # ... and the next layer's bf16 operand
+                    g, gb = ops.relu_bwd_segsum_lp(g, hs[i // 2], seg, out=None if i else gz[s:e], operand=i > 0)
+                else:
+                    g, gb = ops.relu_bwd_segsum(g, hs[i // 2], seg, out=g if i else gz[s:e]), None
         return (gz, gcb, None, None, None, None, *gwb)
 
 

@@ -151,19 +151,11 @@ void gather_corners(int64_t M, int64_t K, int64_t C, const int64_t *idx, const f
 }
 
 /* out = relu(x + bias[segment]) with nb segments of n_per rows each:  x, out (nb * n_per, H) (out may be x);
- * bias (nb, H). */
+ * bias (nb, H). (bias_relu_lp below, without a bf16 input or copy.) */
+void bias_relu_lp(int64_t nb, int64_t n_per, int64_t H, const float *x, const uint16_t *xb, const float *bias,
+                  float *out, uint16_t *outb);
 void bias_relu(int64_t nb, int64_t n_per, int64_t H, const float *x, const float *bias, float *out) {
-    const int64_t n = nb * n_per;
-    #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const float *xi = x + i * H, *b = bias + (i / n_per) * H;
-        float *o = out + i * H;
-        #pragma omp simd
-        for (int64_t j = 0; j < H; j++) {
-            const float v = xi[j] + b[j];
-            o[j] = v > 0.0f ? v : 0.0f;
-        }
-    }
+    bias_relu_lp(nb, n_per, H, x, NULL, bias, out, NULL);
 }
 
 /* Backward of a ReLU whose output is h, with the per-segment column sums of the result (the gradient of the
