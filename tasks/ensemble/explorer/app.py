@@ -567,8 +567,7 @@ class ExplorerPage:
 
     def _send_model(self, model: List[np.ndarray], sent: threading.Event, drawn: threading.Event) -> None:
         try:
-            with pn.io.hold(self.doc) if self._in_server() else contextlib.nullcontext():
-                self._apply_model(model)
+            self._held(self._apply_model, model)
             if not drawn.is_set():
                 self._after_drawn = (self.updates, drawn)   # released by the page's ack of this model update
         finally:
@@ -636,13 +635,13 @@ class ExplorerPage:
 
     def _apply_view(self, view: SliceView):
         """The whole view at once (pages without a 3D view, and pages built outside a server)."""
-        self._held(lambda v: self._apply_model(v.fields["model"]), view)
+        self._held(self._apply_model, view.fields["model"])
         self._held(self._apply_rest, view)
 
-    def _held(self, apply, view: SliceView):
-        """``apply(view)`` as one batch of document events (in a server session)."""
+    def _held(self, apply, *args):
+        """``apply(*args)`` as one batch of document events (in a server session)."""
         with pn.io.hold(self.doc) if self._in_server() else contextlib.nullcontext():
-            apply(view)
+            apply(*args)
 
     def _set_row(self, nm: str, arrs) -> None:
         for src, arr in zip(self.sources[nm], arrs or []):
