@@ -17,12 +17,11 @@ products where it says ``amx_bf16`` (``ExplorerModel.display_dtype``).
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import platform
 from typing import Dict, Optional
-
-import ctypes
-import ctypes.util
 
 CPUINFO = "/proc/cpuinfo"
 KINDS = ("amx_bf16", "avx512_bf16", "none", "unknown")
