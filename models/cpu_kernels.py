@@ -193,6 +193,13 @@ def _check(name: str, *ts: Tensor) -> None:
                              f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
 
 
+def _check_bf16(name: str, *ts: Tensor) -> None:
+    for t in ts:
+        if t.device.type != "cpu" or t.dtype != torch.bfloat16 or not t.is_contiguous():
+            raise ValueError(f"cpu_kernels.{name}: expected contiguous bfloat16 CPU tensors, got "
+                             f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
+
+
 def rms_norm_fwd(x: Tensor, eps: float):
     """(xh, r): r = rsqrt(mean(x^2, -1) + eps) (n, 1), xh = x * r."""
     _check("rms_norm_fwd", x)
@@ -212,20 +219,27 @@ def rms_norm_bwd(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor, out: Optional[T
 
 
 def glu_fwd(ab: Tensor) -> Tensor:
-    """relu(a) * b for ab = [a | b] (n, 2H)."""
-    _check("glu_fwd", ab)
+    """relu(a) * b for ab = [a | b] (n, 2H), float32; or bfloat16 (a bf16 product's result), computed in float32
+    and rounded to bf16 (the next product's operand)."""
+    bf = ab.dtype == torch.bfloat16
+    (_check_bf16 if bf else _check)("glu_fwd", ab)
     n, H2 = ab.shape
     h = torch.empty(n, H2 // 2, dtype=ab.dtype)
-    library().glu_fwd(n, H2 // 2, ab.data_ptr(), h.data_ptr())
+    (library().glu_fwd_lp if bf else library().glu_fwd)(n, H2 // 2, ab.data_ptr(), h.data_ptr())
     return h
 
 
 def glu_bwd(gh: Tensor, ab: Tensor):
-    """(gab, h): gab = [gh * b * (a > 0) | gh * relu(a)] (n, 2H) and h = relu(a) * b (n, H) recomputed."""
-    _check("glu_bwd", gh, ab)
+    """(gab, h): gab = [gh * b * (a > 0) | gh * relu(a)] (n, 2H) and h = relu(a) * b (n, H) recomputed; float32,
+    or bfloat16 gh and ab (products' results) with gab and h rounded to bf16 (products' operands)."""
+    bf = gh.dtype == torch.bfloat16
+    (_check_bf16 if bf else _check)("glu_bwd", gh, ab)
     n, H = gh.shape
+    if tuple(ab.shape) != (n, 2 * H):
+        raise ValueError(f"cpu_kernels.glu_bwd: ab {tuple(ab.shape)} must be ({n}, {2 * H})")
     gab, h = torch.empty_like(ab), torch.empty_like(gh)
-    library().glu_bwd(n, H, gh.data_ptr(), ab.data_ptr(), gab.data_ptr(), h.data_ptr())
+    (library().glu_bwd_lp if bf else library().glu_bwd)(n, H, gh.data_ptr(), ab.data_ptr(), gab.data_ptr(),
+                                                         h.data_ptr())
     return gab, h
 
 
@@ -393,13 +407,6 @@ def from_bf16(x: Tensor) -> Tensor:
 # bf16 training: the passes around a bf16 product read its bf16 result / write its bf16 operands (each the
 # float32 twin's bits, rounded to bf16 where the result is an operand; twins in models/fast_ops._TorchPrims).
 # ----------------------------------------------------------------------------------------------------
-def _check_bf16(name: str, *ts: Tensor) -> None:
-    for t in ts:
-        if t.device.type != "cpu" or t.dtype != torch.bfloat16 or not t.is_contiguous():
-            raise ValueError(f"cpu_kernels.{name}: expected contiguous bfloat16 CPU tensors, got "
-                             f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
-
-
 def rms_norm_fwd_lp(x: Tensor, eps: float):
     """(xh, xh as bf16, r) of :func:`rms_norm_fwd`."""
     _check("rms_norm_fwd_lp", x)
@@ -407,26 +414,6 @@ def rms_norm_fwd_lp(x: Tensor, eps: float):
     xh, xhb, r = torch.empty_like(x), torch.empty(n, D, dtype=torch.bfloat16), torch.empty(n, 1, dtype=x.dtype)
     library().rms_norm_fwd_lp(n, D, x.data_ptr(), float(eps), xh.data_ptr(), xhb.data_ptr(), r.data_ptr())
     return xh, xhb, r
-
-
-def glu_fwd_lp(ab: Tensor) -> Tensor:
-    """bf16(relu(a) * b) for a bf16 ab = [a | b] (n, 2H)."""
-    _check_bf16("glu_fwd_lp", ab)
-    n, H2 = ab.shape
-    h = torch.empty(n, H2 // 2, dtype=torch.bfloat16)
-    library().glu_fwd_lp(n, H2 // 2, ab.data_ptr(), h.data_ptr())
-    return h
-
-
-def glu_bwd_lp(gh: Tensor, ab: Tensor):
-    """:func:`glu_bwd` on bf16 gh (n, H) and ab (n, 2H); (gab, h) as bf16."""
-    _check_bf16("glu_bwd_lp", gh, ab)
-    n, H = gh.shape
-    if tuple(ab.shape) != (n, 2 * H):
-        raise ValueError(f"cpu_kernels.glu_bwd_lp: ab {tuple(ab.shape)} must be ({n}, {2 * H})")
-    gab, h = torch.empty_like(ab), torch.empty_like(gh)
-    library().glu_bwd_lp(n, H, gh.data_ptr(), ab.data_ptr(), gab.data_ptr(), h.data_ptr())
-    return gab, h
 
 
 def rms_norm_bwd_lp(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor, out: Optional[Tensor] = None) -> Tensor:

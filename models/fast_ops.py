@@ -372,7 +372,8 @@ class VertexPipeline(torch.autograd.Function):
 
 class _TorchPrims:
     """Elementwise / gather passes of the fast paths as PyTorch operators (any device, any float dtype): the
-    twins of the compiled kernels in models/cpu_kernels (same arguments and results)."""
+    twins of the compiled kernels in models/cpu_kernels (same arguments and results; the GLU passes on bf16
+    tensors too, each of their operations exact in float32 and rounded once, as the kernels' bf16 versions)."""
 
     @staticmethod
     def rms_norm_fwd(x: Tensor, eps: float):
@@ -458,15 +459,6 @@ class _TorchPrims:
     def rms_norm_fwd_lp(x: Tensor, eps: float):
         xh, r = _TorchPrims.rms_norm_fwd(x, eps)
         return xh, xh.to(torch.bfloat16), r
-
-    @staticmethod
-    def glu_fwd_lp(ab: Tensor) -> Tensor:
-        return _TorchPrims.glu_fwd(ab.float()).to(torch.bfloat16)
-
-    @staticmethod
-    def glu_bwd_lp(gh: Tensor, ab: Tensor):
-        gab, h = _TorchPrims.glu_bwd(gh.float(), ab.float())
-        return gab.to(torch.bfloat16), h.to(torch.bfloat16)
 
     @staticmethod
     def rms_norm_bwd_lp(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor, out=None) -> Tensor:
@@ -584,7 +576,7 @@ def _pipeline_chunk(u, coeff, include_input, eps, packed, keep, dest=None):
             ab = torch.mm(xhb, low[2])                               # bf16 [a | b]
             if keep:
                 saved["blocks"].append((r, xh, ab, xhb))
-            x = ops.add_bf16(x, torch.mm(ops.glu_fwd_lp(ab), low[3]), out=None if x is x0 else x)
+            x = ops.add_bf16(x, torch.mm(ops.glu_fwd(ab), low[3]), out=None if x is x0 else x)
     if lowp is not None and packed["fold"] is not None:             # g only feeds the fold's bf16 products
         g = ops.add_to_bf16(x0, x) if packed["blocks"] else ops.to_bf16(x0.contiguous())
         if keep:
@@ -631,7 +623,7 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_
         else:                                                        # the same products in bf16
             w3_low, w12s_low = packed["low"][k][:2]
             gxb = ops.to_bf16(gx)
-            gab, h = ops.glu_bwd_lp(torch.mm(gxb, w3_low), ab)       # bf16 operands of the products below
+            gab, h = ops.glu_bwd(torch.mm(gxb, w3_low), ab)          # bf16 operands of the products below
             ops.add_bf16(acc[2 * k + 1], torch.mm(gxb.t(), h), out=acc[2 * k + 1])
             ops.add_bf16(acc[2 * k], torch.mm(gab.t(), xhb[0]), out=acc[2 * k])
             gx = ops.rms_norm_bwd_lp(gx, torch.mm(gab, w12s_low), xh, r, out=None if gx is gg else gx)

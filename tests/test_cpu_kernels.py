@@ -75,13 +75,13 @@ def test_bf16_training_kernels_are_the_fp32_passes_rounded(lib, threads, n, D, H
 
     ab = torch.randn(n, 2 * H, generator=g).to(bf)
     ab[:, 0] = 0.0
-    assert torch.equal(ck.glu_fwd_lp(ab), ck.glu_fwd(ab.float()).to(bf))
-    assert torch.equal(T.glu_fwd_lp(ab), ck.glu_fwd_lp(ab))
+    assert ck.glu_fwd(ab).dtype == bf and torch.equal(ck.glu_fwd(ab), ck.glu_fwd(ab.float()).to(bf))
+    assert torch.equal(T.glu_fwd(ab), ck.glu_fwd(ab))
     gh = torch.randn(n, H, generator=g).to(bf)
-    gab, h = ck.glu_bwd_lp(gh, ab)
+    gab, h = ck.glu_bwd(gh, ab)
     gab0, h0 = ck.glu_bwd(gh.float(), ab.float())
     assert torch.equal(gab, gab0.to(bf)) and torch.equal(h, h0.to(bf)) and gab.dtype == h.dtype == bf
-    tgab, th = T.glu_bwd_lp(gh, ab)
+    tgab, th = T.glu_bwd(gh, ab)
     assert torch.equal(tgab, gab) and torch.equal(th, h)
 
     gx, gxh = torch.randn(n, D, generator=g), torch.randn(n, D, generator=g).to(bf)
@@ -98,7 +98,7 @@ def test_bf16_training_kernels_are_the_fp32_passes_rounded(lib, threads, n, D, H
     assert torch.equal(T.add_bf16(a, b.to(bf)), acc)
     assert torch.equal(ck.add_to_bf16(a, b), (a + b).to(bf)) and torch.equal(T.add_to_bf16(a, b), (a + b).to(bf))
     with pytest.raises(ValueError, match="bfloat16"):
-        ck.glu_fwd_lp(ab.float())
+        ck.glu_bwd(gh, ab.float())                                   # one bf16, one float32
 
 
 @pytest.mark.parametrize("nb,n_per,H", [(1, 1, 4), (3, 7, 20), (4, 33, 70)])

@@ -40,66 +40,84 @@ static inline uint16_t store_bf16(float f) {
     return (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
-/* RMSNorm without its scale: r[i] = 1 / sqrt(mean_j x[i,j]^2 + eps), xh = x * r.   x, xh (n, D); r (n). */
+/* RMSNorm without its scale: r[i] = 1 / sqrt(mean_j x[i,j]^2 + eps), xh = x * r.   x, xh (n, D); r (n).
+ * (rms_norm_fwd_lp below without the bf16 copy.) */
+void rms_norm_fwd_lp(int64_t n, int64_t D, const float *x, float eps, float *xh, uint16_t *xhb, float *r);
 void rms_norm_fwd(int64_t n, int64_t D, const float *x, float eps, float *xh, float *r) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const float *xi = x + i * D;
-        float *o = xh + i * D;
-        float ss = 0.0f;
-        #pragma omp simd reduction(+:ss)
-        for (int64_t j = 0; j < D; j++) ss += xi[j] * xi[j];
-        const float ri = 1.0f / sqrtf(ss / (float)D + eps);
-        r[i] = ri;
-        #pragma omp simd
-        for (int64_t j = 0; j < D; j++) o[j] = xi[j] * ri;
-    }
+    rms_norm_fwd_lp(n, D, x, eps, xh, NULL, r);
 }
 
 /* Backward of rms_norm_fwd, added to gx:  out = gx + r * gxh - (r / D) * sum_j(gxh * xh) * xh.
- * gx, gxh, xh, out (n, D) (out may be gx); r (n). */
-void rms_norm_bwd(int64_t n, int64_t D, const float *gx, const float *gxh, const float *xh, const float *r,
-                  float *out) {
+ * gx, gxh, xh, out (n, D) (out may be gx); r (n). One body for a float32 gxh and (gxh NULL) a bf16 gxhb, a bf16
+ * product's result (rms_norm_bwd_lp). */
+static void rms_norm_bwd_any(int64_t n, int64_t D, const float *gx, const float *gxh, const uint16_t *gxhb,
+                             const float *xh, const float *r, float *out) {
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) {
-        const float *g = gxh + i * D, *y = xh + i * D, *a = gx + i * D;
+        const float *y = xh + i * D, *a = gx + i * D;
         float *o = out + i * D;
         float s = 0.0f;
-        #pragma omp simd reduction(+:s)
-        for (int64_t j = 0; j < D; j++) s += g[j] * y[j];
-        const float ri = r[i], m = s / (float)D * ri;
-        #pragma omp simd
-        for (int64_t j = 0; j < D; j++) o[j] = a[j] + (ri * g[j] - m * y[j]);
-    }
-}
-
-/* ReLU-gated GLU: h = relu(a) * b with ab = [a | b] (n, 2H); h (n, H). */
-void glu_fwd(int64_t n, int64_t H, const float *ab, float *h) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const float *a = ab + i * 2 * H, *b = a + H;
-        float *o = h + i * H;
-        #pragma omp simd
-        for (int64_t j = 0; j < H; j++) o[j] = (a[j] > 0.0f ? a[j] : 0.0f) * b[j];
-    }
-}
-
-/* Backward of glu_fwd: gab = [gh * b * (a > 0) | gh * relu(a)] and the forward's h = relu(a) * b again (so
- * the forward need not keep it).   gh, h (n, H); ab, gab (n, 2H). */
-void glu_bwd(int64_t n, int64_t H, const float *gh, const float *ab, float *gab, float *h) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const float *a = ab + i * 2 * H, *b = a + H, *g = gh + i * H;
-        float *ga = gab + i * 2 * H, *gb = ga + H, *o = h + i * H;
-        #pragma omp simd
-        for (int64_t j = 0; j < H; j++) {
-            const int pos = a[j] > 0.0f;
-            ga[j] = pos ? g[j] * b[j] : 0.0f;
-            gb[j] = pos ? g[j] * a[j] : 0.0f;
-            o[j] = (pos ? a[j] : 0.0f) * b[j];
+        if (gxhb) {
+            const uint16_t *g = gxhb + i * D;
+            #pragma omp simd reduction(+:s)
+            for (int64_t j = 0; j < D; j++) s += load_bf16(g[j]) * y[j];
+            const float ri = r[i], m = s / (float)D * ri;
+            #pragma omp simd
+            for (int64_t j = 0; j < D; j++) o[j] = a[j] + (ri * load_bf16(g[j]) - m * y[j]);
+        } else {
+            const float *g = gxh + i * D;
+            #pragma omp simd reduction(+:s)
+            for (int64_t j = 0; j < D; j++) s += g[j] * y[j];
+            const float ri = r[i], m = s / (float)D * ri;
+            #pragma omp simd
+            for (int64_t j = 0; j < D; j++) o[j] = a[j] + (ri * g[j] - m * y[j]);
         }
     }
 }
+
+void rms_norm_bwd(int64_t n, int64_t D, const float *gx, const float *gxh, const float *xh, const float *r,
+                  float *out) {
+    rms_norm_bwd_any(n, D, gx, gxh, NULL, xh, r, out);
+}
+
+/* ReLU-gated GLU: h = relu(a) * b with ab = [a | b] (n, 2H); h (n, H). Backward: gab = [gh * b * (a > 0) |
+ * gh * relu(a)] and the forward's h = relu(a) * b again (so the forward need not keep it); gh, h (n, H); ab,
+ * gab (n, 2H). One body for float32 arrays (glu_fwd, glu_bwd) and for bf16 ones (glu_fwd_lp, glu_bwd_lp: a
+ * product's result in, the next products' operands out), computing in float32. */
+#define F32_ID(x) (x)
+#define GLU_FWD(NAME, T, LOAD, STORE)                                                                          \
+void NAME(int64_t n, int64_t H, const T *ab, T *h) {                                                            \
+    _Pragma("omp parallel for schedule(static)")                                                               \
+    for (int64_t i = 0; i < n; i++) {                                                                          \
+        const T *a = ab + i * 2 * H, *b = a + H;                                                               \
+        T *o = h + i * H;                                                                                      \
+        _Pragma("omp simd")                                                                                    \
+        for (int64_t j = 0; j < H; j++) {                                                                      \
+            const float av = LOAD(a[j]);                                                                       \
+            o[j] = STORE((av > 0.0f ? av : 0.0f) * LOAD(b[j]));                                                \
+        }                                                                                                      \
+    }                                                                                                          \
+}
+#define GLU_BWD(NAME, T, LOAD, STORE)                                                                          \
+void NAME(int64_t n, int64_t H, const T *gh, const T *ab, T *gab, T *h) {                                      \
+    _Pragma("omp parallel for schedule(static)")                                                               \
+    for (int64_t i = 0; i < n; i++) {                                                                          \
+        const T *a = ab + i * 2 * H, *b = a + H, *g = gh + i * H;                                              \
+        T *ga = gab + i * 2 * H, *gb = ga + H, *o = h + i * H;                                                 \
+        _Pragma("omp simd")                                                                                    \
+        for (int64_t j = 0; j < H; j++) {                                                                      \
+            const float av = LOAD(a[j]), bv = LOAD(b[j]), gv = LOAD(g[j]);                                     \
+            const int pos = av > 0.0f;                                                                         \
+            ga[j] = STORE(pos ? gv * bv : 0.0f);                                                               \
+            gb[j] = STORE(pos ? gv * av : 0.0f);                                                               \
+            o[j] = STORE((pos ? av : 0.0f) * bv);                                                              \
+        }                                                                                                      \
+    }                                                                                                          \
+}
+GLU_FWD(glu_fwd, float, F32_ID, F32_ID)
+GLU_BWD(glu_bwd, float, F32_ID, F32_ID)
+GLU_FWD(glu_fwd_lp, uint16_t, load_bf16, store_bf16)
+GLU_BWD(glu_bwd_lp, uint16_t, load_bf16, store_bf16)
 
 /* Transpose of the weighted corner gather:  out[idx[m,k], :] += w[m,k] * go[m, :].
  * idx, w (M, K); go (M, C); out (P, C). The threads split the channels (no two write the same element),
@@ -384,57 +402,27 @@ void bf16_to_f32(int64_t n, const uint16_t *src, float *dst) {
 
 /* bf16 training (models/fast_ops.py, train.mixed_precision: bf16): the passes around a bf16 matrix product
  * read its bf16 result and write its bf16 operands themselves, instead of separate conversion passes. Each
- * computes in float32 exactly what its float32 twin computes on the same (bf16-valued) inputs and rounds only
- * what becomes a product's operand, so the results are the bits of the twin followed by f32_to_bf16. */
+ * computes in float32 what its float32 twin computes on the same (bf16-valued) inputs (the same body where the
+ * twin calls it; elementwise the same bits, row sums to float32 rounding) and rounds only what becomes a
+ * product's operand. */
 
-/* rms_norm_fwd, with xh also as bf16 (xhb: the next product's operand). */
+/* rms_norm_fwd, with xh also as bf16 (xhb: the next product's operand; NULL: none). */
 void rms_norm_fwd_lp(int64_t n, int64_t D, const float *x, float eps, float *xh, uint16_t *xhb, float *r) {
     #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < n; i++) {
         const float *xi = x + i * D;
         float *o = xh + i * D;
-        uint16_t *ob = xhb + i * D;
         float ss = 0.0f;
         #pragma omp simd reduction(+:ss)
         for (int64_t j = 0; j < D; j++) ss += xi[j] * xi[j];
         const float ri = 1.0f / sqrtf(ss / (float)D + eps);
         r[i] = ri;
         #pragma omp simd
-        for (int64_t j = 0; j < D; j++) {
-            const float v = xi[j] * ri;
-            o[j] = v;
-            ob[j] = store_bf16(v);
-        }
-    }
-}
-
-/* glu_fwd on a bf16 ab (a product's result), h written as bf16 (the next product's operand). */
-void glu_fwd_lp(int64_t n, int64_t H, const uint16_t *ab, uint16_t *h) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const uint16_t *a = ab + i * 2 * H, *b = a + H;
-        uint16_t *o = h + i * H;
-        #pragma omp simd
-        for (int64_t j = 0; j < H; j++) {
-            const float av = load_bf16(a[j]);
-            o[j] = store_bf16((av > 0.0f ? av : 0.0f) * load_bf16(b[j]));
-        }
-    }
-}
-
-/* glu_bwd on bf16 gh and ab (products' results); gab and h written as bf16 (both only feed products). */
-void glu_bwd_lp(int64_t n, int64_t H, const uint16_t *gh, const uint16_t *ab, uint16_t *gab, uint16_t *h) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const uint16_t *a = ab + i * 2 * H, *b = a + H, *g = gh + i * H;
-        uint16_t *ga = gab + i * 2 * H, *gb = ga + H, *o = h + i * H;
-        #pragma omp simd
-        for (int64_t j = 0; j < H; j++) {
-            const float av = load_bf16(a[j]), bv = load_bf16(b[j]), gv = load_bf16(g[j]);
-            const int pos = av > 0.0f;
-            ga[j] = store_bf16(pos ? gv * bv : 0.0f);
-            gb[j] = store_bf16(pos ? gv * av : 0.0f);
-            o[j] = store_bf16((pos ? av : 0.0f) * bv);
+        for (int64_t j = 0; j < D; j++) o[j] = xi[j] * ri;
+        if (xhb) {
+            uint16_t *ob = xhb + i * D;
+            #pragma omp simd
+            for (int64_t j = 0; j < D; j++) ob[j] = store_bf16(o[j]);
         }
     }
 }
@@ -442,18 +430,7 @@ void glu_bwd_lp(int64_t n, int64_t H, const uint16_t *gh, const uint16_t *ab, ui
 /* rms_norm_bwd with gxh a bf16 product's result. */
 void rms_norm_bwd_lp(int64_t n, int64_t D, const float *gx, const uint16_t *gxh, const float *xh, const float *r,
                      float *out) {
-    #pragma omp parallel for schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const uint16_t *g = gxh + i * D;
-        const float *y = xh + i * D, *a = gx + i * D;
-        float *o = out + i * D;
-        float s = 0.0f;
-        #pragma omp simd reduction(+:s)
-        for (int64_t j = 0; j < D; j++) s += load_bf16(g[j]) * y[j];
-        const float ri = r[i], m = s / (float)D * ri;
-        #pragma omp simd
-        for (int64_t j = 0; j < D; j++) o[j] = a[j] + (ri * load_bf16(g[j]) - m * y[j]);
-    }
+    rms_norm_bwd_any(n, D, gx, NULL, gxh, xh, r, out);
 }
 
 /* out = a + b for a float32, b a bf16 product's result (n values; out may be a). */
