@@ -186,18 +186,11 @@ def vector_math() -> bool:
 # ----------------------------------------------------------------------------------------------------
 # Tensor wrappers (CPU float32, contiguous; shapes checked). Each has a PyTorch twin in models/fast_ops.py.
 # ----------------------------------------------------------------------------------------------------
-def _check(name: str, *ts: Tensor) -> None:
+def _check(name: str, *ts: Tensor, dtype: torch.dtype = torch.float32) -> None:
     for t in ts:
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-            raise ValueError(f"cpu_kernels.{name}: expected contiguous float32 CPU tensors, got "
-                             f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
-
-
-def _check_bf16(name: str, *ts: Tensor) -> None:
-    for t in ts:
-        if t.device.type != "cpu" or t.dtype != torch.bfloat16 or not t.is_contiguous():
-            raise ValueError(f"cpu_kernels.{name}: expected contiguous bfloat16 CPU tensors, got "
-                             f"{t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
+        if t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+            raise ValueError(f"cpu_kernels.{name}: expected contiguous {str(dtype).replace('torch.', '')} CPU "
+                             f"tensors, got {t.dtype} on {t.device} (contiguous={t.is_contiguous()})")
 
 
 def rms_norm_fwd(x: Tensor, eps: float):
@@ -210,11 +203,19 @@ def rms_norm_fwd(x: Tensor, eps: float):
 
 
 def rms_norm_bwd(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """gx + r * gxh - r * mean(gxh * xh, -1) * xh, into ``out`` (may be gx; default a new tensor)."""
+    """gx + r * gxh - r * mean(gxh * xh, -1) * xh, into ``out`` (may be gx; default a new tensor); gxh float32 or
+    bfloat16 (a bf16 product's result, read as float32)."""
     out = torch.empty_like(gx) if out is None else out
-    _check("rms_norm_bwd", gx, gxh, xh, r, out)
+    bf = gxh.dtype == torch.bfloat16
+    _check("rms_norm_bwd", gx, xh, r, out, *([] if bf else [gxh]))
+    if bf:
+        _check("rms_norm_bwd", gxh, dtype=torch.bfloat16)
+        if gxh.shape != gx.shape or xh.shape != gx.shape or out.shape != gx.shape:
+            raise ValueError(f"cpu_kernels.rms_norm_bwd: shapes gx {tuple(gx.shape)}, gxh {tuple(gxh.shape)}, "
+                             f"xh {tuple(xh.shape)}, out {tuple(out.shape)} differ")
     n, D = gx.shape
-    library().rms_norm_bwd(n, D, gx.data_ptr(), gxh.data_ptr(), xh.data_ptr(), r.data_ptr(), out.data_ptr())
+    fn = library().rms_norm_bwd_lp if bf else library().rms_norm_bwd
+    fn(n, D, gx.data_ptr(), gxh.data_ptr(), xh.data_ptr(), r.data_ptr(), out.data_ptr())
     return out
 
 
@@ -222,7 +223,7 @@ def glu_fwd(ab: Tensor) -> Tensor:
     """relu(a) * b for ab = [a | b] (n, 2H), float32; or bfloat16 (a bf16 product's result), computed in float32
     and rounded to bf16 (the next product's operand)."""
     bf = ab.dtype == torch.bfloat16
-    (_check_bf16 if bf else _check)("glu_fwd", ab)
+    _check("glu_fwd", ab, dtype=ab.dtype if bf else torch.float32)
     n, H2 = ab.shape
     h = torch.empty(n, H2 // 2, dtype=ab.dtype)
     (library().glu_fwd_lp if bf else library().glu_fwd)(n, H2 // 2, ab.data_ptr(), h.data_ptr())
@@ -233,7 +234,7 @@ def glu_bwd(gh: Tensor, ab: Tensor):
     """(gab, h): gab = [gh * b * (a > 0) | gh * relu(a)] (n, 2H) and h = relu(a) * b (n, H) recomputed; float32,
     or bfloat16 gh and ab (products' results) with gab and h rounded to bf16 (products' operands)."""
     bf = gh.dtype == torch.bfloat16
-    (_check_bf16 if bf else _check)("glu_bwd", gh, ab)
+    _check("glu_bwd", gh, ab, dtype=gh.dtype if bf else torch.float32)
     n, H = gh.shape
     if tuple(ab.shape) != (n, 2 * H):
         raise ValueError(f"cpu_kernels.glu_bwd: ab {tuple(ab.shape)} must be ({n}, {2 * H})")
@@ -416,24 +417,11 @@ def rms_norm_fwd_lp(x: Tensor, eps: float):
     return xh, xhb, r
 
 
-def rms_norm_bwd_lp(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """:func:`rms_norm_bwd` with gxh a bf16 tensor."""
-    out = torch.empty_like(gx) if out is None else out
-    _check("rms_norm_bwd_lp", gx, xh, r, out)
-    _check_bf16("rms_norm_bwd_lp", gxh)
-    n, D = gx.shape
-    if gxh.shape != gx.shape or xh.shape != gx.shape or out.shape != gx.shape:
-        raise ValueError(f"cpu_kernels.rms_norm_bwd_lp: shapes gx {tuple(gx.shape)}, gxh {tuple(gxh.shape)}, "
-                         f"xh {tuple(xh.shape)}, out {tuple(out.shape)} differ")
-    library().rms_norm_bwd_lp(n, D, gx.data_ptr(), gxh.data_ptr(), xh.data_ptr(), r.data_ptr(), out.data_ptr())
-    return out
-
-
 def add_bf16(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """a + b for a float32 and b bfloat16 of one shape, into ``out`` (may be a; default a new tensor)."""
     out = torch.empty_like(a) if out is None else out
     _check("add_bf16", a, out)
-    _check_bf16("add_bf16", b)
+    _check("add_bf16", b, dtype=torch.bfloat16)
     if b.shape != a.shape or out.shape != a.shape:
         raise ValueError(f"cpu_kernels.add_bf16: shapes {tuple(a.shape)}, {tuple(b.shape)}, {tuple(out.shape)}")
     library().add_bf16(a.numel(), a.data_ptr(), b.data_ptr(), out.data_ptr())
@@ -455,7 +443,7 @@ def bias_relu_lp(x: Tensor, bias: Tensor, operand: bool = True):
     ``operand`` False: no bf16 copy."""
     nb, H = bias.shape
     _check("bias_relu_lp", bias)
-    (_check_bf16 if x.dtype == torch.bfloat16 else _check)("bias_relu_lp", x)
+    _check("bias_relu_lp", x, dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
     if x.dim() != 2 or x.shape[1] != H or x.shape[0] % nb:
         raise ValueError(f"cpu_kernels.bias_relu_lp: x {tuple(x.shape)} does not match bias {tuple(bias.shape)}")
     out = torch.empty(x.shape, dtype=torch.float32)
@@ -469,7 +457,7 @@ def bias_relu_lp(x: Tensor, bias: Tensor, operand: bool = True):
 def relu_bwd_segsum_lp(g: Tensor, h: Tensor, segsum: Tensor, out: Optional[Tensor] = None, operand: bool = True):
     """(:func:`relu_bwd_segsum` of a bf16 g into ``out`` (default a new float32 tensor), the result as bf16 or
     None (``operand`` False))."""
-    _check_bf16("relu_bwd_segsum_lp", g)
+    _check("relu_bwd_segsum_lp", g, dtype=torch.bfloat16)
     out = torch.empty(g.shape, dtype=torch.float32) if out is None else out
     _check("relu_bwd_segsum_lp", h, segsum, out)
     nb, H = segsum.shape

@@ -372,8 +372,8 @@ class VertexPipeline(torch.autograd.Function):
 
 class _TorchPrims:
     """Elementwise / gather passes of the fast paths as PyTorch operators (any device, any float dtype): the
-    twins of the compiled kernels in models/cpu_kernels (same arguments and results; the GLU passes on bf16
-    tensors too, each of their operations exact in float32 and rounded once, as the kernels' bf16 versions)."""
+    twins of the compiled kernels in models/cpu_kernels (same arguments and results; the GLU passes and the
+    RMSNorm backward on bf16 products' results too, as the kernels' bf16 versions)."""
 
     @staticmethod
     def rms_norm_fwd(x: Tensor, eps: float):
@@ -383,6 +383,7 @@ class _TorchPrims:
 
     @staticmethod
     def rms_norm_bwd(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor, out=None) -> Tensor:
+        gxh = gxh.float() if gxh.dtype == torch.bfloat16 else gxh    # a bf16 product's result, exact in float32
         m = (gxh * xh).sum(-1, keepdim=True).div_(xh.shape[1]).mul_(r)
         res = torch.addcmul(gx, r, gxh).addcmul_(m, xh, value=-1.0)
         return res if out is None else out.copy_(res)
@@ -459,10 +460,6 @@ class _TorchPrims:
     def rms_norm_fwd_lp(x: Tensor, eps: float):
         xh, r = _TorchPrims.rms_norm_fwd(x, eps)
         return xh, xh.to(torch.bfloat16), r
-
-    @staticmethod
-    def rms_norm_bwd_lp(gx: Tensor, gxh: Tensor, xh: Tensor, r: Tensor, out=None) -> Tensor:
-        return _TorchPrims.rms_norm_bwd(gx, gxh.float(), xh, r, out)
 
     @staticmethod
     def add_bf16(a: Tensor, b: Tensor, out=None) -> Tensor:
@@ -626,7 +623,7 @@ def _pipeline_chunk_backward(go, saved, coeff, include_input, packed, acc, need_
             gab, h = ops.glu_bwd(torch.mm(gxb, w3_low), ab)          # bf16 operands of the products below
             ops.add_bf16(acc[2 * k + 1], torch.mm(gxb.t(), h), out=acc[2 * k + 1])
             ops.add_bf16(acc[2 * k], torch.mm(gab.t(), xhb[0]), out=acc[2 * k])
-            gx = ops.rms_norm_bwd_lp(gx, torch.mm(gab, w12s_low), xh, r, out=None if gx is gg else gx)
+            gx = ops.rms_norm_bwd(gx, torch.mm(gab, w12s_low), xh, r, out=None if gx is gg else gx)
     if not need_u:
         return None
     g2 = gg if packed["blocks"] else None                            # g = x0 + R(x0): both paths into x0

@@ -32,7 +32,7 @@ static inline float load_bf16(uint16_t x) {
     return v.f;
 }
 
-/* float32 -> bfloat16 bits of one value (round to nearest even, NaN -> 0x7FC0), as f32_to_bf16. */
+/* float32 -> bfloat16 bits of one value (round to nearest even, NaN -> 0x7FC0; f32_to_bf16's rounding). */
 static inline uint16_t store_bf16(float f) {
     union { float f; uint32_t u; } v;
     v.f = f;
@@ -385,13 +385,8 @@ int64_t mark_touched(int64_t MK, const int64_t *idx, const float *w, int64_t P, 
 /* float32 -> bfloat16 with round-to-nearest-even (NaN -> 0x7FC0): the same bits as PyTorch's conversion.
  * src (n) float32, dst (n) bf16 bit patterns. One pass (vectorized integer arithmetic). */
 void f32_to_bf16(int64_t n, const float *src, uint16_t *dst) {
-    const uint32_t *s = (const uint32_t *)src;
     #pragma omp parallel for simd schedule(static)
-    for (int64_t i = 0; i < n; i++) {
-        const uint32_t u = s[i];
-        const uint32_t r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
-        dst[i] = (u & 0x7FFFFFFFu) > 0x7F800000u ? (uint16_t)0x7FC0u : (uint16_t)r;
-    }
+    for (int64_t i = 0; i < n; i++) dst[i] = store_bf16(src[i]);
 }
 
 /* src (n) bf16 bits, dst (n) float32. */
