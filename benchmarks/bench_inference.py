@@ -16,7 +16,11 @@ synchronized):
   - ``fast_forward``: the same ``predict_field`` loop with the fast forward (gather interpolation of the
                     folded lattice + per-member condition bias);
   - ``fast_grid``:  ``model.predict_grid`` (no coordinates; on the SSR shape a slice of the folded lattice,
-                    on a subsampling lattice a row gather, else the gather interpolation; addmm decoder);
+                    on a subsampling lattice a row gather, else the gather interpolation; on CPU fp32 with hidden
+                    widths a multiple of the kernel's panel width the one-pass decoder ``cpu_kernels.baked_mlp``,
+                    else the per-pass decoder);
+  - ``fast_grid_torch``: the same with ``DRR_BAKED_MLP=off``: the per-pass decoder (oneDNN / addmm products,
+                    each layer's activations through memory), for comparison;
   - ``fast_grid_bf16`` (and ``fast_grid_fp16`` on CUDA): the same in reduced precision, with its error;
   - ``fast_grid_bftable``: ``predict_grid(table_dtype=torch.bfloat16)``: the folded table stored in bfloat16
                     (half the bytes of the gather), everything else float32; its floor is the fp32 one;
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
 
@@ -60,10 +65,11 @@ def main(argv=None):
     p.add_argument("--chunk_size", type=int, default=None, help="points per chunk (default: 2^13 CPU, 2^18 CUDA)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bake_repeats", type=int, default=3)
-    p.add_argument("--paths", default="plain,fast_forward,fast_grid,fast_grid_bf16,fast_grid_fp16,fast_grid_bftable,"
+    p.add_argument("--paths", default="plain,fast_forward,fast_grid,fast_grid_torch,fast_grid_bf16,fast_grid_fp16,fast_grid_bftable,"
                                        "fast_grid_keep,fast_grid_keep_bf16")
     p.add_argument("--breakdown", action="store_true",
-                   help="also print where fast_grid's time goes (stencil / gather / matmul / activation passes)")
+                   help="also print where fast_grid's time goes: the one-pass decoder's gather + output layer vs its "
+                        "hidden products, and the per-pass path's stencil / gather / matmul / activation passes")
     p.add_argument("--compare", default=None, metavar="IDS",
                    help="comma-separated config ids: time bake + full-field reconstruction of each (any model)")
     args = p.parse_args(argv)
@@ -110,10 +116,22 @@ def main(argv=None):
         finally:
             model.fast_paths = True
 
+    def per_pass(fn):                    # the decoder as PyTorch products (DRR_BAKED_MLP=off), for comparison
+        old = os.environ.get("DRR_BAKED_MLP")
+        os.environ["DRR_BAKED_MLP"] = "off"
+        try:
+            return fn()
+        finally:
+            if old is None:
+                del os.environ["DRR_BAKED_MLP"]
+            else:
+                os.environ["DRR_BAKED_MLP"] = old
+
     paths = {
         "plain": lambda: run_predict_field(False),
         "fast_forward": lambda: run_predict_field(True),
         "fast_grid": lambda: [model.predict_grid(shape, c, chunk) for c in conds],
+        "fast_grid_torch": lambda: per_pass(lambda: [model.predict_grid(shape, c, chunk) for c in conds]),
         "fast_grid_bf16": lambda: [model.predict_grid(shape, c, chunk, dtype=torch.bfloat16) for c in conds],
         "fast_grid_bftable": lambda: [model.predict_grid(shape, c, chunk, table_dtype=torch.bfloat16)
                                       for c in conds],
@@ -164,24 +182,77 @@ def main(argv=None):
               f"peak_mem_mb={mem[n]:.1f} max_abs_err={err:.3g} rel_l2_err={rel:.3g} median_s={t:.4g}",
               flush=True)
     if args.breakdown:
-        for n in [n for n in wanted if n in ("fast_grid", "fast_grid_bf16", "fast_grid_fp16")]:
-            dt = {"fast_grid": None, "fast_grid_bf16": torch.bfloat16, "fast_grid_fp16": torch.float16}[n]
-            parts = [grid_breakdown(model, shape, c, chunk, dt) for c in conds]   # warm-up
-            parts = [grid_breakdown(model, shape, c, chunk, dt) for c in conds for _ in range(args.repeats)]
-            tot = {k: median([pp[k] for pp in parts]) * args.members for k in parts[0] if k != "out"}
-            err = max((pp["out"] - o).abs().max().item() for pp, o in zip(parts[::args.repeats], outs[n]))
-            peak = peaks["bfloat16" if dt is torch.bfloat16 else "float16" if dt is torch.float16 else "float32"]
-            floor_s = args.members * P * 2.0 * flops["decoder"] / (peak * 1e9)
-            total = sum(tot.values())
-            print(f"breakdown path={n} " + " ".join(f"{k}_s={v:.4g}" for k, v in tot.items())
-                  + f" total_s={total:.4g} " + " ".join(f"{k}_frac={v / total:.3f}" for k, v in tot.items())
-                  + f" matmul_floor_s={floor_s:.4g} floor_frac_of_total={floor_s / total:.3f} "
-                  f"floor_frac_of_matmul={floor_s / tot['matmul']:.3f} max_abs_diff_vs_path={err:.3g}", flush=True)
+        print_breakdown(args, model, shape, conds, chunk, flops, peaks, outs, wanted, P, per_pass)
+
+
+def print_breakdown(args, model, shape, conds, chunk, flops, peaks, outs, wanted, P, per_pass) -> None:
+    """Where the fast paths' time goes. fp32 on the CPU with the one-pass decoder (cpu_kernels.baked_mlp): the
+    kernel with no hidden layer (gather + bias + ReLU + output layer) against the whole kernel, the hidden
+    products being the difference (``baked`` line); then the per-pass path (DRR_BAKED_MLP=off, or whatever
+    predict_grid runs when the kernel does not apply) pass by pass (``grid_breakdown``)."""
+    from models.drrnet import _baked_mlp_args
+    from models.fast_ops import GridQuery
+
+    q = GridQuery(shape, model.ssr_shape, model._baked_fused.device)
+    fused = model._baked_fused.device.type == "cpu" and \
+        _baked_mlp_args(model.decoder.linears, model._baked_fused, q) is not None
+    if fused and "fast_grid" in wanted:
+        parts = [baked_breakdown(model, q, c) for c in conds]                     # warm-up
+        parts = [baked_breakdown(model, q, c) for c in conds for _ in range(args.repeats)]
+        tot = {k: median([pp[k] for pp in parts]) * args.members for k in ("gather_out", "total")}
+        hidden_s = tot["total"] - tot["gather_out"]
+        floor_s = args.members * P * 2.0 * flops["decoder"] / (peaks["float32"] * 1e9)
+        print(f"breakdown path=fast_grid kernel=baked_mlp gather_out_s={tot['gather_out']:.4g} "
+              f"hidden_products_s={hidden_s:.4g} total_s={tot['total']:.4g} "
+              f"gather_out_frac={tot['gather_out'] / tot['total']:.3f} matmul_floor_s={floor_s:.4g} "
+              f"floor_frac_of_total={floor_s / tot['total']:.3f} "
+              f"floor_frac_of_hidden_products={floor_s / hidden_s if hidden_s > 0 else float('nan'):.3f}",
+              flush=True)
+    names = {"fast_grid": None, "fast_grid_bf16": torch.bfloat16, "fast_grid_fp16": torch.float16}
+    for n in [n for n in wanted if n in names]:
+        dt = names[n]
+        label = "fast_grid_torch" if n == "fast_grid" and fused else n
+        ref = outs[n] if label == n else per_pass(lambda: torch.stack([model.predict_grid(shape, c, chunk)
+                                                                        for c in conds]))
+        parts = [grid_breakdown(model, shape, c, chunk, dt) for c in conds]   # warm-up
+        parts = [grid_breakdown(model, shape, c, chunk, dt) for c in conds for _ in range(args.repeats)]
+        tot = {k: median([pp[k] for pp in parts]) * args.members for k in parts[0] if k != "out"}
+        err = max((pp["out"] - o).abs().max().item() for pp, o in zip(parts[::args.repeats], ref))
+        peak = peaks["bfloat16" if dt is torch.bfloat16 else "float16" if dt is torch.float16 else "float32"]
+        floor_s = args.members * P * 2.0 * flops["decoder"] / (peak * 1e9)
+        total = sum(tot.values())
+        print(f"breakdown path={label} " + " ".join(f"{k}_s={v:.4g}" for k, v in tot.items())
+              + f" total_s={total:.4g} " + " ".join(f"{k}_frac={v / total:.3f}" for k, v in tot.items())
+              + f" matmul_floor_s={floor_s:.4g} floor_frac_of_total={floor_s / total:.3f} "
+              f"floor_frac_of_matmul={floor_s / tot['matmul']:.3f} max_abs_diff_vs_path={err:.3g}", flush=True)
+
+
+@torch.no_grad()
+def baked_breakdown(model, q, c) -> dict:
+    """Seconds of one member through ``cpu_kernels.baked_mlp`` on the whole lattice (``total``) and through the
+    same kernel without the hidden layers (``gather_out``: the table rows or their interpolation, the
+    condition bias, the ReLU and the output layer)."""
+    import time
+
+    from models import cpu_kernels
+    from models.drrnet import _baked_mlp_args
+
+    table = model._baked_fused
+    packed, hbias, w_out, b_out = _baked_mlp_args(model.decoder.linears, table, q)
+    cb = model.cond_bias(c.reshape(1, -1).to(table.device, torch.float32))[0].contiguous()
+    out = torch.empty(q.num_points)
+    t = {}
+    for key, L in (("gather_out", 0), ("total", packed.shape[0])):
+        t0 = time.perf_counter()
+        cpu_kernels.baked_mlp(q, 0, q.num_points, table, cb, packed[:L], hbias[:L], w_out, b_out, out)
+        t[key] = time.perf_counter() - t0
+    return t
 
 
 @torch.no_grad()
 def grid_breakdown(model, shape, c, chunk_size, dtype=None) -> dict:
-    """``DRRNet.predict_grid``'s baked loop (models/drrnet.py) with a clock around each pass: seconds of
+    """``DRRNet.predict_grid``'s per-pass baked loop (models/drrnet.py; with ``DRR_BAKED_MLP=off`` on CPU fp32
+    where the one-pass decoder applies) with a clock around each pass: seconds of
     ``stencil`` (0: the corners are computed inside the gather pass), ``gather`` (GridQuery.gather_bias_relu:
     the interpolation of the folded table, or its rows on the identity lattice, plus the condition bias and
     the first ReLU; compiled in one pass on CPU fp32, else stencil tensors + gather_interp + add + relu),

@@ -79,8 +79,13 @@ _SIGNATURES = {
     "bf16_to_f32": [_I64, _PTR, _PTR],
     "grid_gather_bias_relu": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "grid_gather_bias_relu_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
+    "mlp_panel_width": [],
+    "baked_mlp": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _F32, _PTR],
+    "baked_mlp_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _F32,
+                        _PTR],
 }
-_RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int}
+_RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int, "mlp_panel_width": ctypes.c_int64,
+             "baked_mlp": ctypes.c_int64, "baked_mlp_bf16t": ctypes.c_int64}
 
 
 def enabled_by_env() -> bool:
@@ -359,21 +364,78 @@ def grid_gather_bias_relu(q, start: int, stop: int, table: Tensor, bias: Tensor,
         raise ValueError("cpu_kernels.grid_gather_bias_relu: a bfloat16 table must be a contiguous CPU tensor")
     _check("grid_gather_bias_relu", *([] if bf16 else [table]), bias, out, *q.axis_w)
     M, C = stop - start, table.shape[1]
-    d = len(q.query_shape)
     if not (0 <= start <= stop <= q.num_points) or out.shape != (M, C) or bias.shape != (C,) \
             or q.corners > 256 or table.shape[0] != math.prod(q.lattice_shape):
         raise ValueError(f"cpu_kernels.grid_gather_bias_relu: rows {start}..{stop} of {q.num_points}, out "
                          f"{tuple(out.shape)}, bias {tuple(bias.shape)}, table {tuple(table.shape)}")
+    fn = library().grid_gather_bias_relu_bf16t if bf16 else library().grid_gather_bias_relu
+    keep, args = _query_args(q, "grid_gather_bias_relu")
+    fn(start, M, *args, C, table.data_ptr(), bias.data_ptr(), int(bool(relu)),
+       out.data_ptr())
+    return out
+
+
+def _query_args(q, name: str) -> tuple:
+    """(keep, args): a GridQuery as C arguments (d, query strides, corners per axis, per-axis rows, per-axis
+    weights) and the objects they point into, which the caller holds while the call runs."""
     for t in q.axis_idx:
         if t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu":
-            raise ValueError("cpu_kernels.grid_gather_bias_relu: per-axis rows must be contiguous int64 on the CPU")
+            raise ValueError(f"cpu_kernels.{name}: per-axis rows must be contiguous int64 on the CPU")
+    d = len(q.query_shape)
     ka = torch.tensor([t.shape[1] for t in q.axis_idx], dtype=torch.int64)
     qs = torch.tensor(q.q_strides, dtype=torch.int64)
     pi = (ctypes.c_void_p * d)(*[t.data_ptr() for t in q.axis_idx])
     pw = (ctypes.c_void_p * d)(*[t.data_ptr() for t in q.axis_w])
-    fn = library().grid_gather_bias_relu_bf16t if bf16 else library().grid_gather_bias_relu
-    fn(start, M, d, qs.data_ptr(), ka.data_ptr(), ctypes.addressof(pi), ctypes.addressof(pw), C, table.data_ptr(),
-       bias.data_ptr(), int(bool(relu)), out.data_ptr())
+    return (ka, qs, pi, pw), (d, qs.data_ptr(), ka.data_ptr(), ctypes.addressof(pi), ctypes.addressof(pw))
+
+
+def panel_width() -> int:
+    """Columns per weight panel of :func:`baked_mlp` (32 with AVX-512, 16 with AVX2 + FMA, else 8); hidden
+    widths must be multiples of it."""
+    return int(library().mlp_panel_width())
+
+
+def pack_panels(weight: Tensor) -> Tensor:
+    """A (H, H) ``nn.Linear`` weight (out, in) packed for :func:`baked_mlp`: panels of ``panel_width()`` output
+    columns, each (in, columns) row-major: packed[p, k, j] = weight[p * NR + j, k]."""
+    nr = panel_width()
+    H_out, H_in = weight.shape
+    if H_out % nr:
+        raise ValueError(f"cpu_kernels.pack_panels: {H_out} output columns are not a multiple of {nr}")
+    return weight.detach().float().t().reshape(H_in, H_out // nr, nr).permute(1, 0, 2).contiguous()
+
+
+def baked_mlp(q, start: int, stop: int, table: Tensor, bias0: Tensor, packed: Tensor, hbias: Tensor,
+              w_out: Tensor, b_out: float, out: Tensor) -> Tensor:
+    """Baked inference of query vertices ``start .. stop - 1`` in one pass per block of rows (no (rows, H)
+    activation through memory): h = relu(gather(table) + bias0) as :func:`grid_gather_bias_relu`, then for each
+    of the L hidden layers h = relu(h W_l^T + b_l) (register-blocked products, fused multiply-adds in input
+    order, then the bias, then the ReLU), then out = h . w_out + b_out.
+
+    q a models.fast_ops.GridQuery; table (P, H) float32 or bfloat16 (read as float32); bias0 (H,); packed
+    (L, H / NR, H, NR) from :func:`pack_panels` (L may be 0); hbias (L, H); w_out (H,); out (stop - start,)
+    float32. Values differ from PyTorch's products by their summation order only; they do not depend on the
+    chunking, the row's block or the thread count."""
+    bf16 = table.dtype == torch.bfloat16
+    if table.device.type != "cpu" or not table.is_contiguous() or table.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError("cpu_kernels.baked_mlp: table must be a contiguous float32 or bfloat16 CPU tensor")
+    _check("baked_mlp", bias0, packed, hbias, w_out, out, *q.axis_w)
+    M, H = stop - start, table.shape[1]
+    L = packed.shape[0] if packed.dim() == 4 else -1
+    nr = panel_width()
+    if not (0 <= start <= stop <= q.num_points) or H % nr or tuple(packed.shape) != (L, H // nr, H, nr) \
+            or tuple(hbias.shape) != (L, H) or bias0.shape != (H,) or w_out.shape != (H,) or out.shape != (M,) \
+            or q.corners > 256 or table.shape[0] != math.prod(q.lattice_shape):
+        raise ValueError(f"cpu_kernels.baked_mlp: rows {start}..{stop} of {q.num_points}, table {tuple(table.shape)}"
+                         f", bias0 {tuple(bias0.shape)}, packed {tuple(packed.shape)} (expected (L, {H // nr}, {H},"
+                         f" {nr})), hbias {tuple(hbias.shape)}, w_out {tuple(w_out.shape)}, out {tuple(out.shape)}")
+    fn = library().baked_mlp_bf16t if bf16 else library().baked_mlp
+    keep, args = _query_args(q, "baked_mlp")
+    rc = fn(start, M, *args, H, table.data_ptr(), bias0.data_ptr(), L, packed.data_ptr(),
+            hbias.data_ptr(), w_out.data_ptr(), float(b_out), out.data_ptr())
+    del keep
+    if rc != 0:
+        raise MemoryError(f"cpu_kernels.baked_mlp: could not allocate the per-thread block buffers ({H} columns)")
     return out
 
 

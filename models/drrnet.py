@@ -45,6 +45,7 @@ from util.config import NON_NEGATIVE, POSITIVE, VERTICES, above, in_range, one_o
 from models.components.mlp import (AUTO_OUTPUT_MEAN, OUT_ACTIVATIONS, MLPDecoder, check_init_output_mean,
                                    init_output_bias, output_activation)
 from models.components.refiners import GLURefiner
+from models import cpu_kernels
 from models.fast_ops import GridQuery, fused_head
 from util.registry import ConfigError, register
 from util.sampling import axis_coords, sample_grid
@@ -414,13 +415,19 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         Args:
             shape: array shape (D, H, W) / (H, W) of the queried lattice.
             c: (d_c,) or (1, d_c) condition.
-            chunk_size: points per chunk.
+            chunk_size: points per chunk (the one-pass decoder below needs no chunks: its memory is per block
+                of 96 rows per thread).
             fast: True: on a baked model with ``use_pi``, per chunk: rows of the folded lattice (a slice when
                 ``shape`` is the SSR shape, a row gather when every query vertex is a lattice vertex, else
                 the gather interpolation) + the member's condition bias, ReLU (on CPU fp32 one compiled pass,
                 ``GridQuery.gather_bias_relu``) and the decoder (addmm; on CPU fp32 the hidden layers as
                 oneDNN linear + fused ReLU where it exists, ``DRR_ONEDNN_LINEAR=off`` switches it off; the
-                last layer writes into the result). Other
+                last layer writes into the result). On CPU fp32 with compiled kernels, when the hidden
+                layers are square with a width that is a multiple of ``cpu_kernels.panel_width()`` (32 with
+                AVX-512) and the output has one channel, all of that runs as one compiled pass per block of
+                rows (``cpu_kernels.baked_mlp``: the block's activations stay in the caches, register-blocked
+                products; equal to the per-pass path within float32 rounding, bitwise the same for any chunk
+                size or thread count); ``DRR_BAKED_MLP=off`` gives the per-pass path. Other
                 models fall back to ``forward`` on chunked coordinates. False: the plain path
                 (grid_sample + per-point fusion) on chunked coordinates.
             dtype: compute dtype of the fast path (torch.bfloat16 / torch.float16; None = float32); the
@@ -498,6 +505,11 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         cb = cb.contiguous()
         last = len(lins) - 1
         direct = act_dtype == torch.float32 and w_t[last].shape[1] == 1            # last layer into res
+        mlp = _baked_mlp_args(lins, table, q) if direct and dev.type == "cpu" else None
+        if mlp is not None:       # gather + decoder per block of rows, compiled: memory O(block), so one call
+            cpu_kernels.baked_mlp(q, 0, q.num_points, table, cb, *mlp, out=res)
+            _output_activation_(res, self.out_activation)
+            return res.reshape(shape)
         fused_relu = direct and dev.type == "cpu" and _onednn_linear_relu_ok()      # hidden: linear + ReLU
         for s, e in q.chunks(chunk_size):
             m = e - s
@@ -684,6 +696,29 @@ def _onednn_linear_relu_ok() -> bool:
         except Exception:  # noqa: BLE001 - missing operator / build without oneDNN: the addmm path
             _ONEDNN["ok"] = False
     return _ONEDNN["ok"]
+
+
+def _baked_mlp_args(lins, table: Tensor, q: GridQuery):
+    """(packed, hbias, w_out, b_out) of ``cpu_kernels.baked_mlp`` for the decoder ``lins`` (hidden layers H x H,
+    one output channel) on a float32 / bfloat16 CPU table; None where that kernel does not apply (then the
+    decoder runs as PyTorch products): no compiled library, ``DRR_BAKED_MLP=off``, another shape, or a query
+    of more than 256 corners."""
+    import os
+    if os.environ.get("DRR_BAKED_MLP", "auto").strip().lower() in ("0", "off", "never", "false", "no"):
+        return None
+    if cpu_kernels.library() is None or table.dtype not in (torch.float32, torch.bfloat16) or q.corners > 256 \
+            or any(w.dtype != torch.float32 for w in q.axis_w):
+        return None
+    H = table.shape[1]
+    hidden, last = lins[:-1], lins[-1]
+    if H % cpu_kernels.panel_width() or last.weight.shape != (1, H) or \
+            any(m.weight.shape != (H, H) or m.weight.dtype != torch.float32 for m in hidden):
+        return None
+    packed = torch.stack([cpu_kernels.pack_panels(m.weight) for m in hidden]) if hidden else \
+        torch.empty(0, H // cpu_kernels.panel_width(), H, cpu_kernels.panel_width())
+    hbias = torch.stack([m.bias.detach().float() for m in hidden]) if hidden else torch.empty(0, H)
+    return packed, hbias.contiguous(), last.weight.detach().float().reshape(H).contiguous(), \
+        float(last.bias.detach())
 
 
 def _output_activation_(a: Tensor, name: str) -> Tensor:

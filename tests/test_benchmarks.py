@@ -179,8 +179,9 @@ def test_bench_train_precision_column(capsys):
         bench_train.main(TINY + ["--steps", "1", "--precisions", "fp8"])
 
 
-def test_bench_inference_breakdown(capsys):
+def test_bench_inference_breakdown(capsys, monkeypatch):
     """--breakdown: the instrumented replica of predict_grid gives the same field and names every pass."""
+    monkeypatch.setenv("DRR_BAKED_MLP", "off")          # the per-pass path whatever the hidden width
     bench_inference.main(TINY + ["--members", "1", "--resolution", "9", "--repeats", "1", "--bake_repeats", "1",
                                  "--paths", "fast_grid,fast_grid_bf16", "--breakdown"])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("breakdown ")]
@@ -190,6 +191,30 @@ def test_bench_inference_breakdown(capsys):
         for k in ("stencil_s", "gather_s", "matmul_s", "activation_s", "total_s", "floor_frac_of_total"):
             assert float(f[k]) >= 0, k
         assert float(f["max_abs_diff_vs_path"]) == 0.0
+
+
+def test_bench_inference_one_pass_decoder(capsys):
+    """Hidden width 64 (a multiple of every panel width): fast_grid runs the one-pass decoder; the breakdown
+    splits it into gather + output layer and hidden products and replays the per-pass path (fast_grid_torch)
+    bit for bit; both paths agree within float32 rounding."""
+    from models import cpu_kernels
+
+    argv = [a if a != "hidden_dim=16" else "hidden_dim=64" for a in TINY]
+    bench_inference.main(argv + ["--members", "1", "--resolution", "9", "--repeats", "1", "--bake_repeats", "1",
+                                 "--paths", "fast_grid,fast_grid_torch", "--breakdown"])
+    out = capsys.readouterr().out
+    paths = {fields(ln)["path"]: fields(ln) for ln in path_lines(out)}
+    assert set(paths) == {"fast_grid", "fast_grid_torch"}
+    assert float(paths["fast_grid_torch"]["max_abs_err"]) < 1e-5
+    lines = [fields(ln) for ln in out.splitlines() if ln.startswith("breakdown ")]
+    if cpu_kernels.library() is None:                  # no compiler: the per-pass path only
+        assert [f["path"] for f in lines] == ["fast_grid"]
+        return
+    assert [f["path"] for f in lines] == ["fast_grid", "fast_grid_torch"]
+    baked, per_pass = lines
+    assert baked["kernel"] == "baked_mlp"
+    assert float(baked["gather_out_s"]) > 0 and float(baked["total_s"]) > 0
+    assert float(per_pass["max_abs_diff_vs_path"]) == 0.0
 
 
 def test_bench_mmap_same_batches(tmp_path, capsys):

@@ -295,3 +295,88 @@ def test_bf16_conversions_match_pytorch():
     assert torch.equal(cpu_kernels.from_bf16(b), b.float())
     with pytest.raises(ValueError):
         cpu_kernels.from_bf16(b.float())
+
+
+def _mlp_reference(gq, s, e, table, bias0, weights, biases, w_out, b_out):
+    """The baked decoder as PyTorch operators, in float64 (the kernel's float32 sums are compared with it)."""
+    from models.fast_ops import gather_interp
+    h = torch.relu(gather_interp(table.double(), *gq.stencil(s, e)) + bias0.double())
+    for w, b in zip(weights, biases):
+        h = torch.relu(h @ w.double().t() + b.double())
+    return h @ w_out.double() + b_out
+
+
+@pytest.mark.parametrize("q,lat", [((5, 7, 6), (5, 7, 6)), ((9, 13, 11), (5, 7, 6)), ((3, 4, 6), (5, 7, 6)),
+                                   ((4, 7), (6, 5)), ((23,), (23,))])
+@pytest.mark.parametrize("L", [0, 1, 3])
+def test_baked_mlp_equals_composition(lib, threads, q, lat, L):
+    """The one-pass baked decoder (gather + bias + ReLU, L hidden layers in the register-blocked products, the
+    output layer) equals the PyTorch composition within float32 rounding on the identity, subsampling and
+    interpolating lattices, partial blocks and row ranges starting anywhere; two panels of columns and more."""
+    from models.fast_ops import GridQuery
+    gq = GridQuery(q, lat)
+    H = 3 * ck.panel_width()
+    g = torch.Generator().manual_seed(L + len(q))
+    table = torch.randn(int(torch.tensor(lat).prod()), H, generator=g)
+    bias0 = torch.randn(H, generator=g) * 0.3
+    weights = [torch.randn(H, H, generator=g) / H ** 0.5 for _ in range(L)]
+    biases = [torch.randn(H, generator=g) * 0.3 for _ in range(L)]
+    w_out = torch.randn(H, generator=g)
+    packed = torch.stack([ck.pack_panels(w) for w in weights]) if L else torch.empty(0, 3, H, ck.panel_width())
+    hb = torch.stack(biases) if L else torch.empty(0, H)
+    P = gq.num_points
+    for s, e in [(0, P), (1, min(P, 29)), (P - 3, P)]:
+        out = torch.full((e - s,), float("nan"))
+        got = ck.baked_mlp(gq, s, e, table, bias0, packed, hb, w_out, 0.25, out)
+        want = _mlp_reference(gq, s, e, table, bias0, weights, biases, w_out, 0.25)
+        assert got.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+    full = ck.baked_mlp(gq, 0, P, table, bias0, packed, hb, w_out, 0.25, torch.empty(P))
+    parts = torch.cat([ck.baked_mlp(gq, s, min(s + 13, P), table, bias0, packed, hb, w_out, 0.25,
+                                    torch.empty(min(s + 13, P) - s)) for s in range(0, P, 13)])
+    assert torch.equal(full, parts)                       # a row's value does not depend on its block
+    # a bfloat16 table: bitwise the float32 kernel on the table widened
+    tb = table.to(torch.bfloat16)
+    assert torch.equal(ck.baked_mlp(gq, 0, P, tb, bias0, packed, hb, w_out, 0.25, torch.empty(P)),
+                       ck.baked_mlp(gq, 0, P, tb.float(), bias0, packed, hb, w_out, 0.25, torch.empty(P)))
+
+
+def test_baked_mlp_same_bits_for_any_thread_count(lib):
+    from models.fast_ops import GridQuery
+    gq = GridQuery((10, 11, 12), (6, 7, 8))
+    H = 2 * ck.panel_width()
+    g = torch.Generator().manual_seed(1)
+    table = torch.randn(6 * 7 * 8, H, generator=g)
+    packed = torch.stack([ck.pack_panels(torch.randn(H, H, generator=g) / H ** 0.5) for _ in range(2)])
+    args = (table, torch.randn(H, generator=g), packed, torch.randn(2, H, generator=g), torch.randn(H, generator=g),
+            -0.5)
+    old = torch.get_num_threads()
+    try:
+        outs = []
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            outs.append(ck.baked_mlp(gq, 0, gq.num_points, *args, out=torch.empty(gq.num_points)))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_baked_mlp_rejects_bad_input(lib):
+    from models.fast_ops import GridQuery
+    nr = ck.panel_width()
+    gq = GridQuery((4, 5), (4, 5))
+    H = nr
+    table, bias0, w_out = torch.randn(20, H), torch.randn(H), torch.randn(H)
+    packed, hb = torch.stack([ck.pack_panels(torch.randn(H, H))]), torch.randn(1, H)
+    with pytest.raises(ValueError, match="not a multiple"):
+        ck.pack_panels(torch.randn(nr + 2, 4))
+    with pytest.raises(ValueError, match="packed"):                 # packed for another width
+        ck.baked_mlp(gq, 0, 20, table, bias0, packed[:, :, :-1].contiguous(), hb, w_out, 0.0, torch.empty(20))
+    with pytest.raises(ValueError, match="out"):
+        ck.baked_mlp(gq, 0, 20, table, bias0, packed, hb, w_out, 0.0, torch.empty(19))
+    with pytest.raises(ValueError, match="rows"):
+        ck.baked_mlp(gq, 5, 21, table, bias0, packed, hb, w_out, 0.0, torch.empty(16))
+    with pytest.raises(ValueError, match="table"):
+        ck.baked_mlp(gq, 0, 20, table.double(), bias0, packed, hb, w_out, 0.0, torch.empty(20))
+    with pytest.raises(ValueError, match="table"):                  # a table of another lattice
+        ck.baked_mlp(gq, 0, 20, torch.randn(21, H), bias0, packed, hb, w_out, 0.0, torch.empty(20))

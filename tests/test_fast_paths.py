@@ -273,12 +273,13 @@ def test_predict_grid_bf16_table_is_float_path_on_rounded_table(spatial_dims):
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("table_dtype", [None, torch.bfloat16])
-def test_predict_grid_keep_rows_equals_fresh_interpolation(spatial_dims, table_dtype):
+@pytest.mark.parametrize("hidden", [12, 64])
+def test_predict_grid_keep_rows_equals_fresh_interpolation(spatial_dims, table_dtype, hidden):
     """predict_grid(keep_rows=True): the folded table resampled onto the query lattice once, then only bias, ReLU
     and decoder per member: bitwise the path that interpolates every call, for every member, on lattices finer,
     coarser and equal to the model lattice, also with bf16 products; one lattice kept per products' dtype,
-    dropped by unbake."""
-    m = small(spatial_dims)
+    dropped by unbake. Hidden width 64: the compiled one-pass decoder (cpu_kernels.baked_mlp) where it exists."""
+    m = small(spatial_dims, hidden_dim=hidden)
     m.bake()
     cs = torch.rand(3, m.cond_dim)
     finer = tuple(2 * n - 1 for n in m.ssr_shape)
@@ -316,6 +317,42 @@ def test_predict_grid_keep_rows_equals_fresh_interpolation(spatial_dims, table_d
     with torch.no_grad():   # not baked: the plain path's values at those vertices
         full = m.predict_grid(coarser, cs[0]).reshape(-1)
         torch.testing.assert_close(m.predict_grid(coarser, cs[0], vertices=idx), full[idx])
+
+
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("activation", ["sigmoid", "none"])
+def test_predict_grid_one_pass_decoder_equals_per_pass_path(spatial_dims, activation, kernels, monkeypatch):
+    """Hidden widths that are multiples of the kernel's panel width run the gather, the hidden layers and the
+    output layer in one compiled pass per block of rows (cpu_kernels.baked_mlp): equal to the per-pass path
+    (DRR_BAKED_MLP=off: PyTorch / oneDNN products) and to the plain path within float32 rounding, compiled
+    bitwise the same for any chunk size, with a float32 or bfloat16 table; the products run in float32 only."""
+    from models import cpu_kernels
+
+    m = small(spatial_dims, hidden_dim=64, out_activation=activation)
+    m.bake()
+    calls = []
+    if kernels == "compiled":
+        real = cpu_kernels.baked_mlp
+        monkeypatch.setattr(cpu_kernels, "baked_mlp", lambda *a, **k: calls.append(1) or real(*a, **k))
+    c = torch.rand(m.cond_dim)
+    shapes = [m.ssr_shape, tuple(2 * n - 1 for n in m.ssr_shape), (11, 4, 9)[-spatial_dims:]]
+    with torch.no_grad():
+        for shape in shapes:
+            got = [m.predict_grid(shape, c, chunk_size=ch) for ch in (1, 37, 1 << 13)]
+            if kernels == "compiled":                         # (PyTorch's products depend on the row count)
+                assert torch.equal(got[0], got[1]) and torch.equal(got[0], got[2])
+            bft = m.predict_grid(shape, c, chunk_size=37, table_dtype=torch.bfloat16)
+            monkeypatch.setenv("DRR_BAKED_MLP", "off")
+            n_calls = len(calls)
+            want = m.predict_grid(shape, c, chunk_size=37)
+            want_bft = m.predict_grid(shape, c, chunk_size=37, table_dtype=torch.bfloat16)
+            assert len(calls) == n_calls                      # switched off: the per-pass path
+            monkeypatch.delenv("DRR_BAKED_MLP")
+            close(got[0], want)
+            close(bft, want_bft)
+            close(got[0], m.predict_grid(shape, c, chunk_size=37, fast=False))
+            assert want.std() > 1e-3
+    assert (len(calls) > 0) == (kernels == "compiled")       # the compiled pass ran where it exists
 
 
 def test_predict_grid_unbaked_falls_back():

@@ -12,6 +12,23 @@
 #include <omp.h>
 #endif
 
+#ifdef _OPENMP
+static inline int64_t num_threads(void) { return omp_get_max_threads(); }
+static inline int64_t thread_num(void) { return omp_get_thread_num(); }
+static inline int64_t team_size(void) { return omp_get_num_threads(); }
+#else
+static inline int64_t num_threads(void) { return 1; }
+static inline int64_t thread_num(void) { return 0; }
+static inline int64_t team_size(void) { return 1; }
+#endif
+
+/* Inside a parallel region: this thread's contiguous share [m0, m1) of n items (balanced within one item). */
+static inline void thread_range(int64_t n, int64_t *m0, int64_t *m1) {
+    const int64_t t = thread_num(), nt = team_size(), q = n / nt, r = n % nt;
+    *m0 = t * q + (t < r ? t : r);
+    *m1 = *m0 + q + (t < r);
+}
+
 /* With glibc's vector math library (x86_64, linked with -lmvec), sinf / cosf in SIMD loops are its
  * vectorized versions (max error 4 ulp); models/cpu_kernels.py builds without DRR_MVEC when that fails, and
  * then uses PyTorch's PE instead of pe_fwd (scalar sinf would be slower). */
@@ -485,56 +502,282 @@ void bias_relu_lp(int64_t nb, int64_t n_per, int64_t H, const float *x, const ui
  * weights axis_w[a][j * ka[a] + b] at its query index j. Corners are enumerated with the first axis slowest,
  * rows add up and weights multiply in axis order, corners are added in order k = 0..K-1, then the bias, then
  * the ReLU: the same operations in the same order as GridQuery.stencil + gather_corners + add + relu (so the
- * same bits), without materializing the stencil. table (P, C); bias (C); out (M, C). At most 2^8 corners. */
-/* relu(sum_q w_q table[row_q] + bias) per query vertex, corners from the per-axis tables (never materialized).
-   One body for two table types: float32, and bfloat16 rows (half the bytes of a memory-bound gather) read as
-   float32 (exact: the bits shifted up) and accumulated in float32 in the same order. */
-#define GRID_GATHER_BIAS_RELU(NAME, TTYPE, LOAD)                                                                 \
+ * same bits), without materializing the stencil. table (P, C); bias (C); out (M, C). At most 2^8 corners.
+ * One body for two table types: float32, and bfloat16 rows (half the bytes of a memory-bound gather) read as
+ * float32 (exact: the bits shifted up) and accumulated in float32 in the same order. GATHER_ROW defines the
+ * one-vertex body (also the first pass of baked_mlp below), GRID_GATHER_BIAS_RELU the kernel over rows. */
+/* The query lattice's multi-index j[0..d) of flat vertex v (C order, strides qstrides). */
+static inline void unravel(int64_t v, int64_t d, const int64_t *qstrides, int64_t *j) {
+    for (int64_t a = 0; a < d; a++) {
+        j[a] = v / qstrides[a];
+        v -= j[a] * qstrides[a];
+    }
+}
+
+/* j <- the multi-index of the next vertex in C order (axis a has qstrides[a-1] / qstrides[a] vertices). */
+static inline void next_vertex(int64_t d, const int64_t *qstrides, int64_t *j) {
+    for (int64_t a = d - 1; a > 0; a--) {
+        if (++j[a] * qstrides[a] < qstrides[a - 1]) return;
+        j[a] = 0;
+    }
+    j[0]++;
+}
+
+/* The corners of the query vertex with multi-index j: rows cr[0..n) and weights cw[0..n) (returns n). */
+static inline int64_t vertex_corners(const int64_t *j, int64_t d, const int64_t *ka, const int64_t *const *axis_idx,
+                                     const float *const *axis_w, int64_t *cr, float *cw) {
+    int64_t n = 1;
+    cr[0] = 0;
+    cw[0] = 1.0f;                               /* 1 * w exactly w: the first axis' weight */
+    for (int64_t a = 0; a < d; a++) {
+        const int64_t k = ka[a];
+        const int64_t *ia = axis_idx[a] + j[a] * k;
+        const float *wa = axis_w[a] + j[a] * k;
+        for (int64_t p = n - 1; p >= 0; p--) {  /* expand in place, back to front */
+            const int64_t r0 = cr[p];
+            const float w0 = cw[p];
+            for (int64_t b = k - 1; b >= 0; b--) {
+                cr[p * k + b] = r0 + ia[b];
+                cw[p * k + b] = a == 0 ? wa[b] : w0 * wa[b];
+            }
+        }
+        n *= k;
+    }
+    return n;
+}
+
+/* One query vertex (multi-index j): o = relu(sum_q w_q table[r_q] + bias) (without the ReLU: relu 0). */
+#define GATHER_ROW(NAME, TTYPE, LOAD)                                                                            \
+static inline void NAME(const int64_t *j, int64_t d, const int64_t *ka, const int64_t *const *axis_idx,         \
+                        const float *const *axis_w, int64_t C, const TTYPE *table, const float *bias,           \
+                        int64_t relu, float *o) {                                                               \
+    int64_t cr[256];                                                                                           \
+    float cw[256];                                                                                             \
+    const int64_t n = vertex_corners(j, d, ka, axis_idx, axis_w, cr, cw);                                      \
+    _Pragma("omp simd")                                                                                        \
+    for (int64_t c = 0; c < C; c++) o[c] = 0.0f;                                                               \
+    for (int64_t q = 0; q < n; q++) {                                                                          \
+        const float wq = cw[q];                                                                                \
+        const TTYPE *t = table + cr[q] * C;                                                                    \
+        _Pragma("omp simd")                                                                                    \
+        for (int64_t c = 0; c < C; c++) o[c] += wq * LOAD(t[c]);                                               \
+    }                                                                                                          \
+    _Pragma("omp simd")                                                                                        \
+    for (int64_t c = 0; c < C; c++) {                                                                          \
+        const float x = o[c] + bias[c];                                                                        \
+        o[c] = x > 0.0f || !relu ? x : 0.0f;                                                                   \
+    }                                                                                                          \
+}
+
+/* Ask for the table rows of the query vertex with multi-index j to come into the L2 cache (row_bytes each). */
+static inline void prefetch_vertex(const int64_t *j, int64_t d, const int64_t *ka, const int64_t *const *axis_idx,
+                                   const float *const *axis_w, const char *table, int64_t row_bytes) {
+    int64_t cr[256];
+    float cw[256];
+    const int64_t n = vertex_corners(j, d, ka, axis_idx, axis_w, cr, cw);
+    for (int64_t q = 0; q < n; q++)
+        for (int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(table + cr[q] * row_bytes + b, 0, 2);
+}
+
+#define GRID_GATHER_BIAS_RELU(NAME, ROW, TTYPE)                                                                  \
 void NAME(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const int64_t *ka,                    \
           const int64_t *const *axis_idx, const float *const *axis_w, int64_t C,                              \
           const TTYPE *table, const float *bias, int64_t relu, float *out) {                                  \
     _Pragma("omp parallel")                                                                                    \
     {                                                                                                          \
-        int64_t cr[256];                                                                                       \
-        float cw[256];                                                                                         \
-        _Pragma("omp for schedule(static)")                                                                    \
-        for (int64_t m = 0; m < M; m++) {                                                                      \
-            int64_t rem = start + m, n = 1;                                                                    \
-            cr[0] = 0;                                                                                         \
-            cw[0] = 1.0f;                               /* 1 * w exactly w: the first axis' weight */          \
-            for (int64_t a = 0; a < d; a++) {                                                                  \
-                const int64_t j = rem / qstrides[a], k = ka[a];                                                \
-                rem -= j * qstrides[a];                                                                        \
-                const int64_t *ia = axis_idx[a] + j * k;                                                       \
-                const float *wa = axis_w[a] + j * k;                                                           \
-                for (int64_t p = n - 1; p >= 0; p--) {  /* expand in place, back to front */                   \
-                    const int64_t r0 = cr[p];                                                                  \
-                    const float w0 = cw[p];                                                                    \
-                    for (int64_t b = k - 1; b >= 0; b--) {                                                     \
-                        cr[p * k + b] = r0 + ia[b];                                                            \
-                        cw[p * k + b] = a == 0 ? wa[b] : w0 * wa[b];                                           \
-                    }                                                                                          \
-                }                                                                                              \
-                n *= k;                                                                                        \
-            }                                                                                                  \
-            float *o = out + m * C;                                                                            \
-            _Pragma("omp simd")                                                                                \
-            for (int64_t c = 0; c < C; c++) o[c] = 0.0f;                                                       \
-            for (int64_t q = 0; q < n; q++) {                                                                  \
-                const float wq = cw[q];                                                                        \
-                const TTYPE *t = table + cr[q] * C;                                                            \
-                _Pragma("omp simd")                                                                            \
-                for (int64_t c = 0; c < C; c++) o[c] += wq * LOAD(t[c]);                                       \
-            }                                                                                                  \
-            _Pragma("omp simd")                                                                                \
-            for (int64_t c = 0; c < C; c++) {                                                                  \
-                const float v = o[c] + bias[c];                                                                \
-                o[c] = v > 0.0f || !relu ? v : 0.0f;                                                           \
-            }                                                                                                  \
-        }                                                                                                      \
+        int64_t m0, m1, j[64];                          /* this thread's rows, as omp for schedule(static) */  \
+        thread_range(M, &m0, &m1);                                                                             \
+        unravel(start + m0, d, qstrides, j);                                                                   \
+        for (int64_t m = m0; m < m1; m++, next_vertex(d, qstrides, j))                                         \
+            ROW(j, d, ka, axis_idx, axis_w, C, table, bias, relu, out + m * C);                                \
     }                                                                                                          \
 }
 
 #define LOAD_F32(x) (x)
-GRID_GATHER_BIAS_RELU(grid_gather_bias_relu, float, LOAD_F32)
-GRID_GATHER_BIAS_RELU(grid_gather_bias_relu_bf16t, uint16_t, load_bf16)
+GATHER_ROW(gather_row_f32, float, LOAD_F32)
+GATHER_ROW(gather_row_bf16t, uint16_t, load_bf16)
+GRID_GATHER_BIAS_RELU(grid_gather_bias_relu, gather_row_f32, float)
+GRID_GATHER_BIAS_RELU(grid_gather_bias_relu_bf16t, gather_row_bf16t, uint16_t)
+
+/* ------------------------------------------------------------------------------------------------------
+ * Baked inference in one pass per block of query vertices (DRRNet.predict_grid, CPU float32):
+ *   h_0 = relu(gather(table) + bias0)            (GATHER_ROW: the rows, interpolated, + the condition bias)
+ *   h_l = relu(h_{l-1} W_l^T + b_l), l = 1..L    (L hidden layers, H x H)
+ *   out = h_L . w_out + b_out                    (the output layer, one channel)
+ * A block of MLP_MB vertices stays in the thread's caches from the gather to the output (no pass of a
+ * (rows, H) activation through memory), and the hidden products run in a register-blocked micro-kernel:
+ * MLP_MR rows x MLP_NR columns of accumulators, the weights packed in panels of MLP_NR columns
+ * (packed[l][p][k][j] = W_l[p * MLP_NR + j][k], DRRNet side: cpu_kernels.pack_panels). Each output value is
+ * sum_k (in k order, fused multiply-adds) then + bias, then the ReLU: the same operations for every row,
+ * whatever its block, thread or the chunking (values repeat bitwise; they differ from oneDNN's / MKL's
+ * products by the summation order only). H must be a multiple of MLP_NR (mlp_panel_width()).
+ * ------------------------------------------------------------------------------------------------------ */
+#if defined(__AVX512F__)
+#include <immintrin.h>
+typedef __m512 vf_t;
+#define MLP_VW 16
+#define MLP_MR 12
+#define V_LOAD(p) _mm512_loadu_ps(p)
+#define V_STORE(p, v) _mm512_storeu_ps(p, v)
+#define V_SET1(x) _mm512_set1_ps(x)
+#define V_ZERO() _mm512_setzero_ps()
+#define V_FMA(a, b, c) _mm512_fmadd_ps(a, b, c)
+#define V_ADD(a, b) _mm512_add_ps(a, b)
+#define V_MUL(a, b) _mm512_mul_ps(a, b)
+#define V_LOAD_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(                            \
+                                            _mm256_loadu_si256((const __m256i *)(p))), 16))
+#define V_RELU(a) _mm512_max_ps(a, _mm512_setzero_ps())
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+typedef __m256 vf_t;
+#define MLP_VW 8
+#define MLP_MR 6
+#define V_LOAD(p) _mm256_loadu_ps(p)
+#define V_STORE(p, v) _mm256_storeu_ps(p, v)
+#define V_SET1(x) _mm256_set1_ps(x)
+#define V_ZERO() _mm256_setzero_ps()
+#define V_FMA(a, b, c) _mm256_fmadd_ps(a, b, c)
+#define V_ADD(a, b) _mm256_add_ps(a, b)
+#define V_MUL(a, b) _mm256_mul_ps(a, b)
+#define V_LOAD_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(                            \
+                                            _mm_loadu_si128((const __m128i *)(p))), 16))
+#define V_RELU(a) _mm256_max_ps(a, _mm256_setzero_ps())
+#else
+typedef struct { float x[4]; } vf_t;                       /* portable: 4 lanes, fmaf per lane */
+#define MLP_VW 4
+#define MLP_MR 4
+static inline vf_t v_load(const float *p) { vf_t v; for (int i = 0; i < 4; i++) v.x[i] = p[i]; return v; }
+static inline void v_store(float *p, vf_t v) { for (int i = 0; i < 4; i++) p[i] = v.x[i]; }
+static inline vf_t v_set1(float a) { vf_t v; for (int i = 0; i < 4; i++) v.x[i] = a; return v; }
+static inline vf_t v_fma(vf_t a, vf_t b, vf_t c) { for (int i = 0; i < 4; i++) c.x[i] = fmaf(a.x[i], b.x[i], c.x[i]); return c; }
+static inline vf_t v_add(vf_t a, vf_t b) { for (int i = 0; i < 4; i++) a.x[i] += b.x[i]; return a; }
+static inline vf_t v_mul(vf_t a, vf_t b) { for (int i = 0; i < 4; i++) a.x[i] *= b.x[i]; return a; }
+static inline vf_t v_load_bf16(const uint16_t *p) { vf_t v; for (int i = 0; i < 4; i++) v.x[i] = load_bf16(p[i]); return v; }
+static inline vf_t v_relu(vf_t a) { for (int i = 0; i < 4; i++) a.x[i] = a.x[i] > 0.0f ? a.x[i] : 0.0f; return a; }
+#define V_LOAD(p) v_load(p)
+#define V_STORE(p, v) v_store(p, v)
+#define V_SET1(x) v_set1(x)
+#define V_ZERO() v_set1(0.0f)
+#define V_FMA(a, b, c) v_fma(a, b, c)
+#define V_ADD(a, b) v_add(a, b)
+#define V_MUL(a, b) v_mul(a, b)
+#define V_LOAD_BF16(p) v_load_bf16(p)
+#define V_RELU(a) v_relu(a)
+#endif
+#define MLP_NR (2 * MLP_VW)          /* columns per panel: two vectors */
+#define MLP_MB (8 * MLP_MR)          /* rows per block */
+
+int64_t mlp_panel_width(void) { return MLP_NR; }
+
+
+
+/* c[r, 0..NR) = relu(a[r, :K] . panel[:, 0..NR) + bias[0..NR)) for MLP_MR rows of a (row stride lda); the
+   accumulators are named variables (FOR_ROWS), which keeps all 2 * MLP_MR of them in registers. */
+#if MLP_MR == 12
+#define FOR_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#elif MLP_MR == 6
+#define FOR_ROWS(X) X(0) X(1) X(2) X(3) X(4) X(5)
+#else
+#define FOR_ROWS(X) X(0) X(1) X(2) X(3)
+#endif
+#define TILE_DECL(r) vf_t s##r##_0 = V_ZERO(), s##r##_1 = V_ZERO();
+#define TILE_FMA(r) { const vf_t x = V_SET1(a[r * lda + k]);                                                  \
+                      s##r##_0 = V_FMA(x, b0, s##r##_0); s##r##_1 = V_FMA(x, b1, s##r##_1); }
+#define TILE_STORE(r) V_STORE(c + r * ldc, V_RELU(V_ADD(s##r##_0, bb0)));                                      \
+                      V_STORE(c + r * ldc + MLP_VW, V_RELU(V_ADD(s##r##_1, bb1)));
+static inline void mlp_tile(const float *a, int64_t lda, const float *panel, int64_t K, const float *bias,
+                            float *c, int64_t ldc) {
+    FOR_ROWS(TILE_DECL)
+    for (int64_t k = 0; k < K; k++) {
+        const vf_t b0 = V_LOAD(panel + k * MLP_NR), b1 = V_LOAD(panel + k * MLP_NR + MLP_VW);
+        FOR_ROWS(TILE_FMA)
+    }
+    const vf_t bb0 = V_LOAD(bias), bb1 = V_LOAD(bias + MLP_VW);
+    FOR_ROWS(TILE_STORE)
+}
+
+/* GATHER_ROW's relu(sum_q w_q table[r_q] + bias) (the same operations in the same order, so the same values),
+   in vectors of MLP_VW along the row, the corner sum kept in registers; one corner of weight 1 (a query
+   vertex on a lattice vertex) reads relu(row + bias) directly (0 + 1 * x = x; only a -0 could differ, which
+   the ReLU makes 0 either way). */
+#define MLP_GATHER_ROW(NAME, TTYPE, VLOADT)                                                                      \
+static inline void NAME(const int64_t *j, int64_t d, const int64_t *ka, const int64_t *const *axis_idx,         \
+                        const float *const *axis_w, int64_t H, const TTYPE *table, const float *bias,           \
+                        float *o) {                                                                             \
+    int64_t cr[256];                                                                                           \
+    float cw[256];                                                                                             \
+    const int64_t n = vertex_corners(j, d, ka, axis_idx, axis_w, cr, cw);                                      \
+    if (n == 1 && cw[0] == 1.0f) {                                                                             \
+        const TTYPE *t = table + cr[0] * H;                                                                    \
+        for (int64_t c = 0; c < H; c += MLP_VW)                                                                \
+            V_STORE(o + c, V_RELU(V_ADD(VLOADT(t + c), V_LOAD(bias + c))));                                    \
+        return;                                                                                                \
+    }                                                                                                          \
+    for (int64_t c = 0; c < H; c += MLP_VW) {                                                                  \
+        vf_t acc = V_ZERO();                                                                                   \
+        for (int64_t q = 0; q < n; q++) acc = V_ADD(acc, V_MUL(V_SET1(cw[q]), VLOADT(table + cr[q] * H + c))); \
+        V_STORE(o + c, V_RELU(V_ADD(acc, V_LOAD(bias + c))));                                                  \
+    }                                                                                                          \
+}
+MLP_GATHER_ROW(mlp_gather_row_f32, float, V_LOAD)
+MLP_GATHER_ROW(mlp_gather_row_bf16t, uint16_t, V_LOAD_BF16)
+
+#define BAKED_MLP(NAME, ROW, TTYPE)                                                                              \
+int64_t NAME(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const int64_t *ka,                 \
+             const int64_t *const *axis_idx, const float *const *axis_w, int64_t H, const TTYPE *table,       \
+             const float *bias0, int64_t L, const float *packed, const float *hbias, const float *w_out,      \
+             float b_out, float *out) {                                                                       \
+    const int64_t nblk = (M + MLP_MB - 1) / MLP_MB, panels = H / MLP_NR;                                       \
+    const int64_t per_thread = 2 * MLP_MB * H;              /* floats: two (MLP_MB, H) activation blocks */   \
+    float *bufs = (float *)aligned_alloc(64, (size_t)(num_threads() * per_thread) * sizeof(float));           \
+    if (bufs == NULL) return 1;                                                                                \
+    _Pragma("omp parallel")                                                                                    \
+    {                                                                                                          \
+        float *buf = bufs + thread_num() * per_thread;                                                         \
+        int64_t b0, b1, j[64], jp[64];                        /* this thread's blocks; vertex / prefetch index */ \
+        thread_range(nblk, &b0, &b1);                                                                          \
+        unravel(start + b0 * MLP_MB, d, qstrides, j);                                                          \
+        unravel(start + b0 * MLP_MB, d, qstrides, jp);                                                         \
+        int64_t pf = b0 * MLP_MB;                             /* next vertex to prefetch */                    \
+        for (int64_t blk = b0; blk < b1; blk++) {                                                              \
+            const int64_t r0 = blk * MLP_MB, rows = M - r0 < MLP_MB ? M - r0 : MLP_MB;                         \
+            const int64_t padded = (rows + MLP_MR - 1) / MLP_MR * MLP_MR;                                      \
+            float *hin = buf, *hout = buf + MLP_MB * H;                                                        \
+            for (int64_t m = 0; m < rows; m++, next_vertex(d, qstrides, j))                                    \
+                ROW(j, d, ka, axis_idx, axis_w, H, table, bias0, hin + m * H);                                 \
+            for (int64_t x = rows * H; x < padded * H; x++) hin[x] = 0.0f;   /* rows past the end */          \
+            /* the next block's table rows are fetched while this block's products run (spread over the   */ \
+            /* first layer's tiles): its gather then reads the caches, not memory                          */ \
+            const int64_t pf_end = b1 * MLP_MB < r0 + 2 * MLP_MB ? (M < b1 * MLP_MB ? M : b1 * MLP_MB)         \
+                                                                  : r0 + 2 * MLP_MB;                           \
+            for (; pf < r0 + MLP_MB; pf++) next_vertex(d, qstrides, jp);  /* (the first block: unfetched) */   \
+            const int64_t pf_step = (MLP_MB + panels * (padded / MLP_MR) - 1) / (panels * (padded / MLP_MR)); \
+            for (int64_t l = 0; l < L; l++) {                                                                  \
+                const float *wl = packed + l * H * H, *bl = hbias + l * H;                                     \
+                for (int64_t p = 0; p < panels; p++)                                                           \
+                    for (int64_t t = 0; t < padded; t += MLP_MR) {                                             \
+                        mlp_tile(hin + t * H, H, wl + p * H * MLP_NR, H, bl + p * MLP_NR,                      \
+                                 hout + t * H + p * MLP_NR, H);                                                \
+                        for (int64_t i = 0; i < pf_step && pf < pf_end; i++, pf++, next_vertex(d, qstrides, jp)) \
+                            prefetch_vertex(jp, d, ka, axis_idx, axis_w, (const char *)table,                  \
+                                            H * (int64_t)sizeof(TTYPE));                                       \
+                    }                                                                                          \
+                float *sw = hin; hin = hout; hout = sw;                                                        \
+            }                                                                                                  \
+            for (int64_t m = 0; m < rows; m++) {                                                               \
+                const float *h = hin + m * H;                                                                  \
+                vf_t acc = V_ZERO();                                                                           \
+                for (int64_t k = 0; k < H; k += MLP_VW) acc = V_FMA(V_LOAD(h + k), V_LOAD(w_out + k), acc);    \
+                float lane[MLP_VW], s = 0.0f;                                                                  \
+                V_STORE(lane, acc);                                                                            \
+                for (int i = 0; i < MLP_VW; i++) s += lane[i];                                                 \
+                out[r0 + m] = s + b_out;                                                                       \
+            }                                                                                                  \
+        }                                                                                                      \
+    }                                                                                                          \
+    free(bufs);                                                                                                \
+    return 0;                                                                                                  \
+}
+
+BAKED_MLP(baked_mlp, mlp_gather_row_f32, float)
+BAKED_MLP(baked_mlp_bf16t, mlp_gather_row_bf16t, uint16_t)
