@@ -21,7 +21,10 @@ synchronized):
                     else the per-pass decoder);
   - ``fast_grid_torch``: the same with ``DRR_BAKED_MLP=off``: the per-pass decoder (oneDNN / addmm products,
                     each layer's activations through memory), for comparison;
-  - ``fast_grid_bf16`` (and ``fast_grid_fp16`` on CUDA): the same in reduced precision, with its error;
+  - ``fast_grid_bf16`` (and ``fast_grid_fp16`` on CUDA): the same in reduced precision, with its error (on a
+                    CPU with AMX-BF16 the one-pass bf16 decoder ``cpu_kernels.baked_mlp_amx``: products on the AMX
+                    tiles, bias / ReLU / output layer in float32); ``fast_grid_bf16_torch``: its per-pass path
+                    (``DRR_BAKED_MLP=off``: PyTorch's bf16 products);
   - ``fast_grid_bftable``: ``predict_grid(table_dtype=torch.bfloat16)``: the folded table stored in bfloat16
                     (half the bytes of the gather), everything else float32; its floor is the fp32 one;
   - ``fast_grid_keep``: ``predict_grid(keep_rows=True)``: the folded table resampled onto the queried lattice
@@ -65,7 +68,8 @@ def main(argv=None):
     p.add_argument("--chunk_size", type=int, default=None, help="points per chunk (default: 2^13 CPU, 2^18 CUDA)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--bake_repeats", type=int, default=3)
-    p.add_argument("--paths", default="plain,fast_forward,fast_grid,fast_grid_torch,fast_grid_bf16,fast_grid_fp16,fast_grid_bftable,"
+    p.add_argument("--paths", default="plain,fast_forward,fast_grid,fast_grid_torch,fast_grid_bf16,"
+                                       "fast_grid_bf16_torch,fast_grid_fp16,fast_grid_bftable,"
                                        "fast_grid_keep,fast_grid_keep_bf16")
     p.add_argument("--breakdown", action="store_true",
                    help="also print where fast_grid's time goes: the one-pass decoder's gather + output layer vs its "
@@ -133,6 +137,8 @@ def main(argv=None):
         "fast_grid": lambda: [model.predict_grid(shape, c, chunk) for c in conds],
         "fast_grid_torch": lambda: per_pass(lambda: [model.predict_grid(shape, c, chunk) for c in conds]),
         "fast_grid_bf16": lambda: [model.predict_grid(shape, c, chunk, dtype=torch.bfloat16) for c in conds],
+        "fast_grid_bf16_torch": lambda: per_pass(lambda: [model.predict_grid(shape, c, chunk, dtype=torch.bfloat16)
+                                                          for c in conds]),
         "fast_grid_bftable": lambda: [model.predict_grid(shape, c, chunk, table_dtype=torch.bfloat16)
                                       for c in conds],
         "fast_grid_keep": lambda: [model.predict_grid(shape, c, chunk, keep_rows=True) for c in conds],

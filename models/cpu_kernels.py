@@ -80,11 +80,14 @@ _SIGNATURES = {
     "grid_gather_bias_relu": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "grid_gather_bias_relu_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "mlp_panel_width": [],
+    "has_amx": [],
+    "baked_mlp_amx": [_I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _F32, _PTR],
     "baked_mlp": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _F32, _PTR],
     "baked_mlp_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _F32,
                         _PTR],
 }
-_RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int, "mlp_panel_width": ctypes.c_int64,
+_RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int, "mlp_panel_width": ctypes.c_int64, "has_amx": ctypes.c_int64,
+             "baked_mlp_amx": ctypes.c_int64,
              "baked_mlp": ctypes.c_int64, "baked_mlp_bf16t": ctypes.c_int64}
 
 
@@ -437,6 +440,50 @@ def baked_mlp(q, start: int, stop: int, table: Tensor, bias0: Tensor, packed: Te
     if rc != 0:
         raise MemoryError(f"cpu_kernels.baked_mlp: could not allocate the per-thread block buffers ({H} columns)")
     return out
+
+
+def has_amx() -> bool:
+    """Whether the library was built with the AMX-BF16 kernel (:func:`baked_mlp_amx`; -march=native on a CPU
+    with AMX tiles, AMX-BF16 and AVX512-BF16, Linux)."""
+    return library() is not None and bool(library().has_amx())
+
+
+def pack_amx(weight: Tensor) -> Tensor:
+    """A (H_out, H_in) ``nn.Linear`` weight in the AMX tiles' bf16 pair layout of :func:`baked_mlp_amx`: for each
+    32-wide input block kb and 16-wide output block nb one 16 x 16 x 2 tile,
+    packed[kb, nb, r, n, p] = weight[nb * 16 + n, kb * 32 + 2 r + p] (rounded to bf16)."""
+    H_out, H_in = weight.shape
+    if H_out % 16 or H_in % 32:
+        raise ValueError(f"cpu_kernels.pack_amx: weight {tuple(weight.shape)} needs outputs a multiple of 16 and "
+                         f"inputs a multiple of 32")
+    w = weight.detach().float().reshape(H_out // 16, 16, H_in // 32, 16, 2)       # nb, n, kb, r, p
+    return w.permute(2, 0, 3, 1, 4).contiguous().to(torch.bfloat16)
+
+
+def baked_mlp_amx(rows: Tensor, bias0: Tensor, packed: Tensor, hbias: Tensor, w_out: Tensor, b_out: float,
+                  out: Tensor) -> bool:
+    """The baked decoder with bf16 products on AMX tiles, for rows (M, H) bfloat16 read in order (the identity
+    lattice's table rows, or rows resampled once): out = relu(... relu(relu(rows + bias0) W_1^T + b_1) ...) . w_out
+    + b_out, each layer's input rounded to bf16, products accumulated in float32, bias / ReLU / output layer in
+    float32. packed (L, H / 32, H / 16, 16, 16, 2) from :func:`pack_amx`; hbias (L, H); w_out (H,); out (M,)
+    float32. Returns False (and writes nothing) where the library has no AMX kernel or the OS refuses the AMX
+    state; then use the PyTorch products."""
+    if rows.device.type != "cpu" or rows.dtype != torch.bfloat16 or not rows.is_contiguous() or rows.dim() != 2:
+        raise ValueError("cpu_kernels.baked_mlp_amx: rows must be a contiguous (M, H) bfloat16 CPU tensor")
+    _check("baked_mlp_amx", bias0, hbias, w_out, out)
+    M, H = rows.shape
+    L = packed.shape[0] if packed.dim() == 6 else -1
+    if H % 32 or tuple(packed.shape) != (L, H // 32, H // 16, 16, 16, 2) or packed.dtype != torch.bfloat16 \
+            or not packed.is_contiguous() or tuple(hbias.shape) != (L, H) or bias0.shape != (H,) \
+            or w_out.shape != (H,) or out.shape != (M,):
+        raise ValueError(f"cpu_kernels.baked_mlp_amx: rows {tuple(rows.shape)}, bias0 {tuple(bias0.shape)}, packed "
+                         f"{tuple(packed.shape)} {packed.dtype} (expected (L, {H // 32}, {H // 16}, 16, 16, 2) "
+                         f"bfloat16), hbias {tuple(hbias.shape)}, w_out {tuple(w_out.shape)}, out {tuple(out.shape)}")
+    rc = library().baked_mlp_amx(M, H, rows.data_ptr(), bias0.data_ptr(), L, packed.data_ptr(), hbias.data_ptr(),
+                                 w_out.data_ptr(), float(b_out), out.data_ptr())
+    if rc > 0:
+        raise MemoryError("cpu_kernels.baked_mlp_amx: could not allocate the per-thread block buffers")
+    return rc == 0
 
 
 def mark_touched(idx: Tensor, w: Tensor, P: int):

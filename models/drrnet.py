@@ -292,7 +292,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         saved; dropped when a state dict is loaded)."""
         self._set_fast_options(fast_paths, sparse_refine, sparse_refine_ratio, fused_refiner)
         self.register_buffer("_baked_lines", None, persistent=False)  # (d_c, H, L_c*d_fc) with a cond refiner
-        self._lowp_cache: Dict[torch.dtype, Tuple[Tensor, ...]] = {}
+        self._lowp_cache: Dict[object, Optional[Tuple]] = {}   # per dtype; "amx": bf16 tile weights
         self._rows_cache: Dict[torch.dtype, Tuple[tuple, Tensor]] = {}   # predict_grid(keep_rows=True)
         self.register_load_state_dict_pre_hook(DRRNet._drop_cache_on_load)
 
@@ -473,7 +473,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 res[s:e] = y[0, :, 0].float()
             return res.reshape(shape)
         lins = self.decoder.linears
-        cb = self.cond_bias(c)[0]                                       # (hidden,)
+        cb = cb32 = self.cond_bias(c)[0]                                # (hidden,)
         if table_dtype not in (None, torch.float32, torch.bfloat16) or (table_dtype is not None and
                                                                          dtype is not None):
             raise ValueError(f"predict_grid: table_dtype {table_dtype} (expected None or torch.bfloat16, and "
@@ -497,6 +497,20 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             shape = P = vertices.numel()
             q = GridQuery((P,), (P,), dev)
             res = torch.empty(P, device=dev, dtype=torch.float32)
+        amx = self._amx_args(table, cb.dtype) if dev.type == "cpu" else None
+        if amx is not None:       # bf16 products on AMX tiles, one compiled pass per block of rows
+            cb32 = cb32.float().contiguous()
+            zero = torch.zeros(table.shape[1], dtype=table.dtype)
+            for s, e in ([(0, q.num_points)] if q.identity else q.chunks(chunk_size)):
+                rows = table[s:e] if q.identity else \
+                    q.gather_bias_relu(table, s, e, zero, torch.empty(e - s, table.shape[1], dtype=table.dtype),
+                                       relu=False)                   # as keep_rows resamples them: same bits
+                if not cpu_kernels.baked_mlp_amx(rows, cb32, *amx, out=res[s:e]):
+                    break                                             # AMX refused: the PyTorch products
+            else:
+                _output_activation_(res, self.out_activation)
+                return res.reshape(shape)
+            self._lowp_cache["amx"] = None
         n = min(int(chunk_size), P)
         H = table.shape[1]
         act_dtype = cb.dtype                                                      # the products' dtype
@@ -532,6 +546,27 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             else:
                 res[s:e] = output_activation(h[:, 0].float(), self.out_activation)
         return res.reshape(shape)
+
+    def _amx_args(self, table: Tensor, act_dtype: torch.dtype):
+        """(packed, hbias, w_out, b_out) of ``cpu_kernels.baked_mlp_amx`` (cached until unbake) when bf16 products
+        on AMX tiles apply: bf16 products (``dtype=torch.bfloat16``), a CPU and library with the AMX kernel,
+        ``DRR_BAKED_MLP`` not off, square hidden layers of a width that is a multiple of 32 and one output
+        channel; else None."""
+        import os
+        if act_dtype != torch.bfloat16 or table.dtype != torch.bfloat16 or table.device.type != "cpu" or \
+                os.environ.get("DRR_BAKED_MLP", "auto").strip().lower() in ("0", "off", "never", "false", "no") \
+                or cpu_kernels.library() is None or not cpu_kernels.has_amx():
+            return None
+        if "amx" not in self._lowp_cache:
+            lins, H = self.decoder.linears, table.shape[1]
+            hidden, last = lins[:-1], lins[-1]
+            ok = H % 32 == 0 and last.weight.shape == (1, H) and all(m.weight.shape == (H, H) for m in hidden)
+            self._lowp_cache["amx"] = None if not ok else (
+                torch.stack([cpu_kernels.pack_amx(m.weight) for m in hidden]) if hidden else
+                torch.empty(0, H // 32, H // 16, 16, 16, 2, dtype=torch.bfloat16),
+                torch.stack([m.bias.detach().float() for m in hidden]).contiguous() if hidden else torch.empty(0, H),
+                last.weight.detach().float().reshape(H).contiguous(), float(last.bias.detach()))
+        return self._lowp_cache["amx"]
 
     def _resampled_rows(self, q: GridQuery, table: Tensor, dtype: torch.dtype, chunk_size: int) -> Tensor:
         """The folded ``table`` interpolated at every vertex of ``q``'s query lattice, in the products' ``dtype``

@@ -380,3 +380,59 @@ def test_baked_mlp_rejects_bad_input(lib):
         ck.baked_mlp(gq, 0, 20, table.double(), bias0, packed, hb, w_out, 0.0, torch.empty(20))
     with pytest.raises(ValueError, match="table"):                  # a table of another lattice
         ck.baked_mlp(gq, 0, 20, torch.randn(21, H), bias0, packed, hb, w_out, 0.0, torch.empty(20))
+
+
+@pytest.fixture
+def amx(lib):
+    if not ck.has_amx():
+        pytest.skip("this CPU has no AMX-BF16: baked_mlp_amx returns False and predict_grid keeps PyTorch's "
+                    "bf16 products (tested in test_fast_paths)")
+
+
+def _amx_reference(rows, bias0, weights, biases, w_out, b_out):
+    """baked_mlp_amx's arithmetic in PyTorch: bf16 operands, float32 sums, bias / ReLU / output in float32."""
+    h = torch.relu(rows.float() + bias0)
+    for i, (w, b) in enumerate(zip(weights, biases)):
+        h = torch.relu(h.bfloat16().double() @ w.bfloat16().double().t() + b.double()).float()
+    return h.double() @ w_out.double() + b_out
+
+
+@pytest.mark.parametrize("M,H,L", [(1, 32, 1), (45, 64, 2), (97, 96, 3), (20, 32, 0)])
+def test_baked_mlp_amx_equals_bf16_arithmetic(amx, threads, M, H, L):
+    """bf16 products on the AMX tiles: the same values as bf16 operands multiplied exactly and summed in float32
+    (up to the sums' order and the bf16 rounding of a layer's input that order can flip), for partial blocks,
+    hidden widths of one or more 32-column blocks and 0-3 hidden layers; bitwise the same for any split of the
+    rows."""
+    g = torch.Generator().manual_seed(M + H + L)
+    rows = torch.randn(M, H, generator=g).to(torch.bfloat16)
+    bias0, w_out = torch.randn(H, generator=g) * 0.3, torch.randn(H, generator=g)
+    weights = [torch.randn(H, H, generator=g) / H ** 0.5 for _ in range(L)]
+    biases = [torch.randn(H, generator=g) * 0.3 for _ in range(L)]
+    packed = torch.stack([ck.pack_amx(w) for w in weights]) if L else \
+        torch.empty(0, H // 32, H // 16, 16, 16, 2, dtype=torch.bfloat16)
+    hb = torch.stack(biases) if L else torch.empty(0, H)
+    out = torch.full((M,), float("nan"))
+    assert ck.baked_mlp_amx(rows, bias0, packed, hb, w_out, -0.25, out)
+    want = _amx_reference(rows, bias0, weights, biases, w_out, -0.25)
+    assert float((out.double() - want).norm() / want.norm()) < 2e-4 * max(L, 1)
+    if L == 0:                                              # no products: only the float32 output sums' order
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    parts = torch.cat([torch.empty(min(s + 7, M) - s) for s in range(0, M, 7)])
+    for s in range(0, M, 7):
+        e = min(s + 7, M)
+        ck.baked_mlp_amx(rows[s:e], bias0, packed, hb, w_out, -0.25, parts[s:e])
+    assert torch.equal(parts, out)
+
+
+def test_baked_mlp_amx_rejects_bad_input(amx):
+    H = 32
+    rows, v = torch.randn(5, H).to(torch.bfloat16), torch.randn(H)
+    packed, hb = torch.stack([ck.pack_amx(torch.randn(H, H))]), torch.randn(1, H)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ck.pack_amx(torch.randn(24, 32))
+    with pytest.raises(ValueError, match="bfloat16"):
+        ck.baked_mlp_amx(rows.float(), v, packed, hb, v, 0.0, torch.empty(5))
+    with pytest.raises(ValueError, match="packed"):
+        ck.baked_mlp_amx(rows, v, packed.float(), hb, v, 0.0, torch.empty(5))
+    with pytest.raises(ValueError, match="out"):
+        ck.baked_mlp_amx(rows, v, packed, hb, v, 0.0, torch.empty(4))

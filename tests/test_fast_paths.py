@@ -355,6 +355,37 @@ def test_predict_grid_one_pass_decoder_equals_per_pass_path(spatial_dims, activa
     assert (len(calls) > 0) == (kernels == "compiled")       # the compiled pass ran where it exists
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+def test_predict_grid_bf16_products_on_amx(spatial_dims, kernels, monkeypatch):
+    """bf16 products (dtype=torch.bfloat16) on a CPU with AMX-BF16 run as one compiled pass per block of rows
+    (cpu_kernels.baked_mlp_amx; rows of non-identity lattices resampled per chunk as keep_rows does): bitwise the
+    same for any chunk size, within bf16 rounding of the float32 field, and of the per-pass PyTorch bf16 path
+    (DRR_BAKED_MLP=off); without AMX (or the compiled kernels) PyTorch's bf16 products."""
+    from models import cpu_kernels
+
+    m = small(spatial_dims, hidden_dim=64)
+    m.bake()
+    calls = []
+    amx = kernels == "compiled" and cpu_kernels.has_amx()
+    real = cpu_kernels.baked_mlp_amx
+    monkeypatch.setattr(cpu_kernels, "baked_mlp_amx", lambda *a, **k: calls.append(1) or real(*a, **k))
+    c = torch.rand(m.cond_dim)
+    with torch.no_grad():
+        for shape in [m.ssr_shape, tuple(2 * n - 1 for n in m.ssr_shape), (11, 4, 9)[-spatial_dims:]]:
+            got = [m.predict_grid(shape, c, chunk_size=ch, dtype=torch.bfloat16) for ch in (37, 1 << 13)]
+            if amx:
+                assert torch.equal(got[0], got[1])
+            full = m.predict_grid(shape, c)
+            assert rel(got[0], full) < 1e-2
+            monkeypatch.setenv("DRR_BAKED_MLP", "off")
+            n_calls = len(calls)
+            torch_bf16 = m.predict_grid(shape, c, chunk_size=37, dtype=torch.bfloat16)
+            assert len(calls) == n_calls
+            monkeypatch.delenv("DRR_BAKED_MLP")
+            assert rel(torch_bf16, full) < 1e-2 and rel(got[0], torch_bf16) < 1e-2
+    assert (len(calls) > 0) == amx
+
+
 def test_predict_grid_unbaked_falls_back():
     m = small(3)
     m.eval()

@@ -781,3 +781,132 @@ int64_t NAME(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const
 
 BAKED_MLP(baked_mlp, mlp_gather_row_f32, float)
 BAKED_MLP(baked_mlp_bf16t, mlp_gather_row_bf16t, uint16_t)
+
+/* ------------------------------------------------------------------------------------------------------
+ * Baked inference with bf16 products on AMX tiles (DRRNet.predict_grid(dtype=torch.bfloat16) on a CPU with
+ * AMX-BF16): rows (M, H) bf16 (the table's rows of the query vertices, read in order: the identity lattice or
+ * rows resampled once), then per block of AMX_MB rows in the thread's caches:
+ *   h_0 = relu(rows + bias0), rounded to bf16   (bias0 float32)
+ *   h_l = relu(h_{l-1} W_l^T + b_l): bf16 x bf16 products accumulated in float32 on the tiles, the bias and the
+ *         ReLU in float32, rounded to bf16 as the next layer's operand (the last hidden layer stays float32)
+ *   out = h_L . w_out + b_out                   (float32)
+ * packed[l] holds W_l in the tiles' pair layout (cpu_kernels.pack_amx): for each 32-wide block kb of inputs and
+ * 16-wide block nb of outputs a 1 KB tile, packed[l][kb][nb][r][n][p] = W_l[nb * 16 + n][kb * 32 + 2 r + p].
+ * H must be a multiple of 32. Returns 0, or -1 where the library has no AMX code or the kernel refuses the
+ * process the AMX state (then the caller uses the PyTorch products). Rows of a block do not interact and every
+ * row runs the same operations: values do not depend on the chunking or the thread count.
+ * ------------------------------------------------------------------------------------------------------ */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+long syscall(long number, ...);                    /* unistd.h declares it only outside strict C11 */
+#define AMX_MB 32                                  /* rows per block: two 16-row tiles */
+
+static int amx_state = 0;                          /* 0 unknown, 1 granted, -1 refused */
+
+static int amx_granted(void) {
+    if (amx_state == 0) {
+        #pragma omp critical(drr_amx)
+        if (amx_state == 0)   /* ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18) */
+            amx_state = syscall(SYS_arch_prctl, 0x1023, 18) == 0 ? 1 : -1;
+    }
+    return amx_state == 1;
+}
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config_t;
+
+/* float32 (16 values) -> bf16 (round to nearest even) */
+static inline void store16_bf16(uint16_t *dst, __m512 v) {
+    _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, const float *bias0, int64_t L,
+                      const uint16_t *packed, const float *hbias, const float *w_out, float b_out, float *out) {
+    if (!amx_granted()) return -1;
+    const int64_t nblk = (M + AMX_MB - 1) / AMX_MB, kbs = H / 32, nbs = H / 16;
+    const int64_t per_thread = AMX_MB * H * 3;          /* floats: a bf16 (AMX_MB, H) operand + float32 results */
+    float *bufs = (float *)aligned_alloc(64, (size_t)(num_threads() * per_thread) * sizeof(float));
+    if (bufs == NULL) return 1;
+    #pragma omp parallel
+    {
+        float *cbuf = bufs + thread_num() * per_thread;                 /* (AMX_MB, H) float32 */
+        uint16_t *abuf = (uint16_t *)(cbuf + AMX_MB * H);                /* (AMX_MB, H) bf16 */
+        amx_config_t cfg = {0};
+        cfg.palette = 1;
+        for (int t = 0; t < 8; t++) { cfg.rows[t] = 16; cfg.colsb[t] = 64; }
+        _tile_loadconfig(&cfg);
+        int64_t b0, b1;
+        thread_range(nblk, &b0, &b1);
+        for (int64_t blk = b0; blk < b1; blk++) {
+            const int64_t r0 = blk * AMX_MB, n = M - r0 < AMX_MB ? M - r0 : AMX_MB;
+            for (int64_t r = 0; r < AMX_MB; r++)                          /* h_0, rows past the end 0 */
+                for (int64_t c = 0; c < H; c += 16) {
+                    __m512 v = _mm512_setzero_ps();
+                    if (r < n) {
+                        const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+                            _mm256_loadu_si256((const __m256i *)(rows + (r0 + r) * H + c))), 16));
+                        v = _mm512_max_ps(_mm512_add_ps(x, _mm512_loadu_ps(bias0 + c)), _mm512_setzero_ps());
+                    }
+                    if (L == 0) _mm512_storeu_ps(cbuf + r * H + c, v);
+                    else store16_bf16(abuf + r * H + c, v);
+                }
+            for (int64_t l = 0; l < L; l++) {
+                const uint16_t *wl = packed + l * H * H;
+                const float *bl = hbias + l * H;
+                for (int64_t nb = 0; nb < nbs; nb += 2) {                   /* 32 output columns at a time */
+                    if (l == 0 && blk + 1 < b1) {          /* the next block's rows come in meanwhile */
+                        const char *next = (const char *)(rows + (r0 + AMX_MB) * H);
+                        const int64_t bytes = (M - r0 - AMX_MB < AMX_MB ? M - r0 - AMX_MB : AMX_MB) * H * 2;
+                        const int64_t part = (bytes + nbs / 2 - 1) / (nbs / 2);
+                        for (int64_t b = nb / 2 * part; b < (nb / 2 + 1) * part && b < bytes; b += 64)
+                            __builtin_prefetch(next + b, 0, 3);
+                    }
+                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+                    for (int64_t kb = 0; kb < kbs; kb++) {
+                        _tile_loadd(4, abuf + kb * 32, H * 2);
+                        _tile_loadd(5, abuf + 16 * H + kb * 32, H * 2);
+                        _tile_loadd(6, wl + (kb * nbs + nb) * 512, 64);
+                        _tile_loadd(7, wl + (kb * nbs + nb + 1) * 512, 64);
+                        _tile_dpbf16ps(0, 4, 6);
+                        _tile_dpbf16ps(1, 4, 7);
+                        _tile_dpbf16ps(2, 5, 6);
+                        _tile_dpbf16ps(3, 5, 7);
+                    }
+                    _tile_stored(0, cbuf + nb * 16, H * 4);
+                    _tile_stored(1, cbuf + nb * 16 + 16, H * 4);
+                    _tile_stored(2, cbuf + 16 * H + nb * 16, H * 4);
+                    _tile_stored(3, cbuf + 16 * H + nb * 16 + 16, H * 4);
+                }
+                for (int64_t r = 0; r < AMX_MB; r++)                      /* + bias, ReLU (, bf16) */
+                    for (int64_t c = 0; c < H; c += 16) {
+                        const __m512 v = _mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(cbuf + r * H + c),
+                                                                     _mm512_loadu_ps(bl + c)), _mm512_setzero_ps());
+                        if (l == L - 1) _mm512_storeu_ps(cbuf + r * H + c, v);
+                        else store16_bf16(abuf + r * H + c, v);
+                    }
+            }
+            for (int64_t r = 0; r < n; r++) {                             /* the output layer, float32 */
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t c = 0; c < H; c += 16)
+                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(cbuf + r * H + c), _mm512_loadu_ps(w_out + c), acc);
+                out[r0 + r] = _mm512_reduce_add_ps(acc) + b_out;
+            }
+        }
+        _tile_release();
+    }
+    free(bufs);
+    return 0;
+}
+int64_t has_amx(void) { return 1; }
+#else
+int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, const float *bias0, int64_t L,
+                      const uint16_t *packed, const float *hbias, const float *w_out, float b_out, float *out) {
+    (void)M; (void)H; (void)rows; (void)bias0; (void)L; (void)packed; (void)hbias; (void)w_out; (void)b_out;
+    (void)out;
+    return -1;
+}
+int64_t has_amx(void) { return 0; }
+#endif
