@@ -192,23 +192,27 @@ def main(argv=None):
 
 
 def print_breakdown(args, model, shape, conds, chunk, flops, peaks, outs, wanted, P, per_pass) -> None:
-    """Where the fast paths' time goes. fp32 on the CPU with the one-pass decoder (cpu_kernels.baked_mlp): the
-    kernel with no hidden layer (gather + bias + ReLU + output layer) against the whole kernel, the hidden
-    products being the difference (``baked`` line); then the per-pass path (DRR_BAKED_MLP=off, or whatever
-    predict_grid runs when the kernel does not apply) pass by pass (``grid_breakdown``)."""
+    """Where the fast paths' time goes. With a one-pass kernel (fp32: cpu_kernels.baked_mlp; bf16 on AMX:
+    cpu_kernels.baked_mlp_amx) the kernel with no hidden layer (rows + bias + ReLU + output layer) against the
+    whole kernel, the hidden products being the difference (``kernel=`` lines); then the per-pass path
+    (DRR_BAKED_MLP=off, or whatever predict_grid runs when no kernel applies) pass by pass (``grid_breakdown``)."""
     from models.drrnet import _baked_mlp_args
     from models.fast_ops import GridQuery
 
+    cpu = model._baked_fused.device.type == "cpu"
     q = GridQuery(shape, model.ssr_shape, model._baked_fused.device)
-    fused = model._baked_fused.device.type == "cpu" and \
-        _baked_mlp_args(model.decoder.linears, model._baked_fused, q) is not None
-    if fused and "fast_grid" in wanted:
-        parts = [baked_breakdown(model, q, c) for c in conds]                     # warm-up
-        parts = [baked_breakdown(model, q, c) for c in conds for _ in range(args.repeats)]
+    one_pass = {"fast_grid": cpu and _baked_mlp_args(model.decoder.linears, model._baked_fused, q) is not None,
+                "fast_grid_bf16": cpu and model._amx_args(model._lowp(torch.bfloat16)[0], torch.bfloat16) is not None}
+    for n, dt, kernel in (("fast_grid", None, "baked_mlp"), ("fast_grid_bf16", torch.bfloat16, "baked_mlp_amx")):
+        if not (one_pass[n] and n in wanted and (dt is None or q.identity)):   # (bf16: rows read in order)
+            continue
+        parts = [baked_breakdown(model, q, c, dt) for c in conds]                     # warm-up
+        parts = [baked_breakdown(model, q, c, dt) for c in conds for _ in range(args.repeats)]
         tot = {k: median([pp[k] for pp in parts]) * args.members for k in ("gather_out", "total")}
         hidden_s = tot["total"] - tot["gather_out"]
-        floor_s = args.members * P * 2.0 * flops["decoder"] / (peaks["float32"] * 1e9)
-        print(f"breakdown path=fast_grid kernel=baked_mlp gather_out_s={tot['gather_out']:.4g} "
+        peak = peaks["float32" if dt is None else "bfloat16"]
+        floor_s = args.members * P * 2.0 * flops["decoder"] / (peak * 1e9)
+        print(f"breakdown path={n} kernel={kernel} gather_out_s={tot['gather_out']:.4g} "
               f"hidden_products_s={hidden_s:.4g} total_s={tot['total']:.4g} "
               f"gather_out_frac={tot['gather_out'] / tot['total']:.3f} matmul_floor_s={floor_s:.4g} "
               f"floor_frac_of_total={floor_s / tot['total']:.3f} "
@@ -217,8 +221,8 @@ def print_breakdown(args, model, shape, conds, chunk, flops, peaks, outs, wanted
     names = {"fast_grid": None, "fast_grid_bf16": torch.bfloat16, "fast_grid_fp16": torch.float16}
     for n in [n for n in wanted if n in names]:
         dt = names[n]
-        label = "fast_grid_torch" if n == "fast_grid" and fused else n
-        ref = outs[n] if label == n else per_pass(lambda: torch.stack([model.predict_grid(shape, c, chunk)
+        label = n + "_torch" if one_pass.get(n) else n
+        ref = outs[n] if label == n else per_pass(lambda: torch.stack([model.predict_grid(shape, c, chunk, dtype=dt)
                                                                         for c in conds]))
         parts = [grid_breakdown(model, shape, c, chunk, dt) for c in conds]   # warm-up
         parts = [grid_breakdown(model, shape, c, chunk, dt) for c in conds for _ in range(args.repeats)]
@@ -234,23 +238,29 @@ def print_breakdown(args, model, shape, conds, chunk, flops, peaks, outs, wanted
 
 
 @torch.no_grad()
-def baked_breakdown(model, q, c) -> dict:
-    """Seconds of one member through ``cpu_kernels.baked_mlp`` on the whole lattice (``total``) and through the
-    same kernel without the hidden layers (``gather_out``: the table rows or their interpolation, the
-    condition bias, the ReLU and the output layer)."""
+def baked_breakdown(model, q, c, dtype=None) -> dict:
+    """Seconds of one member through the one-pass kernel on the whole lattice (``total``; fp32
+    ``cpu_kernels.baked_mlp``, bf16 ``cpu_kernels.baked_mlp_amx`` on the identity lattice) and through the same
+    kernel without the hidden layers (``gather_out``: the table rows or their interpolation, the condition bias,
+    the ReLU and the output layer)."""
     import time
 
     from models import cpu_kernels
     from models.drrnet import _baked_mlp_args
 
-    table = model._baked_fused
-    packed, hbias, w_out, b_out = _baked_mlp_args(model.decoder.linears, table, q)
+    table = model._baked_fused if dtype is None else model._lowp(dtype)[0]
+    args = _baked_mlp_args(model.decoder.linears, table, q) if dtype is None else \
+        model._amx_args(table, dtype)
+    packed, hbias, w_out, b_out = args
     cb = model.cond_bias(c.reshape(1, -1).to(table.device, torch.float32))[0].contiguous()
     out = torch.empty(q.num_points)
     t = {}
     for key, L in (("gather_out", 0), ("total", packed.shape[0])):
         t0 = time.perf_counter()
-        cpu_kernels.baked_mlp(q, 0, q.num_points, table, cb, packed[:L], hbias[:L], w_out, b_out, out)
+        if dtype is None:
+            cpu_kernels.baked_mlp(q, 0, q.num_points, table, cb, packed[:L], hbias[:L], w_out, b_out, out)
+        else:
+            cpu_kernels.baked_mlp_amx(table, cb, packed[:L], hbias[:L], w_out, b_out, out)
         t[key] = time.perf_counter() - t0
     return t
 

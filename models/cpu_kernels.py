@@ -6,8 +6,11 @@ passes that PyTorch runs as several operators each: the PE, RMSNorm, the ReLU-ga
 derivatives, bias + ReLU and its backward with the bias sums, the corner stencil, the weighted corner gather
 and its scatter. The C file does each of them in one pass over the rows (OpenMP over rows or channels,
 SIMD along them; reductions in a fixed order, so results repeat bitwise for a given thread count). It is
-compiled with the system C compiler the first time it is needed and cached; the matrix products stay
-PyTorch's.
+compiled with the system C compiler the first time it is needed and cached; the training step's matrix products
+stay PyTorch's. Baked inference (``DRRNet.predict_grid``) has its own one-pass kernels with their own products:
+:func:`baked_mlp` (float32, register-blocked, the gather and the whole decoder per block of rows) and
+:func:`baked_mlp_amx` (bf16 products on AMX tiles where the CPU has them); without them predict_grid runs its
+per-pass loop.
 
 Nothing is required: without a C compiler with OpenMP, or when the build or the load fails, a warning says
 why once and the same functions run as PyTorch operators, ``models.fast_ops._TorchPrims`` (same values to

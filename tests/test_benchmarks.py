@@ -194,27 +194,33 @@ def test_bench_inference_breakdown(capsys, monkeypatch):
 
 
 def test_bench_inference_one_pass_decoder(capsys):
-    """Hidden width 64 (a multiple of every panel width): fast_grid runs the one-pass decoder; the breakdown
-    splits it into gather + output layer and hidden products and replays the per-pass path (fast_grid_torch)
-    bit for bit; both paths agree within float32 rounding."""
+    """Hidden width 64 (a multiple of every panel width): fast_grid runs the one-pass decoder (and fast_grid_bf16
+    the AMX one where the CPU has AMX-BF16); the breakdown splits each into rows + output layer and hidden
+    products and replays the per-pass paths (fast_grid_torch, fast_grid_bf16_torch) bit for bit; the paths agree
+    within float32 (bf16) rounding."""
     from models import cpu_kernels
 
     argv = [a if a != "hidden_dim=16" else "hidden_dim=64" for a in TINY]
-    bench_inference.main(argv + ["--members", "1", "--resolution", "9", "--repeats", "1", "--bake_repeats", "1",
-                                 "--paths", "fast_grid,fast_grid_torch", "--breakdown"])
+    bench_inference.main(argv + ["--members", "1", "--resolution", "6", "--repeats", "1", "--bake_repeats", "1",
+                                 "--paths", "fast_grid,fast_grid_torch,fast_grid_bf16,fast_grid_bf16_torch",
+                                 "--breakdown"])
     out = capsys.readouterr().out
     paths = {fields(ln)["path"]: fields(ln) for ln in path_lines(out)}
-    assert set(paths) == {"fast_grid", "fast_grid_torch"}
+    assert set(paths) == {"fast_grid", "fast_grid_torch", "fast_grid_bf16", "fast_grid_bf16_torch"}
     assert float(paths["fast_grid_torch"]["max_abs_err"]) < 1e-5
+    assert float(paths["fast_grid_bf16"]["rel_l2_err"]) < 1e-2
     lines = [fields(ln) for ln in out.splitlines() if ln.startswith("breakdown ")]
-    if cpu_kernels.library() is None:                  # no compiler: the per-pass path only
-        assert [f["path"] for f in lines] == ["fast_grid"]
+    if cpu_kernels.library() is None:                  # no compiler: the per-pass paths only
+        assert [f["path"] for f in lines] == ["fast_grid", "fast_grid_bf16"]
         return
-    assert [f["path"] for f in lines] == ["fast_grid", "fast_grid_torch"]
-    baked, per_pass = lines
-    assert baked["kernel"] == "baked_mlp"
-    assert float(baked["gather_out_s"]) > 0 and float(baked["total_s"]) > 0
-    assert float(per_pass["max_abs_diff_vs_path"]) == 0.0
+    amx = cpu_kernels.has_amx()                        # (resolution 6 = the SSR lattice: rows read in order)
+    assert [f["path"] for f in lines] == ["fast_grid"] + ["fast_grid_bf16"] * amx + [
+        "fast_grid_torch", "fast_grid_bf16_torch" if amx else "fast_grid_bf16"]
+    for f in lines[:1 + amx]:
+        assert f["kernel"] in ("baked_mlp", "baked_mlp_amx")
+        assert float(f["gather_out_s"]) > 0 and float(f["total_s"]) > 0
+    for f in lines[1 + amx:]:
+        assert float(f["max_abs_diff_vs_path"]) == 0.0
 
 
 def test_bench_mmap_same_batches(tmp_path, capsys):
