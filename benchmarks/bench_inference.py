@@ -196,12 +196,11 @@ def print_breakdown(args, model, shape, conds, chunk, flops, peaks, outs, wanted
     cpu_kernels.baked_mlp_amx) the kernel with no hidden layer (rows + bias + ReLU + output layer) against the
     whole kernel, the hidden products being the difference (``kernel=`` lines); then the per-pass path
     (DRR_BAKED_MLP=off, or whatever predict_grid runs when no kernel applies) pass by pass (``grid_breakdown``)."""
-    from models.drrnet import _baked_mlp_args
     from models.fast_ops import GridQuery
 
     cpu = model._baked_fused.device.type == "cpu"
     q = GridQuery(shape, model.ssr_shape, model._baked_fused.device)
-    one_pass = {"fast_grid": cpu and _baked_mlp_args(model.decoder.linears, model._baked_fused, q) is not None,
+    one_pass = {"fast_grid": cpu and model._mlp_args(model._baked_fused, q) is not None,
                 "fast_grid_bf16": cpu and model._amx_args(model._lowp(torch.bfloat16)[0], torch.bfloat16) is not None}
     for n, dt, kernel in (("fast_grid", None, "baked_mlp"), ("fast_grid_bf16", torch.bfloat16, "baked_mlp_amx")):
         if not (one_pass[n] and n in wanted and (dt is None or q.identity)):   # (bf16: rows read in order)
@@ -246,11 +245,9 @@ def baked_breakdown(model, q, c, dtype=None) -> dict:
     import time
 
     from models import cpu_kernels
-    from models.drrnet import _baked_mlp_args
 
     table = model._baked_fused if dtype is None else model._lowp(dtype)[0]
-    args = _baked_mlp_args(model.decoder.linears, table, q) if dtype is None else \
-        model._amx_args(table, dtype)
+    args = model._mlp_args(table, q) if dtype is None else model._amx_args(table, dtype)
     packed, hbias, w_out, b_out = args
     cb = model.cond_bias(c.reshape(1, -1).to(table.device, torch.float32))[0].contiguous()
     out = torch.empty(q.num_points)

@@ -292,7 +292,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         saved; dropped when a state dict is loaded)."""
         self._set_fast_options(fast_paths, sparse_refine, sparse_refine_ratio, fused_refiner)
         self.register_buffer("_baked_lines", None, persistent=False)  # (d_c, H, L_c*d_fc) with a cond refiner
-        self._lowp_cache: Dict[object, Optional[Tuple]] = {}   # per dtype; "amx": bf16 tile weights
+        self._lowp_cache: Dict[object, Optional[Tuple]] = {}   # per dtype; "mlp" / "amx": packed weights
         self._rows_cache: Dict[torch.dtype, Tuple[tuple, Tensor]] = {}   # predict_grid(keep_rows=True)
         self.register_load_state_dict_pre_hook(DRRNet._drop_cache_on_load)
 
@@ -519,7 +519,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         cb = cb.contiguous()
         last = len(lins) - 1
         direct = act_dtype == torch.float32 and w_t[last].shape[1] == 1            # last layer into res
-        mlp = _baked_mlp_args(lins, table, q) if direct and dev.type == "cpu" else None
+        mlp = self._mlp_args(table, q) if direct and dev.type == "cpu" else None
         if mlp is not None:       # gather + decoder per block of rows, compiled: memory O(block), so one call
             cpu_kernels.baked_mlp(q, 0, q.num_points, table, cb, *mlp, out=res)
             _output_activation_(res, self.out_activation)
@@ -547,15 +547,35 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 res[s:e] = output_activation(h[:, 0].float(), self.out_activation)
         return res.reshape(shape)
 
+    def _mlp_args(self, table: Tensor, q: GridQuery):
+        """(packed, hbias, w_out, b_out) of ``cpu_kernels.baked_mlp`` (the packing cached until unbake) where that
+        kernel applies to the float32 products on ``table`` (float32 or bfloat16, CPU) queried by ``q``: compiled
+        library, ``DRR_BAKED_MLP`` not off, square hidden layers of a width that is a multiple of
+        ``cpu_kernels.panel_width()``, one output channel, at most 256 corners; else None (the per-pass loop)."""
+        if _baked_mlp_off() or table.device.type != "cpu" or table.dtype not in (torch.float32, torch.bfloat16) \
+                or q.corners > 256 or any(w.dtype != torch.float32 for w in q.axis_w) \
+                or cpu_kernels.library() is None:
+            return None
+        if "mlp" not in self._lowp_cache:
+            lins, H = self.decoder.linears, table.shape[1]
+            hidden, last = lins[:-1], lins[-1]
+            nr = cpu_kernels.panel_width()
+            ok = H % nr == 0 and last.weight.shape == (1, H) and \
+                all(m.weight.shape == (H, H) and m.weight.dtype == torch.float32 for m in hidden)
+            self._lowp_cache["mlp"] = None if not ok else (
+                torch.stack([cpu_kernels.pack_panels(m.weight) for m in hidden]) if hidden else
+                torch.empty(0, H // nr, H, nr),
+                torch.stack([m.bias.detach().float() for m in hidden]).contiguous() if hidden else torch.empty(0, H),
+                last.weight.detach().float().reshape(H).contiguous(), float(last.bias.detach()))
+        return self._lowp_cache["mlp"]
+
     def _amx_args(self, table: Tensor, act_dtype: torch.dtype):
         """(packed, hbias, w_out, b_out) of ``cpu_kernels.baked_mlp_amx`` (cached until unbake) when bf16 products
         on AMX tiles apply: bf16 products (``dtype=torch.bfloat16``), a CPU and library with the AMX kernel,
         ``DRR_BAKED_MLP`` not off, square hidden layers of a width that is a multiple of 32 and one output
         channel; else None."""
-        import os
         if act_dtype != torch.bfloat16 or table.dtype != torch.bfloat16 or table.device.type != "cpu" or \
-                os.environ.get("DRR_BAKED_MLP", "auto").strip().lower() in ("0", "off", "never", "false", "no") \
-                or cpu_kernels.library() is None or not cpu_kernels.has_amx():
+                _baked_mlp_off() or cpu_kernels.library() is None or not cpu_kernels.has_amx():
             return None
         if "amx" not in self._lowp_cache:
             lins, H = self.decoder.linears, table.shape[1]
@@ -733,27 +753,10 @@ def _onednn_linear_relu_ok() -> bool:
     return _ONEDNN["ok"]
 
 
-def _baked_mlp_args(lins, table: Tensor, q: GridQuery):
-    """(packed, hbias, w_out, b_out) of ``cpu_kernels.baked_mlp`` for the decoder ``lins`` (hidden layers H x H,
-    one output channel) on a float32 / bfloat16 CPU table; None where that kernel does not apply (then the
-    decoder runs as PyTorch products): no compiled library, ``DRR_BAKED_MLP=off``, another shape, or a query
-    of more than 256 corners."""
+def _baked_mlp_off() -> bool:
+    """``DRR_BAKED_MLP=off`` (0, never, false, no): predict_grid's per-pass loop instead of the one-pass kernels."""
     import os
-    if os.environ.get("DRR_BAKED_MLP", "auto").strip().lower() in ("0", "off", "never", "false", "no"):
-        return None
-    if cpu_kernels.library() is None or table.dtype not in (torch.float32, torch.bfloat16) or q.corners > 256 \
-            or any(w.dtype != torch.float32 for w in q.axis_w):
-        return None
-    H = table.shape[1]
-    hidden, last = lins[:-1], lins[-1]
-    if H % cpu_kernels.panel_width() or last.weight.shape != (1, H) or \
-            any(m.weight.shape != (H, H) or m.weight.dtype != torch.float32 for m in hidden):
-        return None
-    packed = torch.stack([cpu_kernels.pack_panels(m.weight) for m in hidden]) if hidden else \
-        torch.empty(0, H // cpu_kernels.panel_width(), H, cpu_kernels.panel_width())
-    hbias = torch.stack([m.bias.detach().float() for m in hidden]) if hidden else torch.empty(0, H)
-    return packed, hbias.contiguous(), last.weight.detach().float().reshape(H).contiguous(), \
-        float(last.bias.detach())
+    return os.environ.get("DRR_BAKED_MLP", "auto").strip().lower() in ("0", "off", "never", "false", "no")
 
 
 def _output_activation_(a: Tensor, name: str) -> Tensor:
