@@ -25,6 +25,9 @@ synchronized):
                     CPU with AMX-BF16 the one-pass bf16 decoder ``cpu_kernels.baked_mlp_amx``: products on the AMX
                     tiles, bias / ReLU / output layer in float32); ``fast_grid_bf16_torch``: its per-pass path
                     (``DRR_BAKED_MLP=off``: PyTorch's bf16 products);
+  - ``fast_grid_members`` / ``fast_grid_members_bf16``: ``model.predict_grid_members`` (the K members in one
+                    call: each block of table rows read once for all of them; bitwise ``fast_grid`` /
+                    ``fast_grid_bf16``);
   - ``fast_grid_bftable``: ``predict_grid(table_dtype=torch.bfloat16)``: the folded table stored in bfloat16
                     (half the bytes of the gather), everything else float32; its floor is the fp32 one;
   - ``fast_grid_keep``: ``predict_grid(keep_rows=True)``: the folded table resampled onto the queried lattice
@@ -136,6 +139,9 @@ def main(argv=None):
         "fast_forward": lambda: run_predict_field(True),
         "fast_grid": lambda: [model.predict_grid(shape, c, chunk) for c in conds],
         "fast_grid_torch": lambda: per_pass(lambda: [model.predict_grid(shape, c, chunk) for c in conds]),
+        "fast_grid_members": lambda: list(model.predict_grid_members(shape, conds, chunk)),
+        "fast_grid_members_bf16": lambda: list(model.predict_grid_members(shape, conds, chunk,
+                                                                          dtype=torch.bfloat16)),
         "fast_grid_bf16": lambda: [model.predict_grid(shape, c, chunk, dtype=torch.bfloat16) for c in conds],
         "fast_grid_bf16_torch": lambda: per_pass(lambda: [model.predict_grid(shape, c, chunk, dtype=torch.bfloat16)
                                                           for c in conds]),

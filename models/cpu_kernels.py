@@ -84,10 +84,11 @@ _SIGNATURES = {
     "grid_gather_bias_relu_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "mlp_panel_width": [],
     "has_amx": [],
-    "baked_mlp_amx": [_I64, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _F32, _PTR],
-    "baked_mlp": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _F32, _PTR],
-    "baked_mlp_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR, _PTR, _PTR, _F32,
-                        _PTR],
+    "baked_mlp_amx": [_I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _F32, _PTR],
+    "baked_mlp": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _F32,
+                  _PTR],
+    "baked_mlp_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR,
+                        _F32, _PTR],
 }
 _RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int, "mlp_panel_width": ctypes.c_int64, "has_amx": ctypes.c_int64,
              "baked_mlp_amx": ctypes.c_int64,
@@ -411,6 +412,15 @@ def pack_panels(weight: Tensor) -> Tensor:
     return weight.detach().float().t().reshape(H_in, H_out // nr, nr).permute(1, 0, 2).contiguous()
 
 
+def _members(name: str, bias0: Tensor, out: Tensor, H: int, M: int) -> int:
+    """K of a one-pass inference call: bias0 (H,) with out (M,), or bias0 (K, H) with out (K, M)."""
+    K = bias0.shape[0] if bias0.dim() == 2 else 1
+    if bias0.shape[-1] != H or bias0.dim() not in (1, 2) or tuple(out.shape) != ((M,) if bias0.dim() == 1 else (K, M)):
+        raise ValueError(f"cpu_kernels.{name}: bias0 {tuple(bias0.shape)} and out {tuple(out.shape)} must be ({H},) "
+                         f"and ({M},), or (K, {H}) and (K, {M})")
+    return K
+
+
 def baked_mlp(q, start: int, stop: int, table: Tensor, bias0: Tensor, packed: Tensor, hbias: Tensor,
               w_out: Tensor, b_out: float, out: Tensor) -> Tensor:
     """Baked inference of query vertices ``start .. stop - 1`` in one pass per block of rows (no (rows, H)
@@ -418,10 +428,11 @@ def baked_mlp(q, start: int, stop: int, table: Tensor, bias0: Tensor, packed: Te
     of the L hidden layers h = relu(h W_l^T + b_l) (register-blocked products, fused multiply-adds in input
     order, then the bias, then the ReLU), then out = h . w_out + b_out.
 
-    q a models.fast_ops.GridQuery; table (P, H) float32 or bfloat16 (read as float32); bias0 (H,); packed
-    (L, H / NR, H, NR) from :func:`pack_panels` (L may be 0); hbias (L, H); w_out (H,); out (stop - start,)
-    float32. Values differ from PyTorch's products by their summation order only; they do not depend on the
-    chunking, the row's block or the thread count."""
+    q a models.fast_ops.GridQuery; table (P, H) float32 or bfloat16 (read as float32); bias0 (H,) with out
+    (stop - start,), or K members' biases (K, H) with out (K, stop - start) float32 (each block's rows gathered
+    once for all of them; bitwise K calls of one member); packed (L, H / NR, H, NR) from :func:`pack_panels` (L
+    may be 0); hbias (L, H); w_out (H,). Values differ from PyTorch's products by their summation order only; they
+    do not depend on the chunking, the row's block or the thread count."""
     bf16 = table.dtype == torch.bfloat16
     if table.device.type != "cpu" or not table.is_contiguous() or table.dtype not in (torch.float32, torch.bfloat16):
         raise ValueError("cpu_kernels.baked_mlp: table must be a contiguous float32 or bfloat16 CPU tensor")
@@ -430,15 +441,16 @@ def baked_mlp(q, start: int, stop: int, table: Tensor, bias0: Tensor, packed: Te
     L = packed.shape[0] if packed.dim() == 4 else -1
     nr = panel_width()
     if not (0 <= start <= stop <= q.num_points) or H % nr or tuple(packed.shape) != (L, H // nr, H, nr) \
-            or tuple(hbias.shape) != (L, H) or bias0.shape != (H,) or w_out.shape != (H,) or out.shape != (M,) \
-            or q.corners > 256 or table.shape[0] != math.prod(q.lattice_shape):
+            or tuple(hbias.shape) != (L, H) or w_out.shape != (H,) or q.corners > 256 \
+            or table.shape[0] != math.prod(q.lattice_shape):
         raise ValueError(f"cpu_kernels.baked_mlp: rows {start}..{stop} of {q.num_points}, table {tuple(table.shape)}"
-                         f", bias0 {tuple(bias0.shape)}, packed {tuple(packed.shape)} (expected (L, {H // nr}, {H},"
-                         f" {nr})), hbias {tuple(hbias.shape)}, w_out {tuple(w_out.shape)}, out {tuple(out.shape)}")
+                         f", packed {tuple(packed.shape)} (expected (L, {H // nr}, {H}, {nr})), hbias "
+                         f"{tuple(hbias.shape)}, w_out {tuple(w_out.shape)}")
+    K = _members("baked_mlp", bias0, out, H, M)
     fn = library().baked_mlp_bf16t if bf16 else library().baked_mlp
     keep, args = _query_args(q, "baked_mlp")
-    rc = fn(start, M, *args, H, table.data_ptr(), bias0.data_ptr(), L, packed.data_ptr(),
-            hbias.data_ptr(), w_out.data_ptr(), float(b_out), out.data_ptr())
+    rc = fn(start, M, *args, H, table.data_ptr(), K, bias0.data_ptr(), L, packed.data_ptr(), hbias.data_ptr(),
+            w_out.data_ptr(), float(b_out), out.data_ptr())
     del keep
     if rc != 0:
         raise MemoryError(f"cpu_kernels.baked_mlp: could not allocate the per-thread block buffers ({H} columns)")
@@ -468,21 +480,22 @@ def baked_mlp_amx(rows: Tensor, bias0: Tensor, packed: Tensor, hbias: Tensor, w_
     """The baked decoder with bf16 products on AMX tiles, for rows (M, H) bfloat16 read in order (the identity
     lattice's table rows, or rows resampled once): out = relu(... relu(relu(rows + bias0) W_1^T + b_1) ...) . w_out
     + b_out, each layer's input rounded to bf16, products accumulated in float32, bias / ReLU / output layer in
-    float32. packed (L, H / 32, H / 16, 16, 16, 2) from :func:`pack_amx`; hbias (L, H); w_out (H,); out (M,)
-    float32. Returns False (and writes nothing) where the library has no AMX kernel or the OS refuses the AMX
-    state; then use the PyTorch products."""
+    float32. bias0 (H,) with out (M,), or K members' biases (K, H) with out (K, M) float32 (bitwise K calls of one
+    member); packed (L, H / 32, H / 16, 16, 16, 2) from :func:`pack_amx`; hbias (L, H); w_out (H,). Returns False
+    (and writes nothing) where the library has no AMX kernel or the OS refuses the AMX state; then use the PyTorch
+    products."""
     if rows.device.type != "cpu" or rows.dtype != torch.bfloat16 or not rows.is_contiguous() or rows.dim() != 2:
         raise ValueError("cpu_kernels.baked_mlp_amx: rows must be a contiguous (M, H) bfloat16 CPU tensor")
     _check("baked_mlp_amx", bias0, hbias, w_out, out)
     M, H = rows.shape
     L = packed.shape[0] if packed.dim() == 6 else -1
     if H % 32 or tuple(packed.shape) != (L, H // 32, H // 16, 16, 16, 2) or packed.dtype != torch.bfloat16 \
-            or not packed.is_contiguous() or tuple(hbias.shape) != (L, H) or bias0.shape != (H,) \
-            or w_out.shape != (H,) or out.shape != (M,):
-        raise ValueError(f"cpu_kernels.baked_mlp_amx: rows {tuple(rows.shape)}, bias0 {tuple(bias0.shape)}, packed "
-                         f"{tuple(packed.shape)} {packed.dtype} (expected (L, {H // 32}, {H // 16}, 16, 16, 2) "
-                         f"bfloat16), hbias {tuple(hbias.shape)}, w_out {tuple(w_out.shape)}, out {tuple(out.shape)}")
-    rc = library().baked_mlp_amx(M, H, rows.data_ptr(), bias0.data_ptr(), L, packed.data_ptr(), hbias.data_ptr(),
+            or not packed.is_contiguous() or tuple(hbias.shape) != (L, H) or w_out.shape != (H,):
+        raise ValueError(f"cpu_kernels.baked_mlp_amx: rows {tuple(rows.shape)}, packed {tuple(packed.shape)} "
+                         f"{packed.dtype} (expected (L, {H // 32}, {H // 16}, 16, 16, 2) bfloat16), hbias "
+                         f"{tuple(hbias.shape)}, w_out {tuple(w_out.shape)}")
+    K = _members("baked_mlp_amx", bias0, out, H, M)
+    rc = library().baked_mlp_amx(M, H, rows.data_ptr(), K, bias0.data_ptr(), L, packed.data_ptr(), hbias.data_ptr(),
                                  w_out.data_ptr(), float(b_out), out.data_ptr())
     if rc > 0:
         raise MemoryError("cpu_kernels.baked_mlp_amx: could not allocate the per-thread block buffers")

@@ -472,8 +472,49 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 y = self(x, c) if fast else self._forward_plain(x, c)
                 res[s:e] = y[0, :, 0].float()
             return res.reshape(shape)
+        if vertices is not None and not keep_rows:
+            raise ValueError("predict_grid: vertices needs keep_rows=True")
+        res = self._baked_fields(shape, c, chunk_size, dtype, table_dtype, keep_rows, vertices,
+                                 None if vertices is not None else res.view(1, -1))
+        return res[0] if vertices is not None else res[0].reshape(shape)
+
+    @torch.no_grad()
+    def predict_grid_members(self, shape: Sequence[int], cs: Tensor, chunk_size: int = 1 << 13,
+                             dtype: Optional[torch.dtype] = None, table_dtype: Optional[torch.dtype] = None,
+                             keep_rows: bool = False) -> Tensor:
+        """Several members on one lattice: (K, *shape) float32, member k = ``predict_grid(shape, cs[k], ...)``.
+
+        On a baked model whose decoder the one-pass CPU kernels take (``predict_grid``'s fast path: float32, or
+        bf16 products on AMX), each block of the lattice's table rows is read (or interpolated) once for all K
+        members, so the pass over the rows, which bounds a single member's time on memory, is shared; bitwise the
+        same values as K ``predict_grid`` calls. Otherwise (other models, devices, dtypes) it is those K calls.
+
+        Args:
+            shape: array shape of the queried lattice.
+            cs: (K, d_c) conditions.
+            chunk_size, dtype, table_dtype, keep_rows: as in :meth:`predict_grid`.
+        """
+        shape = tuple(int(n) for n in shape)
+        if cs.dim() != 2 or cs.shape[1] != self.cond_dim:
+            raise ValueError(f"predict_grid_members: conditions {tuple(cs.shape)}, expected (K, {self.cond_dim})")
+        dev = self.fusion[0].weight.device
+        if not (self.use_pi and self.is_baked and self._baked_fused is not None) or len(shape) != self.spatial_dims:
+            return torch.stack([self.predict_grid(shape, c, chunk_size, dtype=dtype, table_dtype=table_dtype,
+                                                  keep_rows=keep_rows) for c in cs]) if len(cs) else \
+                torch.empty(0, *shape, device=dev)
+        res = torch.empty(cs.shape[0], math.prod(shape), device=dev, dtype=torch.float32)
+        return self._baked_fields(shape, cs.to(dev, torch.float32), chunk_size, dtype, table_dtype, keep_rows,
+                                  None, res).reshape(-1, *shape)
+
+    def _baked_fields(self, shape, cs: Tensor, chunk_size: int, dtype, table_dtype, keep_rows: bool,
+                      vertices: Optional[Tensor], res: Optional[Tensor]) -> Tensor:
+        """The baked fast path of predict_grid for K members (conditions cs (K, d_c)) into res (K, prod(shape)),
+        or (with ``vertices``) into a new (K, len(vertices)) tensor; returns it (output activation applied)."""
+        dev = self.fusion[0].weight.device
         lins = self.decoder.linears
-        cb = cb32 = self.cond_bias(c)[0]                                # (hidden,)
+        # (K, hidden), one member at a time: the same bits as a single member's (a product's rounding may
+        # depend on its row count)
+        cbs = cb32 = torch.cat([self.cond_bias(c[None]) for c in cs]) if len(cs) else self.cond_bias(cs)
         if table_dtype not in (None, torch.float32, torch.bfloat16) or (table_dtype is not None and
                                                                          dtype is not None):
             raise ValueError(f"predict_grid: table_dtype {table_dtype} (expected None or torch.bfloat16, and "
@@ -485,19 +526,18 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             wb = [t for m in lins for t in (m.weight, m.bias)]
         else:
             table, *wb = self._lowp(dtype)
-            cb = cb.to(dtype)
+            cbs = cbs.to(dtype)
         q = GridQuery(shape, self.ssr_shape, dev)
         if keep_rows and not q.identity:
-            table, q = self._resampled_rows(q, table, cb.dtype, chunk_size), GridQuery(shape, shape, dev)
+            table, q = self._resampled_rows(q, table, cbs.dtype, chunk_size), GridQuery(shape, shape, dev)
         if vertices is not None:
-            if not keep_rows:
-                raise ValueError("predict_grid: vertices needs keep_rows=True")
             vertices = vertices.to(dev, torch.int64).reshape(-1)
             table = table.index_select(0, vertices)
-            shape = P = vertices.numel()
+            P = vertices.numel()
             q = GridQuery((P,), (P,), dev)
-            res = torch.empty(P, device=dev, dtype=torch.float32)
-        amx = self._amx_args(table, cb.dtype) if dev.type == "cpu" else None
+            res = torch.empty(cs.shape[0], P, device=dev, dtype=torch.float32)
+        K, P = res.shape
+        amx = self._amx_args(table, cbs.dtype) if dev.type == "cpu" else None
         if amx is not None:       # bf16 products on AMX tiles, one compiled pass per block of rows
             cb32 = cb32.float().contiguous()
             zero = torch.zeros(table.shape[1], dtype=table.dtype)
@@ -505,47 +545,49 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 rows = table[s:e] if q.identity else \
                     q.gather_bias_relu(table, s, e, zero, torch.empty(e - s, table.shape[1], dtype=table.dtype),
                                        relu=False)                   # as keep_rows resamples them: same bits
-                if not cpu_kernels.baked_mlp_amx(rows, cb32, *amx, out=res[s:e]):
+                part = res if q.identity else torch.empty(K, e - s)
+                if not cpu_kernels.baked_mlp_amx(rows, cb32, *amx, out=part):
                     break                                             # AMX refused: the PyTorch products
+                if not q.identity:
+                    res[:, s:e] = part
             else:
-                _output_activation_(res, self.out_activation)
-                return res.reshape(shape)
+                return _output_activations_(res, self.out_activation)
             self._lowp_cache["amx"] = None
         n = min(int(chunk_size), P)
         H = table.shape[1]
-        act_dtype = cb.dtype                                                      # the products' dtype
-        bufs = [torch.empty(n, H, device=dev, dtype=act_dtype) for _ in range(2)]    # reused: no per-chunk
-        w_t = [wb[2 * i].t() for i in range(len(lins))]                               # allocation
-        cb = cb.contiguous()
+        act_dtype = cbs.dtype                                                     # the products' dtype
+        w_t = [wb[2 * i].t() for i in range(len(lins))]
         last = len(lins) - 1
         direct = act_dtype == torch.float32 and w_t[last].shape[1] == 1            # last layer into res
         mlp = self._mlp_args(table, q) if direct and dev.type == "cpu" else None
         if mlp is not None:       # gather + decoder per block of rows, compiled: memory O(block), so one call
-            cpu_kernels.baked_mlp(q, 0, q.num_points, table, cb, *mlp, out=res)
-            _output_activation_(res, self.out_activation)
-            return res.reshape(shape)
-        fused_relu = direct and dev.type == "cpu" and _onednn_linear_relu_ok()      # hidden: linear + ReLU
-        for s, e in q.chunks(chunk_size):
-            m = e - s
-            h = q.gather_bias_relu(table, s, e, cb, bufs[0][:m])                       # relu(rows + cb)
-            for i in range(len(lins)):
-                if i < last and fused_relu:
-                    h = _linear_relu_onednn(h, wb[2 * i], wb[2 * i + 1])
-                elif i < last and w_t[i].shape[1] == H:
-                    nxt = bufs[(i + 1) % 2][:m]
-                    torch.addmm(wb[2 * i + 1], h, w_t[i], out=nxt)
-                    h = nxt.relu_()
-                elif i == last and direct:
-                    h = torch.addmm(wb[2 * i + 1], h, w_t[i], out=res[s:e].view(m, 1))
+            cpu_kernels.baked_mlp(q, 0, q.num_points, table, cbs.contiguous(), *mlp, out=res)
+            return _output_activations_(res, self.out_activation)
+        bufs = [torch.empty(n, H, device=dev, dtype=act_dtype) for _ in range(2)]    # reused: no per-chunk
+        fused_relu = direct and dev.type == "cpu" and _onednn_linear_relu_ok()      # allocation; hidden:
+        for k in range(K):                                                          # linear + ReLU
+            cb, out_k = cbs[k].contiguous(), res[k]
+            for s, e in q.chunks(chunk_size):
+                m = e - s
+                h = q.gather_bias_relu(table, s, e, cb, bufs[0][:m])                   # relu(rows + cb)
+                for i in range(len(lins)):
+                    if i < last and fused_relu:
+                        h = _linear_relu_onednn(h, wb[2 * i], wb[2 * i + 1])
+                    elif i < last and w_t[i].shape[1] == H:
+                        nxt = bufs[(i + 1) % 2][:m]
+                        torch.addmm(wb[2 * i + 1], h, w_t[i], out=nxt)
+                        h = nxt.relu_()
+                    elif i == last and direct:
+                        h = torch.addmm(wb[2 * i + 1], h, w_t[i], out=out_k[s:e].view(m, 1))
+                    else:
+                        h = torch.addmm(wb[2 * i + 1], h, w_t[i])
+                        if i < last:
+                            h = h.relu_()
+                if direct:
+                    _output_activation_(out_k[s:e], self.out_activation)
                 else:
-                    h = torch.addmm(wb[2 * i + 1], h, w_t[i])
-                    if i < last:
-                        h = h.relu_()
-            if direct:
-                _output_activation_(res[s:e], self.out_activation)
-            else:
-                res[s:e] = output_activation(h[:, 0].float(), self.out_activation)
-        return res.reshape(shape)
+                    out_k[s:e] = output_activation(h[:, 0].float(), self.out_activation)
+        return res
 
     def _mlp_args(self, table: Tensor, q: GridQuery):
         """(packed, hbias, w_out, b_out) of ``cpu_kernels.baked_mlp`` (the packing cached until unbake) where that
@@ -757,6 +799,14 @@ def _baked_mlp_off() -> bool:
     """``DRR_BAKED_MLP=off`` (0, never, false, no): predict_grid's per-pass loop instead of the one-pass kernels."""
     import os
     return os.environ.get("DRR_BAKED_MLP", "auto").strip().lower() in ("0", "off", "never", "false", "no")
+
+
+def _output_activations_(res: Tensor, name: str) -> Tensor:
+    """``_output_activation_`` on each member's row of res (K, P) on its own: the same bits as one member's call
+    (a vectorized activation's lanes and tail depend on where an element sits in the tensor)."""
+    for row in res:
+        _output_activation_(row, name)
+    return res
 
 
 def _output_activation_(a: Tensor, name: str) -> Tensor:

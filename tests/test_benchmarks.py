@@ -202,12 +202,14 @@ def test_bench_inference_one_pass_decoder(capsys):
 
     argv = [a if a != "hidden_dim=16" else "hidden_dim=64" for a in TINY]
     bench_inference.main(argv + ["--members", "1", "--resolution", "6", "--repeats", "1", "--bake_repeats", "1",
-                                 "--paths", "fast_grid,fast_grid_torch,fast_grid_bf16,fast_grid_bf16_torch",
-                                 "--breakdown"])
+                                 "--paths", "fast_grid,fast_grid_torch,fast_grid_bf16,fast_grid_bf16_torch,"
+                                            "fast_grid_members", "--breakdown"])
     out = capsys.readouterr().out
     paths = {fields(ln)["path"]: fields(ln) for ln in path_lines(out)}
-    assert set(paths) == {"fast_grid", "fast_grid_torch", "fast_grid_bf16", "fast_grid_bf16_torch"}
+    assert set(paths) == {"fast_grid", "fast_grid_torch", "fast_grid_bf16", "fast_grid_bf16_torch",
+                          "fast_grid_members"}
     assert float(paths["fast_grid_torch"]["max_abs_err"]) < 1e-5
+    assert float(paths["fast_grid_members"]["max_abs_err"]) == 0.0     # bitwise one member at a time
     assert float(paths["fast_grid_bf16"]["rel_l2_err"]) < 1e-2
     lines = [fields(ln) for ln in out.splitlines() if ln.startswith("breakdown ")]
     if cpu_kernels.library() is None:                  # no compiler: the per-pass paths only

@@ -335,6 +335,12 @@ def test_baked_mlp_equals_composition(lib, threads, q, lat, L):
     parts = torch.cat([ck.baked_mlp(gq, s, min(s + 13, P), table, bias0, packed, hb, w_out, 0.25,
                                     torch.empty(min(s + 13, P) - s)) for s in range(0, P, 13)])
     assert torch.equal(full, parts)                       # a row's value does not depend on its block
+    # K members (their biases (K, H), results (K, M)): each block's rows gathered once, bitwise K single calls
+    biases0 = torch.stack([bias0, -bias0, bias0 * 0.5])
+    many = ck.baked_mlp(gq, 1, P, table, biases0, packed, hb, w_out, 0.25, torch.empty(3, P - 1))
+    for k in range(3):
+        assert torch.equal(many[k], ck.baked_mlp(gq, 1, P, table, biases0[k].contiguous(), packed, hb, w_out, 0.25,
+                                                 torch.empty(P - 1)))
     # a bfloat16 table: bitwise the float32 kernel on the table widened
     tb = table.to(torch.bfloat16)
     assert torch.equal(ck.baked_mlp(gq, 0, P, tb, bias0, packed, hb, w_out, 0.25, torch.empty(P)),
@@ -374,6 +380,8 @@ def test_baked_mlp_rejects_bad_input(lib):
         ck.baked_mlp(gq, 0, 20, table, bias0, packed[:, :, :-1].contiguous(), hb, w_out, 0.0, torch.empty(20))
     with pytest.raises(ValueError, match="out"):
         ck.baked_mlp(gq, 0, 20, table, bias0, packed, hb, w_out, 0.0, torch.empty(19))
+    with pytest.raises(ValueError, match="out"):                    # two members, results for one
+        ck.baked_mlp(gq, 0, 20, table, torch.stack([bias0, bias0]), packed, hb, w_out, 0.0, torch.empty(20))
     with pytest.raises(ValueError, match="rows"):
         ck.baked_mlp(gq, 5, 21, table, bias0, packed, hb, w_out, 0.0, torch.empty(16))
     with pytest.raises(ValueError, match="table"):
@@ -417,6 +425,13 @@ def test_baked_mlp_amx_equals_bf16_arithmetic(amx, threads, M, H, L):
     assert float((out.double() - want).norm() / want.norm()) < 2e-4 * max(L, 1)
     if L == 0:                                              # no products: only the float32 output sums' order
         torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5)
+    biases0 = torch.stack([bias0, bias0.flip(0)])               # two members: bitwise two calls
+    many = torch.empty(2, M)
+    assert ck.baked_mlp_amx(rows, biases0, packed, hb, w_out, -0.25, many)
+    assert torch.equal(many[0], out)
+    single = torch.empty(M)
+    ck.baked_mlp_amx(rows, biases0[1].contiguous(), packed, hb, w_out, -0.25, single)
+    assert torch.equal(many[1], single)
     parts = torch.cat([torch.empty(min(s + 7, M) - s) for s in range(0, M, 7)])
     for s in range(0, M, 7):
         e = min(s + 7, M)

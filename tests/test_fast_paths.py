@@ -386,6 +386,30 @@ def test_predict_grid_bf16_products_on_amx(spatial_dims, kernels, monkeypatch):
     assert (len(calls) > 0) == amx
 
 
+@pytest.mark.parametrize("spatial_dims", [2, 3])
+@pytest.mark.parametrize("hidden", [12, 64])
+def test_predict_grid_members_equals_single_calls(spatial_dims, hidden, kernels):
+    """predict_grid_members: K members on one lattice (each block's rows read once for all of them where the
+    one-pass kernels apply): bitwise K predict_grid calls, float32 / bf16 products / bf16 table, with and without
+    keep_rows, on the model lattice and finer / coarser ones; unbaked: the same calls."""
+    m = small(spatial_dims, hidden_dim=hidden)
+    m.bake()
+    cs = torch.rand(3, m.cond_dim)
+    with torch.no_grad():
+        for shape in [m.ssr_shape, tuple(2 * n - 1 for n in m.ssr_shape), (11, 4, 9)[-spatial_dims:]]:
+            for kw in [{}, {"dtype": torch.bfloat16}, {"table_dtype": torch.bfloat16}, {"keep_rows": True},
+                       {"keep_rows": True, "dtype": torch.bfloat16}]:
+                got = m.predict_grid_members(shape, cs, chunk_size=37, **kw)
+                want = torch.stack([m.predict_grid(shape, c, chunk_size=37, **kw) for c in cs])
+                assert got.shape == (3, *shape) and torch.equal(got, want), (shape, kw)
+        with pytest.raises(ValueError, match="conditions"):
+            m.predict_grid_members(m.ssr_shape, cs[0])
+        m.unbake()
+        m.eval()
+        got = m.predict_grid_members(m.ssr_shape, cs[:2], chunk_size=50)
+        assert torch.equal(got, torch.stack([m.predict_grid(m.ssr_shape, c, chunk_size=50) for c in cs[:2]]))
+
+
 def test_predict_grid_unbaked_falls_back():
     m = small(3)
     m.eval()

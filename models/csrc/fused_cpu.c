@@ -600,8 +600,9 @@ GRID_GATHER_BIAS_RELU(grid_gather_bias_relu, gather_row_f32, float)
 GRID_GATHER_BIAS_RELU(grid_gather_bias_relu_bf16t, gather_row_bf16t, uint16_t)
 
 /* ------------------------------------------------------------------------------------------------------
- * Baked inference in one pass per block of query vertices (DRRNet.predict_grid, CPU float32):
- *   h_0 = relu(gather(table) + bias0)            (GATHER_ROW: the rows, interpolated, + the condition bias)
+ * Baked inference in one pass per block of query vertices (DRRNet.predict_grid, CPU float32), for K members
+ * (condition biases bias0[k], results out[k * M + m]) whose rows are gathered once per block:
+ *   h_0 = relu(gather(table) + bias0[k])         (GATHER_ROW: the rows, interpolated, + the condition bias)
  *   h_l = relu(h_{l-1} W_l^T + b_l), l = 1..L    (L hidden layers, H x H)
  *   out = h_L . w_out + b_out                    (the output layer, one channel)
  * A block of MLP_MB vertices stays in the thread's caches from the gather to the output (no pass of a
@@ -609,7 +610,7 @@ GRID_GATHER_BIAS_RELU(grid_gather_bias_relu_bf16t, gather_row_bf16t, uint16_t)
  * MLP_MR rows x MLP_NR columns of accumulators, the weights packed in panels of MLP_NR columns
  * (packed[l][p][k][j] = W_l[p * MLP_NR + j][k], DRRNet side: cpu_kernels.pack_panels). Each output value is
  * sum_k (in k order, fused multiply-adds) then + bias, then the ReLU: the same operations for every row,
- * whatever its block, thread or the chunking (values repeat bitwise; they differ from oneDNN's / MKL's
+ * whatever its block, thread, the chunking or the number of members (values repeat bitwise; they differ from oneDNN's / MKL's
  * products by the summation order only). H must be a multiple of MLP_NR (mlp_panel_width()).
  * ------------------------------------------------------------------------------------------------------ */
 #if defined(__AVX512F__)
@@ -696,10 +697,11 @@ static inline void mlp_tile(const float *a, int64_t lda, const float *panel, int
     FOR_ROWS(TILE_STORE)
 }
 
-/* GATHER_ROW's relu(sum_q w_q table[r_q] + bias) (the same operations in the same order, so the same values),
-   in vectors of MLP_VW along the row, the corner sum kept in registers; one corner of weight 1 (a query
-   vertex on a lattice vertex) reads relu(row + bias) directly (0 + 1 * x = x; only a -0 could differ, which
-   the ReLU makes 0 either way). */
+/* GATHER_ROW's relu(sum_q w_q table[r_q] + bias) (the same operations in the same order, so the same values), or
+   with bias NULL the sum alone (the bias and the ReLU then follow per member in mlp_bias_relu: the same values
+   again), in vectors of MLP_VW along the row, the corner sum in registers; one corner of weight 1 (a query vertex
+   on a lattice vertex) reads the row directly (0 + 1 * x = x but for a -0, which the ReLU after the bias makes 0
+   either way). */
 #define MLP_GATHER_ROW(NAME, TTYPE, VLOADT)                                                                      \
 static inline void NAME(const int64_t *j, int64_t d, const int64_t *ka, const int64_t *const *axis_idx,         \
                         const float *const *axis_w, int64_t H, const TTYPE *table, const float *bias,           \
@@ -707,33 +709,38 @@ static inline void NAME(const int64_t *j, int64_t d, const int64_t *ka, const in
     int64_t cr[256];                                                                                           \
     float cw[256];                                                                                             \
     const int64_t n = vertex_corners(j, d, ka, axis_idx, axis_w, cr, cw);                                      \
-    if (n == 1 && cw[0] == 1.0f) {                                                                             \
-        const TTYPE *t = table + cr[0] * H;                                                                    \
-        for (int64_t c = 0; c < H; c += MLP_VW)                                                                \
-            V_STORE(o + c, V_RELU(V_ADD(VLOADT(t + c), V_LOAD(bias + c))));                                    \
-        return;                                                                                                \
-    }                                                                                                          \
     for (int64_t c = 0; c < H; c += MLP_VW) {                                                                  \
-        vf_t acc = V_ZERO();                                                                                   \
-        for (int64_t q = 0; q < n; q++) acc = V_ADD(acc, V_MUL(V_SET1(cw[q]), VLOADT(table + cr[q] * H + c))); \
-        V_STORE(o + c, V_RELU(V_ADD(acc, V_LOAD(bias + c))));                                                  \
+        vf_t acc;                                                                                              \
+        if (n == 1 && cw[0] == 1.0f) acc = VLOADT(table + cr[0] * H + c);                                      \
+        else {                                                                                                 \
+            acc = V_ZERO();                                                                                    \
+            for (int64_t q = 0; q < n; q++) acc = V_ADD(acc, V_MUL(V_SET1(cw[q]), VLOADT(table + cr[q] * H + c))); \
+        }                                                                                                      \
+        V_STORE(o + c, bias ? V_RELU(V_ADD(acc, V_LOAD(bias + c))) : acc);                                     \
     }                                                                                                          \
 }
 MLP_GATHER_ROW(mlp_gather_row_f32, float, V_LOAD)
 MLP_GATHER_ROW(mlp_gather_row_bf16t, uint16_t, V_LOAD_BF16)
 
+/* h[r, :] = relu(x[r, :] + bias) for rows r < n (H a multiple of MLP_VW). */
+static inline void mlp_bias_relu(int64_t n, int64_t H, const float *x, const float *bias, float *h) {
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t c = 0; c < H; c += MLP_VW)
+            V_STORE(h + r * H + c, V_RELU(V_ADD(V_LOAD(x + r * H + c), V_LOAD(bias + c))));
+}
+
 #define BAKED_MLP(NAME, ROW, TTYPE)                                                                              \
 int64_t NAME(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const int64_t *ka,                 \
              const int64_t *const *axis_idx, const float *const *axis_w, int64_t H, const TTYPE *table,       \
-             const float *bias0, int64_t L, const float *packed, const float *hbias, const float *w_out,      \
-             float b_out, float *out) {                                                                       \
+             int64_t K, const float *bias0, int64_t L, const float *packed, const float *hbias,                \
+             const float *w_out, float b_out, float *out) {                                                   \
     const int64_t nblk = (M + MLP_MB - 1) / MLP_MB, panels = H / MLP_NR;                                       \
-    const int64_t per_thread = 2 * MLP_MB * H;              /* floats: two (MLP_MB, H) activation blocks */   \
+    const int64_t per_thread = 3 * MLP_MB * H;     /* floats: the block's rows + two activation blocks */     \
     float *bufs = (float *)aligned_alloc(64, (size_t)(num_threads() * per_thread) * sizeof(float));           \
     if (bufs == NULL) return 1;                                                                                \
     _Pragma("omp parallel")                                                                                    \
     {                                                                                                          \
-        float *buf = bufs + thread_num() * per_thread;                                                         \
+        float *raw = bufs + thread_num() * per_thread, *buf = raw + MLP_MB * H;                                \
         int64_t b0, b1, j[64], jp[64];                        /* this thread's blocks; vertex / prefetch index */ \
         thread_range(nblk, &b0, &b1);                                                                          \
         unravel(start + b0 * MLP_MB, d, qstrides, j);                                                          \
@@ -742,36 +749,42 @@ int64_t NAME(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const
         for (int64_t blk = b0; blk < b1; blk++) {                                                              \
             const int64_t r0 = blk * MLP_MB, rows = M - r0 < MLP_MB ? M - r0 : MLP_MB;                         \
             const int64_t padded = (rows + MLP_MR - 1) / MLP_MR * MLP_MR;                                      \
-            float *hin = buf, *hout = buf + MLP_MB * H;                                                        \
+            /* the rows, once per block: one member takes relu(rows + bias) at once, several the rows */       \
+            float *dst = K == 1 ? buf : raw;                                                                   \
             for (int64_t m = 0; m < rows; m++, next_vertex(d, qstrides, j))                                    \
-                ROW(j, d, ka, axis_idx, axis_w, H, table, bias0, hin + m * H);                                 \
-            for (int64_t x = rows * H; x < padded * H; x++) hin[x] = 0.0f;   /* rows past the end */          \
+                ROW(j, d, ka, axis_idx, axis_w, H, table, K == 1 ? bias0 : NULL, dst + m * H);                 \
+            for (int64_t x = rows * H; x < padded * H; x++) dst[x] = 0.0f;   /* rows past the end */           \
             /* the next block's table rows are fetched while this block's products run (spread over the   */ \
             /* first layer's tiles): its gather then reads the caches, not memory                          */ \
             const int64_t pf_end = b1 * MLP_MB < r0 + 2 * MLP_MB ? (M < b1 * MLP_MB ? M : b1 * MLP_MB)         \
                                                                   : r0 + 2 * MLP_MB;                           \
             for (; pf < r0 + MLP_MB; pf++) next_vertex(d, qstrides, jp);  /* (the first block: unfetched) */   \
             const int64_t pf_step = (MLP_MB + panels * (padded / MLP_MR) - 1) / (panels * (padded / MLP_MR)); \
-            for (int64_t l = 0; l < L; l++) {                                                                  \
-                const float *wl = packed + l * H * H, *bl = hbias + l * H;                                     \
-                for (int64_t p = 0; p < panels; p++)                                                           \
-                    for (int64_t t = 0; t < padded; t += MLP_MR) {                                             \
-                        mlp_tile(hin + t * H, H, wl + p * H * MLP_NR, H, bl + p * MLP_NR,                      \
-                                 hout + t * H + p * MLP_NR, H);                                                \
-                        for (int64_t i = 0; i < pf_step && pf < pf_end; i++, pf++, next_vertex(d, qstrides, jp)) \
-                            prefetch_vertex(jp, d, ka, axis_idx, axis_w, (const char *)table,                  \
-                                            H * (int64_t)sizeof(TTYPE));                                       \
-                    }                                                                                          \
-                float *sw = hin; hin = hout; hout = sw;                                                        \
-            }                                                                                                  \
-            for (int64_t m = 0; m < rows; m++) {                                                               \
-                const float *h = hin + m * H;                                                                  \
-                vf_t acc = V_ZERO();                                                                           \
-                for (int64_t k = 0; k < H; k += MLP_VW) acc = V_FMA(V_LOAD(h + k), V_LOAD(w_out + k), acc);    \
-                float lane[MLP_VW], s = 0.0f;                                                                  \
-                V_STORE(lane, acc);                                                                            \
-                for (int i = 0; i < MLP_VW; i++) s += lane[i];                                                 \
-                out[r0 + m] = s + b_out;                                                                       \
+            for (int64_t k = 0; k < K; k++) {                 /* each member: its bias, the decoder */         \
+                float *hin = buf, *hout = buf + MLP_MB * H;                                                    \
+                if (K > 1) mlp_bias_relu(padded, H, raw, bias0 + k * H, hin);                                  \
+                for (int64_t l = 0; l < L; l++) {                                                              \
+                    const float *wl = packed + l * H * H, *bl = hbias + l * H;                                 \
+                    for (int64_t p = 0; p < panels; p++)                                                       \
+                        for (int64_t t = 0; t < padded; t += MLP_MR) {                                         \
+                            mlp_tile(hin + t * H, H, wl + p * H * MLP_NR, H, bl + p * MLP_NR,                  \
+                                     hout + t * H + p * MLP_NR, H);                                            \
+                            for (int64_t i = 0; i < pf_step && pf < pf_end; i++, pf++,                         \
+                                 next_vertex(d, qstrides, jp))                                                 \
+                                prefetch_vertex(jp, d, ka, axis_idx, axis_w, (const char *)table,              \
+                                                H * (int64_t)sizeof(TTYPE));                                   \
+                        }                                                                                      \
+                    float *sw = hin; hin = hout; hout = sw;                                                    \
+                }                                                                                              \
+                for (int64_t m = 0; m < rows; m++) {                                                           \
+                    const float *h = hin + m * H;                                                              \
+                    vf_t acc = V_ZERO();                                                                       \
+                    for (int64_t c = 0; c < H; c += MLP_VW) acc = V_FMA(V_LOAD(h + c), V_LOAD(w_out + c), acc); \
+                    float lane[MLP_VW], s = 0.0f;                                                              \
+                    V_STORE(lane, acc);                                                                        \
+                    for (int i = 0; i < MLP_VW; i++) s += lane[i];                                             \
+                    out[k * M + r0 + m] = s + b_out;                                                           \
+                }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
@@ -785,8 +798,8 @@ BAKED_MLP(baked_mlp_bf16t, mlp_gather_row_bf16t, uint16_t)
 /* ------------------------------------------------------------------------------------------------------
  * Baked inference with bf16 products on AMX tiles (DRRNet.predict_grid(dtype=torch.bfloat16) on a CPU with
  * AMX-BF16): rows (M, H) bf16 (the table's rows of the query vertices, read in order: the identity lattice or
- * rows resampled once), then per block of AMX_MB rows in the thread's caches:
- *   h_0 = relu(rows + bias0), rounded to bf16   (bias0 float32)
+ * rows resampled once), then per block of AMX_MB rows in the thread's caches and per member k of K:
+ *   h_0 = relu(rows + bias0[k]), rounded to bf16   (bias0 (K, H) float32; out[k * M + m])
  *   h_l = relu(h_{l-1} W_l^T + b_l): bf16 x bf16 products accumulated in float32 on the tiles, the bias and the
  *         ReLU in float32, rounded to bf16 as the next layer's operand (the last hidden layer stays float32)
  *   out = h_L . w_out + b_out                   (float32)
@@ -823,7 +836,7 @@ static inline void store16_bf16(uint16_t *dst, __m512 v) {
     _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, const float *bias0, int64_t L,
+int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, const float *bias0, int64_t L,
                       const uint16_t *packed, const float *hbias, const float *w_out, float b_out, float *out) {
     if (!amx_granted()) return -1;
     const int64_t nblk = (M + AMX_MB - 1) / AMX_MB, kbs = H / 32, nbs = H / 16;
@@ -840,15 +853,16 @@ int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, const float *b
         _tile_loadconfig(&cfg);
         int64_t b0, b1;
         thread_range(nblk, &b0, &b1);
-        for (int64_t blk = b0; blk < b1; blk++) {
+        for (int64_t blk = b0; blk < b1; blk++) for (int64_t k = 0; k < K; k++) {   /* each member */
             const int64_t r0 = blk * AMX_MB, n = M - r0 < AMX_MB ? M - r0 : AMX_MB;
+            const float *bk = bias0 + k * H;
             for (int64_t r = 0; r < AMX_MB; r++)                          /* h_0, rows past the end 0 */
                 for (int64_t c = 0; c < H; c += 16) {
                     __m512 v = _mm512_setzero_ps();
                     if (r < n) {
                         const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
                             _mm256_loadu_si256((const __m256i *)(rows + (r0 + r) * H + c))), 16));
-                        v = _mm512_max_ps(_mm512_add_ps(x, _mm512_loadu_ps(bias0 + c)), _mm512_setzero_ps());
+                        v = _mm512_max_ps(_mm512_add_ps(x, _mm512_loadu_ps(bk + c)), _mm512_setzero_ps());
                     }
                     if (L == 0) _mm512_storeu_ps(cbuf + r * H + c, v);
                     else store16_bf16(abuf + r * H + c, v);
@@ -857,7 +871,7 @@ int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, const float *b
                 const uint16_t *wl = packed + l * H * H;
                 const float *bl = hbias + l * H;
                 for (int64_t nb = 0; nb < nbs; nb += 2) {                   /* 32 output columns at a time */
-                    if (l == 0 && blk + 1 < b1) {          /* the next block's rows come in meanwhile */
+                    if (l == 0 && k == 0 && blk + 1 < b1) {  /* the next block's rows come in meanwhile */
                         const char *next = (const char *)(rows + (r0 + AMX_MB) * H);
                         const int64_t bytes = (M - r0 - AMX_MB < AMX_MB ? M - r0 - AMX_MB : AMX_MB) * H * 2;
                         const int64_t part = (bytes + nbs / 2 - 1) / (nbs / 2);
@@ -892,7 +906,7 @@ int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, const float *b
                 __m512 acc = _mm512_setzero_ps();
                 for (int64_t c = 0; c < H; c += 16)
                     acc = _mm512_fmadd_ps(_mm512_loadu_ps(cbuf + r * H + c), _mm512_loadu_ps(w_out + c), acc);
-                out[r0 + r] = _mm512_reduce_add_ps(acc) + b_out;
+                out[k * M + r0 + r] = _mm512_reduce_add_ps(acc) + b_out;
             }
         }
         _tile_release();
@@ -902,9 +916,9 @@ int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, const float *b
 }
 int64_t has_amx(void) { return 1; }
 #else
-int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, const float *bias0, int64_t L,
+int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, const float *bias0, int64_t L,
                       const uint16_t *packed, const float *hbias, const float *w_out, float b_out, float *out) {
-    (void)M; (void)H; (void)rows; (void)bias0; (void)L; (void)packed; (void)hbias; (void)w_out; (void)b_out;
+    (void)M; (void)H; (void)rows; (void)K; (void)bias0; (void)L; (void)packed; (void)hbias; (void)w_out; (void)b_out;
     (void)out;
     return -1;
 }
