@@ -598,18 +598,9 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 or q.corners > 256 or any(w.dtype != torch.float32 for w in q.axis_w) \
                 or cpu_kernels.library() is None:
             return None
-        if "mlp" not in self._lowp_cache:
-            lins, H = self.decoder.linears, table.shape[1]
-            hidden, last = lins[:-1], lins[-1]
-            nr = cpu_kernels.panel_width()
-            ok = H % nr == 0 and last.weight.shape == (1, H) and \
-                all(m.weight.shape == (H, H) and m.weight.dtype == torch.float32 for m in hidden)
-            self._lowp_cache["mlp"] = None if not ok else (
-                torch.stack([cpu_kernels.pack_panels(m.weight) for m in hidden]) if hidden else
-                torch.empty(0, H // nr, H, nr),
-                torch.stack([m.bias.detach().float() for m in hidden]).contiguous() if hidden else torch.empty(0, H),
-                last.weight.detach().float().reshape(H).contiguous(), float(last.bias.detach()))
-        return self._lowp_cache["mlp"]
+        nr = cpu_kernels.panel_width()
+        return self._packed_decoder("mlp", table.shape[1], nr, cpu_kernels.pack_panels,
+                                    (table.shape[1] // nr, table.shape[1], nr), torch.float32)
 
     def _amx_args(self, table: Tensor, act_dtype: torch.dtype):
         """(packed, hbias, w_out, b_out) of ``cpu_kernels.baked_mlp_amx`` (cached until unbake) when bf16 products
@@ -619,16 +610,25 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         if act_dtype != torch.bfloat16 or table.dtype != torch.bfloat16 or table.device.type != "cpu" or \
                 _baked_mlp_off() or cpu_kernels.library() is None or not cpu_kernels.has_amx():
             return None
-        if "amx" not in self._lowp_cache:
-            lins, H = self.decoder.linears, table.shape[1]
+        H = table.shape[1]
+        return self._packed_decoder("amx", H, 32, cpu_kernels.pack_amx, (H // 32, H // 16, 16, 16, 2),
+                                    torch.bfloat16)
+
+    def _packed_decoder(self, key: str, H: int, multiple: int, pack, packed_shape: tuple, packed_dtype):
+        """(packed hidden weights (L, *packed_shape), hidden biases (L, H), output weight (H,), output bias) of a
+        one-pass kernel, cached in ``_lowp_cache[key]`` until unbake; None (cached too) unless the hidden layers
+        are float32 H x H with H a multiple of ``multiple`` and the output has one channel."""
+        if key not in self._lowp_cache:
+            lins = self.decoder.linears
             hidden, last = lins[:-1], lins[-1]
-            ok = H % 32 == 0 and last.weight.shape == (1, H) and all(m.weight.shape == (H, H) for m in hidden)
-            self._lowp_cache["amx"] = None if not ok else (
-                torch.stack([cpu_kernels.pack_amx(m.weight) for m in hidden]) if hidden else
-                torch.empty(0, H // 32, H // 16, 16, 16, 2, dtype=torch.bfloat16),
+            ok = H % multiple == 0 and last.weight.shape == (1, H) and \
+                all(m.weight.shape == (H, H) and m.weight.dtype == torch.float32 for m in hidden)
+            self._lowp_cache[key] = None if not ok else (
+                torch.stack([pack(m.weight) for m in hidden]) if hidden else
+                torch.empty(0, *packed_shape, dtype=packed_dtype),
                 torch.stack([m.bias.detach().float() for m in hidden]).contiguous() if hidden else torch.empty(0, H),
                 last.weight.detach().float().reshape(H).contiguous(), float(last.bias.detach()))
-        return self._lowp_cache["amx"]
+        return self._lowp_cache[key]
 
     def _resampled_rows(self, q: GridQuery, table: Tensor, dtype: torch.dtype, chunk_size: int) -> Tensor:
         """The folded ``table`` interpolated at every vertex of ``q``'s query lattice, in the products' ``dtype``
