@@ -386,6 +386,29 @@ def test_predict_grid_bf16_products_on_amx(spatial_dims, kernels, monkeypatch):
     assert (len(calls) > 0) == amx
 
 
+def test_predict_grid_amx_refused_falls_back(monkeypatch):
+    """Where the OS refuses the AMX state (baked_mlp_amx returns False), bf16 products run through PyTorch: the
+    per-pass path's values, and the kernel is not asked again until unbake."""
+    from models import cpu_kernels
+
+    m = small(3, hidden_dim=64)
+    m.bake()
+    c = torch.rand(m.cond_dim)
+    calls = []
+    monkeypatch.setattr(cpu_kernels, "has_amx", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "baked_mlp_amx", lambda *a, **k: calls.append(1) or False)
+    with torch.no_grad():
+        got = m.predict_grid(m.ssr_shape, c, dtype=torch.bfloat16)
+        again = m.predict_grid(m.ssr_shape, c, dtype=torch.bfloat16)
+        monkeypatch.setenv("DRR_BAKED_MLP", "off")
+        want = m.predict_grid(m.ssr_shape, c, dtype=torch.bfloat16)
+    if cpu_kernels.library() is None:
+        assert calls == []
+    else:
+        assert len(calls) == 1                                   # refused once, then not asked again
+    assert torch.equal(got, want) and torch.equal(again, want)
+
+
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("hidden", [12, 64])
 def test_predict_grid_members_equals_single_calls(spatial_dims, hidden, kernels):
