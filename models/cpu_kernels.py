@@ -90,9 +90,9 @@ _SIGNATURES = {
     "baked_mlp_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR,
                         _F32, _PTR],
 }
-_RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int, "mlp_panel_width": ctypes.c_int64, "has_amx": ctypes.c_int64,
-             "baked_mlp_amx": ctypes.c_int64,
-             "baked_mlp": ctypes.c_int64, "baked_mlp_bf16t": ctypes.c_int64}
+_RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int, "mlp_panel_width": ctypes.c_int64,
+             "has_amx": ctypes.c_int64, "baked_mlp": ctypes.c_int64, "baked_mlp_bf16t": ctypes.c_int64,
+             "baked_mlp_amx": ctypes.c_int64}
 
 
 def enabled_by_env() -> bool:
@@ -389,6 +389,8 @@ def _query_args(q, name: str) -> tuple:
         if t.dtype != torch.int64 or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError(f"cpu_kernels.{name}: per-axis rows must be contiguous int64 on the CPU")
     d = len(q.query_shape)
+    if d > 64:
+        raise ValueError(f"cpu_kernels.{name}: {d} lattice axes (at most 64)")
     ka = torch.tensor([t.shape[1] for t in q.axis_idx], dtype=torch.int64)
     qs = torch.tensor(q.q_strides, dtype=torch.int64)
     pi = (ctypes.c_void_p * d)(*[t.data_ptr() for t in q.axis_idx])

@@ -505,7 +505,8 @@ void bias_relu_lp(int64_t nb, int64_t n_per, int64_t H, const float *x, const ui
  * same bits), without materializing the stencil. table (P, C); bias (C); out (M, C). At most 2^8 corners.
  * One body for two table types: float32, and bfloat16 rows (half the bytes of a memory-bound gather) read as
  * float32 (exact: the bits shifted up) and accumulated in float32 in the same order. GATHER_ROW defines the
- * one-vertex body (also the first pass of baked_mlp below), GRID_GATHER_BIAS_RELU the kernel over rows. */
+ * one-vertex body, GRID_GATHER_BIAS_RELU the kernel over rows (baked_mlp below has a vector twin of GATHER_ROW,
+ * MLP_GATHER_ROW, for hidden widths that are multiples of its vectors). Lattices of at most 64 axes. */
 /* The query lattice's multi-index j[0..d) of flat vertex v (C order, strides qstrides). */
 static inline void unravel(int64_t v, int64_t d, const int64_t *qstrides, int64_t *j) {
     for (int64_t a = 0; a < d; a++) {
@@ -602,7 +603,7 @@ GRID_GATHER_BIAS_RELU(grid_gather_bias_relu_bf16t, gather_row_bf16t, uint16_t)
 /* ------------------------------------------------------------------------------------------------------
  * Baked inference in one pass per block of query vertices (DRRNet.predict_grid, CPU float32), for K members
  * (condition biases bias0[k], results out[k * M + m]) whose rows are gathered once per block:
- *   h_0 = relu(gather(table) + bias0[k])         (GATHER_ROW: the rows, interpolated, + the condition bias)
+ *   h_0 = relu(gather(table) + bias0[k])         (MLP_GATHER_ROW: the rows, interpolated, + the condition bias)
  *   h_l = relu(h_{l-1} W_l^T + b_l), l = 1..L    (L hidden layers, H x H)
  *   out = h_L . w_out + b_out                    (the output layer, one channel)
  * A block of MLP_MB vertices stays in the thread's caches from the gather to the output (no pass of a
@@ -610,8 +611,8 @@ GRID_GATHER_BIAS_RELU(grid_gather_bias_relu_bf16t, gather_row_bf16t, uint16_t)
  * MLP_MR rows x MLP_NR columns of accumulators, the weights packed in panels of MLP_NR columns
  * (packed[l][p][k][j] = W_l[p * MLP_NR + j][k], DRRNet side: cpu_kernels.pack_panels). Each output value is
  * sum_k (in k order, fused multiply-adds) then + bias, then the ReLU: the same operations for every row,
- * whatever its block, thread, the chunking or the number of members (values repeat bitwise; they differ from oneDNN's / MKL's
- * products by the summation order only). H must be a multiple of MLP_NR (mlp_panel_width()).
+ * whatever its block, thread, the chunking or the number of members (values repeat bitwise; they differ from
+ * oneDNN's / MKL's products by the summation order only). H must be a multiple of MLP_NR (mlp_panel_width()).
  * ------------------------------------------------------------------------------------------------------ */
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -650,10 +651,17 @@ typedef struct { float x[4]; } vf_t;                       /* portable: 4 lanes,
 static inline vf_t v_load(const float *p) { vf_t v; for (int i = 0; i < 4; i++) v.x[i] = p[i]; return v; }
 static inline void v_store(float *p, vf_t v) { for (int i = 0; i < 4; i++) p[i] = v.x[i]; }
 static inline vf_t v_set1(float a) { vf_t v; for (int i = 0; i < 4; i++) v.x[i] = a; return v; }
-static inline vf_t v_fma(vf_t a, vf_t b, vf_t c) { for (int i = 0; i < 4; i++) c.x[i] = fmaf(a.x[i], b.x[i], c.x[i]); return c; }
+static inline vf_t v_fma(vf_t a, vf_t b, vf_t c) {
+    for (int i = 0; i < 4; i++) c.x[i] = fmaf(a.x[i], b.x[i], c.x[i]);
+    return c;
+}
 static inline vf_t v_add(vf_t a, vf_t b) { for (int i = 0; i < 4; i++) a.x[i] += b.x[i]; return a; }
 static inline vf_t v_mul(vf_t a, vf_t b) { for (int i = 0; i < 4; i++) a.x[i] *= b.x[i]; return a; }
-static inline vf_t v_load_bf16(const uint16_t *p) { vf_t v; for (int i = 0; i < 4; i++) v.x[i] = load_bf16(p[i]); return v; }
+static inline vf_t v_load_bf16(const uint16_t *p) {
+    vf_t v;
+    for (int i = 0; i < 4; i++) v.x[i] = load_bf16(p[i]);
+    return v;
+}
 static inline vf_t v_relu(vf_t a) { for (int i = 0; i < 4; i++) a.x[i] = a.x[i] > 0.0f ? a.x[i] : 0.0f; return a; }
 #define V_LOAD(p) v_load(p)
 #define V_STORE(p, v) v_store(p, v)
@@ -669,8 +677,6 @@ static inline vf_t v_relu(vf_t a) { for (int i = 0; i < 4; i++) a.x[i] = a.x[i] 
 #define MLP_MB (8 * MLP_MR)          /* rows per block */
 
 int64_t mlp_panel_width(void) { return MLP_NR; }
-
-
 
 /* c[r, 0..NR) = relu(a[r, :K] . panel[:, 0..NR) + bias[0..NR)) for MLP_MR rows of a (row stride lda); the
    accumulators are named variables (FOR_ROWS), which keeps all 2 * MLP_MR of them in registers. */
@@ -714,7 +720,8 @@ static inline void NAME(const int64_t *j, int64_t d, const int64_t *ka, const in
         if (n == 1 && cw[0] == 1.0f) acc = VLOADT(table + cr[0] * H + c);                                      \
         else {                                                                                                 \
             acc = V_ZERO();                                                                                    \
-            for (int64_t q = 0; q < n; q++) acc = V_ADD(acc, V_MUL(V_SET1(cw[q]), VLOADT(table + cr[q] * H + c))); \
+            for (int64_t q = 0; q < n; q++)                                                                    \
+                acc = V_ADD(acc, V_MUL(V_SET1(cw[q]), VLOADT(table + cr[q] * H + c)));                         \
         }                                                                                                      \
         V_STORE(o + c, bias ? V_RELU(V_ADD(acc, V_LOAD(bias + c))) : acc);                                     \
     }                                                                                                          \
