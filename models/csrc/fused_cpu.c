@@ -838,9 +838,15 @@ typedef struct {
     uint8_t rows[16];
 } amx_config_t;
 
-/* float32 (16 values) -> bf16 (round to nearest even) */
-static inline void store16_bf16(uint16_t *dst, __m512 v) {
-    _mm256_storeu_si256((__m256i *)dst, (__m256i)_mm512_cvtneps_pbh(v));
+/* float32 (2 x 16 values: lo, hi) -> 32 bf16 (round to nearest even) */
+static inline void store32_bf16(uint16_t *dst, __m512 lo, __m512 hi) {
+    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
+/* 16 bf16 -> float32 (exact) */
+static inline __m512 load16_bf16(const uint16_t *src) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)),
+                                                 16));
 }
 
 int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, const float *bias0, int64_t L,
@@ -864,15 +870,21 @@ int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, con
             const int64_t r0 = blk * AMX_MB, n = M - r0 < AMX_MB ? M - r0 : AMX_MB;
             const float *bk = bias0 + k * H;
             for (int64_t r = 0; r < AMX_MB; r++)                          /* h_0, rows past the end 0 */
-                for (int64_t c = 0; c < H; c += 16) {
-                    __m512 v = _mm512_setzero_ps();
+                for (int64_t c = 0; c < H; c += 32) {                       /* 32 values at a time */
+                    __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
                     if (r < n) {
-                        const __m512 x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
-                            _mm256_loadu_si256((const __m256i *)(rows + (r0 + r) * H + c))), 16));
-                        v = _mm512_max_ps(_mm512_add_ps(x, _mm512_loadu_ps(bk + c)), _mm512_setzero_ps());
+                        const uint16_t *x = rows + (r0 + r) * H + c;
+                        v0 = _mm512_max_ps(_mm512_add_ps(load16_bf16(x), _mm512_loadu_ps(bk + c)),
+                                           _mm512_setzero_ps());
+                        v1 = _mm512_max_ps(_mm512_add_ps(load16_bf16(x + 16), _mm512_loadu_ps(bk + c + 16)),
+                                           _mm512_setzero_ps());
                     }
-                    if (L == 0) _mm512_storeu_ps(cbuf + r * H + c, v);
-                    else store16_bf16(abuf + r * H + c, v);
+                    if (L == 0) {
+                        _mm512_storeu_ps(cbuf + r * H + c, v0);
+                        _mm512_storeu_ps(cbuf + r * H + c + 16, v1);
+                    } else {
+                        store32_bf16(abuf + r * H + c, v0, v1);
+                    }
                 }
             for (int64_t l = 0; l < L; l++) {
                 const uint16_t *wl = packed + l * H * H;
@@ -901,16 +913,28 @@ int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, con
                     _tile_stored(2, cbuf + 16 * H + nb * 16, H * 4);
                     _tile_stored(3, cbuf + 16 * H + nb * 16 + 16, H * 4);
                 }
-                for (int64_t r = 0; r < AMX_MB; r++)                      /* + bias, ReLU (, bf16) */
-                    for (int64_t c = 0; c < H; c += 16) {
-                        const __m512 v = _mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(cbuf + r * H + c),
-                                                                     _mm512_loadu_ps(bl + c)), _mm512_setzero_ps());
-                        if (l == L - 1) _mm512_storeu_ps(cbuf + r * H + c, v);
-                        else store16_bf16(abuf + r * H + c, v);
+                if (l == L - 1)                           /* + bias, ReLU and the output layer, float32 */
+                    for (int64_t r = 0; r < n; r++) {
+                        __m512 acc = _mm512_setzero_ps();
+                        for (int64_t c = 0; c < H; c += 16)
+                            acc = _mm512_fmadd_ps(_mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(cbuf + r * H + c),
+                                                                              _mm512_loadu_ps(bl + c)),
+                                                                _mm512_setzero_ps()),
+                                                  _mm512_loadu_ps(w_out + c), acc);
+                        out[k * M + r0 + r] = _mm512_reduce_add_ps(acc) + b_out;
                     }
+                else                                      /* + bias, ReLU, rounded to bf16: the next input */
+                    for (int64_t r = 0; r < AMX_MB; r++)
+                        for (int64_t c = 0; c < H; c += 32) {
+                            const __m512 v0 = _mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(cbuf + r * H + c),
+                                                            _mm512_loadu_ps(bl + c)), _mm512_setzero_ps());
+                            const __m512 v1 = _mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(cbuf + r * H + c + 16),
+                                                            _mm512_loadu_ps(bl + c + 16)), _mm512_setzero_ps());
+                            store32_bf16(abuf + r * H + c, v0, v1);
+                        }
             }
-            for (int64_t r = 0; r < n; r++) {                             /* the output layer, float32 */
-                __m512 acc = _mm512_setzero_ps();
+            for (int64_t r = 0; r < n && L == 0; r++) {                   /* no hidden layer: the output */
+                __m512 acc = _mm512_setzero_ps();                            /* layer on h_0 */
                 for (int64_t c = 0; c < H; c += 16)
                     acc = _mm512_fmadd_ps(_mm512_loadu_ps(cbuf + r * H + c), _mm512_loadu_ps(w_out + c), acc);
                 out[k * M + r0 + r] = _mm512_reduce_add_ps(acc) + b_out;
