@@ -82,6 +82,7 @@ _SIGNATURES = {
     "bf16_to_f32": [_I64, _PTR, _PTR],
     "grid_gather_bias_relu": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "grid_gather_bias_relu_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
+    "grid_gather_bias_relu_lp": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "mlp_panel_width": [],
     "has_amx": [],
     "baked_mlp_amx": [_I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _F32, _PTR],
@@ -379,6 +380,28 @@ def grid_gather_bias_relu(q, start: int, stop: int, table: Tensor, bias: Tensor,
     keep, args = _query_args(q, "grid_gather_bias_relu")
     fn(start, M, *args, C, table.data_ptr(), bias.data_ptr(), int(bool(relu)),
        out.data_ptr())
+    return out
+
+
+def grid_gather_bias_relu_lp(q, start: int, stop: int, table: Tensor, bias: Tensor, out: Tensor,
+                             relu: bool = True) -> Tensor:
+    """bf16 in and out (table (P, C), bias (C,), out (stop - start, C), all bfloat16): out = bf16(relu(
+    float(bf16(interp)) + float(bias))) with interp the corner sum of :func:`grid_gather_bias_relu` in float32:
+    the rows are rounded to bf16 before the bias, as rows resampled once (bias 0, no ReLU) and then added to a bf16
+    bias by PyTorch, so both give the same bits."""
+    for t in (table, bias, out):
+        if t.device.type != "cpu" or t.dtype != torch.bfloat16 or not t.is_contiguous():
+            raise ValueError("cpu_kernels.grid_gather_bias_relu_lp: table, bias and out must be contiguous bfloat16 "
+                             "CPU tensors")
+    _check("grid_gather_bias_relu_lp", *q.axis_w)
+    M, C = stop - start, table.shape[1]
+    if not (0 <= start <= stop <= q.num_points) or out.shape != (M, C) or bias.shape != (C,) \
+            or q.corners > 256 or table.shape[0] != math.prod(q.lattice_shape):
+        raise ValueError(f"cpu_kernels.grid_gather_bias_relu_lp: rows {start}..{stop} of {q.num_points}, out "
+                         f"{tuple(out.shape)}, bias {tuple(bias.shape)}, table {tuple(table.shape)}")
+    keep, args = _query_args(q, "grid_gather_bias_relu_lp")
+    library().grid_gather_bias_relu_lp(start, M, *args, C, table.data_ptr(), bias.data_ptr(), int(bool(relu)),
+                                       out.data_ptr())
     return out
 
 

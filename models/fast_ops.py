@@ -282,21 +282,28 @@ class GridQuery:
         corners from the per-axis tables, never materialized; on the identity lattice ``bias_relu`` of the
         table's rows), with the same operations in the same order as the PyTorch composition, so the same
         values bit for bit; else that composition. A bfloat16 table with a float32 ``out`` is read into float32
-        (compiled: bitwise the float32 pass on ``table.float()``).
+        (compiled: bitwise the float32 pass on ``table.float()``). bfloat16 table, bias and ``out`` (bf16
+        products): the corners are summed in float32 and rounded to bf16, then the bias is added (float32,
+        rounded: PyTorch's bf16 addition), the rows thus rounded as resampled rows kept in bf16 are
+        (``cpu_kernels.grid_gather_bias_relu_lp``; the composition the same to float32 rounding of the sum).
         """
         wide = table.dtype == torch.bfloat16 and out.dtype == torch.float32   # a bf16 table read into float32
-        if (wide or _prims(table) is cpu_kernels) and cpu_kernels.library() is not None \
-                and table.device.type == "cpu" and bias.dtype == torch.float32 and bias.is_contiguous():
-            if self.identity and not wide and relu:
+        lowp = table.dtype == torch.bfloat16 and out.dtype == torch.bfloat16 and bias.dtype == torch.bfloat16
+        if (wide or lowp or _prims(table) is cpu_kernels) and cpu_kernels.library() is not None \
+                and table.device.type == "cpu" and bias.is_contiguous() and \
+                bias.dtype == (torch.bfloat16 if lowp else torch.float32):
+            if self.identity and not wide and not lowp and relu:
                 return cpu_kernels.bias_relu(table[start:stop], bias.view(1, -1), out=out)
             if not self.identity and self.corners <= 256 and all(w.dtype == torch.float32 for w in self.axis_w):
-                return cpu_kernels.grid_gather_bias_relu(self, start, stop, table, bias, out, relu)
+                fn = cpu_kernels.grid_gather_bias_relu_lp if lowp else cpu_kernels.grid_gather_bias_relu
+                return fn(self, start, stop, table, bias, out, relu)
         if self.identity:
             torch.add(table[start:stop], bias, out=out)
-        elif wide:                                       # the composition, rows widened per chunk
+        elif wide or lowp:                               # the composition, rows widened per chunk
             idx, w = self.stencil(start, stop)
             rows = table.index_select(0, idx.reshape(-1)).float().view(*idx.shape, -1)
-            torch.sum(rows * w.float().unsqueeze(-1), dim=1, out=out).add_(bias)
+            acc = torch.sum(rows * w.float().unsqueeze(-1), dim=1)
+            torch.add(acc.to(out.dtype) if lowp else acc, bias, out=out)
         else:
             out.copy_(gather_interp(table, *self.stencil(start, stop))).add_(bias)
         return out.relu_() if relu else out

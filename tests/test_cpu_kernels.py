@@ -451,3 +451,32 @@ def test_baked_mlp_amx_rejects_bad_input(amx):
         ck.baked_mlp_amx(rows, v, packed.float(), hb, v, 0.0, torch.empty(5))
     with pytest.raises(ValueError, match="out"):
         ck.baked_mlp_amx(rows, v, packed, hb, v, 0.0, torch.empty(4))
+
+
+@pytest.mark.parametrize("q,lat", [((9, 13, 11), (5, 7, 6)), ((3, 4, 6), (5, 7, 6)), ((4, 7), (6, 5))])
+@pytest.mark.parametrize("C", [19, 32])          # 32: the vector body (a multiple of every vector width)
+def test_grid_gather_bias_relu_lp_rounds_rows_then_bias(lib, threads, q, lat, C, monkeypatch):
+    """bf16 in and out: the float32 corner sum (the float32 kernel's, on the table widened) rounded to bf16, then
+    the bf16 bias added in float32 and rounded (PyTorch's bf16 addition), then the ReLU; rows resampled with bias 0
+    and no ReLU, then biased by PyTorch, give the same bits; the PyTorch twin agrees within one bf16 rounding."""
+    from models.fast_ops import GridQuery
+    gq = GridQuery(q, lat)
+    g = torch.Generator().manual_seed(len(q) + q[0])
+    table = torch.randn(int(torch.tensor(lat).prod()), C, generator=g).to(torch.bfloat16)
+    bias = torch.randn(C, generator=g).to(torch.bfloat16)
+    P = gq.num_points
+    for s, e in [(0, P), (2, min(P, 31))]:
+        got = ck.grid_gather_bias_relu_lp(gq, s, e, table, bias, torch.empty(e - s, C, dtype=torch.bfloat16))
+        interp = ck.grid_gather_bias_relu(gq, s, e, table.float(), torch.zeros(C), torch.empty(e - s, C), relu=False)
+        want = torch.relu(interp.to(torch.bfloat16) + bias)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+        rows = ck.grid_gather_bias_relu_lp(gq, s, e, table, torch.zeros(C, dtype=torch.bfloat16),
+                                           torch.empty(e - s, C, dtype=torch.bfloat16), relu=False)
+        assert torch.equal(torch.relu(rows + bias), got)
+        assert torch.equal(gq.gather_bias_relu(table, s, e, bias, torch.empty(e - s, C, dtype=torch.bfloat16)), got)
+    with pytest.raises(ValueError, match="bfloat16"):
+        ck.grid_gather_bias_relu_lp(gq, 0, P, table.float(), bias, torch.empty(P, C, dtype=torch.bfloat16))
+    full = gq.gather_bias_relu(table, 0, P, bias, torch.empty(P, C, dtype=torch.bfloat16))
+    monkeypatch.setattr(ck, "library", lambda: None)           # the PyTorch twin: the sum in another order
+    twin = gq.gather_bias_relu(table, 0, P, bias, torch.empty(P, C, dtype=torch.bfloat16))
+    torch.testing.assert_close(twin.float(), full.float(), rtol=2 ** -7, atol=2 ** -7)   # values O(1)

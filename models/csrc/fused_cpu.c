@@ -729,6 +729,35 @@ static inline void NAME(const int64_t *j, int64_t d, const int64_t *ka, const in
 MLP_GATHER_ROW(mlp_gather_row_f32, float, V_LOAD)
 MLP_GATHER_ROW(mlp_gather_row_bf16t, uint16_t, V_LOAD_BF16)
 
+/* The same with bf16 in and out (a bf16 table, bias and result: the products' operands of bf16 inference):
+ * out = bf16(relu(float(bf16(sum_q w_q table[r_q])) + float(bias))): the corner sum in float32 in GATHER_ROW's
+ * order, rounded to bf16 (the rows a bf16 keep_rows resamples), then the bias added in float32 and rounded (as
+ * PyTorch adds two bf16 tensors), so rows resampled once and then biased give the same bits as this pass. */
+void grid_gather_bias_relu_lp(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const int64_t *ka,
+                              const int64_t *const *axis_idx, const float *const *axis_w, int64_t C,
+                              const uint16_t *table, const uint16_t *bias, int64_t relu, uint16_t *out) {
+    #pragma omp parallel
+    {
+        int64_t m0, m1, j[64];
+        float *o = (float *)aligned_alloc(64, (size_t)(2 * C + 16) * sizeof(float) / 64 * 64 + 64);
+        float *zero = o + C;
+        for (int64_t c = 0; c < C; c++) zero[c] = 0.0f;
+        thread_range(M, &m0, &m1);
+        unravel(start + m0, d, qstrides, j);
+        for (int64_t m = m0; m < m1; m++, next_vertex(d, qstrides, j)) {
+            if (C % MLP_VW == 0) mlp_gather_row_bf16t(j, d, ka, axis_idx, axis_w, C, table, NULL, o);  /* the sum */
+            else gather_row_bf16t(j, d, ka, axis_idx, axis_w, C, table, zero, 0, o);                 /* (+ 0) */
+            uint16_t *ob = out + m * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; c++) {
+                const float x = load_bf16(store_bf16(o[c])) + load_bf16(bias[c]);
+                ob[c] = store_bf16(x > 0.0f || !relu ? x : 0.0f);
+            }
+        }
+        free(o);
+    }
+}
+
 /* h[r, :] = relu(x[r, :] + bias) for rows r < n (H a multiple of MLP_VW). */
 static inline void mlp_bias_relu(int64_t n, int64_t H, const float *x, const float *bias, float *h) {
     for (int64_t r = 0; r < n; r++)
