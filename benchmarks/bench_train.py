@@ -79,9 +79,9 @@ def main(argv=None):
     setup_threads(args)
     if args.malloc == "default":
         os.environ["DRR_MALLOC"] = "default"
-    malloc_state = tune_malloc() if device_of(args).type == "cpu" else "device memory"
-    model, exp, desc = build_from_args(args)
     dev = device_of(args)
+    malloc_state = tune_malloc() if dev.type == "cpu" else "device memory"
+    model, exp, desc = build_from_args(args)
     d = model.spatial_dims
     ds = (exp or {}).get("dataset", {})
     n_c = args.conds or int(ds.get("cond_batch", 8))

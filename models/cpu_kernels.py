@@ -91,13 +91,19 @@ _SIGNATURES = {
     "baked_mlp_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR,
                         _F32, _PTR],
 }
-_RESTYPES = {"mark_touched": ctypes.c_int64, "has_vector_math": ctypes.c_int, "mlp_panel_width": ctypes.c_int64,
+_RESTYPES = {"mark_touched": ctypes.c_int64, "grid_gather_bias_relu_lp": ctypes.c_int64, "has_vector_math": ctypes.c_int, "mlp_panel_width": ctypes.c_int64,
              "has_amx": ctypes.c_int64, "baked_mlp": ctypes.c_int64, "baked_mlp_bf16t": ctypes.c_int64,
              "baked_mlp_amx": ctypes.c_int64}
 
 
+def switched_off(var: str) -> bool:
+    """Whether the environment variable ``var`` is set to off (0, off, never, false, no; any case): the one reading
+    of the DRR_* switches of the compiled paths (DRR_CPU_KERNELS, DRR_BAKED_MLP, DRR_ONEDNN_LINEAR)."""
+    return os.environ.get(var, "auto").strip().lower() in _OFF
+
+
 def enabled_by_env() -> bool:
-    return os.environ.get("DRR_CPU_KERNELS", "auto").strip().lower() not in _OFF
+    return not switched_off("DRR_CPU_KERNELS")
 
 
 def cache_dir() -> str:
@@ -366,42 +372,29 @@ def grid_gather_bias_relu(q, start: int, stop: int, table: Tensor, bias: Tensor,
     False: without the ReLU.
 
     ``table`` float32, or bfloat16 (rows read as float32 exactly and accumulated in float32 in the same order:
-    bitwise the float32 kernel on ``table.float()``, with half the bytes read)."""
+    bitwise the float32 kernel on ``table.float()``, with half the bytes read). bfloat16 ``table``, ``bias`` and
+    ``out`` (bf16 products' operands): out = bf16(relu(float(bf16(interp)) + float(bias))) with interp that float32
+    corner sum: the rows are rounded to bf16 before the bias, as rows resampled once (bias 0, no ReLU) and then
+    added to a bf16 bias by PyTorch, so both give the same bits."""
+    name = "grid_gather_bias_relu"
+    lowp = out.dtype == torch.bfloat16
     bf16 = table.dtype == torch.bfloat16
-    if bf16 and (table.device.type != "cpu" or not table.is_contiguous()):
-        raise ValueError("cpu_kernels.grid_gather_bias_relu: a bfloat16 table must be a contiguous CPU tensor")
-    _check("grid_gather_bias_relu", *([] if bf16 else [table]), bias, out, *q.axis_w)
+    if lowp:
+        _check(name, table, bias, out, dtype=torch.bfloat16)
+    elif bf16 and (table.device.type != "cpu" or not table.is_contiguous()):
+        raise ValueError(f"cpu_kernels.{name}: a bfloat16 table must be a contiguous CPU tensor")
+    _check(name, *([] if bf16 else [table]), *([] if lowp else [bias, out]), *q.axis_w)
     M, C = stop - start, table.shape[1]
     if not (0 <= start <= stop <= q.num_points) or out.shape != (M, C) or bias.shape != (C,) \
             or q.corners > 256 or table.shape[0] != math.prod(q.lattice_shape):
-        raise ValueError(f"cpu_kernels.grid_gather_bias_relu: rows {start}..{stop} of {q.num_points}, out "
+        raise ValueError(f"cpu_kernels.{name}: rows {start}..{stop} of {q.num_points}, out "
                          f"{tuple(out.shape)}, bias {tuple(bias.shape)}, table {tuple(table.shape)}")
-    fn = library().grid_gather_bias_relu_bf16t if bf16 else library().grid_gather_bias_relu
-    keep, args = _query_args(q, "grid_gather_bias_relu")
-    fn(start, M, *args, C, table.data_ptr(), bias.data_ptr(), int(bool(relu)),
-       out.data_ptr())
-    return out
-
-
-def grid_gather_bias_relu_lp(q, start: int, stop: int, table: Tensor, bias: Tensor, out: Tensor,
-                             relu: bool = True) -> Tensor:
-    """bf16 in and out (table (P, C), bias (C,), out (stop - start, C), all bfloat16): out = bf16(relu(
-    float(bf16(interp)) + float(bias))) with interp the corner sum of :func:`grid_gather_bias_relu` in float32:
-    the rows are rounded to bf16 before the bias, as rows resampled once (bias 0, no ReLU) and then added to a bf16
-    bias by PyTorch, so both give the same bits."""
-    for t in (table, bias, out):
-        if t.device.type != "cpu" or t.dtype != torch.bfloat16 or not t.is_contiguous():
-            raise ValueError("cpu_kernels.grid_gather_bias_relu_lp: table, bias and out must be contiguous bfloat16 "
-                             "CPU tensors")
-    _check("grid_gather_bias_relu_lp", *q.axis_w)
-    M, C = stop - start, table.shape[1]
-    if not (0 <= start <= stop <= q.num_points) or out.shape != (M, C) or bias.shape != (C,) \
-            or q.corners > 256 or table.shape[0] != math.prod(q.lattice_shape):
-        raise ValueError(f"cpu_kernels.grid_gather_bias_relu_lp: rows {start}..{stop} of {q.num_points}, out "
-                         f"{tuple(out.shape)}, bias {tuple(bias.shape)}, table {tuple(table.shape)}")
-    keep, args = _query_args(q, "grid_gather_bias_relu_lp")
-    library().grid_gather_bias_relu_lp(start, M, *args, C, table.data_ptr(), bias.data_ptr(), int(bool(relu)),
-                                       out.data_ptr())
+    lib = library()
+    fn = lib.grid_gather_bias_relu_lp if lowp else lib.grid_gather_bias_relu_bf16t if bf16 else \
+        lib.grid_gather_bias_relu
+    keep, args = _query_args(q, name)
+    if fn(start, M, *args, C, table.data_ptr(), bias.data_ptr(), int(bool(relu)), out.data_ptr()):
+        raise MemoryError(f"cpu_kernels.{name}: could not allocate the per-thread rows ({C} columns)")
     return out
 
 

@@ -540,12 +540,14 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         amx = self._amx_args(table, cbs.dtype) if dev.type == "cpu" else None
         if amx is not None:       # bf16 products on AMX tiles, one compiled pass per block of rows
             cb32 = cb32.float().contiguous()
-            zero = torch.zeros(table.shape[1], dtype=table.dtype)
+            if not q.identity:                                        # rows resampled per chunk: buffers reused
+                n = min(int(chunk_size), P)
+                zero = torch.zeros(table.shape[1], dtype=table.dtype)
+                rows_buf, part_buf = torch.empty(n, table.shape[1], dtype=table.dtype), torch.empty(K * n)
             for s, e in ([(0, q.num_points)] if q.identity else q.chunks(chunk_size)):
                 rows = table[s:e] if q.identity else \
-                    q.gather_bias_relu(table, s, e, zero, torch.empty(e - s, table.shape[1], dtype=table.dtype),
-                                       relu=False)                   # as keep_rows resamples them: same bits
-                part = res if q.identity else torch.empty(K, e - s)
+                    q.gather_bias_relu(table, s, e, zero, rows_buf[:e - s], relu=False)  # as keep_rows resamples
+                part = res if q.identity else part_buf[:K * (e - s)].view(K, e - s)       # them: the same bits
                 if not cpu_kernels.baked_mlp_amx(rows, cb32, *amx, out=part):
                     break                                             # AMX refused: the PyTorch products
                 if not q.identity:
@@ -594,7 +596,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         kernel applies to the float32 products on ``table`` (float32 or bfloat16, CPU) queried by ``q``: compiled
         library, ``DRR_BAKED_MLP`` not off, square hidden layers of a width that is a multiple of
         ``cpu_kernels.panel_width()``, one output channel, at most 256 corners; else None (the per-pass loop)."""
-        if _baked_mlp_off() or table.device.type != "cpu" or table.dtype not in (torch.float32, torch.bfloat16) \
+        if cpu_kernels.switched_off("DRR_BAKED_MLP") or table.device.type != "cpu" or table.dtype not in (torch.float32, torch.bfloat16) \
                 or q.corners > 256 or any(w.dtype != torch.float32 for w in q.axis_w) \
                 or cpu_kernels.library() is None:
             return None
@@ -608,7 +610,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         ``DRR_BAKED_MLP`` not off, square hidden layers of a width that is a multiple of 32 and one output
         channel; else None."""
         if act_dtype != torch.bfloat16 or table.dtype != torch.bfloat16 or table.device.type != "cpu" or \
-                _baked_mlp_off() or cpu_kernels.library() is None or not cpu_kernels.has_amx():
+                cpu_kernels.switched_off("DRR_BAKED_MLP") or cpu_kernels.library() is None or not cpu_kernels.has_amx():
             return None
         H = table.shape[1]
         return self._packed_decoder("amx", H, 32, cpu_kernels.pack_amx, (H // 32, H // 16, 16, 16, 2),
@@ -781,8 +783,7 @@ def _linear_relu_onednn(h: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 def _onednn_linear_relu_ok() -> bool:
     """Whether :func:`_linear_relu_onednn` exists here and gives the same bits as addmm + relu on a probe
     (checked once; the env var DRR_ONEDNN_LINEAR=off switches it off)."""
-    import os
-    if os.environ.get("DRR_ONEDNN_LINEAR", "auto").strip().lower() in ("0", "off", "never", "false", "no"):
+    if cpu_kernels.switched_off("DRR_ONEDNN_LINEAR"):
         return False
     if _ONEDNN["ok"] is None:
         try:
@@ -793,12 +794,6 @@ def _onednn_linear_relu_ok() -> bool:
         except Exception:  # noqa: BLE001 - missing operator / build without oneDNN: the addmm path
             _ONEDNN["ok"] = False
     return _ONEDNN["ok"]
-
-
-def _baked_mlp_off() -> bool:
-    """``DRR_BAKED_MLP=off`` (0, never, false, no): predict_grid's per-pass loop instead of the one-pass kernels."""
-    import os
-    return os.environ.get("DRR_BAKED_MLP", "auto").strip().lower() in ("0", "off", "never", "false", "no")
 
 
 def _output_activations_(res: Tensor, name: str) -> Tensor:

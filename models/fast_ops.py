@@ -285,7 +285,7 @@ class GridQuery:
         (compiled: bitwise the float32 pass on ``table.float()``). bfloat16 table, bias and ``out`` (bf16
         products): the corners are summed in float32 and rounded to bf16, then the bias is added (float32,
         rounded: PyTorch's bf16 addition), the rows thus rounded as resampled rows kept in bf16 are
-        (``cpu_kernels.grid_gather_bias_relu_lp``; the composition the same to float32 rounding of the sum).
+        (``cpu_kernels.grid_gather_bias_relu``; the composition the same to float32 rounding of the sum).
         """
         wide = table.dtype == torch.bfloat16 and out.dtype == torch.float32   # a bf16 table read into float32
         lowp = table.dtype == torch.bfloat16 and out.dtype == torch.bfloat16 and bias.dtype == torch.bfloat16
@@ -295,8 +295,7 @@ class GridQuery:
             if self.identity and not wide and not lowp and relu:
                 return cpu_kernels.bias_relu(table[start:stop], bias.view(1, -1), out=out)
             if not self.identity and self.corners <= 256 and all(w.dtype == torch.float32 for w in self.axis_w):
-                fn = cpu_kernels.grid_gather_bias_relu_lp if lowp else cpu_kernels.grid_gather_bias_relu
-                return fn(self, start, stop, table, bias, out, relu)
+                return cpu_kernels.grid_gather_bias_relu(self, start, stop, table, bias, out, relu)
         if self.identity:
             torch.add(table[start:stop], bias, out=out)
         elif wide or lowp:                               # the composition, rows widened per chunk

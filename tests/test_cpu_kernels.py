@@ -466,16 +466,16 @@ def test_grid_gather_bias_relu_lp_rounds_rows_then_bias(lib, threads, q, lat, C,
     bias = torch.randn(C, generator=g).to(torch.bfloat16)
     P = gq.num_points
     for s, e in [(0, P), (2, min(P, 31))]:
-        got = ck.grid_gather_bias_relu_lp(gq, s, e, table, bias, torch.empty(e - s, C, dtype=torch.bfloat16))
+        got = ck.grid_gather_bias_relu(gq, s, e, table, bias, torch.empty(e - s, C, dtype=torch.bfloat16))
         interp = ck.grid_gather_bias_relu(gq, s, e, table.float(), torch.zeros(C), torch.empty(e - s, C), relu=False)
         want = torch.relu(interp.to(torch.bfloat16) + bias)
         assert got.dtype == torch.bfloat16 and torch.equal(got, want)
-        rows = ck.grid_gather_bias_relu_lp(gq, s, e, table, torch.zeros(C, dtype=torch.bfloat16),
+        rows = ck.grid_gather_bias_relu(gq, s, e, table, torch.zeros(C, dtype=torch.bfloat16),
                                            torch.empty(e - s, C, dtype=torch.bfloat16), relu=False)
         assert torch.equal(torch.relu(rows + bias), got)
         assert torch.equal(gq.gather_bias_relu(table, s, e, bias, torch.empty(e - s, C, dtype=torch.bfloat16)), got)
     with pytest.raises(ValueError, match="bfloat16"):
-        ck.grid_gather_bias_relu_lp(gq, 0, P, table.float(), bias, torch.empty(P, C, dtype=torch.bfloat16))
+        ck.grid_gather_bias_relu(gq, 0, P, table.float(), bias, torch.empty(P, C, dtype=torch.bfloat16))
     full = gq.gather_bias_relu(table, 0, P, bias, torch.empty(P, C, dtype=torch.bfloat16))
     monkeypatch.setattr(ck, "library", lambda: None)           # the PyTorch twin: the sum in another order
     twin = gq.gather_bias_relu(table, 0, P, bias, torch.empty(P, C, dtype=torch.bfloat16))

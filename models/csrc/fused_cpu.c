@@ -733,14 +733,15 @@ MLP_GATHER_ROW(mlp_gather_row_bf16t, uint16_t, V_LOAD_BF16)
  * out = bf16(relu(float(bf16(sum_q w_q table[r_q])) + float(bias))): the corner sum in float32 in GATHER_ROW's
  * order, rounded to bf16 (the rows a bf16 keep_rows resamples), then the bias added in float32 and rounded (as
  * PyTorch adds two bf16 tensors), so rows resampled once and then biased give the same bits as this pass. */
-void grid_gather_bias_relu_lp(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const int64_t *ka,
-                              const int64_t *const *axis_idx, const float *const *axis_w, int64_t C,
-                              const uint16_t *table, const uint16_t *bias, int64_t relu, uint16_t *out) {
+int64_t grid_gather_bias_relu_lp(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const int64_t *ka,
+                                 const int64_t *const *axis_idx, const float *const *axis_w, int64_t C,
+                                 const uint16_t *table, const uint16_t *bias, int64_t relu, uint16_t *out) {
+    float *rowbuf = (float *)malloc((size_t)(num_threads() * 2 * C) * sizeof(float));   /* per thread: a row */
+    if (rowbuf == NULL) return 1;                                                           /* and zeros */
     #pragma omp parallel
     {
         int64_t m0, m1, j[64];
-        float *o = (float *)aligned_alloc(64, (size_t)(2 * C + 16) * sizeof(float) / 64 * 64 + 64);
-        float *zero = o + C;
+        float *o = rowbuf + thread_num() * 2 * C, *zero = o + C;
         for (int64_t c = 0; c < C; c++) zero[c] = 0.0f;
         thread_range(M, &m0, &m1);
         unravel(start + m0, d, qstrides, j);
@@ -754,8 +755,9 @@ void grid_gather_bias_relu_lp(int64_t start, int64_t M, int64_t d, const int64_t
                 ob[c] = store_bf16(x > 0.0f || !relu ? x : 0.0f);
             }
         }
-        free(o);
     }
+    free(rowbuf);
+    return 0;
 }
 
 /* h[r, :] = relu(x[r, :] + bias) for rows r < n (H a multiple of MLP_VW). */
@@ -882,7 +884,7 @@ int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, con
                       const uint16_t *packed, const float *hbias, const float *w_out, float b_out, float *out) {
     if (!amx_granted()) return -1;
     const int64_t nblk = (M + AMX_MB - 1) / AMX_MB, kbs = H / 32, nbs = H / 16;
-    const int64_t per_thread = AMX_MB * H * 3;          /* floats: a bf16 (AMX_MB, H) operand + float32 results */
+    const int64_t per_thread = AMX_MB * H * 3 / 2;      /* floats: float32 results + a bf16 operand (AMX_MB, H) */
     float *bufs = (float *)aligned_alloc(64, (size_t)(num_threads() * per_thread) * sizeof(float));
     if (bufs == NULL) return 1;
     #pragma omp parallel
