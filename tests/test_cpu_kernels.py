@@ -405,12 +405,12 @@ def _amx_reference(rows, bias0, weights, biases, w_out, b_out):
     return h.double() @ w_out.double() + b_out
 
 
-@pytest.mark.parametrize("M,H,L", [(1, 32, 1), (45, 64, 2), (97, 96, 3), (20, 32, 0)])
+@pytest.mark.parametrize("M,H,L", [(1, 32, 1), (45, 64, 2), (97, 96, 3), (20, 32, 0), (70, 128, 2), (33, 128, 0)])
 def test_baked_mlp_amx_equals_bf16_arithmetic(amx, threads, M, H, L):
     """bf16 products on the AMX tiles: the same values as bf16 operands multiplied exactly and summed in float32
     (up to the sums' order and the bf16 rounding of a layer's input that order can flip), for partial blocks,
-    hidden widths of one or more 32-column blocks and 0-3 hidden layers; bitwise the same for any split of the
-    rows."""
+    hidden widths of one or more 32-column blocks (128: the kernel's specialised width) and 0-3 hidden layers;
+    bitwise the same for any split of the rows."""
     g = torch.Generator().manual_seed(M + H + L)
     rows = torch.randn(M, H, generator=g).to(torch.bfloat16)
     bias0, w_out = torch.randn(H, generator=g) * 0.3, torch.randn(H, generator=g)

@@ -838,9 +838,13 @@ BAKED_MLP(baked_mlp_bf16t, mlp_gather_row_bf16t, uint16_t)
  * AMX-BF16): rows (M, H) bf16 (the table's rows of the query vertices, read in order: the identity lattice or
  * rows resampled once), then per block of AMX_MB rows in the thread's caches and per member k of K:
  *   h_0 = relu(rows + bias0[k]), rounded to bf16   (bias0 (K, H) float32; out[k * M + m])
- *   h_l = relu(h_{l-1} W_l^T + b_l): bf16 x bf16 products accumulated in float32 on the tiles, the bias and the
- *         ReLU in float32, rounded to bf16 as the next layer's operand (the last hidden layer stays float32)
+ *   h_l = relu(b_l + h_{l-1} W_l^T): bf16 x bf16 products accumulated in float32 on the tiles, starting at the
+ *         bias; the ReLU, and the rounding to bf16 as the next layer's operand (the ReLU applied to the bf16
+ *         bits, the same values); the last hidden layer stays float32
  *   out = h_L . w_out + b_out                   (float32)
+ * Where the time goes (2-core Xeon with AMX, H = 128, two hidden layers): the tile products, their tile loads
+ * (the weights come from L2: both layers' 64 KB do not stay in L1) and stores, and the vector passes (h_0,
+ * ReLU / bf16, output layer) do not overlap on the core: each costs its own time.
  * packed[l] holds W_l in the tiles' pair layout (cpu_kernels.pack_amx): for each 32-wide block kb of inputs and
  * 16-wide block nb of outputs a 1 KB tile, packed[l][kb][nb][r][n][p] = W_l[nb * 16 + n][kb * 32 + 2 r + p].
  * H must be a multiple of 32. Returns 0, or -1 where the library has no AMX code or the kernel refuses the
@@ -851,6 +855,7 @@ BAKED_MLP(baked_mlp_bf16t, mlp_gather_row_bf16t, uint16_t)
 #include <sys/syscall.h>
 long syscall(long number, ...);                    /* unistd.h declares it only outside strict C11 */
 #define AMX_MB 32                                  /* rows per block: two 16-row tiles */
+#define AMX_PF_AHEAD 4                             /* blocks between the rows prefetched and those in use */
 
 static int amx_state = 0;                          /* 0 unknown, 1 granted, -1 refused */
 
@@ -869,21 +874,98 @@ typedef struct {
     uint8_t rows[16];
 } amx_config_t;
 
-/* float32 (2 x 16 values: lo, hi) -> 32 bf16 (round to nearest even) */
-static inline void store32_bf16(uint16_t *dst, __m512 lo, __m512 hi) {
-    _mm512_storeu_si512(dst, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
-}
-
 /* 16 bf16 -> float32 (exact) */
 static inline __m512 load16_bf16(const uint16_t *src) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)),
                                                  16));
 }
 
+/* 32 float32 -> bf16 (round to nearest even), then the ReLU on the bf16 values (as int16: a set sign bit is
+ * negative, max with 0 clears it): the same bits as the ReLU in float32 before the rounding. */
+static inline void store32_relu_bf16(uint16_t *dst, __m512 lo, __m512 hi) {
+    _mm512_storeu_si512(dst, _mm512_max_epi16((__m512i)_mm512_cvtne2ps_pbh(hi, lo), _mm512_setzero_si512()));
+}
+
+/* One thread's blocks [b0, b1) of baked_mlp_amx; always inlined, so that the width H is a constant where the
+ * caller passes one (loops unrolled, tile strides folded). */
+static inline __attribute__((always_inline)) void amx_blocks(
+        int64_t b0, int64_t b1, int64_t M, const int64_t H, const uint16_t *rows, int64_t K, const float *bias0,
+        int64_t L, const uint16_t *packed, const float *hbias, const float *w_out, float b_out, float *out,
+        float *cbuf, uint16_t *abuf) {
+    const int64_t kbs = H / 32, nbs = H / 16;
+    /* The rows of the block AMX_PF_AHEAD blocks ahead are prefetched a few lines per tile product (the products
+     * of every member and layer share them out): the hardware prefetchers would see a block's rows only when
+     * its h_0 is made, and stop at page boundaries. */
+    const int64_t slots = K * L * (nbs / 2) * kbs;
+    const int64_t pf_lines = slots ? (AMX_MB * H * 2 / 64 + slots - 1) / slots : 0;
+    for (int64_t blk = b0; blk < b1; blk++) for (int64_t k = 0; k < K; k++) {      /* each member */
+        const int64_t r0 = blk * AMX_MB, n = M - r0 < AMX_MB ? M - r0 : AMX_MB;
+        const int64_t pf_row = r0 + AMX_PF_AHEAD * AMX_MB;
+        const int64_t pf_end = blk + AMX_PF_AHEAD < b1 ?                           /* lines of that block */
+            (M - pf_row < AMX_MB ? M - pf_row : AMX_MB) * H * 2 / 64 : 0;
+        const char *pf_base = (const char *)(rows + (pf_end ? pf_row : 0) * H);
+        const float *bk = bias0 + k * H;
+        for (int64_t r = 0; r < AMX_MB; r++)                                  /* h_0, rows past the end 0 */
+            for (int64_t c = 0; c < H; c += 32) {                             /* 32 values at a time */
+                __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
+                if (r < n) {
+                    const uint16_t *x = rows + (r0 + r) * H + c;
+                    v0 = _mm512_add_ps(load16_bf16(x), _mm512_loadu_ps(bk + c));
+                    v1 = _mm512_add_ps(load16_bf16(x + 16), _mm512_loadu_ps(bk + c + 16));
+                }
+                if (L == 0) {                                                 /* the ReLU: below */
+                    _mm512_storeu_ps(cbuf + r * H + c, v0);
+                    _mm512_storeu_ps(cbuf + r * H + c + 16, v1);
+                } else {
+                    store32_relu_bf16(abuf + r * H + c, v0, v1);
+                }
+            }
+        for (int64_t l = 0; l < L; l++) {
+            const uint16_t *wl = packed + l * H * H;
+            const float *bl = hbias + l * H;
+            for (int64_t nb = 0; nb < nbs; nb += 2) {                          /* 32 output columns at a time */
+                _tile_loadd(0, bl + nb * 16, 0);            /* the sums start at the bias (on every row) */
+                _tile_loadd(1, bl + nb * 16 + 16, 0);
+                _tile_loadd(2, bl + nb * 16, 0);
+                _tile_loadd(3, bl + nb * 16 + 16, 0);
+                for (int64_t kb = 0; kb < kbs; kb++) {
+                    const int64_t slot = ((k * L + l) * (nbs / 2) + nb / 2) * kbs + kb;
+                    for (int64_t i = slot * pf_lines; i < (slot + 1) * pf_lines && i < pf_end; i++)
+                        __builtin_prefetch(pf_base + i * 64, 0, 3);
+                    _tile_loadd(4, abuf + kb * 32, H * 2);
+                    _tile_loadd(5, abuf + 16 * H + kb * 32, H * 2);
+                    _tile_loadd(6, wl + (kb * nbs + nb) * 512, 64);
+                    _tile_loadd(7, wl + (kb * nbs + nb + 1) * 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 4, 7);
+                    _tile_dpbf16ps(2, 5, 6);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                _tile_stored(0, cbuf + nb * 16, H * 4);
+                _tile_stored(1, cbuf + nb * 16 + 16, H * 4);
+                _tile_stored(2, cbuf + 16 * H + nb * 16, H * 4);
+                _tile_stored(3, cbuf + 16 * H + nb * 16 + 16, H * 4);
+            }
+            if (l < L - 1)                                    /* ReLU, rounded to bf16: the next input */
+                for (int64_t r = 0; r < AMX_MB; r++)
+                    for (int64_t c = 0; c < H; c += 32)
+                        store32_relu_bf16(abuf + r * H + c, _mm512_loadu_ps(cbuf + r * H + c),
+                                          _mm512_loadu_ps(cbuf + r * H + c + 16));
+        }
+        for (int64_t r = 0; r < n; r++) {             /* h_L = ReLU of the float32 sums; the output layer */
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t c = 0; c < H; c += 16)
+                acc = _mm512_fmadd_ps(_mm512_max_ps(_mm512_loadu_ps(cbuf + r * H + c), _mm512_setzero_ps()),
+                                      _mm512_loadu_ps(w_out + c), acc);
+            out[k * M + r0 + r] = _mm512_reduce_add_ps(acc) + b_out;
+        }
+    }
+}
+
 int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, const float *bias0, int64_t L,
                       const uint16_t *packed, const float *hbias, const float *w_out, float b_out, float *out) {
     if (!amx_granted()) return -1;
-    const int64_t nblk = (M + AMX_MB - 1) / AMX_MB, kbs = H / 32, nbs = H / 16;
+    const int64_t nblk = (M + AMX_MB - 1) / AMX_MB;
     const int64_t per_thread = AMX_MB * H * 3 / 2;      /* floats: float32 results + a bf16 operand (AMX_MB, H) */
     float *bufs = (float *)aligned_alloc(64, (size_t)(num_threads() * per_thread) * sizeof(float));
     if (bufs == NULL) return 1;
@@ -897,80 +979,10 @@ int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, con
         _tile_loadconfig(&cfg);
         int64_t b0, b1;
         thread_range(nblk, &b0, &b1);
-        for (int64_t blk = b0; blk < b1; blk++) for (int64_t k = 0; k < K; k++) {   /* each member */
-            const int64_t r0 = blk * AMX_MB, n = M - r0 < AMX_MB ? M - r0 : AMX_MB;
-            const float *bk = bias0 + k * H;
-            for (int64_t r = 0; r < AMX_MB; r++)                          /* h_0, rows past the end 0 */
-                for (int64_t c = 0; c < H; c += 32) {                       /* 32 values at a time */
-                    __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
-                    if (r < n) {
-                        const uint16_t *x = rows + (r0 + r) * H + c;
-                        v0 = _mm512_max_ps(_mm512_add_ps(load16_bf16(x), _mm512_loadu_ps(bk + c)),
-                                           _mm512_setzero_ps());
-                        v1 = _mm512_max_ps(_mm512_add_ps(load16_bf16(x + 16), _mm512_loadu_ps(bk + c + 16)),
-                                           _mm512_setzero_ps());
-                    }
-                    if (L == 0) {
-                        _mm512_storeu_ps(cbuf + r * H + c, v0);
-                        _mm512_storeu_ps(cbuf + r * H + c + 16, v1);
-                    } else {
-                        store32_bf16(abuf + r * H + c, v0, v1);
-                    }
-                }
-            for (int64_t l = 0; l < L; l++) {
-                const uint16_t *wl = packed + l * H * H;
-                const float *bl = hbias + l * H;
-                for (int64_t nb = 0; nb < nbs; nb += 2) {                   /* 32 output columns at a time */
-                    if (l == 0 && k == 0 && blk + 1 < b1) {  /* the next block's rows come in meanwhile */
-                        const char *next = (const char *)(rows + (r0 + AMX_MB) * H);
-                        const int64_t bytes = (M - r0 - AMX_MB < AMX_MB ? M - r0 - AMX_MB : AMX_MB) * H * 2;
-                        const int64_t part = (bytes + nbs / 2 - 1) / (nbs / 2);
-                        for (int64_t b = nb / 2 * part; b < (nb / 2 + 1) * part && b < bytes; b += 64)
-                            __builtin_prefetch(next + b, 0, 3);
-                    }
-                    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-                    for (int64_t kb = 0; kb < kbs; kb++) {
-                        _tile_loadd(4, abuf + kb * 32, H * 2);
-                        _tile_loadd(5, abuf + 16 * H + kb * 32, H * 2);
-                        _tile_loadd(6, wl + (kb * nbs + nb) * 512, 64);
-                        _tile_loadd(7, wl + (kb * nbs + nb + 1) * 512, 64);
-                        _tile_dpbf16ps(0, 4, 6);
-                        _tile_dpbf16ps(1, 4, 7);
-                        _tile_dpbf16ps(2, 5, 6);
-                        _tile_dpbf16ps(3, 5, 7);
-                    }
-                    _tile_stored(0, cbuf + nb * 16, H * 4);
-                    _tile_stored(1, cbuf + nb * 16 + 16, H * 4);
-                    _tile_stored(2, cbuf + 16 * H + nb * 16, H * 4);
-                    _tile_stored(3, cbuf + 16 * H + nb * 16 + 16, H * 4);
-                }
-                if (l == L - 1)                           /* + bias, ReLU and the output layer, float32 */
-                    for (int64_t r = 0; r < n; r++) {
-                        __m512 acc = _mm512_setzero_ps();
-                        for (int64_t c = 0; c < H; c += 16)
-                            acc = _mm512_fmadd_ps(_mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(cbuf + r * H + c),
-                                                                              _mm512_loadu_ps(bl + c)),
-                                                                _mm512_setzero_ps()),
-                                                  _mm512_loadu_ps(w_out + c), acc);
-                        out[k * M + r0 + r] = _mm512_reduce_add_ps(acc) + b_out;
-                    }
-                else                                      /* + bias, ReLU, rounded to bf16: the next input */
-                    for (int64_t r = 0; r < AMX_MB; r++)
-                        for (int64_t c = 0; c < H; c += 32) {
-                            const __m512 v0 = _mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(cbuf + r * H + c),
-                                                            _mm512_loadu_ps(bl + c)), _mm512_setzero_ps());
-                            const __m512 v1 = _mm512_max_ps(_mm512_add_ps(_mm512_loadu_ps(cbuf + r * H + c + 16),
-                                                            _mm512_loadu_ps(bl + c + 16)), _mm512_setzero_ps());
-                            store32_bf16(abuf + r * H + c, v0, v1);
-                        }
-            }
-            for (int64_t r = 0; r < n && L == 0; r++) {                   /* no hidden layer: the output */
-                __m512 acc = _mm512_setzero_ps();                            /* layer on h_0 */
-                for (int64_t c = 0; c < H; c += 16)
-                    acc = _mm512_fmadd_ps(_mm512_loadu_ps(cbuf + r * H + c), _mm512_loadu_ps(w_out + c), acc);
-                out[k * M + r0 + r] = _mm512_reduce_add_ps(acc) + b_out;
-            }
-        }
+        if (H == 128)                                   /* every paper model's width: a constant */
+            amx_blocks(b0, b1, M, 128, rows, K, bias0, L, packed, hbias, w_out, b_out, out, cbuf, abuf);
+        else
+            amx_blocks(b0, b1, M, H, rows, K, bias0, L, packed, hbias, w_out, b_out, out, cbuf, abuf);
         _tile_release();
     }
     free(bufs);
