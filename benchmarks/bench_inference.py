@@ -37,8 +37,10 @@ synchronized):
                     ``fast_grid_bf16``;
 * peak memory of each path (CUDA: max_memory_allocated; CPU: sampled RSS delta);
 * achieved GFLOP/s of each path (its own matmul FLOPs: plain = full fusion + decoder per point, fast =
-  decoder per point; 1 multiply-add = 2 FLOP) next to the measured matmul peak, and the matmul-bound floor
-  points/s = peak / (decoder FLOPs per point) with the fraction of it reached.
+  decoder per point; 1 multiply-add = 2 FLOP) next to the measured matmul peak (``common.MatmulPeak``: the faster
+  of two GEMM sizes, its median over timings taken before and between the paths' repetition rounds, so that the
+  floor and the paths are measured in the same window), and the matmul-bound floor points/s = peak / (decoder
+  FLOPs per point) with the fraction of it reached.
 
 Any model of a config, several at once (``--compare 0,1,2``: e.g. the image models with and without DRR):
 bake time and full-field reconstruction (``model.predict_grid`` after ``bake()``, the path test.py times) of
@@ -58,7 +60,7 @@ import os
 
 import torch
 
-from common import (PeakMemory, add_model_args, build_from_args, config_model_inputs, device_of, matmul_peak,
+from common import (MatmulPeak, PeakMemory, add_model_args, build_from_args, config_model_inputs, device_of,
                     median, model_flops, setup_threads, timed)
 
 
@@ -158,8 +160,8 @@ def main(argv=None):
     flops = model_flops(model)
     fpp = {n: 2.0 * (flops["fusion_full"] + flops["decoder"]) if n == "plain" else 2.0 * flops["decoder"]
            for n in wanted}
-    peaks = matmul_peak(dev, (torch.float32, torch.bfloat16) if dev.type == "cpu" else
-                        (torch.float32, torch.bfloat16, torch.float16))
+    floor = MatmulPeak(dev, (torch.float32, torch.bfloat16) if dev.type == "cpu" else
+                       (torch.float32, torch.bfloat16, torch.float16))
 
     ref = None
     outs, mem, times = {}, {}, {n: [] for n in wanted}
@@ -168,9 +170,11 @@ def main(argv=None):
             outs[n] = torch.stack(paths[n]())
         mem[n] = pm.peak_mb
     ref = outs.get("plain", outs[wanted[0]])
-    for _ in range(args.repeats):
+    for _ in range(args.repeats):          # the floor sampled between the rounds: the same window as the paths
         for n in wanted:
             times[n].append(timed(paths[n], dev))
+        floor.sample()
+    peaks = floor.peaks()
 
     print(f"# model={desc} device={dev} threads={torch.get_num_threads()} shape={list(shape)} members={args.members} "
           f"chunk={chunk} D_sp={model.spatial_feature_dim} D_c={model.cond_feature_dim} "

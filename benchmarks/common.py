@@ -215,22 +215,43 @@ class PeakMemory:
         return False
 
 
+class MatmulPeak:
+    """The measured matmul GFLOP/s per dtype (2 FLOP per multiply-add), sampled as often as a benchmark likes.
+
+    On construction each dtype's sizes are timed ``repeats`` times and the fastest size (by median) is kept;
+    :meth:`sample` times that size once more per dtype. A benchmark that calls it between the repetitions of the
+    paths it compares with the floor measures numerator and denominator in the same window (the machines' speed
+    drifts by 10-30% between minutes). :meth:`peaks` is each dtype's median over all its samples of the kept size.
+    """
+
+    def __init__(self, device, dtypes=(torch.float32,), sizes=((32768, 128, 128), (4096, 1024, 1024)),
+                 repeats: int = 7):
+        self.device = torch.device(device)
+        self.kept = {}                                   # dtype name -> (flop, a, b, samples)
+        for dt in dtypes:
+            best = None
+            for m, k, n in sizes:
+                a = torch.randn(m, k, device=self.device).to(dt)
+                b = torch.randn(k, n, device=self.device).to(dt)
+                torch.mm(a, b)
+                ts = [timed(lambda: torch.mm(a, b), self.device) for _ in range(max(1, int(repeats)))]
+                flop = 2.0 * m * k * n
+                if best is None or flop / median(ts) > best[0] / median(best[3]):
+                    best = (flop, a, b, ts)
+            self.kept[str(dt).replace("torch.", "")] = best
+
+    def sample(self) -> None:
+        for flop, a, b, ts in self.kept.values():
+            ts.append(timed(lambda: torch.mm(a, b), self.device))
+
+    def peaks(self) -> Dict[str, float]:
+        return {name: flop / median(ts) / 1e9 for name, (flop, a, b, ts) in self.kept.items()}
+
+
 def matmul_peak(device, dtypes=(torch.float32,), sizes=((32768, 128, 128), (4096, 1024, 1024)),
                 repeats: int = 7) -> Dict[str, float]:
     """Measured matmul GFLOP/s (2 FLOP per multiply-add): the best size's median, per dtype."""
-    device = torch.device(device)
-    out = {}
-    for dt in dtypes:
-        best = 0.0
-        for m, k, n in sizes:
-            a = torch.randn(m, k, device=device).to(dt)
-            b = torch.randn(k, n, device=device).to(dt)
-            torch.mm(a, b)
-            reps = max(1, int(repeats))
-            ts = [timed(lambda: torch.mm(a, b), device) for _ in range(reps)]
-            best = max(best, 2.0 * m * k * n / median(ts) / 1e9)
-        out[str(dt).replace("torch.", "")] = best
-    return out
+    return MatmulPeak(device, dtypes, sizes, repeats).peaks()
 
 
 def model_flops(model) -> Dict[str, float]:

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import bench_inference  # noqa: E402
 import bench_train  # noqa: E402
+import common  # noqa: E402
 from common import PeakMemory  # noqa: E402
 
 TINY = ["--config", os.path.join(ROOT, "configs/demo/drrnet.yaml"), "--config_id", "0",
@@ -236,3 +237,17 @@ def test_bench_mmap_same_batches(tmp_path, capsys):
     assert set(res) == {"mmap", "memory"} and "same_batches=True" in out
     assert all(r["peak_rss_mb"] > 0 and r["steps_per_s"] > 0 for r in res.values())
     assert os.path.isfile(tmp_path / "mm" / "6x8" / "data" / "member_0005.npy")
+
+
+def test_matmul_peak_keeps_the_faster_size_and_takes_the_median_of_its_samples(monkeypatch):
+    """MatmulPeak: the size with the higher median GFLOP/s is kept; sample() times it again; peaks() is the kept
+    size's FLOPs over the median of all its timings (scripted timings stand in for the clock)."""
+    script = iter([1.0, 3.0, 2.0,          # size (8, 4, 2): 128 FLOP, median 2.0 s -> 64 FLOP/s
+                   1.0, 1.0, 9.0,          # size (4, 4, 4): 128 FLOP, median 1.0 s -> 128 FLOP/s: kept
+                   5.0, 7.0])              # two later samples of the kept size
+    monkeypatch.setattr(common, "timed", lambda fn, dev: next(script))
+    floor = common.MatmulPeak("cpu", (torch.float32,), sizes=((8, 4, 2), (4, 4, 4)), repeats=3)
+    assert floor.peaks()["float32"] == pytest.approx(128 / 1.0 / 1e9)
+    floor.sample()
+    floor.sample()                          # timings 1, 1, 9, 5, 7: median 5
+    assert floor.peaks()["float32"] == pytest.approx(128 / 5.0 / 1e9)
