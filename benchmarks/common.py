@@ -219,7 +219,7 @@ class MatmulPeak:
     """The measured matmul GFLOP/s per dtype (2 FLOP per multiply-add), sampled as often as a benchmark likes.
 
     On construction each dtype's sizes are timed ``repeats`` times and the fastest size (by median) is kept;
-    :meth:`sample` times that size once more per dtype. A benchmark that calls it between the repetitions of the
+    :meth:`sample` times that size again per dtype. A benchmark that calls it between the repetitions of the
     paths it compares with the floor measures numerator and denominator in the same window (the machines' speed
     drifts by 10-30% between minutes). :meth:`peaks` is each dtype's median over all its samples of the kept size.
     """
@@ -240,9 +240,12 @@ class MatmulPeak:
                     best = (flop, a, b, ts)
             self.kept[str(dt).replace("torch.", "")] = best
 
-    def sample(self) -> None:
+    def sample(self, repeats: int = 3) -> None:
+        """Time each dtype's kept size ``repeats`` more times, after one untimed product (the operands back in the
+        caches, as in the first burst: a single product after other work runs ~20% slower)."""
         for flop, a, b, ts in self.kept.values():
-            ts.append(timed(lambda: torch.mm(a, b), self.device))
+            torch.mm(a, b)
+            ts.extend(timed(lambda: torch.mm(a, b), self.device) for _ in range(max(1, int(repeats))))
 
     def peaks(self) -> Dict[str, float]:
         return {name: flop / median(ts) / 1e9 for name, (flop, a, b, ts) in self.kept.items()}

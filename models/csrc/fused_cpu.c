@@ -893,9 +893,11 @@ static inline __attribute__((always_inline)) void amx_blocks(
         int64_t L, const uint16_t *packed, const float *hbias, const float *w_out, float b_out, float *out,
         float *cbuf, uint16_t *abuf) {
     const int64_t kbs = H / 32, nbs = H / 16;
-    /* The rows of the block AMX_PF_AHEAD blocks ahead are prefetched a few lines per tile product (the products
-     * of every member and layer share them out): the hardware prefetchers would see a block's rows only when
-     * its h_0 is made, and stop at page boundaries. */
+    /* The rows of the block AMX_PF_AHEAD blocks ahead are prefetched into L2 a few lines per tile product (the
+     * products of every member and layer share them out): the hardware prefetchers would see a block's rows only
+     * when its h_0 is made, and stop at page boundaries. Measured on the AMX machine (64^3 rows, 2 threads):
+     * without any prefetch 1.4x slower; one burst per column pair one block ahead (the former way) 1.16x; 2, 4,
+     * 8 or 16 blocks ahead the same; into L1 2% slower than into L2. */
     const int64_t slots = K * L * (nbs / 2) * kbs;
     const int64_t pf_lines = slots ? (AMX_MB * H * 2 / 64 + slots - 1) / slots : 0;
     for (int64_t blk = b0; blk < b1; blk++) for (int64_t k = 0; k < K; k++) {      /* each member */
@@ -931,7 +933,7 @@ static inline __attribute__((always_inline)) void amx_blocks(
                 for (int64_t kb = 0; kb < kbs; kb++) {
                     const int64_t slot = ((k * L + l) * (nbs / 2) + nb / 2) * kbs + kb;
                     for (int64_t i = slot * pf_lines; i < (slot + 1) * pf_lines && i < pf_end; i++)
-                        __builtin_prefetch(pf_base + i * 64, 0, 3);
+                        __builtin_prefetch(pf_base + i * 64, 0, 1);      /* into L2 */
                     _tile_loadd(4, abuf + kb * 32, H * 2);
                     _tile_loadd(5, abuf + 16 * H + kb * 32, H * 2);
                     _tile_loadd(6, wl + (kb * nbs + nb) * 512, 64);
