@@ -432,7 +432,8 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 (grid_sample + per-point fusion) on chunked coordinates.
             dtype: compute dtype of the fast path (torch.bfloat16 / torch.float16; None = float32); the
                 result is float32.
-            out: optional float32 tensor with prod(shape) elements to write into.
+            out: optional contiguous float32 tensor with prod(shape) elements on the model's device to write into
+                (anything else: ValueError, never a silent copy).
             table_dtype: torch.bfloat16: the fast path reads the folded table stored in bfloat16 (a copy made
                 once, cached until unbake) and computes everything else in float32: half the bytes of the
                 gather, which bounds a query coarser than the lattice (each lattice row read about once); the
@@ -457,6 +458,11 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         dev = self.fusion[0].weight.device
         c = c.reshape(1, -1).to(dev, torch.float32)
         P = math.prod(shape)
+        if out is not None and (out.dtype != torch.float32 or out.numel() != P or not out.is_contiguous()
+                                or out.device != dev):
+            raise ValueError(f"predict_grid: out must be a contiguous float32 tensor of {P} elements on {dev} (the "
+                             f"result is written into it); got {out.dtype}, {out.numel()} elements, "
+                             f"{'contiguous' if out.is_contiguous() else 'not contiguous'}, on {out.device}")
         res = out.reshape(-1) if out is not None else torch.empty(P, device=dev, dtype=torch.float32)
         use_fast = fast and self.use_pi and self.is_baked and self._baked_fused is not None
         if vertices is not None and (not use_fast or out is not None):

@@ -433,6 +433,22 @@ def test_predict_grid_members_equals_single_calls(spatial_dims, hidden, kernels)
         assert torch.equal(got, torch.stack([m.predict_grid(m.ssr_shape, c, chunk_size=50) for c in cs[:2]]))
 
 
+def test_predict_grid_writes_into_out_and_refuses_what_it_cannot_fill():
+    """out: the field is written into it (the returned tensor shares its memory); a non-contiguous, wrongly sized
+    or non-float32 out is refused by name instead of being filled through a copy the caller never sees."""
+    m = small(3)
+    m.bake()
+    c = torch.rand(m.cond_dim)
+    shape = (4, 5, 6)
+    want = m.predict_grid(shape, c)
+    out = torch.full((4 * 5 * 6,), float("nan"))
+    got = m.predict_grid(shape, c, out=out)
+    assert got.data_ptr() == out.data_ptr() and torch.equal(out.reshape(shape), want)
+    for bad in (torch.empty(6, 5, 4).permute(2, 1, 0), torch.empty(119), torch.empty(120, dtype=torch.float64)):
+        with pytest.raises(ValueError, match="out must be a contiguous float32 tensor of 120 elements"):
+            m.predict_grid(shape, c, out=bad)
+
+
 def test_predict_grid_unbaked_falls_back():
     m = small(3)
     m.eval()
