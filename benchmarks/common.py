@@ -242,7 +242,7 @@ class MatmulPeak:
 
     def sample(self, repeats: int = 3) -> None:
         """Time each dtype's kept size ``repeats`` more times, after one untimed product (the operands back in the
-        caches, as in the first burst: a single product after other work runs ~20% slower)."""
+        caches, as in the first burst: a single product right after other work ran 15-25% slower here)."""
         for flop, a, b, ts in self.kept.values():
             torch.mm(a, b)
             ts.extend(timed(lambda: torch.mm(a, b), self.device) for _ in range(max(1, int(repeats))))
