@@ -62,6 +62,7 @@ import torch
 
 from common import (MatmulPeak, PeakMemory, add_model_args, build_from_args, config_model_inputs, device_of,
                     median, model_flops, setup_threads, timed)
+from util.cpu import describe as describe_cpu  # noqa: E402  (after common, which puts the repository on sys.path)
 
 
 def main(argv=None):
@@ -179,6 +180,12 @@ def main(argv=None):
     print(f"# model={desc} device={dev} threads={torch.get_num_threads()} shape={list(shape)} members={args.members} "
           f"chunk={chunk} D_sp={model.spatial_feature_dim} D_c={model.cond_feature_dim} "
           f"hidden={model.fusion[0].out_features} ssr={list(model.ssr_shape)}")
+    if dev.type == "cpu":
+        from models import cpu_kernels
+        amx = not cpu_kernels.switched_off("DRR_BAKED_MLP") and cpu_kernels.library() is not None and \
+            cpu_kernels.has_amx()
+        print("# " + describe_cpu() + " | bf16 products: " +
+              ("AMX tiles (cpu_kernels.baked_mlp_amx) where the decoder fits" if amx else "PyTorch"))
     print("# matmul peak GFLOP/s: " + " ".join(f"{k}={v:.1f}" for k, v in peaks.items())
           + f"; decoder matmul-bound floor (fp32): {peaks['float32'] * 1e9 / fpp.get('fast_grid', 2.0 * flops['decoder']):.4g} points/s"
           + f"; plain-path FLOPs floor: {peaks['float32'] * 1e9 / (2.0 * (flops['fusion_full'] + flops['decoder'])):.4g} points/s")

@@ -33,7 +33,9 @@ def path_lines(out):
 def test_bench_inference_format_and_agreement(capsys):
     bench_inference.main(TINY + ["--members", "2", "--resolution", "9", "--repeats", "1", "--bake_repeats", "1",
                                  "--paths", "plain,fast_forward,fast_grid,fast_grid_bf16"])
-    lines = path_lines(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    assert out.count("# cpu: ") == 1 and "bf16: " in out and "bf16 products: " in out     # CPU features line
+    lines = path_lines(out)
     assert [fields(ln)["path"] for ln in lines] == ["plain", "fast_forward", "fast_grid", "fast_grid_bf16"]
     for ln in lines:
         assert re.match(rf"path=\w+ points_per_s={FLOAT} bake_s={FLOAT}( |$)", ln), ln
