@@ -49,7 +49,7 @@ import os
 
 import torch
 
-from common import (PeakMemory, add_model_args, build_from_args, device_of, matmul_peak, median, model_flops,
+from common import (MatmulPeak, PeakMemory, add_model_args, build_from_args, device_of, median, model_flops,
                     setup_threads, timed)
 from util.cpu import describe as describe_cpu, tune_malloc  # noqa: E402
 from util.optim import adam  # noqa: E402  (after common, which puts the repository on sys.path)
@@ -155,6 +155,7 @@ def main(argv=None):
     # peak memory on the warm-up steps only: its poller (a thread waking every millisecond) would take a core
     # from the two-thread matrix products of a timed step
     times, mem = {n: [] for n in wanted}, {n: 0.0 for n in wanted}
+    floor = MatmulPeak(dev, dtypes=(torch.float32,) + ((torch.bfloat16,) if "bf16" in precisions else ()))
     for i, b in enumerate(batches):
         for n in wanted:
             if i < args.warmup:
@@ -163,8 +164,9 @@ def main(argv=None):
                 mem[n] = max(mem[n], pm.peak_mb)
             else:
                 times[n].append(timed(lambda: step(n, b), dev))
-
-    peaks = matmul_peak(dev, dtypes=(torch.float32,) + ((torch.bfloat16,) if "bf16" in precisions else ()))
+        if i >= args.warmup:
+            floor.sample(repeats=1)          # the floor in the same window as the steps (common.MatmulPeak)
+    peaks = floor.peaks()
     fl = model_flops(model)
     P = math.prod(model.ssr_shape) if model.use_pi else 0
     print(f"# model={desc} device={dev} threads={torch.get_num_threads()} batch={n_c}x{n_x} data_shape={list(data_shape)} "

@@ -251,12 +251,6 @@ class MatmulPeak:
         return {name: flop / median(ts) / 1e9 for name, (flop, a, b, ts) in self.kept.items()}
 
 
-def matmul_peak(device, dtypes=(torch.float32,), sizes=((32768, 128, 128), (4096, 1024, 1024)),
-                repeats: int = 7) -> Dict[str, float]:
-    """Measured matmul GFLOP/s (2 FLOP per multiply-add): the best size's median, per dtype."""
-    return MatmulPeak(device, dtypes, sizes, repeats).peaks()
-
-
 def model_flops(model) -> Dict[str, float]:
     """Multiply-adds per point / per vertex of a DRRNet's parts (1 MAC counted as 2 FLOP by the callers).
 
