@@ -33,7 +33,8 @@ fused paths alone does not get that).
 Output: one line per path and precision ``path=<name> steps_per_s=<float> points_per_s=<float>
 peak_mem_mb=<float>`` (peak extra memory of the warm-up steps, the only ones measured for memory: the memory
 poller, a thread waking every millisecond, slowed a timed step by ~10-20% on 2 cores) followed by precision (fp32 / bf16), ratio_vs_plain (vs the plain path in fp32), touched (refined vertices / lattice vertices), gflops (matmul FLOPs of forward
-and backward, 3x the forward's, per second) next to the measured matmul peak, and on the first batch
+and backward, 3x the forward's, per second) next to the measured matmul peak (``common.MatmulPeak``, sampled
+between the timed step rounds), and on the first batch
 loss_rel_err / grad_rel_err (max over parameters of ||g - g_plain|| / ||g_plain||) vs the plain path, in
 float32 and (grad_rel_err_fp64) in float64. In float32 a ReLU gate whose pre-activation lies within rounding
 of 0 can switch in one path only; with millions of gates per step of a full-size model that happens on some
