@@ -851,7 +851,8 @@ BAKED_MLP(baked_mlp_bf16t, mlp_gather_row_bf16t, uint16_t)
  * process the AMX state (then the caller uses the PyTorch products). Rows of a block do not interact and every
  * row runs the same operations: values do not depend on the chunking or the thread count.
  * ------------------------------------------------------------------------------------------------------ */
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && \
+    defined(__linux__)                            /* (AVX-512: the V_* macros above are its 16-lane ones) */
 #include <sys/syscall.h>
 long syscall(long number, ...);                    /* unistd.h declares it only outside strict C11 */
 #define AMX_MB 32                                  /* rows per block: two 16-row tiles */
@@ -873,12 +874,6 @@ typedef struct {
     uint16_t colsb[16];
     uint8_t rows[16];
 } amx_config_t;
-
-/* 16 bf16 -> float32 (exact) */
-static inline __m512 load16_bf16(const uint16_t *src) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)src)),
-                                                 16));
-}
 
 /* 32 float32 -> bf16 (round to nearest even), then the ReLU on the bf16 values (as int16: a set sign bit is
  * negative, max with 0 clears it): the same bits as the ReLU in float32 before the rounding. */
@@ -913,8 +908,8 @@ static inline __attribute__((always_inline)) void amx_blocks(
                 __m512 v0 = _mm512_setzero_ps(), v1 = _mm512_setzero_ps();
                 if (r < n) {
                     const uint16_t *x = rows + (r0 + r) * H + c;
-                    v0 = _mm512_add_ps(load16_bf16(x), _mm512_loadu_ps(bk + c));
-                    v1 = _mm512_add_ps(load16_bf16(x + 16), _mm512_loadu_ps(bk + c + 16));
+                    v0 = _mm512_add_ps(V_LOAD_BF16(x), _mm512_loadu_ps(bk + c));
+                    v1 = _mm512_add_ps(V_LOAD_BF16(x + 16), _mm512_loadu_ps(bk + c + 16));
                 }
                 if (L == 0) {                                                 /* the ReLU: below */
                     _mm512_storeu_ps(cbuf + r * H + c, v0);
