@@ -180,12 +180,11 @@ def main(argv=None):
     print(f"# model={desc} device={dev} threads={torch.get_num_threads()} shape={list(shape)} members={args.members} "
           f"chunk={chunk} D_sp={model.spatial_feature_dim} D_c={model.cond_feature_dim} "
           f"hidden={model.fusion[0].out_features} ssr={list(model.ssr_shape)}")
+    bf16_run = any("bf16" in n for n in wanted)
+    one_pass = one_pass_kernels(model, shape, bf16_run)
     if dev.type == "cpu":
-        from models import cpu_kernels
-        amx = not cpu_kernels.switched_off("DRR_BAKED_MLP") and cpu_kernels.library() is not None and \
-            cpu_kernels.has_amx()
-        print("# " + describe_cpu() + " | bf16 products: " +
-              ("AMX tiles (cpu_kernels.baked_mlp_amx) where the decoder fits" if amx else "PyTorch"))
+        print("# " + describe_cpu() + ("" if not bf16_run else " | bf16 products: " + (
+            "AMX tiles (cpu_kernels.baked_mlp_amx)" if one_pass["fast_grid_bf16"] else "PyTorch")))
     print("# matmul peak GFLOP/s: " + " ".join(f"{k}={v:.1f}" for k, v in peaks.items())
           + f"; decoder matmul-bound floor (fp32): {peaks['float32'] * 1e9 / fpp.get('fast_grid', 2.0 * flops['decoder']):.4g} points/s"
           + f"; plain-path FLOPs floor: {peaks['float32'] * 1e9 / (2.0 * (flops['fusion_full'] + flops['decoder'])):.4g} points/s")
@@ -205,20 +204,31 @@ def main(argv=None):
               f"peak_mem_mb={mem[n]:.1f} max_abs_err={err:.3g} rel_l2_err={rel:.3g} median_s={t:.4g}",
               flush=True)
     if args.breakdown:
-        print_breakdown(args, model, shape, conds, chunk, flops, peaks, outs, wanted, P, per_pass)
+        print_breakdown(args, model, shape, conds, chunk, flops, peaks, outs, wanted, P, per_pass, one_pass)
 
 
-def print_breakdown(args, model, shape, conds, chunk, flops, peaks, outs, wanted, P, per_pass) -> None:
-    """Where the fast paths' time goes. With a one-pass kernel (fp32: cpu_kernels.baked_mlp; bf16 on AMX:
-    cpu_kernels.baked_mlp_amx) the kernel with no hidden layer (rows + bias + ReLU + output layer) against the
-    whole kernel, the hidden products being the difference (``kernel=`` lines); then the per-pass path
-    (DRR_BAKED_MLP=off, or whatever predict_grid runs when no kernel applies) pass by pass (``grid_breakdown``)."""
+def one_pass_kernels(model, shape, bf16: bool) -> dict:
+    """Which one-pass kernel ``predict_grid`` runs here on ``shape``: {"fast_grid": fp32 cpu_kernels.baked_mlp,
+    "fast_grid_bf16": bf16 cpu_kernels.baked_mlp_amx} (the model's own tests, so the answer is what it does; the
+    bf16 one only with ``bf16``: it needs the bf16 copy of the table, made only when a bf16 path runs)."""
     from models.fast_ops import GridQuery
 
     cpu = model._baked_fused.device.type == "cpu"
     q = GridQuery(shape, model.ssr_shape, model._baked_fused.device)
-    one_pass = {"fast_grid": cpu and model._mlp_args(model._baked_fused, q) is not None,
-                "fast_grid_bf16": cpu and model._amx_args(model._lowp(torch.bfloat16)[0], torch.bfloat16) is not None}
+    return {"fast_grid": cpu and model._mlp_args(model._baked_fused, q) is not None,
+            "fast_grid_bf16": cpu and bf16 and
+            model._amx_args(model._lowp(torch.bfloat16)[0], torch.bfloat16) is not None}
+
+
+def print_breakdown(args, model, shape, conds, chunk, flops, peaks, outs, wanted, P, per_pass, one_pass) -> None:
+    """Where the fast paths' time goes. With a one-pass kernel (fp32: cpu_kernels.baked_mlp; bf16 on AMX:
+    cpu_kernels.baked_mlp_amx; ``one_pass``: :func:`one_pass_kernels`) the kernel with no hidden layer (rows +
+    bias + ReLU + output layer) against the whole kernel, the hidden products being the difference (``kernel=``
+    lines); then the per-pass path (DRR_BAKED_MLP=off, or whatever predict_grid runs when no kernel applies) pass
+    by pass (``grid_breakdown``)."""
+    from models.fast_ops import GridQuery
+
+    q = GridQuery(shape, model.ssr_shape, model._baked_fused.device)
     for n, dt, kernel in (("fast_grid", None, "baked_mlp"), ("fast_grid_bf16", torch.bfloat16, "baked_mlp_amx")):
         if not (one_pass[n] and n in wanted and (dt is None or q.identity)):   # (bf16: rows read in order)
             continue
