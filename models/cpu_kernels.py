@@ -91,9 +91,9 @@ _SIGNATURES = {
     "baked_mlp_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR,
                         _F32, _PTR],
 }
-_RESTYPES = {"mark_touched": ctypes.c_int64, "grid_gather_bias_relu_lp": ctypes.c_int64, "has_vector_math": ctypes.c_int, "mlp_panel_width": ctypes.c_int64,
-             "has_amx": ctypes.c_int64, "baked_mlp": ctypes.c_int64, "baked_mlp_bf16t": ctypes.c_int64,
-             "baked_mlp_amx": ctypes.c_int64}
+_RESTYPES = {"mark_touched": ctypes.c_int64, "grid_gather_bias_relu_lp": ctypes.c_int64,
+             "has_vector_math": ctypes.c_int, "mlp_panel_width": ctypes.c_int64, "has_amx": ctypes.c_int64,
+             "baked_mlp": ctypes.c_int64, "baked_mlp_bf16t": ctypes.c_int64, "baked_mlp_amx": ctypes.c_int64}
 
 
 def switched_off(var: str) -> bool:

@@ -602,9 +602,9 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         kernel applies to the float32 products on ``table`` (float32 or bfloat16, CPU) queried by ``q``: compiled
         library, ``DRR_BAKED_MLP`` not off, square hidden layers of a width that is a multiple of
         ``cpu_kernels.panel_width()``, one output channel, at most 256 corners; else None (the per-pass loop)."""
-        if cpu_kernels.switched_off("DRR_BAKED_MLP") or table.device.type != "cpu" or table.dtype not in (torch.float32, torch.bfloat16) \
-                or q.corners > 256 or any(w.dtype != torch.float32 for w in q.axis_w) \
-                or cpu_kernels.library() is None:
+        if cpu_kernels.switched_off("DRR_BAKED_MLP") or table.device.type != "cpu" \
+                or table.dtype not in (torch.float32, torch.bfloat16) or q.corners > 256 \
+                or any(w.dtype != torch.float32 for w in q.axis_w) or cpu_kernels.library() is None:
             return None
         nr = cpu_kernels.panel_width()
         return self._packed_decoder("mlp", table.shape[1], nr, cpu_kernels.pack_panels,
@@ -616,7 +616,8 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         ``DRR_BAKED_MLP`` not off, square hidden layers of a width that is a multiple of 32 and one output
         channel; else None."""
         if act_dtype != torch.bfloat16 or table.dtype != torch.bfloat16 or table.device.type != "cpu" or \
-                cpu_kernels.switched_off("DRR_BAKED_MLP") or cpu_kernels.library() is None or not cpu_kernels.has_amx():
+                cpu_kernels.switched_off("DRR_BAKED_MLP") or cpu_kernels.library() is None or \
+                not cpu_kernels.has_amx():
             return None
         H = table.shape[1]
         return self._packed_decoder("amx", H, 32, cpu_kernels.pack_amx, (H // 32, H // 16, 16, 16, 2),
