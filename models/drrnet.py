@@ -431,7 +431,10 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 models fall back to ``forward`` on chunked coordinates. False: the plain path
                 (grid_sample + per-point fusion) on chunked coordinates.
             dtype: compute dtype of the fast path (torch.bfloat16 / torch.float16; None = float32); the
-                result is float32.
+                result is float32. torch.bfloat16 on a CPU with AMX-BF16 (compiled library, ``DRR_BAKED_MLP``
+                not off, the same decoder shapes as above with a width a multiple of 32): one compiled pass per
+                block of rows with the products on the AMX tiles (``cpu_kernels.baked_mlp_amx``; rows of other
+                lattices resampled per chunk as ``keep_rows`` does); else PyTorch's bf16 products.
             out: optional contiguous float32 tensor with prod(shape) elements on the model's device to write into
                 (anything else: ValueError, never a silent copy).
             table_dtype: torch.bfloat16: the fast path reads the folded table stored in bfloat16 (a copy made
