@@ -85,7 +85,8 @@ _SIGNATURES = {
     "grid_gather_bias_relu_lp": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _PTR],
     "mlp_panel_width": [],
     "has_amx": [],
-    "baked_mlp_amx": [_I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _F32, _PTR],
+    "baked_mlp_amx": [_I64, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _F32, _I64, _PTR],
+    "cond_bias_lines": [_I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _PTR],
     "baked_mlp": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _F32,
                   _PTR],
     "baked_mlp_bf16t": [_I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR,
@@ -93,7 +94,8 @@ _SIGNATURES = {
 }
 _RESTYPES = {"mark_touched": ctypes.c_int64, "grid_gather_bias_relu_lp": ctypes.c_int64,
              "has_vector_math": ctypes.c_int, "mlp_panel_width": ctypes.c_int64, "has_amx": ctypes.c_int64,
-             "baked_mlp": ctypes.c_int64, "baked_mlp_bf16t": ctypes.c_int64, "baked_mlp_amx": ctypes.c_int64}
+             "baked_mlp": ctypes.c_int64, "baked_mlp_bf16t": ctypes.c_int64, "baked_mlp_amx": ctypes.c_int64,
+             "cond_bias_lines": ctypes.c_int64}
 
 
 def switched_off(var: str) -> bool:
@@ -475,6 +477,33 @@ def baked_mlp(q, start: int, stop: int, table: Tensor, bias0: Tensor, packed: Te
     return out
 
 
+def cond_bias_lines(c: Tensor, tables: Tensor, index: Tensor, bias: Tensor) -> Optional[Tensor]:
+    """out[b] = bias + the sum over lines j (in order) of line j of ``tables`` interpolated at c[b, param_j], as
+    ``models.components.grids.lerp_lines`` (clamp) does: a baked DRR-Net's condition bias from its folded lines
+    (``DRRNet._cond_fold``). c (B, d_c) float32; tables (rows, H); index (3, lines) int64: each line's parameter,
+    first row and length (>= 2); bias (H,). The same bits as those float operations in PyTorch. None where the
+    library is missing (then the caller computes them in PyTorch)."""
+    lib = library()
+    if lib is None:
+        return None
+    _check("cond_bias_lines", c, tables, bias)
+    _check("cond_bias_lines", index, dtype=torch.int64)
+    if index.dim() != 2 or index.shape[0] != 3 or c.dim() != 2 or tables.dim() != 2 or \
+            bias.shape != (tables.shape[1],):
+        raise ValueError(f"cpu_kernels.cond_bias_lines: c {tuple(c.shape)}, tables {tuple(tables.shape)}, index "
+                         f"{tuple(index.shape)}, bias {tuple(bias.shape)} do not fit")
+    out = torch.empty(c.shape[0], tables.shape[1])
+    n, ptr = index.shape[1], index.data_ptr()
+    rc = lib.cond_bias_lines(c.shape[0], c.shape[1], c.data_ptr(), n, ptr, ptr + 8 * n, ptr + 16 * n,
+                             tables.shape[0], tables.data_ptr(), tables.shape[1], bias.data_ptr(), out.data_ptr())
+    if rc == -2:
+        raise ValueError(f"cpu_kernels.cond_bias_lines: index {index.tolist()} has a line out of the {tables.shape[0]} "
+                         f"rows or parameters (d_c = {c.shape[1]}), or shorter than 2")
+    if rc:
+        raise ValueError("condition: NaN values (conditions are parameters scaled to [0, 1])")
+    return out
+
+
 def has_amx() -> bool:
     """Whether the library was built with the AMX-BF16 kernel (:func:`baked_mlp_amx`; -march=native on a CPU
     with AMX tiles, AMX-BF16 and AVX512-BF16, Linux)."""
@@ -493,15 +522,21 @@ def pack_amx(weight: Tensor) -> Tensor:
     return w.permute(2, 0, 3, 1, 4).contiguous().to(torch.bfloat16)
 
 
+_ACTIVATIONS = {"none": 0, "sigmoid": 1, "clamp": 2}
+
+
 def baked_mlp_amx(rows: Tensor, bias0: Tensor, packed: Tensor, hbias: Tensor, w_out: Tensor, b_out: float,
-                  out: Tensor) -> bool:
+                  out: Tensor, activation: str = "none") -> bool:
     """The baked decoder with bf16 products on AMX tiles, for rows (M, H) bfloat16 read in order (the identity
-    lattice's table rows, or rows resampled once): out = relu(... relu(relu(rows + bias0) W_1^T + b_1) ...) . w_out
-    + b_out, each layer's input rounded to bf16, products accumulated in float32, bias / ReLU / output layer in
-    float32. bias0 (H,) with out (M,), or K members' biases (K, H) with out (K, M) float32 (bitwise K calls of one
-    member); packed (L, H / 32, H / 16, 16, 16, 2) from :func:`pack_amx`; hbias (L, H); w_out (H,). Returns False
-    (and writes nothing) where the library has no AMX kernel or the OS refuses the AMX state; then use the PyTorch
-    products."""
+    lattice's table rows, or rows resampled once): out = act(relu(... relu(relu(rows + bias0) W_1^T + b_1) ...)
+    . w_out + b_out), each layer's input rounded to bf16, products accumulated in float32, bias / ReLU / output
+    layer in float32; ``activation`` the model's output activation ("none", "sigmoid": within 2 float32 ulp of
+    torch.sigmoid, "clamp": to [0, 1]). bias0 (H,) with out (M,), or K members' biases (K, H) with out (K, M)
+    float32 (bitwise K calls of one member); packed (L, H / 32, H / 16, 16, 16, 2) from :func:`pack_amx`; hbias
+    (L, H); w_out (H,). Returns False (and writes nothing) where the library has no AMX kernel or the OS refuses
+    the AMX state; then use the PyTorch products."""
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"cpu_kernels.baked_mlp_amx: activation {activation!r} not in {sorted(_ACTIVATIONS)}")
     if rows.device.type != "cpu" or rows.dtype != torch.bfloat16 or not rows.is_contiguous() or rows.dim() != 2:
         raise ValueError("cpu_kernels.baked_mlp_amx: rows must be a contiguous (M, H) bfloat16 CPU tensor")
     _check("baked_mlp_amx", bias0, hbias, w_out, out)
@@ -514,7 +549,7 @@ def baked_mlp_amx(rows: Tensor, bias0: Tensor, packed: Tensor, hbias: Tensor, w_
                          f"{tuple(hbias.shape)}, w_out {tuple(w_out.shape)}")
     K = _members("baked_mlp_amx", bias0, out, H, M)
     rc = library().baked_mlp_amx(M, H, rows.data_ptr(), K, bias0.data_ptr(), L, packed.data_ptr(), hbias.data_ptr(),
-                                 w_out.data_ptr(), float(b_out), out.data_ptr())
+                                 w_out.data_ptr(), float(b_out), _ACTIVATIONS[activation], out.data_ptr())
     if rc > 0:
         raise MemoryError("cpu_kernels.baked_mlp_amx: could not allocate the per-thread block buffers")
     return rc == 0

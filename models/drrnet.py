@@ -46,7 +46,7 @@ from models.components.mlp import (AUTO_OUTPUT_MEAN, OUT_ACTIVATIONS, MLPDecoder
                                    init_output_bias, output_activation)
 from models.components.refiners import GLURefiner
 from models import cpu_kernels
-from models.fast_ops import GridQuery, fused_head
+from models.fast_ops import GridQuery, fused_head, grid_query
 from util.registry import ConfigError, register
 from util.sampling import axis_coords, sample_grid
 
@@ -292,6 +292,9 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         saved; dropped when a state dict is loaded)."""
         self._set_fast_options(fast_paths, sparse_refine, sparse_refine_ratio, fused_refiner)
         self.register_buffer("_baked_lines", None, persistent=False)  # (d_c, H, L_c*d_fc) with a cond refiner
+        self.register_buffer("_cond_tables", None, persistent=False)  # folded condition lines (_fold_condition)
+        self.register_buffer("_cond_index", None, persistent=False)   # (3, lines) int64: parameter, row, length
+        self._cond_lines_list: List[Tuple[int, int, int]] = []          # the same, as Python ints
         self._lowp_cache: Dict[object, Optional[Tuple]] = {}   # per dtype; "mlp" / "amx": packed weights
         self._rows_cache: Dict[torch.dtype, Tuple[tuple, Tensor]] = {}   # predict_grid(keep_rows=True)
         self.register_load_state_dict_pre_hook(DRRNet._drop_cache_on_load)
@@ -368,9 +371,63 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         return lin.weight[:, :D], lin.weight[:, D:], lin.bias
 
     def cond_bias(self, c: Tensor) -> Tensor:
-        """The condition part of the fusion pre-activation, ``W_c z_c(c) + b_f``: c (B, d_c) -> (B, hidden)."""
+        """The condition part of the fusion pre-activation, ``W_c z_c(c) + b_f``: c (B, d_c) -> (B, hidden).
+
+        Baked: from the folded condition lines (:meth:`_fold_condition`), each row on its own (no products over
+        the batch: a member's row has the same bits alone or among others)."""
+        if self.is_baked and self._cond_tables is not None:
+            return self._cond_bias_folded(c)
         _, w_c, b = self._fusion_parts()
         return torch.nn.functional.linear(self.cond_features(c), w_c, b)
+
+    @torch.no_grad()
+    def _fold_condition(self) -> None:
+        """At bake: ``W_c z_c(c)`` is linear in the condition lines, so each line j (of parameter k_j; the refined
+        lines, one per parameter, or else the raw lines of every level) times its block of W_c's columns is a
+        table A_j (length_j, hidden), and the condition bias is ``b_f + sum_j lerp(A_j, c_{k_j})``: d_c or
+        d_c L_c interpolations of hidden-wide rows instead of the features and a product (equal to the product
+        form within float32 rounding). Stored as ``_cond_tables`` (rows, hidden) and ``_cond_index`` (3, lines):
+        each line's parameter, first row and length."""
+        _, w_c, _ = self._fusion_parts()
+        lines, params = [], []
+        if self._baked_lines is not None:                     # (d_c, H, F): columns k F .. (k + 1) F - 1
+            lines, params = list(self._baked_lines), list(range(self.cond_dim))
+        else:                                                 # raw lines, features in (parameter, level) order
+            cl = self.cond_lines
+            for k in range(self.cond_dim):
+                for level in range(cl.num_levels):
+                    lines.append(cl.line(level, k))
+                    params.append(k)
+        tables, cols, rows, index = [], 0, 0, []
+        for k, line in zip(params, lines):
+            n, F = line.shape
+            tables.append(line.float() @ w_c[:, cols:cols + F].float().t())
+            index.append((k, rows, n))
+            cols, rows = cols + F, rows + n
+        if cols != w_c.shape[1]:
+            raise RuntimeError(f"DRRNet._fold_condition: lines with {cols} features, W_c has {w_c.shape[1]} columns")
+        self._cond_tables = torch.cat(tables).contiguous()
+        self._cond_index = torch.tensor(index, dtype=torch.int64, device=w_c.device).t().contiguous()
+        self._cond_lines_list = index
+
+    def _cond_bias_folded(self, c: Tensor) -> Tensor:
+        """:meth:`cond_bias` of a baked model: compiled on CPU (``cpu_kernels.cond_bias_lines``: one call), else
+        the same float operations in PyTorch (the same bits; differentiable in c)."""
+        b = self.fusion[0].bias.detach()
+        if c.device.type == "cpu" and c.dtype == torch.float32 and b.dtype == torch.float32 and \
+                not (c.requires_grad and torch.is_grad_enabled()):
+            out = cpu_kernels.cond_bias_lines(c.contiguous(), self._cond_tables, self._cond_index, b)
+            if out is not None:
+                return out
+        out = b.expand(c.shape[0], -1)
+        for k, r0, n in self._cond_lines_list:
+            A = self._cond_tables[r0:r0 + n]
+            s = c[:, k].clamp(0.0, 1.0) * (n - 1)
+            i0 = s.detach().floor().clamp(max=n - 2).long()
+            w = (s - i0.to(s.dtype))[:, None].to(A.dtype)
+            v0 = A[i0]
+            out = out + (v0 + w * (A[i0 + 1] - v0))
+        return out
 
     def _head(self, pre: Tensor) -> Tensor:
         """Fusion pre-activation (..., hidden) -> ReLU -> decoder -> output activation."""
@@ -474,7 +531,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             full = self.predict_grid(shape, c, chunk_size, fast, dtype, None, table_dtype)
             return full.reshape(-1)[vertices.to(full.device, torch.int64).reshape(-1)]
         if not use_fast:
-            q = GridQuery(shape, shape, dev)
+            q = grid_query(shape, shape, dev)
             coord_axes = [self._axis_coords(n, dev) for n in shape]
             for s, e in q.chunks(chunk_size):
                 x = self._chunk_coords(q, coord_axes, s, e)[None]
@@ -521,9 +578,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         or (with ``vertices``) into a new (K, len(vertices)) tensor; returns it (output activation applied)."""
         dev = self.fusion[0].weight.device
         lins = self.decoder.linears
-        # (K, hidden), one member at a time: the same bits as a single member's (a product's rounding may
-        # depend on its row count)
-        cbs = cb32 = torch.cat([self.cond_bias(c[None]) for c in cs]) if len(cs) else self.cond_bias(cs)
+        cbs = cb32 = self.cond_bias(cs)            # (K, hidden): baked, each row the bits of a single member's
         if table_dtype not in (None, torch.float32, torch.bfloat16) or (table_dtype is not None and
                                                                          dtype is not None):
             raise ValueError(f"predict_grid: table_dtype {table_dtype} (expected None or torch.bfloat16, and "
@@ -536,14 +591,14 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         else:
             table, *wb = self._lowp(dtype)
             cbs = cbs.to(dtype)
-        q = GridQuery(shape, self.ssr_shape, dev)
+        q = grid_query(shape, self.ssr_shape, dev)
         if keep_rows and not q.identity:
-            table, q = self._resampled_rows(q, table, cbs.dtype, chunk_size), GridQuery(shape, shape, dev)
+            table, q = self._resampled_rows(q, table, cbs.dtype, chunk_size), grid_query(shape, shape, dev)
         if vertices is not None:
             vertices = vertices.to(dev, torch.int64).reshape(-1)
             table = table.index_select(0, vertices)
             P = vertices.numel()
-            q = GridQuery((P,), (P,), dev)
+            q = grid_query((P,), (P,), dev)
             res = torch.empty(cs.shape[0], P, device=dev, dtype=torch.float32)
         K, P = res.shape
         amx = self._amx_args(table, cbs.dtype) if dev.type == "cpu" else None
@@ -557,12 +612,12 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
                 rows = table[s:e] if q.identity else \
                     q.gather_bias_relu(table, s, e, zero, rows_buf[:e - s], relu=False)  # as keep_rows resamples
                 part = res if q.identity else part_buf[:K * (e - s)].view(K, e - s)       # them: the same bits
-                if not cpu_kernels.baked_mlp_amx(rows, cb32, *amx, out=part):
+                if not cpu_kernels.baked_mlp_amx(rows, cb32, *amx, out=part, activation=self.out_activation):
                     break                                             # AMX refused: the PyTorch products
                 if not q.identity:
                     res[:, s:e] = part
             else:
-                return _output_activations_(res, self.out_activation)
+                return res                                            # (output activation applied)
             self._lowp_cache["amx"] = None
         n = min(int(chunk_size), P)
         H = table.shape[1]
@@ -697,6 +752,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             self._bake_lattice(refine, chunk_size, self._fusion_parts()[0] if fold else None)
         if self.cond_refiner is not None:
             self._baked_lines = self.cond_line_set(refine).contiguous()
+        self._fold_condition()
         super().bake()                                                 # marks the model baked
 
     def unbake(self) -> None:
@@ -707,6 +763,8 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         self._lowp_cache = {}
         self._rows_cache = {}
         self._baked_lines = None
+        self._cond_tables = self._cond_index = None
+        self._cond_lines_list = []
 
     @staticmethod
     def _drop_cache_on_load(module: "DRRNet", *args, **kwargs) -> None:

@@ -29,6 +29,7 @@ compiled kernels of :mod:`models.cpu_kernels` when they are available, else as t
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Sequence, Tuple
 
@@ -311,6 +312,18 @@ class GridQuery:
         """Yield (start, stop) ranges covering the query lattice."""
         for s in range(0, self.num_points, int(chunk_size)):
             yield s, min(s + int(chunk_size), self.num_points)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_query(query_shape: tuple, lattice_shape: tuple, device) -> GridQuery:
+    return GridQuery(query_shape, lattice_shape, device)
+
+
+def grid_query(query_shape: Sequence[int], lattice_shape: Sequence[int], device=None) -> GridQuery:
+    """``GridQuery(query_shape, lattice_shape, device)``, the last 16 kept: a GridQuery is only read, and making
+    one (a few small tensors per axis) costs more than the rest of a baked member's Python around its kernel."""
+    return _cached_query(tuple(int(n) for n in query_shape), tuple(int(n) for n in lattice_shape),
+                         None if device is None else torch.device(device))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -439,6 +439,49 @@ def test_baked_mlp_amx_equals_bf16_arithmetic(amx, threads, M, H, L):
     assert torch.equal(parts, out)
 
 
+def test_baked_mlp_amx_output_activation(amx):
+    """The output activation in the kernel (16 rows at a time, a partial group masked): sigmoid within 2 float32
+    ulp of torch.sigmoid over outputs from -120 to 120 (the exponent's range reduction and clamps), clamp exactly
+    torch's clamp, NaN kept; rows past M untouched."""
+    H, M = 32, 37                                     # 16 + 16 + 5 rows: two full groups and a masked one
+    rows = torch.zeros(M, H, dtype=torch.bfloat16)
+    w_out = torch.zeros(H)
+    w_out[0] = 1.0
+    empty = torch.empty(0, H // 32, H // 16, 16, 16, 2, dtype=torch.bfloat16)
+    for lo, hi in ((-120.0, 120.0), (-4.0, 4.0), (-0.02, 0.02)):
+        x = torch.linspace(lo, hi, M)
+        for act in ("none", "sigmoid", "clamp"):
+            got = torch.full((M + 3,), 7.0)
+            for i in range(M):                        # one row per call: out = b_out = x[i] (bias0 0)
+                assert ck.baked_mlp_amx(rows[i:i + 1], torch.zeros(H), empty, torch.empty(0, H), w_out,
+                                        float(x[i]), got[i:i + 1], activation=act)
+            assert torch.equal(got[M:], torch.full((3,), 7.0))
+            if act == "none":
+                assert torch.equal(got[:M], x)
+            elif act == "sigmoid":
+                want = torch.sigmoid(x)
+                assert ((got[:M] - want).abs() <= 2 * torch.finfo(torch.float32).eps * want.abs().clamp(min=2 ** -126)
+                        + 1e-38).all(), (got[:M] - want).abs().max()
+            else:
+                assert torch.equal(got[:M], x.clamp(0.0, 1.0))
+    out = torch.empty(M)
+    for act in ("none", "sigmoid", "clamp"):                # a NaN output stays NaN through the activation
+        assert ck.baked_mlp_amx(rows, torch.zeros(H), empty, torch.empty(0, H), w_out, float("nan"), out,
+                                activation=act)
+        assert torch.isnan(out).all(), act
+    g = torch.Generator().manual_seed(3)              # many rows at once (partial last group) = one by one
+    rows = torch.randn(M, H, generator=g).to(torch.bfloat16)
+    w_out = torch.randn(H, generator=g)
+    together, alone = torch.empty(M), torch.empty(M)
+    ck.baked_mlp_amx(rows, torch.zeros(H), empty, torch.empty(0, H), w_out, 0.1, together, activation="sigmoid")
+    for i in range(M):
+        ck.baked_mlp_amx(rows[i:i + 1], torch.zeros(H), empty, torch.empty(0, H), w_out, 0.1, alone[i:i + 1],
+                         activation="sigmoid")
+    assert torch.equal(together, alone)
+    with pytest.raises(ValueError, match="activation 'tanh'"):
+        ck.baked_mlp_amx(rows, torch.zeros(H), empty, torch.empty(0, H), w_out, 0.1, together, activation="tanh")
+
+
 def test_baked_mlp_amx_rejects_bad_input(amx):
     H = 32
     rows, v = torch.randn(5, H).to(torch.bfloat16), torch.randn(H)

@@ -738,3 +738,67 @@ def test_lowp_products_only_under_cpu_bf16_autocast():
         assert lowp_products(t.double()) is None
     with torch.autocast("cpu", dtype=torch.float16):
         assert lowp_products(t) is None
+
+
+@pytest.mark.parametrize("refiner", [1, 0])            # refined lines (one per parameter) / raw lines per level
+def test_baked_condition_bias_from_folded_lines(kernels, refiner):
+    """Baked, the condition bias comes from the lines folded with W_c (DRRNet._fold_condition): equal to the
+    features-and-product form within float32 rounding at clamped, edge and interior conditions; each row the
+    same bits alone as among others; the compiled kernel and its PyTorch twin the same bits (the kernels
+    fixture runs both: compared here against an explicit PyTorch evaluation); differentiable in c; a NaN
+    condition refused by the kernel."""
+    m = small(cond_refiner_layers=refiner).eval()
+    c = torch.rand(6, 3, generator=torch.Generator().manual_seed(4))
+    c[0] = torch.tensor([0.0, 1.0, 0.5])
+    c[1] = torch.tensor([-0.3, 1.7, 1.0 - 1e-7])                      # clamped to [0, 1]
+    with torch.no_grad():
+        want = m.cond_bias(c)
+        m.bake()
+        got = m.cond_bias(c)
+    assert m._cond_index.shape[1] == (3 if refiner else 3 * 3)        # 3 levels of raw lines per parameter
+    close(got, want)
+    for i in range(len(c)):
+        assert torch.equal(m.cond_bias(c[i:i + 1])[0], got[i])
+    twin = m.fusion[0].bias.detach().expand(len(c), -1)              # the fold's sum, written out
+    for k, r0, n in m._cond_index.t().tolist():
+        A = m._cond_tables[r0:r0 + n]
+        s = c[:, k].clamp(0.0, 1.0) * (n - 1)
+        i0 = s.floor().clamp(max=n - 2).long()
+        w = (s - i0.float())[:, None]
+        twin = twin + (A[i0] + w * (A[i0 + 1] - A[i0]))
+    assert torch.equal(got, twin)
+    cg = c[2:4].clone().requires_grad_(True)                          # interior: the lerp weights carry the grad
+    m.cond_bias(cg).sum().backward()
+    m.unbake()
+    cr = c[2:4].clone().requires_grad_(True)
+    m.cond_bias(cr).sum().backward()
+    close(cg.grad, cr.grad)
+    if kernels == "compiled":
+        m.bake()
+        with pytest.raises(ValueError, match="NaN"):
+            m.cond_bias(torch.tensor([[0.5, float("nan"), 0.5]]))
+
+
+def test_cond_bias_lines_rejects_lines_outside_the_table(kernels):
+    from models import cpu_kernels
+    if kernels != "compiled":
+        assert cpu_kernels.cond_bias_lines(torch.rand(1, 2), torch.rand(4, 3), torch.zeros(3, 1, dtype=torch.int64),
+                                           torch.rand(3)) is None
+        return
+    tables, bias, c = torch.rand(5, 3), torch.rand(3), torch.rand(2, 2)
+    ok = torch.tensor([[0, 1], [0, 2], [2, 3]])                       # parameter, first row, length
+    assert cpu_kernels.cond_bias_lines(c, tables, ok, bias).shape == (2, 3)
+    for bad in ([[0, 2], [0, 2], [2, 4]], [[0, 1], [0, 4], [2, 1]], [[0, 1], [0, 0], [2, 1]]):
+        with pytest.raises(ValueError, match="out of the 5 rows"):
+            cpu_kernels.cond_bias_lines(c, tables, torch.tensor(bad), bias)
+
+
+def test_grid_query_is_cached_per_shapes_and_device():
+    from models.fast_ops import grid_query
+    a = grid_query((4, 5), [7, 9], "cpu")
+    assert grid_query([4, 5], (7, 9), torch.device("cpu")) is a
+    assert grid_query((4, 5), (7, 8), "cpu") is not a and grid_query((5, 5), (7, 9), "cpu") is not a
+    b = GridQuery((4, 5), (7, 9), "cpu")
+    assert a.identity == b.identity and a.num_points == b.num_points
+    for x, y in zip(a.axis_idx + a.axis_w, b.axis_idx + b.axis_w):
+        assert torch.equal(x, y)

@@ -767,6 +767,40 @@ static inline void mlp_bias_relu(int64_t n, int64_t H, const float *x, const flo
             V_STORE(h + r * H + c, V_RELU(V_ADD(V_LOAD(x + r * H + c), V_LOAD(bias + c))));
 }
 
+/* The condition part of a baked model's fusion pre-activation, from its folded condition lines
+ * (DRRNet._cond_fold): out[b] = bias + sum over lines j, in order, of lerp(A_j, c[b, param[j]]), line j the rows
+ * offset[j] .. offset[j] + length[j] - 1 of tables (., H), lerp as models.components.grids.lerp_lines (clamp):
+ * s = clamp(t, 0, 1) (n - 1), i0 = min(floor(s), n - 2), w = s - i0, v0 + w (v1 - v0). Float operations one by
+ * one (ISO C: no contraction), so the same bits as those operations in PyTorch (DRRNet._cond_bias_folded).
+ * Returns -2 where a line is not inside the table's rows or parameters, -1 where a condition is NaN (nothing
+ * written), else 0. */
+int64_t cond_bias_lines(int64_t B, int64_t dc, const float *c, int64_t nlines, const int64_t *param,
+                        const int64_t *offset, const int64_t *length, int64_t rows, const float *tables,
+                        int64_t H, const float *bias, float *out) {
+    for (int64_t j = 0; j < nlines; j++)                                /* lines inside the table: else -2 */
+        if (param[j] < 0 || param[j] >= dc || length[j] < 2 || offset[j] < 0 || offset[j] > rows - length[j])
+            return -2;
+    for (int64_t i = 0; i < B * dc; i++)
+        if (c[i] != c[i]) return -1;                                   /* a NaN condition: nothing written */
+    for (int64_t b = 0; b < B; b++) {
+        float *o = out + b * H;
+        for (int64_t h = 0; h < H; h++) o[h] = bias[h];
+        for (int64_t j = 0; j < nlines; j++) {
+            const float t = c[b * dc + param[j]], n1 = (float)(length[j] - 1);
+            const float s = (t < 0.0f ? 0.0f : t > 1.0f ? 1.0f : t) * n1;
+            const float f = floorf(s);
+            const int64_t i0 = f > (float)(length[j] - 2) ? length[j] - 2 : (int64_t)f;
+            const float w = s - (float)i0;
+            const float *v0 = tables + (offset[j] + i0) * H, *v1 = v0 + H;
+            for (int64_t h = 0; h < H; h++) {
+                const float d = v1[h] - v0[h], m = w * d, l = v0[h] + m;
+                o[h] = o[h] + l;
+            }
+        }
+    }
+    return 0;
+}
+
 #define BAKED_MLP(NAME, ROW, TTYPE)                                                                              \
 int64_t NAME(int64_t start, int64_t M, int64_t d, const int64_t *qstrides, const int64_t *ka,                 \
              const int64_t *const *axis_idx, const float *const *axis_w, int64_t H, const TTYPE *table,       \
@@ -841,7 +875,7 @@ BAKED_MLP(baked_mlp_bf16t, mlp_gather_row_bf16t, uint16_t)
  *   h_l = relu(b_l + h_{l-1} W_l^T): bf16 x bf16 products accumulated in float32 on the tiles, starting at the
  *         bias; the ReLU, and the rounding to bf16 as the next layer's operand (the ReLU applied to the bf16
  *         bits, the same values); the last hidden layer stays float32
- *   out = h_L . w_out + b_out                   (float32)
+ *   out = act(h_L . w_out + b_out)              (float32; act the model's output activation, 16 rows at a time)
  * Where the time goes (2-core Xeon with AMX, H = 128, two hidden layers): the tile products, their tile loads
  * (the weights come from L2: both layers' 64 KB do not stay in L1) and stores, and the vector passes (h_0,
  * ReLU / bf16, output layer) do not overlap on the core: each costs its own time.
@@ -881,12 +915,40 @@ static inline void store32_relu_bf16(uint16_t *dst, __m512 lo, __m512 hi) {
     _mm512_storeu_si512(dst, _mm512_max_epi16((__m512i)_mm512_cvtne2ps_pbh(hi, lo), _mm512_setzero_si512()));
 }
 
+/* The model's output activation in 16 lanes: act 0 none, 1 sigmoid, 2 clamp to [0, 1]; a NaN stays NaN.
+ * sigmoid(x) = 1 / (1 + e^-x), e^t = 2^n p(r) with n = round(t / ln 2), r = t - n ln 2 (ln 2 in two parts, so r is
+ * exact) in [-ln 2 / 2, ln 2 / 2] and p its Taylor polynomial of degree 7 (truncation < 3e-9 relative): within
+ * 2 float32 ulp of PyTorch's sigmoid (tests/test_cpu_kernels.py). t is clamped to [-104, 104]: beyond, the sigmoid
+ * is 1 (e^t 0) or 0 (e^t overflows to inf) in float32 anyway. */
+static inline __m512 amx_activation(__m512 x, int64_t act) {
+    if (act == 2)
+        return _mm512_min_ps(_mm512_set1_ps(1.0f), _mm512_max_ps(_mm512_setzero_ps(), x));  /* NaN: 2nd operand */
+    if (act != 1)
+        return x;
+    const __m512 t = _mm512_min_ps(_mm512_set1_ps(104.0f),
+                                   _mm512_max_ps(_mm512_set1_ps(-104.0f), _mm512_sub_ps(_mm512_setzero_ps(), x)));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(t, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), t);           /* ln 2, high part */
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860676533018e-06f), r);             /* and the rest */
+    __m512 p = _mm512_set1_ps(1.0f / 5040.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 720.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, _mm512_scalef_ps(p, n)));
+}
+
 /* One thread's blocks [b0, b1) of baked_mlp_amx; always inlined, so that the width H is a constant where the
  * caller passes one (loops unrolled, tile strides folded). */
 static inline __attribute__((always_inline)) void amx_blocks(
         int64_t b0, int64_t b1, int64_t M, const int64_t H, const uint16_t *rows, int64_t K, const float *bias0,
-        int64_t L, const uint16_t *packed, const float *hbias, const float *w_out, float b_out, float *out,
-        float *cbuf, uint16_t *abuf) {
+        int64_t L, const uint16_t *packed, const float *hbias, const float *w_out, float b_out, int64_t act,
+        float *out, float *cbuf, uint16_t *abuf) {
     const int64_t kbs = H / 32, nbs = H / 16;
     /* The rows of the block AMX_PF_AHEAD blocks ahead are prefetched into L2 a few lines per tile product (the
      * products of every member and layer share them out): the hardware prefetchers would see a block's rows only
@@ -950,18 +1012,24 @@ static inline __attribute__((always_inline)) void amx_blocks(
                         store32_relu_bf16(abuf + r * H + c, _mm512_loadu_ps(cbuf + r * H + c),
                                           _mm512_loadu_ps(cbuf + r * H + c + 16));
         }
+        float o[AMX_MB];
         for (int64_t r = 0; r < n; r++) {             /* h_L = ReLU of the float32 sums; the output layer */
             __m512 acc = _mm512_setzero_ps();
             for (int64_t c = 0; c < H; c += 16)
                 acc = _mm512_fmadd_ps(_mm512_max_ps(_mm512_loadu_ps(cbuf + r * H + c), _mm512_setzero_ps()),
                                       _mm512_loadu_ps(w_out + c), acc);
-            out[k * M + r0 + r] = _mm512_reduce_add_ps(acc) + b_out;
+            o[r] = _mm512_reduce_add_ps(acc) + b_out;
+        }
+        for (int64_t r = 0; r < n; r += 16) {         /* the output activation, 16 rows at a time */
+            const __mmask16 live = n - r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - r)) - 1u);
+            _mm512_mask_storeu_ps(out + k * M + r0 + r, live, amx_activation(_mm512_maskz_loadu_ps(live, o + r), act));
         }
     }
 }
 
 int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, const float *bias0, int64_t L,
-                      const uint16_t *packed, const float *hbias, const float *w_out, float b_out, float *out) {
+                      const uint16_t *packed, const float *hbias, const float *w_out, float b_out, int64_t act,
+                      float *out) {
     if (!amx_granted()) return -1;
     const int64_t nblk = (M + AMX_MB - 1) / AMX_MB;
     const int64_t per_thread = AMX_MB * H * 3 / 2;      /* floats: float32 results + a bf16 operand (AMX_MB, H) */
@@ -978,9 +1046,9 @@ int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, con
         int64_t b0, b1;
         thread_range(nblk, &b0, &b1);
         if (H == 128)                                   /* every paper model's width: a constant */
-            amx_blocks(b0, b1, M, 128, rows, K, bias0, L, packed, hbias, w_out, b_out, out, cbuf, abuf);
+            amx_blocks(b0, b1, M, 128, rows, K, bias0, L, packed, hbias, w_out, b_out, act, out, cbuf, abuf);
         else
-            amx_blocks(b0, b1, M, H, rows, K, bias0, L, packed, hbias, w_out, b_out, out, cbuf, abuf);
+            amx_blocks(b0, b1, M, H, rows, K, bias0, L, packed, hbias, w_out, b_out, act, out, cbuf, abuf);
         _tile_release();
     }
     free(bufs);
@@ -989,9 +1057,10 @@ int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, con
 int64_t has_amx(void) { return 1; }
 #else
 int64_t baked_mlp_amx(int64_t M, int64_t H, const uint16_t *rows, int64_t K, const float *bias0, int64_t L,
-                      const uint16_t *packed, const float *hbias, const float *w_out, float b_out, float *out) {
+                      const uint16_t *packed, const float *hbias, const float *w_out, float b_out, int64_t act,
+                      float *out) {
     (void)M; (void)H; (void)rows; (void)K; (void)bias0; (void)L; (void)packed; (void)hbias; (void)w_out; (void)b_out;
-    (void)out;
+    (void)act; (void)out;
     return -1;
 }
 int64_t has_amx(void) { return 0; }
