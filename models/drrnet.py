@@ -294,6 +294,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         self.register_buffer("_baked_lines", None, persistent=False)  # (d_c, H, L_c*d_fc) with a cond refiner
         self.register_buffer("_cond_tables", None, persistent=False)  # folded condition lines (_fold_condition)
         self.register_buffer("_cond_index", None, persistent=False)   # (3, lines) int64: parameter, row, length
+        self.register_buffer("_cond_b", None, persistent=False)       # the fusion bias b_f of that snapshot
         self._cond_lines_list: List[Tuple[int, int, int]] = []          # the same, as Python ints
         self._lowp_cache: Dict[object, Optional[Tuple]] = {}   # per dtype; "mlp" / "amx": packed weights
         self._rows_cache: Dict[torch.dtype, Tuple[tuple, Tensor]] = {}   # predict_grid(keep_rows=True)
@@ -386,9 +387,9 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         lines, one per parameter, or else the raw lines of every level) times its block of W_c's columns is a
         table A_j (length_j, hidden), and the condition bias is ``b_f + sum_j lerp(A_j, c_{k_j})``: d_c or
         d_c L_c interpolations of hidden-wide rows instead of the features and a product (equal to the product
-        form within float32 rounding). Stored as ``_cond_tables`` (rows, hidden) and ``_cond_index`` (3, lines):
-        each line's parameter, first row and length."""
-        _, w_c, _ = self._fusion_parts()
+        form within float32 rounding). Stored as ``_cond_tables`` (rows, hidden), ``_cond_index`` (3, lines):
+        each line's parameter, first row and length, and ``_cond_b`` (b_f)."""
+        _, w_c, b = self._fusion_parts()
         lines, params = [], []
         if self._baked_lines is not None:                     # (d_c, H, F): columns k F .. (k + 1) F - 1
             lines, params = list(self._baked_lines), list(range(self.cond_dim))
@@ -409,11 +410,12 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         self._cond_tables = torch.cat(tables).contiguous()
         self._cond_index = torch.tensor(index, dtype=torch.int64, device=w_c.device).t().contiguous()
         self._cond_lines_list = index
+        self._cond_b = b.detach().clone()
 
     def _cond_bias_folded(self, c: Tensor) -> Tensor:
         """:meth:`cond_bias` of a baked model: compiled on CPU (``cpu_kernels.cond_bias_lines``: one call), else
         the same float operations in PyTorch (the same bits; differentiable in c)."""
-        b = self.fusion[0].bias.detach()
+        b = self._cond_b
         if c.device.type == "cpu" and c.dtype == torch.float32 and b.dtype == torch.float32 and \
                 not (c.requires_grad and torch.is_grad_enabled()):
             out = cpu_kernels.cond_bias_lines(c.contiguous(), self._cond_tables, self._cond_index, b)
@@ -763,7 +765,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         self._lowp_cache = {}
         self._rows_cache = {}
         self._baked_lines = None
-        self._cond_tables = self._cond_index = None
+        self._cond_tables = self._cond_index = self._cond_b = None
         self._cond_lines_list = []
 
     @staticmethod
