@@ -429,7 +429,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             w = (s - i0.to(s.dtype))[:, None].to(A.dtype)
             v0 = A[i0]
             out = out + (v0 + w * (A[i0 + 1] - v0))
-        return out
+        return out.contiguous()
 
     def _head(self, pre: Tensor) -> Tensor:
         """Fusion pre-activation (..., hidden) -> ReLU -> decoder -> output activation."""
@@ -580,7 +580,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         or (with ``vertices``) into a new (K, len(vertices)) tensor; returns it (output activation applied)."""
         dev = self.fusion[0].weight.device
         lins = self.decoder.linears
-        cbs = cb32 = self.cond_bias(cs)            # (K, hidden): baked, each row the bits of a single member's
+        cb32 = self.cond_bias(cs)                  # (K, hidden): baked, each row the bits of a single member's
         if table_dtype not in (None, torch.float32, torch.bfloat16) or (table_dtype is not None and
                                                                          dtype is not None):
             raise ValueError(f"predict_grid: table_dtype {table_dtype} (expected None or torch.bfloat16, and "
@@ -590,12 +590,13 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             if table_dtype == torch.bfloat16:
                 table = self._lowp(torch.bfloat16)[0]
             wb = [t for m in lins for t in (m.weight, m.bias)]
+            act_dtype = torch.float32                                              # the products' dtype
         else:
             table, *wb = self._lowp(dtype)
-            cbs = cbs.to(dtype)
+            act_dtype = dtype
         q = grid_query(shape, self.ssr_shape, dev)
         if keep_rows and not q.identity:
-            table, q = self._resampled_rows(q, table, cbs.dtype, chunk_size), grid_query(shape, shape, dev)
+            table, q = self._resampled_rows(q, table, act_dtype, chunk_size), grid_query(shape, shape, dev)
         if vertices is not None:
             vertices = vertices.to(dev, torch.int64).reshape(-1)
             table = table.index_select(0, vertices)
@@ -603,15 +604,14 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             q = grid_query((P,), (P,), dev)
             res = torch.empty(cs.shape[0], P, device=dev, dtype=torch.float32)
         K, P = res.shape
-        amx = self._amx_args(table, cbs.dtype) if dev.type == "cpu" else None
+        amx = self._amx_args(table, act_dtype) if dev.type == "cpu" else None
         if amx is not None:       # bf16 products on AMX tiles, one compiled pass per block of rows
-            cb32 = cb32.float().contiguous()
             if not q.identity:                                        # rows resampled per chunk: buffers reused
                 n = min(int(chunk_size), P)
                 zero = torch.zeros(table.shape[1], dtype=table.dtype)
                 rows_buf, part_buf = torch.empty(n, table.shape[1], dtype=table.dtype), torch.empty(K * n)
             for s, e in ([(0, q.num_points)] if q.identity else q.chunks(chunk_size)):
-                rows = table[s:e] if q.identity else \
+                rows = table if q.identity else \
                     q.gather_bias_relu(table, s, e, zero, rows_buf[:e - s], relu=False)  # as keep_rows resamples
                 part = res if q.identity else part_buf[:K * (e - s)].view(K, e - s)       # them: the same bits
                 if not cpu_kernels.baked_mlp_amx(rows, cb32, *amx, out=part, activation=self.out_activation):
@@ -623,7 +623,7 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             self._lowp_cache["amx"] = None
         n = min(int(chunk_size), P)
         H = table.shape[1]
-        act_dtype = cbs.dtype                                                     # the products' dtype
+        cbs = cb32.to(act_dtype)
         w_t = [wb[2 * i].t() for i in range(len(lins))]
         last = len(lins) - 1
         direct = act_dtype == torch.float32 and w_t[last].shape[1] == 1            # last layer into res
