@@ -10,7 +10,7 @@ compiled with the system C compiler the first time it is needed and cached; the 
 stay PyTorch's. Baked inference (``DRRNet.predict_grid``) has its own one-pass kernels with their own products:
 :func:`baked_mlp` (float32, register-blocked, the gather and the whole decoder per block of rows) and
 :func:`baked_mlp_amx` (bf16 products on AMX tiles where the CPU has them); without them predict_grid runs its
-per-pass loop.
+per-pass loop. :func:`cond_bias_lines` gives a baked model's condition bias from its folded condition lines.
 
 Nothing is required: without a C compiler with OpenMP, or when the build or the load fails, a warning says
 why once and the same functions run as PyTorch operators, ``models.fast_ops._TorchPrims`` (same values to
@@ -480,7 +480,7 @@ def baked_mlp(q, start: int, stop: int, table: Tensor, bias0: Tensor, packed: Te
 def cond_bias_lines(c: Tensor, tables: Tensor, index: Tensor, bias: Tensor) -> Optional[Tensor]:
     """out[b] = bias + the sum over lines j (in order) of line j of ``tables`` interpolated at c[b, param_j], as
     ``models.components.grids.lerp_lines`` (clamp) does: a baked DRR-Net's condition bias from its folded lines
-    (``DRRNet._cond_fold``). c (B, d_c) float32; tables (rows, H); index (3, lines) int64: each line's parameter,
+    (``DRRNet._fold_condition``). c (B, d_c) float32; tables (rows, H); index (3, lines) int64: each line's parameter,
     first row and length (>= 2); bias (H,). The same bits as those float operations in PyTorch. None where the
     library is missing (then the caller computes them in PyTorch)."""
     lib = library()
@@ -500,7 +500,8 @@ def cond_bias_lines(c: Tensor, tables: Tensor, index: Tensor, bias: Tensor) -> O
         raise ValueError(f"cpu_kernels.cond_bias_lines: index {index.tolist()} has a line out of the {tables.shape[0]} "
                          f"rows or parameters (d_c = {c.shape[1]}), or shorter than 2")
     if rc:
-        raise ValueError("condition: NaN values (conditions are parameters scaled to [0, 1])")
+        raise ValueError("cpu_kernels.cond_bias_lines: a condition is NaN (conditions are parameters scaled to "
+                         "[0, 1])")
     return out
 
 

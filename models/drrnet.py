@@ -421,6 +421,8 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
             out = cpu_kernels.cond_bias_lines(c.contiguous(), self._cond_tables, self._cond_index, b)
             if out is not None:
                 return out
+        if torch.isnan(c).any():
+            raise ValueError("DRRNet.cond_bias: a condition is NaN (conditions are parameters scaled to [0, 1])")
         out = b.expand(c.shape[0], -1)
         for k, r0, n in self._cond_lines_list:
             A = self._cond_tables[r0:r0 + n]

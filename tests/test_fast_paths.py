@@ -746,7 +746,7 @@ def test_baked_condition_bias_from_folded_lines(kernels, refiner):
     features-and-product form within float32 rounding at clamped, edge and interior conditions; each row the
     same bits alone as among others; the compiled kernel and its PyTorch twin the same bits (the kernels
     fixture runs both: compared here against an explicit PyTorch evaluation); differentiable in c; a NaN
-    condition refused by the kernel."""
+    condition refused by both."""
     m = small(cond_refiner_layers=refiner).eval()
     c = torch.rand(6, 3, generator=torch.Generator().manual_seed(4))
     c[0] = torch.tensor([0.0, 1.0, 0.5])
@@ -773,10 +773,9 @@ def test_baked_condition_bias_from_folded_lines(kernels, refiner):
     cr = c[2:4].clone().requires_grad_(True)
     m.cond_bias(cr).sum().backward()
     close(cg.grad, cr.grad)
-    if kernels == "compiled":
-        m.bake()
-        with pytest.raises(ValueError, match="NaN"):
-            m.cond_bias(torch.tensor([[0.5, float("nan"), 0.5]]))
+    m.bake()
+    with pytest.raises(ValueError, match="condition is NaN"):
+        m.cond_bias(torch.tensor([[0.5, float("nan"), 0.5]]))
 
 
 def test_cond_bias_lines_rejects_lines_outside_the_table(kernels):
