@@ -523,3 +523,69 @@ def test_grid_gather_bias_relu_lp_rounds_rows_then_bias(lib, threads, q, lat, C,
     monkeypatch.setattr(ck, "library", lambda: None)           # the PyTorch twin: the sum in another order
     twin = gq.gather_bias_relu(table, 0, P, bias, torch.empty(P, C, dtype=torch.bfloat16))
     torch.testing.assert_close(twin.float(), full.float(), rtol=2 ** -7, atol=2 ** -7)   # values O(1)
+
+
+def _same(a, b):
+    """Equal values with NaN in the same places (the sign of a zero aside)."""
+    a, b = a.float(), b.float()
+    return a.shape == b.shape and bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+
+
+def _with_nans(x, seed):
+    """x with a few entries NaN (both signs: x86's default NaN has the sign bit set), -0 and 0."""
+    x = x.clone().reshape(-1)
+    idx = torch.randperm(x.numel(), generator=torch.Generator().manual_seed(seed))[:8]
+    x[idx[:2]] = float("nan")
+    x[idx[2:4]] = -float("nan")
+    x[idx[4:6]] = -0.0
+    x[idx[6:]] = 0.0
+    return x
+
+
+def test_relu_kernels_keep_nan_as_torch(lib, threads):
+    """Every compiled ReLU keeps a NaN as torch.relu does (a NaN weight or grid value must surface, not turn into
+    0), and the backward masks pass a NaN's gradient as threshold_backward does: training kernels against their
+    twins, the baked decoders (fp32 and bf16 on AMX) against the PyTorch composition, NaN of either sign."""
+    g = torch.Generator().manual_seed(7)
+    n, H = 9, 20
+    ab = _with_nans(torch.randn(n, 2 * H, generator=g), 1).reshape(n, 2 * H)
+    gh = torch.randn(n, H, generator=g)
+    assert _same(ck.glu_fwd(ab), T.glu_fwd(ab)) and torch.isnan(T.glu_fwd(ab)).any()
+    (gab, h), (gab0, h0) = ck.glu_bwd(gh, ab), T.glu_bwd(gh, ab)
+    assert _same(gab, gab0) and _same(h, h0)
+    x, bias = _with_nans(torch.randn(n * 3, H, generator=g), 2).reshape(n * 3, H), torch.randn(3, H, generator=g)
+    assert _same(ck.bias_relu(x, bias), T.bias_relu(x, bias)) and torch.isnan(T.bias_relu(x, bias)).sum() == 4
+    out, outb = ck.bias_relu_lp(x, bias)
+    assert _same(out, T.bias_relu(x, bias)) and _same(outb, out.to(torch.bfloat16))
+    gr, hh = torch.randn(n * 3, H, generator=g), _with_nans(torch.randn(n * 3, H, generator=g), 3).reshape(n * 3, H)
+    s1, s0 = torch.zeros(3, H), torch.zeros(3, H)
+    assert _same(ck.relu_bwd_segsum(gr, hh, s1), T.relu_bwd_segsum(gr, hh, s0)) and rel(s1, s0) < 1e-6
+
+    from models.fast_ops import GridQuery
+    gq = GridQuery((9, 13, 11), (5, 7, 6))                 # interpolating: a NaN row reaches its neighbours
+    Hm = 2 * ck.panel_width()
+    table = torch.randn(5 * 7 * 6, Hm, generator=g)
+    table[17, 3], table[100, 0] = float("nan"), -float("nan")
+    bias0 = torch.randn(Hm, generator=g) * 0.3
+    rows = torch.empty(gq.num_points, Hm)
+    ck.grid_gather_bias_relu(gq, 0, gq.num_points, table, bias0, rows)
+    want_rows = torch.relu(fast_ops.gather_interp(table, *gq.stencil(0, gq.num_points)) + bias0)
+    assert _same(rows, want_rows) and torch.isnan(want_rows).any()
+    w = torch.randn(Hm, Hm, generator=g) / Hm ** 0.5
+    w_out = torch.randn(Hm, generator=g)
+    got = ck.baked_mlp(gq, 0, gq.num_points, table, bias0, torch.stack([ck.pack_panels(w)]),
+                       torch.zeros(1, Hm), w_out, 0.0, torch.empty(gq.num_points))
+    want = _mlp_reference(gq, 0, gq.num_points, table, bias0, [w], [torch.zeros(Hm)], w_out, 0.0)
+    assert torch.equal(torch.isnan(got), torch.isnan(want)) and 0 < int(torch.isnan(want).sum()) < gq.num_points
+    if ck.has_amx():
+        M, Ha = 50, 32
+        r = torch.randn(M, Ha, generator=g)
+        r[3, 5], r[40, 0] = float("nan"), -float("nan")
+        wa = torch.randn(Ha, Ha, generator=g) / Ha ** 0.5
+        for L in (0, 1):
+            out = torch.empty(M)
+            packed = torch.stack([ck.pack_amx(wa)])[:L]
+            assert ck.baked_mlp_amx(r.to(torch.bfloat16), torch.zeros(Ha), packed, torch.zeros(L, Ha),
+                                    torch.ones(Ha), 0.0, out)
+            want = torch.isnan(torch.zeros(M).index_fill_(0, torch.tensor([3, 40]), float("nan")))
+            assert torch.equal(torch.isnan(out), want), (L, torch.isnan(out).nonzero())

@@ -111,7 +111,7 @@ void NAME(int64_t n, int64_t H, const T *ab, T *h) {                            
         _Pragma("omp simd")                                                                                    \
         for (int64_t j = 0; j < H; j++) {                                                                      \
             const float av = LOAD(a[j]);                                                                       \
-            o[j] = STORE((av > 0.0f ? av : 0.0f) * LOAD(b[j]));                                                \
+            o[j] = STORE((av < 0.0f ? 0.0f : av) * LOAD(b[j]));     /* ReLU: a NaN stays NaN (torch.relu) */   \
         }                                                                                                      \
     }                                                                                                          \
 }
@@ -124,7 +124,7 @@ void NAME(int64_t n, int64_t H, const T *gh, const T *ab, T *gab, T *h) {       
         _Pragma("omp simd")                                                                                    \
         for (int64_t j = 0; j < H; j++) {                                                                      \
             const float av = LOAD(a[j]), bv = LOAD(b[j]), gv = LOAD(g[j]);                                     \
-            const int pos = av > 0.0f;                                                                         \
+            const int pos = !(av <= 0.0f);               /* threshold_backward's mask: NaN passes */           \
             ga[j] = STORE(pos ? gv * bv : 0.0f);                                                               \
             gb[j] = STORE(pos ? gv * av : 0.0f);                                                               \
             o[j] = STORE((pos ? av : 0.0f) * bv);                                                              \
@@ -227,11 +227,11 @@ static void relu_bwd_segsum_any(int64_t nb, int64_t n_per, int64_t H, const floa
             if (gb) {
                 const uint16_t *gi = gb + i * H;
                 #pragma omp simd
-                for (int64_t j = 0; j < H; j++) o[j] = hi[j] > 0.0f ? load_bf16(gi[j]) : 0.0f;
+                for (int64_t j = 0; j < H; j++) o[j] = hi[j] <= 0.0f ? 0.0f : load_bf16(gi[j]);
             } else {
                 const float *gi = g + i * H;
                 #pragma omp simd
-                for (int64_t j = 0; j < H; j++) o[j] = hi[j] > 0.0f ? gi[j] : 0.0f;
+                for (int64_t j = 0; j < H; j++) o[j] = hi[j] <= 0.0f ? 0.0f : gi[j];
             }
             if (outb) {
                 uint16_t *ob = outb + i * H;
@@ -477,14 +477,14 @@ void bias_relu_lp(int64_t nb, int64_t n_per, int64_t H, const float *x, const ui
             #pragma omp simd
             for (int64_t j = 0; j < H; j++) {
                 const float v = load_bf16(xi[j]) + b[j];
-                o[j] = v > 0.0f ? v : 0.0f;
+                o[j] = v < 0.0f ? 0.0f : v;
             }
         } else {
             const float *xi = x + i * H;
             #pragma omp simd
             for (int64_t j = 0; j < H; j++) {
                 const float v = xi[j] + b[j];
-                o[j] = v > 0.0f ? v : 0.0f;
+                o[j] = v < 0.0f ? 0.0f : v;
             }
         }
         if (outb) {
@@ -566,7 +566,7 @@ static inline void NAME(const int64_t *j, int64_t d, const int64_t *ka, const in
     _Pragma("omp simd")                                                                                        \
     for (int64_t c = 0; c < C; c++) {                                                                          \
         const float x = o[c] + bias[c];                                                                        \
-        o[c] = x > 0.0f || !relu ? x : 0.0f;                                                                   \
+        o[c] = x < 0.0f && relu ? 0.0f : x;                                                                    \
     }                                                                                                          \
 }
 
@@ -628,7 +628,7 @@ typedef __m512 vf_t;
 #define V_MUL(a, b) _mm512_mul_ps(a, b)
 #define V_LOAD_BF16(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(                            \
                                             _mm256_loadu_si256((const __m256i *)(p))), 16))
-#define V_RELU(a) _mm512_max_ps(a, _mm512_setzero_ps())
+#define V_RELU(a) _mm512_max_ps(_mm512_setzero_ps(), a)     /* NaN, -0: a (2nd operand), as torch.relu */
 #elif defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 typedef __m256 vf_t;
@@ -643,7 +643,7 @@ typedef __m256 vf_t;
 #define V_MUL(a, b) _mm256_mul_ps(a, b)
 #define V_LOAD_BF16(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(                            \
                                             _mm_loadu_si128((const __m128i *)(p))), 16))
-#define V_RELU(a) _mm256_max_ps(a, _mm256_setzero_ps())
+#define V_RELU(a) _mm256_max_ps(_mm256_setzero_ps(), a)     /* NaN, -0: a (2nd operand), as torch.relu */
 #else
 typedef struct { float x[4]; } vf_t;                       /* portable: 4 lanes, fmaf per lane */
 #define MLP_VW 4
@@ -662,7 +662,7 @@ static inline vf_t v_load_bf16(const uint16_t *p) {
     for (int i = 0; i < 4; i++) v.x[i] = load_bf16(p[i]);
     return v;
 }
-static inline vf_t v_relu(vf_t a) { for (int i = 0; i < 4; i++) a.x[i] = a.x[i] > 0.0f ? a.x[i] : 0.0f; return a; }
+static inline vf_t v_relu(vf_t a) { for (int i = 0; i < 4; i++) a.x[i] = a.x[i] < 0.0f ? 0.0f : a.x[i]; return a; }
 #define V_LOAD(p) v_load(p)
 #define V_STORE(p, v) v_store(p, v)
 #define V_SET1(x) v_set1(x)
@@ -752,7 +752,7 @@ int64_t grid_gather_bias_relu_lp(int64_t start, int64_t M, int64_t d, const int6
             #pragma omp simd
             for (int64_t c = 0; c < C; c++) {
                 const float x = load_bf16(store_bf16(o[c])) + load_bf16(bias[c]);
-                ob[c] = store_bf16(x > 0.0f || !relu ? x : 0.0f);
+                ob[c] = store_bf16(x < 0.0f && relu ? 0.0f : x);
             }
         }
     }
@@ -909,10 +909,12 @@ typedef struct {
     uint8_t rows[16];
 } amx_config_t;
 
-/* 32 float32 -> bf16 (round to nearest even), then the ReLU on the bf16 values (as int16: a set sign bit is
- * negative, max with 0 clears it): the same bits as the ReLU in float32 before the rounding. */
+/* 32 float32 -> bf16 (round to nearest even), then the ReLU on the bf16 bits: as int16, the negative values
+ * -0 .. -inf are -32768 .. -128 and become 0, the negative NaNs (-127 .. -1) stay, as torch.relu keeps a NaN: the
+ * same values as the ReLU in float32 before the rounding (a -0 becomes +0). */
 static inline void store32_relu_bf16(uint16_t *dst, __m512 lo, __m512 hi) {
-    _mm512_storeu_si512(dst, _mm512_max_epi16((__m512i)_mm512_cvtne2ps_pbh(hi, lo), _mm512_setzero_si512()));
+    const __m512i b = (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+    _mm512_storeu_si512(dst, _mm512_maskz_mov_epi16(_mm512_cmpgt_epi16_mask(b, _mm512_set1_epi16(-128)), b));
 }
 
 /* The model's output activation in 16 lanes: act 0 none, 1 sigmoid, 2 clamp to [0, 1]; a NaN stays NaN.
@@ -1016,7 +1018,7 @@ static inline __attribute__((always_inline)) void amx_blocks(
         for (int64_t r = 0; r < n; r++) {             /* h_L = ReLU of the float32 sums; the output layer */
             __m512 acc = _mm512_setzero_ps();
             for (int64_t c = 0; c < H; c += 16)
-                acc = _mm512_fmadd_ps(_mm512_max_ps(_mm512_loadu_ps(cbuf + r * H + c), _mm512_setzero_ps()),
+                acc = _mm512_fmadd_ps(_mm512_max_ps(_mm512_setzero_ps(), _mm512_loadu_ps(cbuf + r * H + c)),
                                       _mm512_loadu_ps(w_out + c), acc);
             o[r] = _mm512_reduce_add_ps(acc) + b_out;
         }
