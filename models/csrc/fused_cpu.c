@@ -768,7 +768,7 @@ static inline void mlp_bias_relu(int64_t n, int64_t H, const float *x, const flo
 }
 
 /* The condition part of a baked model's fusion pre-activation, from its folded condition lines
- * (DRRNet._cond_fold): out[b] = bias + sum over lines j, in order, of lerp(A_j, c[b, param[j]]), line j the rows
+ * (DRRNet._fold_condition): out[b] = bias + sum over lines j, in order, of lerp(A_j, c[b, param[j]]), line j the rows
  * offset[j] .. offset[j] + length[j] - 1 of tables (., H), lerp as models.components.grids.lerp_lines (clamp):
  * s = clamp(t, 0, 1) (n - 1), i0 = min(floor(s), n - 2), w = s - i0, v0 + w (v1 - v0). Float operations one by
  * one (ISO C: no contraction), so the same bits as those operations in PyTorch (DRRNet._cond_bias_folded).
@@ -1024,7 +1024,8 @@ static inline __attribute__((always_inline)) void amx_blocks(
         }
         for (int64_t r = 0; r < n; r += 16) {         /* the output activation, 16 rows at a time */
             const __mmask16 live = n - r >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - r)) - 1u);
-            _mm512_mask_storeu_ps(out + k * M + r0 + r, live, amx_activation(_mm512_maskz_loadu_ps(live, o + r), act));
+            _mm512_mask_storeu_ps(out + k * M + r0 + r, live,
+                                  amx_activation(_mm512_maskz_loadu_ps(live, o + r), act));
         }
     }
 }
