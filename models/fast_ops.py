@@ -672,10 +672,12 @@ def vertex_pipeline(u: Tensor, pe, refiner, w_fold, chunk: int = 2048, keep_byte
         pe: a ``FeatureUpsamplingPE`` or None (identity).
         refiner: a ``GLURefiner`` (ReLU gates), or None (no refinement).
         w_fold: (hidden, D) weight to fold in, or None (return g).
-        chunk: rows per chunk (float32 products; with bf16 products twice as many rows: their operands and
-            results take half the bytes, and the bf16 products' fixed cost per call is larger; demo step, 2-core
-            Xeon with AMX: 38.4 ms at 2,048 rows, 35.1 at 4,096; in float32 2,048 and 4,096 rows gave 45 ms,
-            8,192 rows 72 ms).
+        chunk: rows per chunk (float32 products; with bf16 products eight times as many rows: their operands
+            and results take half the bytes, and a bf16 product loses much of its speed to the work before it
+            (the AMX unit's cost per call; in the demo step (4096 x 64) @ (64 x 256) takes 258 us against 104-132
+            alone), so fewer, larger products win; demo step, 2-core Xeon with AMX, bf16 rows per chunk with
+            the head's chunk at 8,192: 4,096 rows 1.00, 8,192 0.96-0.91, 16,384 (the whole demo lattice)
+            0.89-0.91 (paired step times); in float32 2,048 and 4,096 rows gave 45 ms, 8,192 rows 72 ms).
         keep_bytes: keep the forward's per-row intermediates for the backward while they take at most this
             many bytes; above it, the backward recomputes each chunk's forward.
 
@@ -702,7 +704,7 @@ def vertex_pipeline(u: Tensor, pe, refiner, w_fold, chunk: int = 2048, keep_byte
     keep = u.shape[0] * per_row * u.element_size() <= keep_bytes
     lowp = lowp_products(u)
     if lowp is not None:
-        chunk = 2 * chunk
+        chunk = 8 * chunk
     with _no_autocast(lowp):
         return VertexPipeline.apply(u.contiguous(), coeff, include_input, eps, int(chunk), len(blocks), keep, lowp,
                                     *weights)
@@ -832,7 +834,8 @@ def fused_head(z: Tensor, cb: Tensor, linears, activation: str, chunk: int = 409
         cb: (B, H) per-condition term.
         linears: the decoder's ``nn.Linear`` layers in order (ReLU between them).
         activation: "sigmoid", "clamp" or "none".
-        chunk: rows per chunk.
+        chunk: rows per chunk (float32 products; with bf16 products twice as many: fewer, larger bf16 products,
+            see :func:`vertex_pipeline`; demo step 0.95 paired against the same rows as float32).
 
     Returns:
         (B*N, out_dim).
@@ -842,6 +845,8 @@ def fused_head(z: Tensor, cb: Tensor, linears, activation: str, chunk: int = 409
         z, cb = z.float(), cb.float()            # outputs of autocast linear layers (the condition term, and z
                                                  # when fewer points than vertices) are bf16
     lowp = lowp_products(z)
+    if lowp is not None:
+        chunk = 2 * chunk
     with _no_autocast(lowp):
         return FusedHead.apply(z.contiguous(), cb.contiguous(), z.shape[0] // cb.shape[0], int(chunk), activation,
                                lowp, *wb)

@@ -801,3 +801,39 @@ def test_grid_query_is_cached_per_shapes_and_device():
     assert a.identity == b.identity and a.num_points == b.num_points
     for x, y in zip(a.axis_idx + a.axis_w, b.axis_idx + b.axis_w):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("head", [False, True])
+def test_bf16_fused_paths_do_not_depend_on_chunks(head):
+    """Under bf16 autocast the fused pipeline and head take several times their float32 rows per chunk (fewer,
+    larger bf16 products); many small chunks give the same output and gradients as one chunk, up to the bf16
+    rounding of each chunk's weight-gradient product (a lost or doubled chunk would be off by 1/5 or more)."""
+    from models.fast_ops import lowp_products
+    torch.manual_seed(5)
+    if head:
+        H, B, N = 16, 3, 70
+        lins = [torch.nn.Linear(H, H), torch.nn.Linear(H, H), torch.nn.Linear(H, 1)]
+        z = torch.randn(B * N, H, requires_grad=True)
+        cb = torch.randn(B, H, requires_grad=True)
+        params = [p for m in lins for p in m.parameters()] + [z, cb]
+        fn = lambda chunk: fused_head(z, cb, lins, "sigmoid", chunk=chunk)   # noqa: E731
+    else:
+        pe = FeatureUpsamplingPE(3, num_freqs=2)
+        ref = GLURefiner(pe.out_dim, 2, 1.5)
+        w = torch.randn(6, pe.out_dim, requires_grad=True)
+        u = (torch.rand(150, 3) * 2 - 1).requires_grad_()
+        params = list(ref.parameters()) + [w, u]
+        fn = lambda chunk: vertex_pipeline(u, pe, ref, w, chunk=chunk)       # noqa: E731
+    res = []
+    for chunk in (3, 100000):                          # many chunks (bf16: 24 / 6 rows) / one
+        for q in params:
+            q.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert lowp_products(params[-1]) is torch.bfloat16
+            out = fn(chunk)
+        out.float().pow(2).sum().backward()
+        res.append((out.detach().float(), [q.grad.clone() for q in params]))
+    (o1, g1), (o2, g2) = res
+    close(o1, o2, 1e-6)                                # (the head's float32 output layer: its row count)
+    for a, b in zip(g1, g2):                           # a chunk's bf16 weight-gradient product is rounded to bf16
+        close(a, b, 5e-3)                              # before the float32 sum over chunks (measured <= 3.1e-3)
