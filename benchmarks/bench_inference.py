@@ -211,10 +211,10 @@ def one_pass_kernels(model, shape, bf16: bool) -> dict:
     """Which one-pass kernel ``predict_grid`` runs here on ``shape``: {"fast_grid": fp32 cpu_kernels.baked_mlp,
     "fast_grid_bf16": bf16 cpu_kernels.baked_mlp_amx} (the model's own tests, so the answer is what it does; the
     bf16 one only with ``bf16``: it needs the bf16 copy of the table, made only when a bf16 path runs)."""
-    from models.fast_ops import GridQuery
+    from models.fast_ops import grid_query
 
     cpu = model._baked_fused.device.type == "cpu"
-    q = GridQuery(shape, model.ssr_shape, model._baked_fused.device)
+    q = grid_query(shape, model.ssr_shape, model._baked_fused.device)     # (the query predict_grid uses)
     return {"fast_grid": cpu and model._mlp_args(model._baked_fused, q) is not None,
             "fast_grid_bf16": cpu and bf16 and
             model._amx_args(model._lowp(torch.bfloat16)[0], torch.bfloat16) is not None}
@@ -226,9 +226,9 @@ def print_breakdown(args, model, shape, conds, chunk, flops, peaks, outs, wanted
     bias + ReLU + output layer) against the whole kernel, the hidden products being the difference (``kernel=``
     lines); then the per-pass path (DRR_BAKED_MLP=off, or whatever predict_grid runs when no kernel applies) pass
     by pass (``grid_breakdown``)."""
-    from models.fast_ops import GridQuery
+    from models.fast_ops import grid_query
 
-    q = GridQuery(shape, model.ssr_shape, model._baked_fused.device)
+    q = grid_query(shape, model.ssr_shape, model._baked_fused.device)
     for n, dt, kernel in (("fast_grid", None, "baked_mlp"), ("fast_grid_bf16", torch.bfloat16, "baked_mlp_amx")):
         if not (one_pass[n] and n in wanted and (dt is None or q.identity)):   # (bf16: rows read in order)
             continue

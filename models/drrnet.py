@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from models.base import FieldModel
-from models.components.grids import ConditionLines, per_axis
+from models.components.grids import ConditionLines, lerp_lines, per_axis
 from models.components.lattice import SPARSE_REFINE, RefinedLatticeMixin
 from util.config import NON_NEGATIVE, POSITIVE, VERTICES, above, in_range, one_of
 from models.components.mlp import (AUTO_OUTPUT_MEAN, OUT_ACTIVATIONS, MLPDecoder, check_init_output_mean,
@@ -424,13 +424,8 @@ class DRRNet(RefinedLatticeMixin, FieldModel):
         if torch.isnan(c).any():
             raise ValueError("DRRNet.cond_bias: a condition is NaN (conditions are parameters scaled to [0, 1])")
         out = b.expand(c.shape[0], -1)
-        for k, r0, n in self._cond_lines_list:
-            A = self._cond_tables[r0:r0 + n]
-            s = c[:, k].clamp(0.0, 1.0) * (n - 1)
-            i0 = s.detach().floor().clamp(max=n - 2).long()
-            w = (s - i0.to(s.dtype))[:, None].to(A.dtype)
-            v0 = A[i0]
-            out = out + (v0 + w * (A[i0 + 1] - v0))
+        for k, r0, n in self._cond_lines_list:               # each line as ConditionLines samples it
+            out = out + lerp_lines(self._cond_tables[None, r0:r0 + n], c[:, k:k + 1])[:, 0]
         return out.contiguous()
 
     def _head(self, pre: Tensor) -> Tensor:
